@@ -1,0 +1,91 @@
+"""Loading the C++/CUDA extension `fusedtx._C`: built ahead of time, or just in time.
+
+`fusedtx._C` registers the native kernels as `torch.ops.fusedtx_native.*`. If `pip install
+--no-build-isolation` built it, it is imported; otherwise it is compiled on first use with
+`torch.utils.cpp_extension.load` (ninja, cached under TORCH_EXTENSIONS_DIR, and guarded by a
+file lock so that two processes building at once wait for each other instead of colliding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+
+import torch
+
+from . import _build_config
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionStatus:
+    loaded: bool
+    how: str  # "ahead-of-time", "just-in-time" or "not loaded"
+    with_cuda: bool
+    error: str | None = None
+
+
+_lock = threading.Lock()
+_status: ExtensionStatus | None = None
+
+
+def _cuda_wanted() -> bool:
+    from torch.utils import cpp_extension
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _jit_name(with_cuda: bool) -> str:
+    # The cache directory is per name: tie it to what the binary depends on, so switching torch
+    # versions or toggling CUDA never picks up a stale build.
+    key = f"{torch.__version__}|{with_cuda}|{_build_config.cxx_flags(with_cuda)}"
+    return "fusedtx_C_" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _load() -> ExtensionStatus:
+    try:
+        from . import _C  # noqa: F401  (ahead-of-time build; registers the ops on import)
+
+        return ExtensionStatus(True, "ahead-of-time", _has_cuda_kernels())
+    except ImportError:
+        pass
+    with_cuda = _cuda_wanted()
+    try:
+        from torch.utils import cpp_extension
+
+        kwargs = dict(
+            name=_jit_name(with_cuda),
+            sources=_build_config.sources(with_cuda),
+            extra_cflags=_build_config.cxx_flags(with_cuda),
+            extra_ldflags=list(_build_config.LD_FLAGS),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=False,
+        )
+        if with_cuda:
+            kwargs["extra_cuda_cflags"] = _build_config.nvcc_flags()
+        cpp_extension.load(**kwargs)
+    except Exception as exc:  # a compiler error is reported through status(), not raised at import
+        return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}")
+    return ExtensionStatus(True, "just-in-time", _has_cuda_kernels())
+
+
+def _has_cuda_kernels() -> bool:
+    return bool(torch.ops.fusedtx_native.built_with_cuda())
+
+
+def status() -> ExtensionStatus:
+    """Load the extension once (building it if needed) and report how that went."""
+    global _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _status = _load()
+    return _status
+
+
+def ops():
+    """torch.ops.fusedtx_native, after making sure the extension is loaded."""
+    st = status()
+    if not st.loaded:
+        raise RuntimeError(f"fusedtx._C is not available: {st.error}")
+    return torch.ops.fusedtx_native

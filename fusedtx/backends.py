@@ -1,0 +1,132 @@
+"""Backend selection: which implementation (triton, native, reference) runs an op.
+
+Order of precedence, highest first:
+  1. the `backend=` argument of a call,
+  2. `fusedtx.use_backend(name)` (a context manager) or `fusedtx.set_backend(name)`,
+  3. the FUSEDTX_BACKEND environment variable,
+  4. the per-device default: "triton" on CUDA, "native" on CPU.
+A backend that cannot run on the tensors' device raises BackendUnavailableError, saying why and
+what to do.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import sys
+
+import torch
+
+BACKENDS = ("triton", "native", "reference")
+DEFAULT_BACKEND = {"cuda": "triton", "cpu": "native"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine or on these tensors' device."""
+
+
+_global_backend: str | None = None
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtx_backend", default=None)
+
+
+def _check_name(name: str | None, what: str) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what}: expected one of {BACKENDS} or None, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Make `name` the backend for every op from now on (None: back to env var / default)."""
+    global _global_backend
+    _global_backend = _check_name(name, "set_backend(name)")
+
+
+def get_backend() -> str | None:
+    """The backend chosen by use_backend / set_backend / FUSEDTX_BACKEND, or None for per-device default."""
+    return _context_backend.get() or _global_backend or _check_name(os.environ.get("FUSEDTX_BACKEND") or None, "FUSEDTX_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Within the block, ops without an explicit backend= argument use `name`."""
+    token = _context_backend.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# What can run here
+# ---------------------------------------------------------------------------------------------
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_mode() -> str:
+    """'interpreter' (TRITON_INTERPRET=1: kernels run on CPU tensors), 'compiled' (a CUDA GPU),
+    or 'unavailable: <why>'."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"unavailable: triton is not installed ({exc})"
+    # @triton.jit reads TRITON_INTERPRET when it decorates: once our kernels are imported, the
+    # mode they were compiled for is what counts, whatever the variable says now.
+    kernels = sys.modules.get("fusedtx.kernels")
+    interpreted = kernels.INTERPRETED if kernels is not None else interpreter_requested()
+    if interpreted:
+        return "interpreter"
+    if torch.cuda.is_available():
+        return "compiled"
+    return "unavailable: no CUDA GPU"
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        mode = triton_mode()
+        if mode == "interpreter":
+            return None
+        if mode == "compiled":
+            if device.type != "cuda":
+                return (f"the triton backend runs on CUDA tensors, got a {device.type} tensor; move "
+                        "the inputs to the GPU, or use backend='native' on CPU")
+            return None
+        return (f"Triton needs a CUDA GPU ({mode}); set TRITON_INTERPRET=1 before importing "
+                "triton to run its kernels on CPU for testing, or use backend='native'")
+    if backend == "native":
+        from . import _extension
+
+        status = _extension.status()
+        if not status.loaded:
+            return f"the C++ extension fusedtx._C could not be built or loaded: {status.error}"
+        if device.type == "cuda" and not status.with_cuda:
+            return ("fusedtx._C was built without CUDA kernels (PyTorch without CUDA, or nvcc not "
+                    "found when it was built); reinstall with `pip install --no-build-isolation -e .` "
+                    "on a machine with CUDA, or use backend='triton'")
+        if device.type not in ("cpu", "cuda"):
+            return f"the native backend runs on cpu and cuda tensors, got {device.type}"
+        return None
+    raise AssertionError(backend)
+
+
+def is_available(backend: str, device: torch.device | str = "cpu") -> bool:
+    return _unavailable_reason(_check_name(backend, "backend"), torch.device(device)) is None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    return [b for b in BACKENDS if is_available(b, device)]
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend an op runs with, after the precedence rules; raises if it cannot run."""
+    name = _check_name(backend, "backend") or get_backend() or DEFAULT_BACKEND.get(device.type)
+    if name is None:
+        raise BackendUnavailableError(f"fusedtx has no backend for {device.type} tensors (cpu and cuda are supported)")
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
+    return name

@@ -1,0 +1,39 @@
+"""Library-wide settings that change results: the attention split size.
+
+The split size S is where causal attention cuts the key range (at multiples of S counted from
+position 0) before merging chunk partials in ascending order; it is what makes prefill, chunked
+prefill and decode give the same bits. Changing S may change bits, never invariance.
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_SPLIT_SIZE = 256
+_split_size: int | None = None
+
+
+def _check_split_size(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what}: split size must be an int, got {type(value).__name__}")
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{what}: split size must be a power of two >= 16, got {value}")
+    return value
+
+
+def set_split_size(value: int | None) -> None:
+    """Set the attention split size S for every call without an explicit split_size (None: default)."""
+    global _split_size
+    _split_size = None if value is None else _check_split_size(value, "set_split_size")
+
+
+def get_split_size() -> int:
+    """set_split_size(...) > FUSEDTX_SPLIT_SIZE env var > DEFAULT_SPLIT_SIZE."""
+    if _split_size is not None:
+        return _split_size
+    env = os.environ.get("FUSEDTX_SPLIT_SIZE")
+    if env:
+        try:
+            return _check_split_size(int(env), "FUSEDTX_SPLIT_SIZE")
+        except ValueError as exc:
+            raise ValueError(f"FUSEDTX_SPLIT_SIZE={env!r}: {exc}") from None
+    return DEFAULT_SPLIT_SIZE

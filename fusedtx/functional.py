@@ -1,0 +1,30 @@
+"""The functional API: fusedtx.softmax(...) and friends, for eager code and torch.compile.
+
+Each function resolves the backend (argument > use_backend / set_backend > FUSEDTX_BACKEND >
+per-device default, see fusedtx.backends), fills in defaults, and calls the registered op.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .ops import softmax as _softmax_op
+
+
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
+            backend: str | None = None) -> torch.Tensor:
+    """softmax(scale * x) along `dim`, float32 math, output in x's dtype.
+
+    causal=True masks the last two dims as (queries, keys): query i of Tq sees keys
+    j <= i + (Tk - Tq), the scaled masked softmax of unfused attention; dim must be -1. Masked
+    entries are 0, and so is a query row that sees no key at all.
+    Every row's bits depend only on that row (and its position among the queries when causal).
+    """
+    scale = 1.0 if scale is None else scale
+    _softmax_op.check_args(x, dim, scale, causal)
+    name = backends.resolve(backend, _device_of(x))
+    return _softmax_op.softmax(x, dim, float(scale), causal, name)

@@ -1,0 +1,2 @@
+"""torch.library ops ("fusedtx::<op>"): one module per op, imported here to register them."""
+from . import softmax  # noqa: F401
