@@ -11,7 +11,6 @@ what to do.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import sys
 
@@ -25,8 +24,11 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine or on these tensors' device."""
 
 
+# Plain module globals rather than a ContextVar: torch.compile reads (and guards on) globals, so a
+# compiled function recompiles when the backend changes; it cannot trace a ContextVar. The
+# choice is therefore process-wide, like torch.backends flags.
 _global_backend: str | None = None
-_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtx_backend", default=None)
+_context_backend: str | None = None
 
 
 def _check_name(name: str | None, what: str) -> str | None:
@@ -45,17 +47,18 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str | None:
     """The backend chosen by use_backend / set_backend / FUSEDTX_BACKEND, or None for per-device default."""
-    return _context_backend.get() or _global_backend or _check_name(os.environ.get("FUSEDTX_BACKEND") or None, "FUSEDTX_BACKEND")
+    return _context_backend or _global_backend or _check_name(os.environ.get("FUSEDTX_BACKEND") or None, "FUSEDTX_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Within the block, ops without an explicit backend= argument use `name`."""
-    token = _context_backend.set(_check_name(name, "use_backend(name)"))
+    global _context_backend
+    previous, _context_backend = _context_backend, _check_name(name, "use_backend(name)")
     try:
         yield
     finally:
-        _context_backend.reset(token)
+        _context_backend = previous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +86,10 @@ def triton_mode() -> str:
     return "unavailable: no CUDA GPU"
 
 
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+# Evaluated eagerly even while torch.compile traces (it imports triton and may build the C++
+# extension, which cannot be traced); whether a backend can run does not change during a run.
+@torch.compiler.assume_constant_result
+def _unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "reference":
         return None
     if backend == "triton":
@@ -91,8 +97,8 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if mode == "interpreter":
             return None
         if mode == "compiled":
-            if device.type != "cuda":
-                return (f"the triton backend runs on CUDA tensors, got a {device.type} tensor; move "
+            if device_type != "cuda":
+                return (f"the triton backend runs on CUDA tensors, got a {device_type} tensor; move "
                         "the inputs to the GPU, or use backend='native' on CPU")
             return None
         return (f"Triton needs a CUDA GPU ({mode}); set TRITON_INTERPRET=1 before importing "
@@ -103,18 +109,18 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         status = _extension.status()
         if not status.loaded:
             return f"the C++ extension fusedtx._C could not be built or loaded: {status.error}"
-        if device.type == "cuda" and not status.with_cuda:
+        if device_type == "cuda" and not status.with_cuda:
             return ("fusedtx._C was built without CUDA kernels (PyTorch without CUDA, or nvcc not "
                     "found when it was built); reinstall with `pip install --no-build-isolation -e .` "
                     "on a machine with CUDA, or use backend='triton'")
-        if device.type not in ("cpu", "cuda"):
-            return f"the native backend runs on cpu and cuda tensors, got {device.type}"
+        if device_type not in ("cpu", "cuda"):
+            return f"the native backend runs on cpu and cuda tensors, got {device_type}"
         return None
     raise AssertionError(backend)
 
 
 def is_available(backend: str, device: torch.device | str = "cpu") -> bool:
-    return _unavailable_reason(_check_name(backend, "backend"), torch.device(device)) is None
+    return _unavailable_reason(_check_name(backend, "backend"), torch.device(device).type) is None
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -126,7 +132,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
     name = _check_name(backend, "backend") or get_backend() or DEFAULT_BACKEND.get(device.type)
     if name is None:
         raise BackendUnavailableError(f"fusedtx has no backend for {device.type} tensors (cpu and cuda are supported)")
-    reason = _unavailable_reason(name, device)
+    reason = _unavailable_reason(name, device.type)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
     return name

@@ -1,0 +1,89 @@
+// Device building blocks shared by the CUDA kernels, each the twin of a reference.py function.
+// Explicit _rn intrinsics keep every multiply and add separately rounded (nvcc would otherwise
+// contract a*b+c into one FMA), so results match the reference bit for bit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "launchers.h"
+
+namespace fusedtx::cuda {
+
+// reference.exp_f32
+__device__ __forceinline__ float exp_f32(float x) {
+  const float t = __fmul_rn(x, 1.44269504088896341f);
+  const float shifted = __fadd_rn(t, 12582912.0f);
+  const float n = __fsub_rn(shifted, 12582912.0f);
+  float r = __fsub_rn(x, __fmul_rn(n, 0.693359375f));
+  r = __fsub_rn(r, __fmul_rn(n, -2.12194440e-4f));
+  float p = __fadd_rn(__fmul_rn(1.9875691500e-4f, r), 1.3981999507e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 8.3334519073e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 4.1665795894e-2f);
+  p = __fadd_rn(__fmul_rn(p, r), 1.6666665459e-1f);
+  p = __fadd_rn(__fmul_rn(p, r), 5.0000001201e-1f);
+  float y = __fadd_rn(__fadd_rn(__fmul_rn(p, __fmul_rn(r, r)), r), 1.0f);
+  const int32_t n_int = __float_as_int(shifted) - 0x4B400000;
+  const float pow2n = __int_as_float(static_cast<int32_t>(static_cast<uint32_t>(n_int + 127) << 23));
+  y = __fmul_rn(y, pow2n);
+  return x < -87.0f ? 0.0f : y;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_f32(const T* p);
+template <>
+__device__ __forceinline__ float load_f32<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float load_f32<__half>(const __half* p) { return __half2float(*p); }
+template <>
+__device__ __forceinline__ float load_f32<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+template <typename T>
+__device__ __forceinline__ void store_f32(T* p, float v);
+template <>
+__device__ __forceinline__ void store_f32<float>(float* p, float v) { *p = v; }
+template <>
+__device__ __forceinline__ void store_f32<__half>(__half* p, float v) { *p = __float2half_rn(v); }
+template <>
+__device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// reference.lane_sum's last step across the block: thread t holds lane t of blockDim.x (a power
+// of two >= 32) lanes; fold in halves (a[l] += a[l + w], w = lanes/2 ... 1) through shared
+// memory, then warp shuffles for the last 32. Every thread gets the total. `scratch` has
+// blockDim.x floats.
+__device__ __forceinline__ float block_fold_lanes(float v, float* scratch) {
+  const int t = threadIdx.x;
+  const int lanes = blockDim.x;
+  scratch[t] = v;
+  __syncthreads();
+  for (int w = lanes / 2; w >= 32; w /= 2) {
+    if (t < w) scratch[t] = __fadd_rn(scratch[t], scratch[t + w]);
+    __syncthreads();
+  }
+  if (t < 32) {
+    float a = scratch[t];
+    for (int w = 16; w >= 1; w /= 2) a = __fadd_rn(a, __shfl_down_sync(0xffffffffu, a, w));
+    if (t == 0) scratch[0] = a;
+  }
+  __syncthreads();
+  const float total = scratch[0];
+  __syncthreads();  // scratch may be reused right after
+  return total;
+}
+
+// Max over the block (order-free: max is exact). `scratch` has blockDim.x / 32 floats.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  for (int w = 16; w >= 1; w /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, w));
+  const int warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  if ((threadIdx.x & 31) == 0) scratch[warp] = v;
+  __syncthreads();
+  float m = scratch[0];
+  for (int i = 1; i < n_warps; ++i) m = fmaxf(m, scratch[i]);
+  __syncthreads();
+  return m;
+}
+
+}  // namespace fusedtx::cuda

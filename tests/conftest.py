@@ -1,0 +1,39 @@
+"""Test setup: Triton's interpreter on CPU-only machines, the (device, backend) matrix, and a
+report of which (op, backend, dtype) combinations are bit-exact against fusedtx.reference."""
+import os
+
+import torch
+
+# @triton.jit reads this when our kernels are first imported: set it before anything imports
+# triton, so that the Triton kernels run (slowly) on CPU tensors when there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from helpers import BITEXACT_LOG  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not BITEXACT_LOG:
+        return
+    tr = terminalreporter
+    tr.section("bitwise equality with fusedtx.reference (same algorithm, backend's lane count)")
+    rows = sorted(BITEXACT_LOG.items())
+    tr.write_line(f"{'op':<18}{'device':<8}{'backend':<11}{'dtype':<10}{'bit-exact':>10}{'cases':>7}")
+    for (op, device, backend, dtype), (exact, total) in rows:
+        mark = "yes" if exact == total else f"{exact}/{total}"
+        tr.write_line(f"{op:<18}{device:<8}{backend:<11}{dtype:<10}{mark:>10}{total:>7}")

@@ -1,0 +1,84 @@
+"""Shared test utilities: the backend matrix, error measures, bitwise comparisons."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import fusedtx
+from fusedtx import backends
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BITEXACT_LOG: dict = collections.defaultdict(lambda: [0, 0])
+
+
+def _pairs():
+    pairs = []
+    for device in ("cpu", "cuda"):
+        for backend in fusedtx.BACKENDS:
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            pairs.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return pairs
+
+
+DEVICE_BACKENDS = _pairs()
+
+
+def require(device: str, backend: str) -> None:
+    """Skip (with the reason) when `backend` cannot run on `device` on this machine."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if not backends.is_available(backend, device):
+        try:
+            backends.resolve(backend, torch.device(device))
+        except backends.BackendUnavailableError as exc:
+            pytest.skip(str(exc))
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (contract point 1)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / denom if denom > 0 else (out - ref).norm().item()
+
+
+def assert_accuracy(out, eager, ref, what: str):
+    """fusedtx's error vs float64 is at most 2x PyTorch eager's own error in the same dtype."""
+    ours, theirs = rel_error(out, ref), rel_error(eager, ref)
+    bound = 2.0 * theirs + 1e-9
+    assert ours <= bound, f"{what}: relative error {ours:.3e} > 2 x torch eager's {theirs:.3e}"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns (so that -0.0 != +0.0 and NaN payloads count)."""
+    int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(int_type)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str = ""):
+    if bitwise_equal(a, b):
+        return
+    diff = (a.double() - b.double()).abs()
+    n_diff = (bits(a) != bits(b)).sum().item() if a.shape == b.shape else "shape"
+    raise AssertionError(f"{what}: not bitwise equal ({n_diff} elements differ, max |diff| {diff.max().item():.3e})")
+
+
+def record_bitexact(op: str, device: str, backend: str, dtype: torch.dtype, exact: bool) -> None:
+    entry = BITEXACT_LOG[(op, device, backend, str(dtype).replace("torch.", ""))]
+    entry[0] += int(exact)
+    entry[1] += 1
+
+
+def garbage_like(t: torch.Tensor, generator=None) -> torch.Tensor:
+    """Values that would poison a row that read them: huge, tiny, inf and NaN."""
+    g = torch.randn(t.shape, generator=generator) * 1e4
+    flat = g.view(-1)
+    flat[::7] = float("nan")
+    flat[3::11] = float("inf")
+    flat[5::13] = float("-inf")
+    return g.to(t.dtype).to(t.device)

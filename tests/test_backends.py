@@ -1,0 +1,136 @@
+"""Backend selection (argument > use_backend / set_backend > FUSEDTX_BACKEND > device default),
+its errors, and `fusedtx.info()` / `python -m fusedtx info`."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedtx
+from fusedtx import backends
+from helpers import bitwise_equal
+
+
+@pytest.fixture(autouse=True)
+def clean_state(monkeypatch):
+    monkeypatch.delenv("FUSEDTX_BACKEND", raising=False)
+    fusedtx.set_backend(None)
+    yield
+    fusedtx.set_backend(None)
+
+
+CPU = torch.device("cpu")
+
+
+def test_device_default():
+    assert backends.resolve(None, CPU) == "native"
+    assert backends.DEFAULT_BACKEND["cuda"] == "triton"
+
+
+def test_precedence(monkeypatch):
+    monkeypatch.setenv("FUSEDTX_BACKEND", "reference")
+    assert backends.resolve(None, CPU) == "reference"                  # env var > default
+    fusedtx.set_backend("native")
+    assert backends.resolve(None, CPU) == "native"                     # set_backend > env var
+    with fusedtx.use_backend("reference"):
+        assert backends.resolve(None, CPU) == "reference"              # use_backend > set_backend
+        assert backends.resolve("native", CPU) == "native"             # argument > everything
+        with fusedtx.use_backend(None):                                # None: fall through
+            assert backends.resolve(None, CPU) == "native"
+        assert backends.resolve(None, CPU) == "reference"
+    assert backends.resolve(None, CPU) == "native"
+    fusedtx.set_backend(None)
+    assert backends.resolve(None, CPU) == "reference"
+    assert fusedtx.get_backend() == "reference"
+
+
+def test_use_backend_restores_on_error():
+    with pytest.raises(KeyError):
+        with fusedtx.use_backend("reference"):
+            raise KeyError
+    assert fusedtx.get_backend() is None
+
+
+def test_unknown_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="set_backend.*expected one of .*'cuda'"):
+        fusedtx.set_backend("cuda")
+    with pytest.raises(ValueError, match="use_backend"):
+        with fusedtx.use_backend("fast"):
+            pass
+    monkeypatch.setenv("FUSEDTX_BACKEND", "tritonn")
+    with pytest.raises(ValueError, match="FUSEDTX_BACKEND.*'tritonn'"):
+        backends.resolve(None, CPU)
+
+
+def test_the_selected_backend_is_the_one_that_runs(monkeypatch):
+    """The switch really switches: count calls into each backend's implementation."""
+    from fusedtx.ops import softmax as op
+
+    calls = []
+    real = op._forward_2d
+    monkeypatch.setattr(op, "_forward_2d", lambda b, *a: calls.append(b) or real(b, *a))
+    x = torch.randn(3, 5)
+    fusedtx.softmax(x)
+    with fusedtx.use_backend("reference"):
+        fusedtx.softmax(x)
+    fusedtx.softmax(x, backend="reference")
+    assert calls == ["native", "reference", "reference"]
+
+
+def test_compiled_function_follows_backend_switch():
+    """torch.compile guards on the selection: switching backend recompiles, never reuses a graph."""
+    if not backends.is_available("triton", "cpu"):
+        pytest.skip("needs two backends whose bits differ (triton interpreter vs native)")
+    torch._dynamo.reset()
+    x = torch.randn(4, 3000)  # triton sums with 4096 lanes here, native with 64: different bits
+    f = torch.compile(lambda t: fusedtx.softmax(t), fullgraph=True, backend="aot_eager")
+    with fusedtx.use_backend("native"):
+        native = f(x)
+    with fusedtx.use_backend("triton"):
+        triton = f(x)
+    assert bitwise_equal(native, fusedtx.softmax(x, backend="native"))
+    assert bitwise_equal(triton, fusedtx.softmax(x, backend="triton"))
+    assert not bitwise_equal(native, triton)
+
+
+def test_native_extension_is_loaded():
+    from fusedtx import _extension
+
+    status = _extension.status()
+    assert status.loaded, status.error
+    assert status.how in ("ahead-of-time", "just-in-time")
+    assert status.with_cuda == (torch.version.cuda is not None and status.with_cuda)
+
+
+def test_info_reports_everything(capsys):
+    report = fusedtx.info()
+    printed = capsys.readouterr().out
+    for key in ("fusedtx", "torch", "triton", "devices", "backends", "extension", "triton_mode", "attention_split_size"):
+        assert key in report and key in printed
+    assert "native" in report["backends"]["cpu"]
+    assert report["attention_split_size"] == fusedtx.get_split_size()
+
+
+def test_cli_info_runs():
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "fusedtx", "info"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "triton_mode" in out.stdout and "extension" in out.stdout
+
+
+def test_split_size_setting(monkeypatch):
+    assert fusedtx.get_split_size() == 256
+    fusedtx.set_split_size(64)
+    try:
+        assert fusedtx.get_split_size() == 64
+    finally:
+        fusedtx.set_split_size(None)
+    monkeypatch.setenv("FUSEDTX_SPLIT_SIZE", "128")
+    assert fusedtx.get_split_size() == 128
+    for bad, err in ((100, ValueError), (8, ValueError), (64.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="split size"):
+            fusedtx.set_split_size(bad)
+    monkeypatch.setenv("FUSEDTX_SPLIT_SIZE", "abc")
+    with pytest.raises(ValueError, match="FUSEDTX_SPLIT_SIZE"):
+        fusedtx.get_split_size()
