@@ -154,12 +154,12 @@ def expected(x: torch.Tensor, case: Case) -> torch.Tensor:
     return torch_unfused(x.double(), 1.0 if case.scale is None else case.scale, mask)
 
 
-def check_output(fn, case: Case, device: torch.device) -> str | None:
-    """First call of a provider (compiles it) and a correctness check; a message if wrong."""
-    x = make_input(case, device)
+def check_output(fn, x: torch.Tensor, ref: torch.Tensor, case: Case) -> str | None:
+    """First call of a provider (compiles it) and a correctness check against ref = expected(x);
+    a message if the output is wrong."""
     y = fn(x)
     tol = 1e-5 if case.dtype == torch.float32 else 2e-2
-    err = (y.double() - expected(x, case)).abs().max().item()
+    err = (y.double() - ref).abs().max().item()
     if y.shape != x.shape or y.dtype != x.dtype or not err <= tol:
         return f"output differs from the float64 reference: max abs err {err:.3g} > {tol} (shape {tuple(y.shape)}, {y.dtype})"
     return None
@@ -204,38 +204,53 @@ def measure(rec: common.Recorder, case: Case, provider: str, fn, mode: str, args
 
 
 def run(args) -> common.Recorder:
+    cases = make_cases(args.device, args.quick)
+    known = {p for c in cases for p in c.providers}
+    if args.providers and not set(args.providers) <= known:
+        raise SystemExit(f"--providers: unknown {sorted(set(args.providers) - known)}; known: {sorted(known)}")
     rec = common.Recorder(args.out, args.device)
     ceilings = common.get_ceilings(args, rec)
-    cases = make_cases(args.device, args.quick)
     tasks = [(c, p, m) for c in cases for p in c.providers for m in common.MODES
              if not args.providers or p in args.providers]
     unavailable: dict[str, str] = {}  # provider -> why it cannot run here (all cases)
-    current, fns, wrong = None, {}, set()
+    current, fns, wrong, check = None, {}, set(), None
     for k, (case, provider, mode) in enumerate(common.progress(tasks, desc="softmax"), 1):
         if case is not current:
             rec.flush()
-            current, fns, wrong = case, {}, set()
+            current, fns, wrong, check = case, {}, set(), None
             torch._dynamo.reset()  # fresh compile caches: no recompile-limit fallback to eager
         if provider in unavailable or provider in wrong:
             continue
         if provider not in fns:
-            reason = unavailable_reason(provider, args.device)
+            reason, mismatch = unavailable_reason(provider, args.device), None
             if reason is None:
                 try:
+                    if check is None:
+                        x = make_input(case, args.device)
+                        check = (x, expected(x, case))
                     fns[provider] = make_provider(provider, case, args.device)
-                    mismatch = check_output(fns[provider], case, args.device)
-                except Exception as exc:  # e.g. torch.compile without a working C++ compiler
-                    reason = f"{type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]}"
+                    mismatch = check_output(fns[provider], *check, case)
+                except Exception as exc:  # e.g. torch.compile without a C++ compiler, out of memory
+                    mismatch = f"{type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]}"
             if reason is not None:
                 unavailable[provider] = reason
                 common.note(f"skipping {provider}: {reason}")
                 continue
-            if mismatch is not None:  # never record a figure for a wrong answer
+            if mismatch is not None:  # failed, or a wrong answer: never record a figure for it
                 wrong.add(provider)
                 common.note(f"skipping {provider} for {case.kernel} {common.dtype_str(case.dtype)} "
                             f"{common.shape_str(case.shape)}: {mismatch}")
                 continue
-        row = measure(rec, case, provider, fns[provider], mode, args)
+        try:
+            row = measure(rec, case, provider, fns[provider], mode, args)
+        except Exception as exc:  # out of memory, a compile error in backward, ...: go on
+            wrong.add(provider)
+            common.note(f"skipping {provider} for {case.kernel} {common.dtype_str(case.dtype)} "
+                        f"{common.shape_str(case.shape)} from mode {mode} on: {type(exc).__name__}: "
+                        f"{(str(exc).strip() or '?').splitlines()[0]}")
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         common.note(f"[{k}/{len(tasks)}] {case.kernel:15s} {row['dtype']:9s} {row['shape']:>14s} {provider:22s} "
                     f"{mode:8s} {float(row['p50']):9.1f} GB/s")
     rec.flush()

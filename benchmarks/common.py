@@ -90,7 +90,8 @@ def device_name(device: torch.device | str) -> str:
         model = platform.processor() or platform.machine() or "unknown CPU"
     # torch's intra-op thread count is what the benchmarks run with (the native kernels use
     # at::parallel_for, so the same count).
-    return f"{model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def synchronize(device: torch.device) -> None:
@@ -580,7 +581,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="tiny sizes and few repetitions: a smoke test, not a measurement")
     parser.add_argument("--out", default=str(DEFAULT_CSV),
                         help=f"CSV to append results to (default: {DEFAULT_CSV.relative_to(BENCH_DIR.parent)})")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw PNGs after the run")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw PNGs after the run (they go next to the --out CSV)")
     parser.add_argument("--providers", default=None,
                         help="comma-separated providers to run (default: all available here)")
     parser.add_argument("--min-time", type=float, default=None,

@@ -143,10 +143,10 @@ def invariance_failures(fn, backend, device, dtype, n_cols=300, causal=False):
     """Rows where fn(row inside a batch, with garbage around it) != fn(row alone), bitwise."""
     g = torch.Generator().manual_seed(7)
     failures = []
-    shape = (16, n_cols) if causal else (n_cols,)
+    shape = (8, n_cols) if causal else (n_cols,)
     probe = (torch.randn((1,) + shape, generator=g) * 3).to(dtype).to(device)
     alone = fn(probe, -1, 0.125, causal, backend)
-    for batch in (1, 2, 3, 17, 64):
+    for batch in (1, 2, 3, 17, 40):
         for index in sorted({0, batch // 2, batch - 1}):
             x = garbage_like(torch.empty((batch,) + shape, dtype=dtype, device=device), g)
             x[index] = probe[0]

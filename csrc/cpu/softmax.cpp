@@ -2,7 +2,8 @@
 //
 // One row at a time, rows spread over threads (never a row split between threads, so the
 // thread count cannot change bits). Each row makes three passes over data that stays in cache:
-// scale + max, exp + lane sums, divide. The arithmetic is reference.softmax_forward /
+// scale + max, exp + lane sums (exponentials kept in the output row), divide. Written with
+// 16-float vectors (common.h), lane-wise IEEE arithmetic: the same bits as the scalar spec. The arithmetic is reference.softmax_forward /
 // softmax_backward with 64 lanes, operation for operation.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,51 +15,91 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kLanes = 64;
+constexpr int kLanes = 64;  // reference.SOFTMAX_LANES: 4 vectors of kVec
+constexpr int kVecsPerBlock = kLanes / kVec;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Sum of e[0..n) in the reference's lane order.
-inline float lane_sum(const float* e, int64_t n) {
-  alignas(64) float acc[kLanes] = {};
-  int64_t b = 0;
-  for (; b + kLanes <= n; b += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] + e[b + l];
-  }
-  for (int l = 0; b + l < n; ++l) acc[l] = acc[l] + e[b + l];
-  return fold_lanes<kLanes>(acc);
-}
+// The lane accumulators of reference.lane_sum, lane l of the block in acc[l / kVec][l % kVec].
+struct LaneSum {
+  vfloat acc[kVecsPerBlock] = {};
 
-// Max of z[0..n); NaN handling as in the reference's amax is not needed: a NaN anywhere makes
-// the row sum, hence the whole row, NaN either way.
-inline float row_max(const float* z, int64_t n) {
-  alignas(64) float mx[16];
-  for (int l = 0; l < 16; ++l) mx[l] = kNegInf;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    for (int l = 0; l < 16; ++l) mx[l] = z[j + l] > mx[l] ? z[j + l] : mx[l];
+  void add_block(const float* e) {
+    for (int v = 0; v < kVecsPerBlock; ++v) acc[v] = acc[v] + vload(e + v * kVec);
   }
-  for (; j < n; ++j) mx[0] = z[j] > mx[0] ? z[j] : mx[0];
-  float m = kNegInf;
-  for (int l = 0; l < 16; ++l) m = mx[l] > m ? mx[l] : m;
-  return m;
-}
+  // Halves fold: w = 32 adds acc[2,3] to acc[0,1], w = 16 adds acc[1] to acc[0], then within
+  // one vector, shuffles bring lanes l + w down to l for w = 8, 4, 2, 1.
+  float fold() const {
+    static_assert(kVecsPerBlock == 4 && kVec == 16);
+    vfloat v = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
+    v = v + __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    v = v + __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
+    return v[0];
+  }
+};
 
+// max_j scale * x[j] over j < n. Max is exact, so any order will do. A NaN may be skipped
+// here (the reference's amax keeps it), but it still makes the row sum, so the row, NaN.
 template <typename T>
-void forward_row(const T* x, T* y, float* buf, int64_t n_cols, int64_t n_valid, float scale) {
+float scaled_max(const T* x, int64_t n, float scale) {
+  vfloat m = vsplat(kNegInf);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) m = vmax(m, load_vec(x + j) * scale);
+  float out = kNegInf;
+  for (int l = 0; l < kVec; ++l) out = m[l] > out ? m[l] : out;
+  for (; j < n; ++j) {
+    const float z = to_float(x[j]) * scale;
+    out = z > out ? z : out;
+  }
+  return out;
+}
+
+// One row of reference.softmax_forward. `e` holds the exponentials between the passes (y
+// itself for float32 rows).
+template <typename T>
+void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, float scale) {
   for (int64_t j = n_valid; j < n_cols; ++j) y[j] = from_float<T>(0.0f);
   if (n_valid == 0) return;
-  for (int64_t j = 0; j < n_valid; ++j) buf[j] = to_float(x[j]) * scale;
-  const float m = row_max(buf, n_valid);
-  for (int64_t j = 0; j < n_valid; ++j) buf[j] = exp_f32(buf[j] - m);
-  const float s = lane_sum(buf, n_valid);
-  for (int64_t j = 0; j < n_valid; ++j) y[j] = from_float<T>(buf[j] / s);
+  const float m = scaled_max(x, n_valid, scale);
+  LaneSum sum;
+  int64_t b = 0;
+  for (; b + kLanes <= n_valid; b += kLanes) {
+    for (int v = 0; v < kVecsPerBlock; ++v) vstore(e + b + v * kVec, exp_f32(load_vec(x + b + v * kVec) * scale - m));
+    sum.add_block(e + b);
+  }
+  if (b < n_valid) {  // last, partial block: missing elements add +0, as in the reference
+    alignas(64) float tail[kLanes] = {};
+    for (int64_t j = b; j < n_valid; ++j) tail[j - b] = e[j] = exp_f32(to_float(x[j]) * scale - m);
+    sum.add_block(tail);
+  }
+  const float s = sum.fold();
+  int64_t j = 0;
+  for (; j + kVec <= n_valid; j += kVec) store_vec(y + j, vload(e + j) / s);
+  for (; j < n_valid; ++j) y[j] = from_float<T>(e[j] / s);
 }
 
+// One row of reference.softmax_backward: dx = (y * (dy - sum(dy * y))) * scale.
 template <typename T>
-void backward_row(const T* dy, const T* y, T* dx, float* buf, int64_t n_cols, float scale) {
-  for (int64_t j = 0; j < n_cols; ++j) buf[j] = to_float(dy[j]) * to_float(y[j]);
-  const float dot = lane_sum(buf, n_cols);
-  for (int64_t j = 0; j < n_cols; ++j) dx[j] = from_float<T>((to_float(y[j]) * (to_float(dy[j]) - dot)) * scale);
+void backward_row(const T* dy, const T* y, T* dx, int64_t n, float scale) {
+  LaneSum sum;
+  alignas(64) float block[kLanes];
+  int64_t b = 0;
+  for (; b + kLanes <= n; b += kLanes) {
+    for (int v = 0; v < kVecsPerBlock; ++v) vstore(block + v * kVec, load_vec(dy + b + v * kVec) * load_vec(y + b + v * kVec));
+    sum.add_block(block);
+  }
+  if (b < n) {
+    for (int l = 0; l < kLanes; ++l) block[l] = b + l < n ? to_float(dy[b + l]) * to_float(y[b + l]) : 0.0f;
+    sum.add_block(block);
+  }
+  const float dot = sum.fold();
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const vfloat yv = load_vec(y + j);
+    store_vec(dx + j, (yv * (load_vec(dy + j) - dot)) * scale);
+  }
+  for (; j < n; ++j) dx[j] = from_float<T>((to_float(y[j]) * (to_float(dy[j]) - dot)) * scale);
 }
 
 void check_2d(const at::Tensor& t, const char* op, const char* name) {
@@ -78,11 +119,12 @@ at::Tensor softmax_forward_cpu(const at::Tensor& x, double scale, bool causal, i
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.mutable_data_ptr<T>();
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(cols);
+      std::vector<float> buf(std::is_same_v<T, float> ? 0 : cols);
       for (int64_t r = begin; r < end; ++r) {
         // Row r is query r % n_queries; bottom-right aligned causal mask (reference.causal_valid_counts).
         const int64_t n_valid = causal ? std::clamp<int64_t>(r % n_queries + (cols - n_queries) + 1, 0, cols) : cols;
-        forward_row<T>(xp + r * cols, yp + r * cols, buf.data(), cols, n_valid, scale_f);
+        float* e = std::is_same_v<T, float> ? reinterpret_cast<float*>(yp + r * cols) : buf.data();
+        forward_row<T>(xp + r * cols, yp + r * cols, e, cols, n_valid, scale_f);
       }
     });
   });
@@ -104,8 +146,7 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, d
     const T* yp = y.const_data_ptr<T>();
     T* dxp = dx.mutable_data_ptr<T>();
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(cols);
-      for (int64_t r = begin; r < end; ++r) backward_row<T>(dyp + r * cols, yp + r * cols, dxp + r * cols, buf.data(), cols, scale_f);
+      for (int64_t r = begin; r < end; ++r) backward_row<T>(dyp + r * cols, yp + r * cols, dxp + r * cols, cols, scale_f);
     });
   });
   return dx;

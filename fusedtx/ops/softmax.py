@@ -87,27 +87,39 @@ def _backward_2d(backend: str, grad_y: torch.Tensor, y: torch.Tensor, scale: flo
     return reference.softmax_backward(grad_y, y, scale)
 
 
+def _is_last(t: torch.Tensor, dim: int) -> bool:
+    return t.dim() > 0 and dim % t.dim() == t.dim() - 1
+
+
 def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(rows, cols) contiguous view of t with `dim` last."""
+    """(rows, cols) contiguous view of t with `dim` last (a copy only when t is not laid out so)."""
     t = t.reshape(1) if t.dim() == 0 else t
-    t = t.movedim(dim, -1).contiguous()
+    if not _is_last(t, dim) or not t.is_contiguous():
+        t = t.movedim(dim, -1).contiguous()
     return t.view(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    shape = like.reshape(1).shape if like.dim() == 0 else like.shape
-    moved = list(shape)
+    """Inverse of _as_rows: rows back to like's shape, contiguous."""
+    if like.dim() == 0 or _is_last(like, dim):
+        return rows.view(like.shape)
+    moved = list(like.shape)
     moved.append(moved.pop(dim))
-    return rows.view(moved).movedim(-1, dim).contiguous().view(like.shape)
+    return rows.view(moved).movedim(-1, dim).contiguous()
 
 
-@torch.library.custom_op("fusedtx::softmax", mutates_args=())
-def softmax(x: torch.Tensor, dim: int, scale: float, causal: bool, backend: str) -> torch.Tensor:
+def softmax_impl(x: torch.Tensor, dim: int, scale: float, causal: bool, backend: str) -> torch.Tensor:
+    """The op's body. fusedtx.functional calls it directly in eager inference (see there)."""
     check_args(x, dim, scale, causal)
     _check_backend(backend)
     n_queries = x.shape[-2] if causal and x.dim() >= 2 else 1
     y = _forward_2d(backend, _as_rows(x, dim), float(scale), causal, n_queries)
     return _from_rows(y, x, dim)
+
+
+@torch.library.custom_op("fusedtx::softmax", mutates_args=())
+def softmax(x: torch.Tensor, dim: int, scale: float, causal: bool, backend: str) -> torch.Tensor:
+    return softmax_impl(x, dim, scale, causal, backend)
 
 
 @softmax.register_fake
