@@ -268,7 +268,7 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
     copy_bw = ceilings.get("copy_bandwidth")
     print()
     print(f"Summary: p50 GB/s on {common.device_name(args.device)}"
-          + (f"; copy bandwidth (clone) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
+          + (f"; copy bandwidth (copy_) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
     for kernel, eager, compiled in ((KERNEL_PLAIN, "torch", "torch_compile"),
                                     (KERNEL_CAUSAL, "torch_unfused", "torch_compile_unfused")):
         keys = sorted({k[1:4] for k in bw if k[0] == kernel},

@@ -122,8 +122,8 @@ class Timing:
 class TimingConfig:
     """How long to measure. Small defaults: the CPU suite should take minutes, not hours."""
     warmup_time: float = 0.05   # seconds of warm-up calls after the first (untimed) call
-    min_time: float = 0.2       # seconds of timed calls, at least
-    min_reps: int = 5
+    min_time: float = 0.5       # seconds of timed calls, at least (a shared 2-core VM is noisy)
+    min_reps: int = 10
     max_reps: int = 10_000
     max_time: float = 10.0      # stop after this many seconds even if min_reps is not reached
 
@@ -387,12 +387,14 @@ class Recorder:
 # ---------------------------------------------------------------------------------------------
 def measure_ceilings(rec: Recorder, config: TimingConfig | None = None, quick: bool = False) -> dict:
     """Measure copy bandwidth and matmul rate on rec.device, add them as kernel="ceiling" rows,
-    and return {"copy_bandwidth": GB/s p50 of clone, "matmul": TFLOP/s p50}.
+    and return {"copy_bandwidth": GB/s p50 of copy_, "matmul": TFLOP/s p50}.
 
-    Copy: clone of a large fp32 tensor (128 MB on CPU, 1 GB on CUDA: far beyond any cache),
-    bytes read + written counted. `clone` allocates its output like the ops do; `copy_` into a
-    preallocated tensor is recorded too, as the bound without allocation (on CPU a fresh large
-    allocation costs page faults). Matmul: fp32 2048^3 on CPU, bf16 8192^3 on CUDA.
+    Copy: a large fp32 tensor (128 MB on CPU, 1 GB on CUDA: far beyond any cache),
+    bytes read + written counted. `copy_` into a preallocated tensor is the device's bandwidth,
+    the ceiling figures are compared with. `clone` allocates its output like the ops do and is
+    recorded too: on CPU a fresh large allocation is mapped page by page, which costs more than
+    the copy itself, and every op that returns a new large tensor pays it. Matmul: fp32 2048^3
+    on CPU, bf16 8192^3 on CUDA.
     """
     device = rec.device
     config = config or TimingConfig.for_device(device, quick=quick)
@@ -407,7 +409,7 @@ def measure_ceilings(rec: Recorder, config: TimingConfig | None = None, quick: b
         values = rate(2 * nbytes / 1e9, t)
         rec.add("ceiling", provider, "forward", "copy_bandwidth", "GB/s", "bytes", nbytes, values,
                 src.dtype, src.shape)
-        if provider == "clone":
+        if provider == "copy_":
             result["copy_bandwidth"] = values[0]
     del src, dst
 
@@ -431,7 +433,7 @@ def latest_ceilings(path: str | Path, device: torch.device | str) -> dict:
     name = device_name(device)
     rows = [r for r in read_rows(path) if r["kernel"] == "ceiling" and r["device"] == name]
     result = {}
-    for metric, provider in (("copy_bandwidth", "clone"), ("matmul", "torch.mm")):
+    for metric, provider in (("copy_bandwidth", "copy_"), ("matmul", "torch.mm")):
         match = [r for r in rows if r["metric"] == metric and r["provider"] == provider]
         if match:
             result[metric] = max(match, key=lambda r: r["timestamp"])["p50"]
@@ -585,11 +587,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--providers", default=None,
                         help="comma-separated providers to run (default: all available here)")
     parser.add_argument("--min-time", type=float, default=None,
-                        help="seconds of timed repetitions per measurement (default: 0.2 CPU, 0.5 CUDA)")
+                        help="seconds of timed repetitions per measurement (default: 0.5)")
     parser.add_argument("--min-reps", type=int, default=None,
-                        help="repetitions per measurement, at least (default: 5 CPU, 20 CUDA)")
+                        help="repetitions per measurement, at least (default: 10 CPU, 20 CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads; default: torch's default)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="CPU: let glibc return freed memory to the OS, so large outputs are page-faulted "
+                             "in on every call (default: keep freed memory, see keep_freed_memory)")
     parser.add_argument("--skip-ceilings", action="store_true",
                         help="do not measure copy bandwidth / matmul ceilings; use the latest ones in --out")
     return parser
@@ -598,7 +603,28 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = add_common_args(argparse.ArgumentParser(description=description))
     args = parser.parse_args(argv)
+    if argv is None and args.device == "cpu" and not args.fresh_pages:
+        keep_freed_memory()
     return check_args(parser, args)
+
+
+# glibc returns every freed block larger than 32 MB to the OS, and the next allocation of the
+# same size is mapped again page by page: a 4096x4096 float32 softmax then spends ~80% of its
+# time in page faults, and whether a given size hits that path depends on the allocation
+# history (glibc adapts its threshold), which made CPU figures swing 5x between runs. Like
+# PyTorch's CUDA caching allocator, keep freed memory: every provider then pays for its
+# kernel, not for the kernel's page faults. --fresh-pages measures the other regime.
+KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+
+
+def keep_freed_memory() -> None:
+    """Re-execute this script once with glibc's malloc set to keep freed memory (Linux only)."""
+    if not sys.platform.startswith("linux") or os.environ.get("FUSEDTX_BENCH_MALLOC") == "keep":
+        return
+    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), KEEP_FREED_MEMORY) if t)
+    env = dict(os.environ, GLIBC_TUNABLES=tunables, FUSEDTX_BENCH_MALLOC="keep")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -632,6 +658,8 @@ def forward_args(args: argparse.Namespace) -> list[str]:
         argv += ["--threads", str(args.threads)]
     if args.skip_ceilings:
         argv.append("--skip-ceilings")
+    if args.fresh_pages:
+        argv.append("--fresh-pages")
     return argv
 
 

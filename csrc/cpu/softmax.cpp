@@ -23,8 +23,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 struct LaneSum {
   vfloat acc[kVecsPerBlock] = {};
 
+  void add(int v, vfloat e) { acc[v] = acc[v] + e; }
   void add_block(const float* e) {
-    for (int v = 0; v < kVecsPerBlock; ++v) acc[v] = acc[v] + vload(e + v * kVec);
+    for (int v = 0; v < kVecsPerBlock; ++v) add(v, vload(e + v * kVec));
   }
   // Halves fold: w = 32 adds acc[2,3] to acc[0,1], w = 16 adds acc[1] to acc[0], then within
   // one vector, shuffles bring lanes l + w down to l for w = 8, 4, 2, 1.
@@ -65,8 +66,11 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
   LaneSum sum;
   int64_t b = 0;
   for (; b + kLanes <= n_valid; b += kLanes) {
-    for (int v = 0; v < kVecsPerBlock; ++v) vstore(e + b + v * kVec, exp_f32(load_vec(x + b + v * kVec) * scale - m));
-    sum.add_block(e + b);
+    for (int v = 0; v < kVecsPerBlock; ++v) {
+      const vfloat ev = exp_f32(load_vec(x + b + v * kVec) * scale - m);
+      vstore(e + b + v * kVec, ev);
+      sum.add(v, ev);
+    }
   }
   if (b < n_valid) {  // last, partial block: missing elements add +0, as in the reference
     alignas(64) float tail[kLanes] = {};
@@ -83,13 +87,12 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
 template <typename T>
 void backward_row(const T* dy, const T* y, T* dx, int64_t n, float scale) {
   LaneSum sum;
-  alignas(64) float block[kLanes];
   int64_t b = 0;
   for (; b + kLanes <= n; b += kLanes) {
-    for (int v = 0; v < kVecsPerBlock; ++v) vstore(block + v * kVec, load_vec(dy + b + v * kVec) * load_vec(y + b + v * kVec));
-    sum.add_block(block);
+    for (int v = 0; v < kVecsPerBlock; ++v) sum.add(v, load_vec(dy + b + v * kVec) * load_vec(y + b + v * kVec));
   }
   if (b < n) {
+    alignas(64) float block[kLanes];
     for (int l = 0; l < kLanes; ++l) block[l] = b + l < n ? to_float(dy[b + l]) * to_float(y[b + l]) : 0.0f;
     sum.add_block(block);
   }
