@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -82,3 +83,16 @@ def garbage_like(t: torch.Tensor, generator=None) -> torch.Tensor:
     flat[3::11] = float("inf")
     flat[5::13] = float("-inf")
     return g.to(t.dtype).to(t.device)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every tensor allocated inside (torch.empty, at::empty_like in C++, the Triton launchers'
+    outputs) starts out NaN, so an output element a kernel forgets to write shows up. This is
+    PyTorch's deterministic mode, which fills uninitialised memory."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

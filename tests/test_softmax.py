@@ -18,6 +18,7 @@ from helpers import (
     assert_bitwise_equal,
     bitwise_equal,
     garbage_like,
+    poisoned_outputs,
     record_bitexact,
     require,
 )
@@ -64,8 +65,9 @@ def test_forward_backward_accuracy(device, backend, dtype, shape, dim, scale, ca
     require(device, backend)
     x = make_input(shape, dtype, device).requires_grad_()
     grad = make_input(shape, dtype, device, seed=1)
-    y = fusedtx.softmax(x, dim, scale=scale, causal=causal, backend=backend)
-    (dx,) = torch.autograd.grad(y, x, grad) if x.numel() else (torch.zeros_like(x),)
+    with poisoned_outputs():
+        y = fusedtx.softmax(x, dim, scale=scale, causal=causal, backend=backend)
+        (dx,) = torch.autograd.grad(y, x, grad) if x.numel() else (torch.zeros_like(x),)
 
     x64 = x.detach().double().requires_grad_()
     y64 = torch_softmax(x64, dim, scale, causal)
@@ -95,8 +97,9 @@ def test_bitwise_equal_to_reference(device, backend, dtype, shape, dim, scale, c
         pytest.skip("the reference is compared with itself by the determinism test")
     x = make_input(shape, dtype, device)
     dy = make_input(shape, dtype, device, seed=1)
-    y = fusedtx.softmax(x, dim, scale=scale, causal=causal, backend=backend)
-    dx = torch.ops.fusedtx.softmax_backward(dy, y, dim, 1.0 if scale is None else scale, backend)
+    with poisoned_outputs():
+        y = fusedtx.softmax(x, dim, scale=scale, causal=causal, backend=backend)
+        dx = torch.ops.fusedtx.softmax_backward(dy, y, dim, 1.0 if scale is None else scale, backend)
 
     rows_x = softmax_op._as_rows(x, dim)
     n_queries = shape[-2] if causal else 1
@@ -110,6 +113,12 @@ def test_bitwise_equal_to_reference(device, backend, dtype, shape, dim, scale, c
     record_bitexact("softmax", device, backend, dtype, exact)
     assert_bitwise_equal(y, y_ref, f"{backend} forward vs reference (lanes={lanes})")
     assert_bitwise_equal(dx, dx_ref, f"{backend} backward vs reference (lanes={lanes})")
+
+
+def test_poisoning_reaches_kernel_outputs():
+    """Control for the poisoning above: an output element no kernel wrote would read NaN."""
+    with poisoned_outputs():
+        assert torch.empty_like(torch.ones(2, 3, 37, 64)).isnan().all()
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
