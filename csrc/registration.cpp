@@ -23,6 +23,13 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // it: fixed on CPU, the threads per row on CUDA).
   m.def("softmax_forward(Tensor x, float scale, bool causal, int n_queries, int lanes) -> Tensor");
   m.def("softmax_backward(Tensor grad_y, Tensor y, float scale, int lanes) -> Tensor");
+  // LayerNorm over the last dim of a contiguous (rows, N) tensor, as reference.layer_norm_forward
+  // / layer_norm_backward. mean, rstd, dweight and dbias are in the compute dtype (float64 for
+  // float64 x, else float32); dweight and dbias are empty when need_param_grads is false.
+  m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, int lanes) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "bool need_param_grads, int lanes, int groups) -> (Tensor, Tensor, Tensor)");
 }
 
 // Lets the ahead-of-time build be imported as `fusedtx._C` (which runs the registrations

@@ -15,10 +15,13 @@ from pathlib import Path
 CPU_SOURCES = [
     "registration.cpp",
     "cpu/softmax.cpp",
+    "cpu/layer_norm.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",
     "cuda/softmax_glue.cpp",
+    "cuda/layer_norm.cu",
+    "cuda/layer_norm_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so

@@ -61,16 +61,16 @@ def exp_f32(x: torch.Tensor) -> torch.Tensor:
 # lane_sum: a reduction order that every kernel can reproduce
 # ---------------------------------------------------------------------------------------------
 def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
-    """Sum float32 `x` over its last dim in fusedtx's fixed order (see the module docstring)."""
-    assert x.dtype == torch.float32
+    """Sum float32 (or float64) `x` over its last dim in fusedtx's fixed order (module docstring)."""
+    assert x.dtype in (torch.float32, torch.float64)
     if lanes < 1 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
     n = x.shape[-1]
     n_blocks = max(1, -(-n // lanes))
-    padded = torch.zeros(*x.shape[:-1], n_blocks * lanes, dtype=torch.float32, device=x.device)
+    padded = torch.zeros(*x.shape[:-1], n_blocks * lanes, dtype=x.dtype, device=x.device)
     padded[..., :n] = x
     blocks = padded.view(*x.shape[:-1], n_blocks, lanes)
-    acc = torch.zeros(*x.shape[:-1], lanes, dtype=torch.float32, device=x.device)
+    acc = torch.zeros(*x.shape[:-1], lanes, dtype=x.dtype, device=x.device)
     for b in range(n_blocks):
         acc = acc + blocks[..., b, :]
     width = lanes
@@ -78,6 +78,29 @@ def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
         width //= 2
         acc = acc[..., :width] + acc[..., width : 2 * width]
     return acc[..., 0]
+
+
+def row_group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum a (rows, N) tensor over its rows in fusedtx's fixed order for weight gradients.
+
+    The rows are cut into `groups` consecutive groups of ceil(rows / groups) rows (the last
+    ones may be short or empty); each group's partial starts at +0 and adds its rows in
+    ascending order; then the partials are added in ascending group order, starting at +0. The
+    group count is a constant, never the thread count or the GPU's SM count, so the result is
+    the same on any machine; it is one fixed-size buffer of partials, no atomics.
+    """
+    rows, n = x.shape
+    per_group = max(1, -(-rows // groups))
+    padded = torch.zeros(groups * per_group, n, dtype=x.dtype, device=x.device)
+    padded[:rows] = x
+    blocks = padded.view(groups, per_group, n)
+    partial = torch.zeros(groups, n, dtype=x.dtype, device=x.device)
+    for r in range(per_group):
+        partial = partial + blocks[:, r, :]
+    total = torch.zeros(n, dtype=x.dtype, device=x.device)
+    for g in range(groups):
+        total = total + partial[g]
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,3 +148,62 @@ def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, scale: float,
     dot = lane_sum(dy32 * y32, lanes)[:, None]
     dx = (y32 * (dy32 - dot)) * torch.tensor(scale, dtype=torch.float32)
     return dx.to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_norm
+# ---------------------------------------------------------------------------------------------
+LAYER_NORM_LANES = 64         # the native CPU backend's lane count, used when backend="reference"
+LAYER_NORM_ROW_GROUPS = 128   # row groups of the weight/bias gradient partials, on every backend
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and arithmetic: float64 for float64 tensors, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                       lanes: int = LAYER_NORM_LANES):
+    """LayerNorm of each row of a 2-D (rows, N) tensor, two-pass statistics.
+
+    Returns (y in x's dtype, mean, rstd), mean and rstd in the compute dtype:
+        mean = lane_sum(x) / N
+        var  = lane_sum((x - mean)^2) / N
+        rstd = 1 / sqrt(var + eps)                  (sqrt and / correctly rounded)
+        y    = ((x - mean) * rstd) * weight + bias
+    """
+    acc = compute_dtype(x.dtype)
+    n = x.shape[1]
+    xa = x.to(acc)
+    mean = lane_sum(xa, lanes) / n
+    d = xa - mean[:, None]
+    var = lane_sum(d * d, lanes) / n
+    rstd = 1.0 / torch.sqrt(var + torch.tensor(eps, dtype=acc, device=x.device))
+    y = d * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), mean, rstd
+
+
+def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        weight: torch.Tensor | None, lanes: int = LAYER_NORM_LANES,
+                        groups: int = LAYER_NORM_ROW_GROUPS):
+    """Gradients of layer_norm_forward. Returns (dx in x's dtype, dweight, dbias) with dweight and
+    dbias in the compute dtype (the caller casts them to the parameters' dtype):
+        xhat = (x - mean) * rstd,   g = dy * weight (dy without weight)
+        dx   = (g - (xhat * (lane_sum(g * xhat) / N) + lane_sum(g) / N)) * rstd
+        dweight = row_group_sum(dy * xhat),   dbias = row_group_sum(dy)
+    """
+    acc = mean.dtype
+    n = x.shape[1]
+    dy = grad_y.to(acc)
+    xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
+    g = dy * weight.to(acc) if weight is not None else dy
+    mean_g = lane_sum(g, lanes) / n
+    mean_gx = lane_sum(g * xhat, lanes) / n
+    dx = (g - (xhat * mean_gx[:, None] + mean_g[:, None])) * rstd[:, None]
+    dweight = row_group_sum(dy * xhat, groups)
+    dbias = row_group_sum(dy, groups)
+    return dx.to(x.dtype), dweight, dbias
