@@ -670,3 +670,201 @@ def finish(args: argparse.Namespace, kernels: Sequence[str] | None = None) -> No
     out_dir = Path(args.out).resolve().parent
     for path in plot_results(args.out, out_dir, kernels=kernels):
         print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an op's cases: one loop for every bench_<op>.py
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case: a kernel (CSV `kernel`), a shape and dtype, the x-axis value, the
+    providers to run, and op-specific settings in `opts` (e.g. (("scale", 0.125),))."""
+    kernel: str
+    shape: tuple
+    dtype: torch.dtype
+    x_name: str
+    x_value: int
+    providers: tuple
+    opts: tuple = ()
+
+    def opt(self, name, default=None):
+        return dict(self.opts).get(name, default)
+
+
+class OpBench:
+    """What a bench_<op>.py supplies to run_benchmark. Inputs are a list of tensors, the first
+    being the activation; in backward/full modes every input gets a gradient (weights too)."""
+
+    name = "op"
+
+    def make_inputs(self, case: Case, device: torch.device, requires_grad: bool) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def make_fn(self, provider: str, case: Case, device: torch.device) -> Callable:
+        raise NotImplementedError
+
+    def expected(self, inputs: list[torch.Tensor], case: Case) -> torch.Tensor:
+        """The float64 output every provider is checked against before it is timed."""
+        raise NotImplementedError
+
+    def bytes_moved(self, case: Case, mode: str) -> int:
+        raise NotImplementedError
+
+    def tolerance(self, case: Case) -> float:
+        return 1e-4 if case.dtype == torch.float32 else 3e-2
+
+    def unavailable_reason(self, provider: str, device: torch.device) -> str | None:
+        return fusedtx_unavailable(provider, device)
+
+
+def fusedtx_unavailable(provider: str, device: torch.device) -> str | None:
+    """Why provider "fusedtx_<backend>" cannot be benchmarked here (None: it can)."""
+    if not provider.startswith("fusedtx_"):
+        return None
+    backend = provider.removeprefix("fusedtx_")
+    from fusedtx import backends
+
+    if backend == "triton":
+        if device.type != "cuda":
+            return "Triton is benchmarked only compiled on CUDA (the CPU interpreter is far too slow)"
+        mode = backends.triton_mode()
+        if mode != "compiled":
+            return f"Triton mode is {mode!r}, not compiled (unset TRITON_INTERPRET)"
+    if not backends.is_available(backend, device):
+        return f"fusedtx {backend} backend unavailable"
+    return None
+
+
+def _timed_call(bench: OpBench, fn, case: Case, mode: str, device: torch.device, n_copies: int):
+    """(call, inputs): call(inputs[i]) is what one repetition of `mode` runs. Backward times the
+    gradient alone (forward done once per input copy, graph retained); full runs both."""
+    if mode == "forward":
+        return (lambda xs: fn(*xs)), [bench.make_inputs(case, device, False) for _ in range(n_copies)]
+    sets = []
+    for _ in range(n_copies):
+        xs = bench.make_inputs(case, device, True)
+        dy = torch.randn(case.shape, device=device, dtype=torch.float32).to(case.dtype)
+        sets.append((xs, fn(*xs) if mode == "backward" else None, dy))
+    if mode == "backward":
+        return (lambda s: torch.autograd.grad(s[1], s[0], s[2], retain_graph=True)), sets
+    return (lambda s: torch.autograd.grad(fn(*s[0]), s[0], s[2])), sets
+
+
+def _measure(bench: OpBench, rec: Recorder, case: Case, provider: str, fn, mode: str, args) -> dict:
+    nbytes = bench.bytes_moved(case, mode)
+    n_copies = rotation_copies(nbytes, args.device)
+    call, inputs = _timed_call(bench, fn, case, mode, args.device, n_copies)
+    timing = time_fn(call, inputs, device=args.device, config=args.timing)
+    row = rec.add(case.kernel, provider, mode, "bandwidth", "GB/s", case.x_name, case.x_value,
+                  rate(nbytes / 1e9, timing), case.dtype, case.shape)
+    peak = peak_memory_mb(lambda: call(inputs[0]), args.device)
+    if peak is not None:
+        rec.add(case.kernel, provider, mode, "peak_memory", "MB", case.x_name, case.x_value, same(peak),
+                case.dtype, case.shape)
+    return row
+
+
+def _check(bench: OpBench, fn, inputs, ref, case: Case) -> str | None:
+    """First call of a provider (compiles it) and its error against the float64 reference."""
+    y = fn(*inputs)
+    err = (y.double() - ref).abs().max().item()
+    tol = bench.tolerance(case)
+    if y.shape != ref.shape or y.dtype != case.dtype or not err <= tol:
+        return f"output differs from the float64 reference: max abs err {err:.3g} > {tol} (shape {tuple(y.shape)}, {y.dtype})"
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]}"
+
+
+def run_benchmark(bench: OpBench, cases: Sequence[Case], args) -> tuple[Recorder, dict]:
+    """Check, then time every (case, provider, mode); append rows to the CSV as it goes.
+
+    A provider that cannot run here is skipped for all cases; one that fails or gives a wrong
+    answer is skipped for that case: no figure is ever recorded for a wrong result. Returns the
+    recorder (its rows) and the device ceilings."""
+    known = {p for c in cases for p in c.providers}
+    if args.providers and not set(args.providers) <= known:
+        raise SystemExit(f"--providers: unknown {sorted(set(args.providers) - known)}; known: {sorted(known)}")
+    rec = Recorder(args.out, args.device)
+    ceilings = get_ceilings(args, rec)
+    tasks = [(c, p, m) for c in cases for p in c.providers for m in MODES if not args.providers or p in args.providers]
+    unavailable: dict[str, str] = {}
+    current, fns, wrong, reference = None, {}, set(), None
+    for k, (case, provider, mode) in enumerate(progress(tasks, desc=bench.name), 1):
+        if case is not current:
+            rec.flush()
+            current, fns, wrong, reference = case, {}, set(), None
+            torch._dynamo.reset()  # fresh compile caches: no recompile-limit fallback to eager
+        if provider in unavailable or provider in wrong:
+            continue
+        what = f"{case.kernel} {dtype_str(case.dtype)} {shape_str(case.shape)}"
+        if provider not in fns:
+            reason = bench.unavailable_reason(provider, args.device)
+            if reason is not None:
+                unavailable[provider] = reason
+                note(f"skipping {provider}: {reason}")
+                continue
+            try:
+                if reference is None:
+                    inputs = bench.make_inputs(case, args.device, False)
+                    reference = (inputs, bench.expected(inputs, case))
+                fns[provider] = bench.make_fn(provider, case, args.device)
+                mismatch = _check(bench, fns[provider], *reference, case)
+            except Exception as exc:  # e.g. torch.compile without a C++ compiler, out of memory
+                mismatch = _first_line(exc)
+            if mismatch is not None:
+                wrong.add(provider)
+                note(f"skipping {provider} for {what}: {mismatch}")
+                continue
+        try:
+            row = _measure(bench, rec, case, provider, fns[provider], mode, args)
+        except Exception as exc:  # out of memory, a compile error in backward, ...: go on
+            wrong.add(provider)
+            note(f"skipping {provider} for {what} from mode {mode} on: {_first_line(exc)}")
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        note(f"[{k}/{len(tasks)}] {case.kernel:15s} {row['dtype']:9s} {row['shape']:>14s} {provider:22s} "
+             f"{mode:8s} {float(row['p50']):9.1f} GB/s")
+    rec.flush()
+    return rec, ceilings
+
+
+def print_ratio_table(rows: list[dict], kernel: str, eager: str, compiled: str) -> dict:
+    """Print p50 GB/s per (dtype, shape, mode) for fusedtx native/triton and the two peers, with
+    native's ratios; return {(kernel, dtype, shape, mode, provider): GB/s}."""
+    bw = {(r["kernel"], r["dtype"], r["shape"], r["mode"], r["provider"]): float(r["p50"])
+          for r in rows if r["metric"] == "bandwidth"}
+    keys = sorted({k[1:4] for k in bw if k[0] == kernel},
+                  key=lambda k: (k[0], [int(s) for s in k[1].split("x")], MODES.index(k[2])))
+    if keys:
+        print(f"\n{kernel}: eager = {eager}, compile = {compiled}; nat = fusedtx_native, tri = fusedtx_triton")
+        print(f"  {'dtype':9s} {'shape':>14s} {'mode':8s} {'nat':>8s} {'tri':>8s} {'eager':>8s} {'compile':>8s} "
+              f"{'nat/eager':>9s} {'nat/comp':>9s} {'tri/eager':>9s}")
+    for dtype, shape, mode in keys:
+        get = lambda p: bw.get((kernel, dtype, shape, mode, p))  # noqa: E731
+        nat, tri, eag, com = get("fusedtx_native"), get("fusedtx_triton"), get(eager), get(compiled)
+        print(f"  {dtype:9s} {shape:>14s} {mode:8s} {_num(nat):>8s} {_num(tri):>8s} {_num(eag):>8s} {_num(com):>8s} "
+              f"{_ratio(nat, eag):>9s} {_ratio(nat, com):>9s} {_ratio(tri, eag):>9s}")
+    return bw
+
+
+def print_target(label: str, ours: float | None, reference: float | None, target: float, unit: str = "x") -> None:
+    """One headline line: 'label: 1.23x -> met' (printed, never asserted)."""
+    if ours is None or not reference:
+        verdict = "not measured"
+    else:
+        value = ours / reference
+        shown = f"{value:.0%}" if unit == "%" else f"{value:.2f}x"
+        verdict = f"{shown} -> {'met' if value >= target else 'NOT met'}"
+    print(f"  {label}: {verdict}")
+
+
+def _num(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _ratio(a, b):
+    return "-" if a is None or not b else f"{a / b:.2f}x"

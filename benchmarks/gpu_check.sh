@@ -54,11 +54,17 @@ stage "4. compute-sanitizer on the native CUDA kernels"
 if command -v compute-sanitizer > /dev/null; then
     timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY - <<'PY' 2>&1 | tail -15
 import torch, fusedtx
-x = torch.randn(5, 3, 1000, device="cuda", requires_grad=True)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for shape, causal in (((5, 3, 1000), False), ((2, 37, 64), True), ((3, 9000), False)):
         x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
         y = fusedtx.softmax(x, scale=0.5, causal=causal, backend="native")
+        y.backward(torch.randn_like(y))
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for rows, n in ((5, 7), (300, 768), (3, 20000)):
+        x = torch.randn(rows, n, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+        y = fusedtx.layer_norm(x, n, w, b, backend="native")
         y.backward(torch.randn_like(y))
 torch.cuda.synchronize()
 print("sanitizer run finished")

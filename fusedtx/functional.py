@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
+from .ops import layer_norm as _layer_norm_op
 from .ops import softmax as _softmax_op
 
 
@@ -41,3 +42,21 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     name = backends.resolve(backend, _device_of(x))
     op = _softmax_op.softmax_impl if _eager_inference(x) else _softmax_op.softmax
     return op(x, dim, float(scale), causal, name)
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
+    """torch.nn.functional.layer_norm, fused and batch-invariant: normalise over the trailing
+    `normalized_shape` dims with two-pass float32 statistics (float64 for float64 x).
+
+    weight and bias may be float32 beside a float16/bfloat16 x (as under autocast); the output
+    has x's dtype. Each row's output and input gradient depend on that row alone; the weight and
+    bias gradients are summed in a fixed order, so they are the same bits run after run.
+    """
+    _layer_norm_op.check_args(x, normalized_shape, weight, bias, eps)
+    name = backends.resolve(backend, _device_of(x))
+    if _eager_inference(x) and not any(p is not None and p.requires_grad and torch.is_grad_enabled()
+                                       for p in (weight, bias)):
+        return _layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, float(eps), name)[0]
+    return _layer_norm_op.layer_norm(x, _layer_norm_op.normalize_shape(normalized_shape), weight, bias,
+                                     float(eps), name)[0]

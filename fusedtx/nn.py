@@ -19,3 +19,17 @@ class Softmax(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, scale={self.scale}, causal={self.causal}, backend={self.backend}"
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in for torch.nn.LayerNorm (same arguments, parameters and state_dict) running
+    fusedtx.layer_norm: batch-invariant output and input gradient, deterministic weight and
+    bias gradients."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, backend: str | None = None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)

@@ -33,7 +33,7 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("bitwise equality with fusedtx.reference (same algorithm, backend's lane count)")
     rows = sorted(BITEXACT_LOG.items())
-    tr.write_line(f"{'op':<18}{'device':<8}{'backend':<11}{'dtype':<10}{'bit-exact':>10}{'cases':>7}")
+    tr.write_line(f"{'op':<18}{'device':<8}{'backend':<11}{'dtype':<16}{'bit-exact':>10}{'cases':>7}")
     for (op, device, backend, dtype), (exact, total) in rows:
         mark = "yes" if exact == total else f"{exact}/{total}"
-        tr.write_line(f"{op:<18}{device:<8}{backend:<11}{dtype:<10}{mark:>10}{total:>7}")
+        tr.write_line(f"{op:<18}{device:<8}{backend:<11}{dtype:<16}{mark:>10}{total:>7}")

@@ -1,9 +1,10 @@
-// Building blocks shared by the CPU kernels: 16-float vectors, fusedtx's exp, dtype conversion
-// and dispatch. Each mirrors a function of fusedtx/reference.py operation for operation; the
+// Building blocks shared by the CPU kernels: 64-byte vectors, fusedtx's exp, the fixed-order lane
+// sum, dtype conversion and dispatch. Each mirrors a function of fusedtx/reference.py operation for operation; the
 // extension is compiled with -ffp-contract=off so no multiply-add is fused behind our back.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <bit>
 #include <cstdint>
@@ -13,20 +14,31 @@
 
 namespace fusedtx::cpu {
 
-// Sixteen floats in a GCC/Clang vector: one AVX-512 register, or two AVX2 ones. Lane-wise
-// IEEE arithmetic, so a vector computes exactly what the scalar code would, lane by lane.
-constexpr int kVec = 16;
-typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kVec * sizeof(int32_t))));
-typedef uint32_t vuint __attribute__((vector_size(kVec * sizeof(uint32_t))));
+// 64 bytes of A (16 floats or 8 doubles) in a GCC/Clang vector: one AVX-512 register, or two
+// AVX2 ones. Lane-wise IEEE arithmetic, so a vector computes exactly what scalar code would.
+template <typename A>
+struct VecOf {
+  typedef A type __attribute__((vector_size(64)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+template <typename A>
+constexpr int kVecLen = 64 / sizeof(A);
 
-inline vfloat vsplat(float v) { return vfloat{} + v; }
-inline vfloat vload(const float* p) {
-  vfloat v;
+constexpr int kVec = kVecLen<float>;
+using vfloat = Vec<float>;
+typedef uint32_t vuint __attribute__((vector_size(64)));
+
+template <typename A = float>
+inline Vec<A> vsplat(A v) { return Vec<A>{} + v; }
+template <typename A>
+inline Vec<A> vload(const A* p) {
+  Vec<A> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+template <typename A>
+inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits.
@@ -65,27 +77,95 @@ inline float to_float(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }  // c10::Half/BFloat16 round to nearest even
 
-// kVec elements of T as floats, and back (rounding to nearest even, as from_float).
-template <typename T>
-inline vfloat load_vec(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
+// float16 <-> float32 for a whole vector with the F16C/AVX-512 conversion instructions
+// (round to nearest even, as c10::Half). Besides being faster, they sidestep GCC 12 -O3
+// miscompiling a loop of c10::Half conversions once it vectorises the surrounding code
+// (wrong dx in the LayerNorm backward; right at -O2 or with -fno-tree-vectorize).
+inline vfloat half_to_float(const at::Half* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+  alignas(64) float tmp[kVec];
+  for (int l = 0; l < kVec; ++l) tmp[l] = c10::detail::fp16_ieee_to_fp32_value(p[l].x);
+  return vload(tmp);
+#endif
+}
+inline void float_to_half(at::Half* p, vfloat v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  alignas(64) float tmp[kVec];
+  vstore(tmp, v);
+  for (int l = 0; l < kVec; ++l) p[l] = at::Half(c10::detail::fp16_ieee_from_fp32_value(tmp[l]), at::Half::from_bits());
+#endif
+}
+
+// kVecLen<A> elements of T as a vector of A, and back (rounding to nearest even, as from_float).
+template <typename A, typename T>
+inline Vec<A> load_as(const T* p) {
+  if constexpr (std::is_same_v<T, A>) {
     return vload(p);
+  } else if constexpr (std::is_same_v<T, at::Half> && std::is_same_v<A, float>) {
+    return half_to_float(p);
   } else {
-    alignas(64) float tmp[kVec];
-    for (int l = 0; l < kVec; ++l) tmp[l] = to_float(p[l]);
-    return vload(tmp);
+    alignas(64) A tmp[kVecLen<A>];
+    for (int l = 0; l < kVecLen<A>; ++l) tmp[l] = static_cast<A>(p[l]);
+    return vload<A>(tmp);
+  }
+}
+template <typename T, typename A>
+inline void store_as(T* p, Vec<A> v) {
+  if constexpr (std::is_same_v<T, A>) {
+    vstore(p, v);
+  } else if constexpr (std::is_same_v<T, at::Half> && std::is_same_v<A, float>) {
+    float_to_half(p, v);
+  } else {
+    alignas(64) A tmp[kVecLen<A>];
+    vstore<A>(tmp, v);
+    for (int l = 0; l < kVecLen<A>; ++l) p[l] = static_cast<T>(tmp[l]);
   }
 }
 template <typename T>
-inline void store_vec(T* p, vfloat v) {
-  if constexpr (std::is_same_v<T, float>) {
-    vstore(p, v);
-  } else {
-    alignas(64) float tmp[kVec];
-    vstore(tmp, v);
-    for (int l = 0; l < kVec; ++l) p[l] = from_float<T>(tmp[l]);
+inline vfloat load_vec(const T* p) { return load_as<float>(p); }
+template <typename T>
+inline void store_vec(T* p, vfloat v) { store_as<T, float>(p, v); }
+
+// The accumulators of reference.lane_sum: kLanes lanes of A, lane l of a block of kLanes
+// consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
+template <typename A, int kLanes = 64>
+struct LaneSum {
+  static constexpr int kVecs = kLanes / kVecLen<A>;
+  Vec<A> acc[kVecs] = {};
+
+  void add(int v, Vec<A> e) { acc[v] = acc[v] + e; }
+  void add_block(const A* e) {
+    for (int v = 0; v < kVecs; ++v) add(v, vload(e + v * kVecLen<A>));
   }
-}
+  // Elements [0, n) of a last, partial block; the missing ones count as +0, as in the reference.
+  template <typename F>
+  void add_partial_block(int64_t n, F&& element) {
+    if (n <= 0) return;
+    alignas(64) A block[kLanes] = {};
+    for (int64_t l = 0; l < n; ++l) block[l] = element(l);
+    add_block(block);
+  }
+  // Halves fold: whole vectors first (a[l] += a[l + w] for w >= one vector), then within the
+  // last vector.
+  A fold() const {
+    Vec<A> v[kVecs];
+    for (int i = 0; i < kVecs; ++i) v[i] = acc[i];
+    for (int w = kVecs / 2; w >= 1; w /= 2) {
+      for (int i = 0; i < w; ++i) v[i] = v[i] + v[i + w];
+    }
+    alignas(64) A lanes[kVecLen<A>];
+    vstore(lanes, v[0]);
+    for (int w = kVecLen<A> / 2; w >= 1; w /= 2) {
+      for (int l = 0; l < w; ++l) lanes[l] = lanes[l] + lanes[l + w];
+    }
+    return lanes[0];
+  }
+};
 
 // Calls fn(T{}) with T the C++ type of `dtype` (float, at::Half, at::BFloat16).
 template <typename Fn>

@@ -18,27 +18,7 @@ namespace {
 constexpr int kLanes = 64;  // reference.SOFTMAX_LANES: 4 vectors of kVec
 constexpr int kVecsPerBlock = kLanes / kVec;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// The lane accumulators of reference.lane_sum, lane l of the block in acc[l / kVec][l % kVec].
-struct LaneSum {
-  vfloat acc[kVecsPerBlock] = {};
-
-  void add(int v, vfloat e) { acc[v] = acc[v] + e; }
-  void add_block(const float* e) {
-    for (int v = 0; v < kVecsPerBlock; ++v) add(v, vload(e + v * kVec));
-  }
-  // Halves fold: w = 32 adds acc[2,3] to acc[0,1], w = 16 adds acc[1] to acc[0], then within
-  // one vector, shuffles bring lanes l + w down to l for w = 8, 4, 2, 1.
-  float fold() const {
-    static_assert(kVecsPerBlock == 4 && kVec == 16);
-    vfloat v = (acc[0] + acc[2]) + (acc[1] + acc[3]);
-    v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
-    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
-    v = v + __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
-    v = v + __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
-    return v[0];
-  }
-};
+using RowSum = LaneSum<float, kLanes>;
 
 // max_j scale * x[j] over j < n. Max is exact, so any order will do. A NaN may be skipped
 // here (the reference's amax keeps it), but it still makes the row sum, so the row, NaN.
@@ -63,7 +43,7 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
   for (int64_t j = n_valid; j < n_cols; ++j) y[j] = from_float<T>(0.0f);
   if (n_valid == 0) return;
   const float m = scaled_max(x, n_valid, scale);
-  LaneSum sum;
+  RowSum sum;
   int64_t b = 0;
   for (; b + kLanes <= n_valid; b += kLanes) {
     for (int v = 0; v < kVecsPerBlock; ++v) {
@@ -72,11 +52,7 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
       sum.add(v, ev);
     }
   }
-  if (b < n_valid) {  // last, partial block: missing elements add +0, as in the reference
-    alignas(64) float tail[kLanes] = {};
-    for (int64_t j = b; j < n_valid; ++j) tail[j - b] = e[j] = exp_f32(to_float(x[j]) * scale - m);
-    sum.add_block(tail);
-  }
+  sum.add_partial_block(n_valid - b, [&](int64_t l) { return e[b + l] = exp_f32(to_float(x[b + l]) * scale - m); });
   const float s = sum.fold();
   int64_t j = 0;
   for (; j + kVec <= n_valid; j += kVec) store_vec(y + j, vload(e + j) / s);
@@ -86,16 +62,12 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
 // One row of reference.softmax_backward: dx = (y * (dy - sum(dy * y))) * scale.
 template <typename T>
 void backward_row(const T* dy, const T* y, T* dx, int64_t n, float scale) {
-  LaneSum sum;
+  RowSum sum;
   int64_t b = 0;
   for (; b + kLanes <= n; b += kLanes) {
     for (int v = 0; v < kVecsPerBlock; ++v) sum.add(v, load_vec(dy + b + v * kVec) * load_vec(y + b + v * kVec));
   }
-  if (b < n) {
-    alignas(64) float block[kLanes];
-    for (int l = 0; l < kLanes; ++l) block[l] = b + l < n ? to_float(dy[b + l]) * to_float(y[b + l]) : 0.0f;
-    sum.add_block(block);
-  }
+  sum.add_partial_block(n - b, [&](int64_t l) { return to_float(dy[b + l]) * to_float(y[b + l]); });
   const float dot = sum.fold();
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) {

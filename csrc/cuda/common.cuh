@@ -50,28 +50,93 @@ __device__ __forceinline__ void store_f32<__half>(__half* p, float v) { *p = __f
 template <>
 __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// Correctly rounded float / double arithmetic under one name, so that kernels templated on their
+// compute type (float, or double for float64 tensors) spell each operation once.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+
+// Widening to the compute type C (exact: every storage type fits in it) and rounding back to
+// nearest-even, as PyTorch's .to(dtype) does. The pairs used: C = float with float, half or
+// bfloat16 storage; C = double with double storage (or float parameters of float64 tensors).
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ double widen(double v) { return v; }
+template <typename C, typename T>
+__device__ __forceinline__ C load_as(const T* p) { return static_cast<C>(widen(*p)); }
+
+__device__ __forceinline__ void store_rn(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_rn(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_rn(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_rn(double* p, double v) { *p = v; }
+
 // reference.lane_sum's last step across the block: thread t holds lane t of blockDim.x (a power
 // of two >= 32) lanes; fold in halves (a[l] += a[l + w], w = lanes/2 ... 1) through shared
 // memory, then warp shuffles for the last 32. Every thread gets the total. `scratch` has
-// blockDim.x floats.
-__device__ __forceinline__ float block_fold_lanes(float v, float* scratch) {
+// blockDim.x elements. T is float or double.
+template <typename T>
+__device__ __forceinline__ T block_fold_lanes(T v, T* scratch) {
   const int t = threadIdx.x;
   const int lanes = blockDim.x;
   scratch[t] = v;
   __syncthreads();
   for (int w = lanes / 2; w >= 32; w /= 2) {
-    if (t < w) scratch[t] = __fadd_rn(scratch[t], scratch[t + w]);
+    if (t < w) scratch[t] = add_rn(scratch[t], scratch[t + w]);
     __syncthreads();
   }
   if (t < 32) {
-    float a = scratch[t];
-    for (int w = 16; w >= 1; w /= 2) a = __fadd_rn(a, __shfl_down_sync(0xffffffffu, a, w));
+    T a = scratch[t];
+    for (int w = 16; w >= 1; w /= 2) a = add_rn(a, __shfl_down_sync(0xffffffffu, a, w));
     if (t == 0) scratch[0] = a;
   }
   __syncthreads();
-  const float total = scratch[0];
+  const T total = scratch[0];
   __syncthreads();  // scratch may be reused right after
   return total;
+}
+
+// Two independent block_fold_lanes (same order for each) sharing their barriers: half the
+// __syncthreads of two calls, for kernels that need two row sums at once. `scratch` has
+// 2 * blockDim.x elements.
+template <typename T>
+__device__ __forceinline__ void block_fold_lanes2(T& a, T& b, T* scratch) {
+  const int t = threadIdx.x;
+  const int lanes = blockDim.x;
+  T* sa = scratch;
+  T* sb = scratch + lanes;
+  sa[t] = a;
+  sb[t] = b;
+  __syncthreads();
+  for (int w = lanes / 2; w >= 32; w /= 2) {
+    if (t < w) {
+      sa[t] = add_rn(sa[t], sa[t + w]);
+      sb[t] = add_rn(sb[t], sb[t + w]);
+    }
+    __syncthreads();
+  }
+  if (t < 32) {
+    T va = sa[t], vb = sb[t];
+    for (int w = 16; w >= 1; w /= 2) {
+      va = add_rn(va, __shfl_down_sync(0xffffffffu, va, w));
+      vb = add_rn(vb, __shfl_down_sync(0xffffffffu, vb, w));
+    }
+    if (t == 0) {
+      sa[0] = va;
+      sb[0] = vb;
+    }
+  }
+  __syncthreads();
+  a = sa[0];
+  b = sb[0];
+  __syncthreads();  // scratch may be reused right after
 }
 
 // Max over the block (order-free: max is exact). `scratch` has blockDim.x / 32 floats.

@@ -7,18 +7,30 @@
 
 namespace fusedtx::cuda {
 
-inline DType dtype_of(const at::Tensor& t, const char* op) {
+// allow_float64: for ops that also take float64 tensors (and then compute in double).
+inline DType dtype_of(const at::Tensor& t, const char* op, bool allow_float64 = false) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), " (expected float32, float16 or bfloat16)");
+    case at::kDouble:
+      if (allow_float64) return DType::kFloat64;
+      [[fallthrough]];
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), " (expected float32, float16 or bfloat16",
+                  allow_float64 ? " or float64)" : ")");
   }
 }
 
 inline void check_rows(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), op, ": ", name, " must be a contiguous 2-D tensor, got sizes ", t.sizes());
+}
+
+// The row kernels run `lanes` threads per block, one per lane of reference.lane_sum.
+inline void check_lanes(int64_t lanes, const char* op) {
+  TORCH_CHECK(lanes >= 32 && lanes <= 1024 && (lanes & (lanes - 1)) == 0, op,
+              ": lanes must be a power of two in [32, 1024], got ", lanes);
 }
 
 inline void check_launch(cudaError_t err, const char* op) {

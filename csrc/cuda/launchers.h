@@ -8,7 +8,7 @@
 
 namespace fusedtx::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // softmax(scale * x) over each row of a contiguous (rows, cols) tensor; `lanes` threads per
 // row (a power of two in [32, 1024]) are the lanes of reference.lane_sum. Causal: row r is
@@ -19,5 +19,29 @@ cudaError_t softmax_forward(const void* x, void* y, int64_t rows, int64_t cols, 
 // dx = scale * y * (dy - sum(dy * y)) per row.
 cudaError_t softmax_backward(const void* grad_y, const void* y, void* grad_x, int64_t rows, int64_t cols,
                              float scale, int lanes, DType dtype, cudaStream_t stream);
+
+// LayerNorm of each row of a contiguous (rows, n) tensor x, as reference.layer_norm_forward:
+// one block of `lanes` threads (a power of two in [32, 1024], the lanes of reference.lane_sum)
+// per row. x and y have dtype `dtype`; weight and bias are (n,) or nullptr, of dtype
+// `param_dtype` (x's dtype or kFloat32); mean and rstd are (rows,) in the compute dtype
+// (double for kFloat64 x, float otherwise).
+cudaError_t layer_norm_forward(const void* x, const void* weight, const void* bias, void* y, void* mean, void* rstd,
+                               int64_t rows, int64_t n, double eps, int lanes, DType dtype, DType param_dtype,
+                               cudaStream_t stream);
+
+// Compute-dtype elements of the workspace layer_norm_backward needs when need_param_grads: the
+// (groups, n) partials of dweight and of dbias.
+inline int64_t layer_norm_backward_workspace_elems(int64_t n, int64_t groups) { return 2 * groups * n; }
+
+// Gradients of layer_norm_forward, as reference.layer_norm_backward: grad_x (dtype `dtype`, like
+// grad_y and x) and, when need_param_grads, dweight and dbias ((n,), compute dtype) reduced over
+// `groups` fixed row groups through `workspace` (layer_norm_backward_workspace_elems elements);
+// otherwise dweight, dbias and workspace are unused and may be nullptr. mean and rstd are
+// layer_norm_forward's; weight is (n,) of `param_dtype` or nullptr. rows == 0 launches no kernel
+// (and zero-fills dweight and dbias).
+cudaError_t layer_norm_backward(const void* grad_y, const void* x, const void* mean, const void* rstd,
+                                const void* weight, void* grad_x, void* dweight, void* dbias, void* workspace,
+                                int64_t rows, int64_t n, bool need_param_grads, int lanes, int groups, DType dtype,
+                                DType param_dtype, cudaStream_t stream);
 
 }  // namespace fusedtx::cuda

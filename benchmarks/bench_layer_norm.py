@@ -1,0 +1,117 @@
+"""Benchmark fusedtx.layer_norm against PyTorch: F.layer_norm eager and torch.compile.
+
+    python benchmarks/bench_layer_norm.py                  # full sweep on cuda (or cpu)
+    python benchmarks/bench_layer_norm.py --device cpu --quick --out /tmp/bench_test.csv
+
+Kernel `layer_norm`: a (rows, N) activation normalised over N with an affine weight and bias
+(all of one dtype), N swept. Providers: fusedtx_native, fusedtx_triton (compiled on CUDA only),
+torch (F.layer_norm eager), torch_compile (torch.compile of F.layer_norm).
+
+Modes: forward (no autograd graph), backward (dx, dweight and dbias only; the forward runs once
+per input copy outside the timer), full (both). Metric: GB/s counting every tensor read or
+written once: forward reads x, weight, bias and writes y, mean, rstd; backward reads dy, x,
+weight, mean, rstd and writes dx, dweight, dbias.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Case, fusedtx  # noqa: E402
+
+KERNEL = "layer_norm"
+CPU_HEADLINE_SHAPES = ((4096, 768), (4096, 4096))
+CPU_HEADLINE_RATIO = 2.0
+GPU_FRACTIONS = {"forward": 0.85, "backward": 0.70}
+
+
+def make_cases(device: torch.device, quick: bool) -> list[Case]:
+    cuda = device.type == "cuda"
+    providers = ("fusedtx_native", "fusedtx_triton", "torch", "torch_compile")
+    if quick:
+        shapes = [(64, 256), (64, 768)]
+    elif cuda:
+        shapes = [(4096, n) for n in (768, 1024, 2048, 4096, 8192, 16384)]
+    else:
+        shapes = [(4096, 768), (4096, 1024), (4096, 4096)]
+    dtypes = (torch.float32, torch.bfloat16) if cuda else (torch.float32,)
+    return [Case(KERNEL, s, dtype, "N", s[-1], providers) for dtype in dtypes for s in shapes]
+
+
+class LayerNormBench(common.OpBench):
+    name = "layer_norm"
+
+    def make_inputs(self, case, device, requires_grad):
+        rows, n = case.shape
+        x = torch.randn(rows, n, device=device).to(case.dtype)
+        w = (1.0 + 0.1 * torch.randn(n, device=device)).to(case.dtype)
+        b = (0.1 * torch.randn(n, device=device)).to(case.dtype)
+        return [t.requires_grad_(requires_grad) for t in (x, w, b)]
+
+    def make_fn(self, provider, case, device):
+        n = case.shape[-1]
+        if provider.startswith("fusedtx_"):
+            backend = provider.removeprefix("fusedtx_")
+            return lambda x, w, b: fusedtx.layer_norm(x, n, w, b, backend=backend)
+        eager = lambda x, w, b: F.layer_norm(x, (n,), w, b)  # noqa: E731
+        if provider == "torch":
+            return eager
+        if provider == "torch_compile":
+            return torch.compile(eager, dynamic=False)
+        raise ValueError(f"unknown provider {provider!r}")
+
+    def expected(self, inputs, case):
+        x, w, b = (t.double() for t in inputs)
+        return F.layer_norm(x, (case.shape[-1],), w, b)
+
+    def bytes_moved(self, case, mode):
+        rows, n = case.shape
+        s = case.dtype.itemsize
+        forward = 2 * rows * n * s + 2 * n * s + 2 * rows * 4
+        backward = 3 * rows * n * s + 3 * n * s + 2 * rows * 4
+        return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
+
+
+def summarize(rows: list[dict], ceilings: dict, args) -> None:
+    copy_bw = ceilings.get("copy_bandwidth")
+    print()
+    print(f"Summary: p50 GB/s on {common.device_name(args.device)}"
+          + (f"; copy bandwidth (copy_) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
+    bw = common.print_ratio_table(rows, KERNEL, "torch", "torch_compile")
+    print()
+    print("Headline targets (printed, not asserted):")
+    if args.device.type == "cpu":
+        for shape in CPU_HEADLINE_SHAPES:
+            shape_s = common.shape_str(shape)
+            for mode in ("forward", "backward"):
+                common.print_target(f"CPU {KERNEL} float32 {shape_s} {mode:8s}: fusedtx_native >= "
+                                    f"{CPU_HEADLINE_RATIO:.1f}x torch eager",
+                                    bw.get((KERNEL, "float32", shape_s, mode, "fusedtx_native")),
+                                    bw.get((KERNEL, "float32", shape_s, mode, "torch")), CPU_HEADLINE_RATIO)
+    else:
+        for provider in ("fusedtx_native", "fusedtx_triton"):
+            for dtype in sorted({k[1] for k in bw if k[0] == KERNEL}):
+                for mode, fraction in GPU_FRACTIONS.items():
+                    pts = [(k[2], v) for k, v in bw.items() if k[0] == KERNEL and k[1] == dtype and k[3] == mode
+                           and k[4] == provider]
+                    worst = min(pts, key=lambda p: p[1]) if pts else (None, None)
+                    common.print_target(f"GPU {KERNEL} {dtype} {mode:8s}: {provider} >= {fraction:.0%} of copy "
+                                        f"bandwidth (worst {worst[0]})", worst[1], copy_bw, fraction, unit="%")
+    if args.quick:
+        print("  (--quick: tiny sizes, so the headline shapes were not measured)")
+
+
+def main(argv=None) -> None:
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    rec, ceilings = common.run_benchmark(LayerNormBench(), make_cases(args.device, args.quick), args)
+    summarize(rec.rows, ceilings, args)
+    common.finish(args, kernels=(KERNEL,))
+
+
+if __name__ == "__main__":
+    main()

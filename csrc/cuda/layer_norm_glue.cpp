@@ -1,0 +1,122 @@
+// Torch glue for csrc/cuda/layer_norm.cu: checks, allocation, stream, and the CUDA registrations
+// of fusedtx_native::layer_norm_forward / layer_norm_backward (schemas in csrc/registration.cpp).
+//
+// Tensors arrive as contiguous (rows, N) views; the statistics (mean, rstd) and the parameter
+// gradients are in the compute dtype: float64 for float64 x, float32 otherwise.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "glue.h"
+
+namespace fusedtx::cuda {
+namespace {
+
+at::ScalarType compute_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// weight / bias: absent, or a contiguous (N,) tensor on x's device of x's dtype or float32.
+// Returns it, or nullptr when absent.
+const at::Tensor* check_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* op,
+                              const char* name) {
+  if (!p.has_value() || !p->defined()) return nullptr;
+  const at::Tensor& t = *p;
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
+              ",) to match x's last dim, got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name, " must be ",
+              x.scalar_type(), " (x's dtype) or float32, got ", t.scalar_type());
+  return &t;
+}
+
+// mean / rstd from layer_norm_forward: contiguous (rows,) tensors in the compute dtype.
+void check_stat(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous tensor of shape (", x.size(0), ",) (one value per row of x), got sizes ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == compute_dtype(x), op, ": ", name, " must be ", compute_dtype(x), " for ",
+              x.scalar_type(), " x, got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(const at::Tensor& x,
+                                                                      const std::optional<at::Tensor>& weight,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      double eps, int64_t lanes) {
+  constexpr const char* op = "layer_norm_forward";
+  check_rows(x, op, "x");
+  const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
+  check_lanes(lanes, op);
+  TORCH_CHECK(x.size(0) <= INT32_MAX, op, ": x may have at most 2^31 - 1 rows (one thread block each), got ",
+              x.size(0));
+  const at::Tensor* w = check_param(weight, x, op, "weight");
+  const at::Tensor* b = check_param(bias, x, op, "bias");
+  TORCH_CHECK(w == nullptr || b == nullptr || w->scalar_type() == b->scalar_type(), op,
+              ": weight and bias must have the same dtype, got ", w ? w->scalar_type() : x.scalar_type(), " and ",
+              b ? b->scalar_type() : x.scalar_type());
+  const DType param_dtype = w ? dtype_of(*w, op, true) : b ? dtype_of(*b, op, true) : dtype;
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(compute_dtype(x)));
+  at::Tensor rstd = at::empty_like(mean);
+  check_launch(layer_norm_forward(x.const_data_ptr(), w ? w->const_data_ptr() : nullptr,
+                                  b ? b->const_data_ptr() : nullptr, y.mutable_data_ptr(), mean.mutable_data_ptr(),
+                                  rstd.mutable_data_ptr(), x.size(0), x.size(1), eps, static_cast<int>(lanes), dtype,
+                                  param_dtype, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, bool need_param_grads, int64_t lanes, int64_t groups) {
+  constexpr const char* op = "layer_norm_backward";
+  check_rows(x, op, "x");
+  check_rows(grad_y, op, "grad_y");
+  const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              op, ": grad_y must match x in shape, dtype and device: x is ", x.sizes(), " ", x.scalar_type(), " on ",
+              x.device(), ", grad_y is ", grad_y.sizes(), " ", grad_y.scalar_type(), " on ", grad_y.device());
+  check_stat(mean, x, op, "mean");
+  check_stat(rstd, x, op, "rstd");
+  check_lanes(lanes, op);
+  TORCH_CHECK(groups >= 1 && groups <= INT32_MAX, op, ": groups must be in [1, 2^31 - 1], got ", groups);
+  TORCH_CHECK(need_param_grads || x.size(0) <= INT32_MAX, op,
+              ": x may have at most 2^31 - 1 rows (one thread block each), got ", x.size(0));
+  const at::Tensor* w = check_param(weight, x, op, "weight");
+  const DType param_dtype = w ? dtype_of(*w, op, true) : dtype;
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), n = x.size(1);
+  const at::TensorOptions stat_options = x.options().dtype(compute_dtype(x));
+  at::Tensor dx = at::empty_like(x);
+  // The launcher fills dweight and dbias (zeros for rows == 0), or leaves them empty.
+  at::Tensor dweight = at::empty({need_param_grads ? n : 0}, stat_options);
+  at::Tensor dbias = at::empty({need_param_grads ? n : 0}, stat_options);
+  // The (groups, N) partials of dweight and of dbias; a fixed size, so a fixed summation order.
+  at::Tensor workspace;
+  if (need_param_grads && rows > 0) {
+    workspace = at::empty({layer_norm_backward_workspace_elems(n, groups)}, stat_options);
+  }
+  check_launch(layer_norm_backward(grad_y.const_data_ptr(), x.const_data_ptr(), mean.const_data_ptr(),
+                                   rstd.const_data_ptr(), w ? w->const_data_ptr() : nullptr, dx.mutable_data_ptr(),
+                                   dweight.mutable_data_ptr(), dbias.mutable_data_ptr(),
+                                   workspace.defined() ? workspace.mutable_data_ptr() : nullptr, rows, n,
+                                   need_param_grads, static_cast<int>(lanes), static_cast<int>(groups), dtype,
+                                   param_dtype, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+}  // namespace fusedtx::cuda
+
+TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) {
+  m.impl("layer_norm_forward", &fusedtx::cuda::layer_norm_forward_cuda);
+  m.impl("layer_norm_backward", &fusedtx::cuda::layer_norm_backward_cuda);
+}

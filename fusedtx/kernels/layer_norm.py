@@ -1,0 +1,301 @@
+"""Fused LayerNorm in Triton: forward, and a backward that also reduces the weight/bias gradients.
+
+The arithmetic is reference.layer_norm_forward / layer_norm_backward with `lanes = lanes_for(N)`,
+bit for bit: every row sum accumulates whole blocks of BLOCK = lanes elements lane by lane, in
+ascending block order from +0, then folds the block in halves (`fold_lanes`); divisions and the
+square root are correctly rounded (`div_rn`, `sqrt_rn`) and the kernels are launched without
+fused multiply-add. The block width depends on N only, so a row gets the same bits in any batch.
+
+Forward, one program per row. A row of up to MAX_BLOCK elements is held in registers (one read,
+one write); a longer row loops over blocks of MAX_BLOCK in three passes (sum for the mean, sum
+of squared deviations for the variance, normalise + store), the later passes mostly from L2.
+
+Backward, two kernels and no atomics:
+  * `_layer_norm_bwd_dx_fused`: one program per row group (reference.row_group_sum: groups of
+    R = ceil(rows / LAYER_NORM_ROW_GROUPS) consecutive rows). It walks its rows in ascending
+    order, writes each row's dx, and adds dy * xhat and dy into its own float32 partial row of a
+    (groups, N) buffer: kept in registers and written once when the row fits a block, else
+    read-modify-written block by block (only this program touches that row, so the order is
+    fixed). Without parameter gradients it is simply one program per row.
+  * `_layer_norm_bwd_dwdb`: one program per block of columns adds the partial rows in
+    ascending group order from +0.
+Only the non-empty groups (ceil(rows / R) of them) are launched and summed: an empty group's
+partial is +0, and adding +0 to a sum that started at +0 never changes it, so the result is
+the reference's 128-group sum exactly, without writing and reading 128 rows of zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import LAUNCH_OPTIONS, fold_lanes, log2, needs_bf16_rounding, round_to_bf16
+
+MAX_BLOCK = 16384
+ROW_GROUPS = reference.LAYER_NORM_ROW_GROUPS
+DWDB_BLOCK = 128  # columns per program of the partial-sum kernel (one warp); any width gives the same bits
+
+
+def lanes_for(n_cols: int) -> int:
+    """Block width (= lane count of the row sums) for rows of n_cols elements."""
+    return min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def _num_warps_bwd(block: int) -> int:
+    # The backward keeps ~7 block-wide float32 vectors live (x, dy, w, xhat, g and the dw/db
+    # partials): 8 elements per thread stays within 128 registers up to 4096 columns (ptxas -v,
+    # sm_90); wider blocks spill some whatever the width, least with 1024 threads.
+    return min(max(block // 256, 4), 32)
+
+
+@triton.jit
+def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, n_cols, eps,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, LOOPED: tl.constexpr,
+                    BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * n_cols may pass 2**31
+    x_row = X + row * n_cols
+    y_row = Y + row * n_cols
+    cols = tl.arange(0, BLOCK)
+    n = tl.cast(n_cols, tl.float32)
+    if not LOOPED:
+        inside = cols < n_cols
+        x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
+        # `0.0 +`: the reference's accumulators start at +0, which turns a -0 element into +0.
+        mean = tl.math.div_rn(fold_lanes(0.0 + x, LOG2_BLOCK), n)
+        d = tl.where(inside, x - mean, 0.0)  # columns past the end count as +0
+        var = tl.math.div_rn(fold_lanes(0.0 + d * d, LOG2_BLOCK), n)
+        rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+        y = d * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+        if ROUND_BF16:
+            y = round_to_bf16(y)
+        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=inside)
+    else:
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            inside = start + cols < n_cols
+            acc = acc + tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+        mean = tl.math.div_rn(fold_lanes(acc, LOG2_BLOCK), n)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            inside = start + cols < n_cols
+            x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            d = tl.where(inside, x - mean, 0.0)
+            acc = acc + d * d
+        var = tl.math.div_rn(fold_lanes(acc, LOG2_BLOCK), n)
+        rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+        for start in range(0, n_cols, BLOCK):
+            inside = start + cols < n_cols
+            x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(B + start + cols, mask=inside, other=0.0).to(tl.float32)
+            if ROUND_BF16:
+                y = round_to_bf16(y)
+            tl.store(y_row + start + cols, y.to(Y.dtype.element_ty), mask=inside)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_dx_fused(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial,
+                             n_rows, n_cols, rows_per_program,
+                             HAS_WEIGHT: tl.constexpr, PARAM_GRADS: tl.constexpr, LOOPED: tl.constexpr,
+                             BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
+    group = tl.program_id(0).to(tl.int64)
+    row_start = group * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # This program's own partial rows: nobody else reads or writes them until _layer_norm_bwd_dwdb.
+    dw_part = DW_partial + group * n_cols
+    db_part = DB_partial + group * n_cols
+    cols = tl.arange(0, BLOCK)
+    n = tl.cast(n_cols, tl.float32)
+    if not LOOPED:
+        inside = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK,), tl.float32)  # the group's partials start at +0
+        db = tl.zeros((BLOCK,), tl.float32)
+        for row in range(row_start, row_end):
+            x = tl.load(X + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            xhat = (x - mean) * rstd
+            if HAS_WEIGHT:
+                g = dy * w
+            else:
+                g = dy
+            # Past the end xhat = -mean * rstd, not 0: mask the products, not just the loads.
+            mean_g = tl.math.div_rn(fold_lanes(0.0 + tl.where(inside, g, 0.0), LOG2_BLOCK), n)
+            mean_gx = tl.math.div_rn(fold_lanes(0.0 + tl.where(inside, g * xhat, 0.0), LOG2_BLOCK), n)
+            dx = (g - (xhat * mean_gx + mean_g)) * rstd
+            if ROUND_BF16:
+                dx = round_to_bf16(dx)
+            tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=inside)
+            if PARAM_GRADS:
+                dw = dw + dy * xhat
+                db = db + dy
+        if PARAM_GRADS:
+            tl.store(dw_part + cols, dw, mask=inside)
+            tl.store(db_part + cols, db, mask=inside)
+    else:
+        for row in range(row_start, row_end):
+            x_row = X + row * n_cols
+            dy_row = DY + row * n_cols
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            # The group's first row reads no partials (other=+0): the buffer needs no zeroing.
+            n_seen = tl.where(row > row_start, n_cols, 0)
+            acc_g = tl.zeros((BLOCK,), tl.float32)
+            acc_gx = tl.zeros((BLOCK,), tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                inside = start + cols < n_cols
+                x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                if HAS_WEIGHT:
+                    g = dy * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
+                else:
+                    g = dy
+                acc_g = acc_g + tl.where(inside, g, 0.0)
+                acc_gx = acc_gx + tl.where(inside, g * xhat, 0.0)
+            mean_g = tl.math.div_rn(fold_lanes(acc_g, LOG2_BLOCK), n)
+            mean_gx = tl.math.div_rn(fold_lanes(acc_gx, LOG2_BLOCK), n)
+            for start in range(0, n_cols, BLOCK):
+                inside = start + cols < n_cols
+                x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                if HAS_WEIGHT:
+                    g = dy * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
+                else:
+                    g = dy
+                dx = (g - (xhat * mean_gx + mean_g)) * rstd
+                if ROUND_BF16:
+                    dx = round_to_bf16(dx)
+                tl.store(DX + row * n_cols + start + cols, dx.to(DX.dtype.element_ty), mask=inside)
+                if PARAM_GRADS:
+                    seen = start + cols < n_seen
+                    dw = tl.load(dw_part + start + cols, mask=seen, other=0.0)
+                    db = tl.load(db_part + start + cols, mask=seen, other=0.0)
+                    tl.store(dw_part + start + cols, dw + dy * xhat, mask=inside)
+                    tl.store(db_part + start + cols, db + dy, mask=inside)
+            if PARAM_GRADS:
+                # The next row re-reads these partials: make every thread's stores visible to
+                # every other thread of the program, whatever layouts the compiler picked.
+                tl.debug_barrier()
+
+
+@triton.jit
+def _layer_norm_bwd_dwdb(DW_partial, DB_partial, DW, DB, n_groups, n_cols, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = cols < n_cols
+    dw_part = DW_partial + cols  # pointers advance by whole rows: 64-bit, no int overflow
+    db_part = DB_partial + cols
+    dw = tl.zeros((BLOCK_N,), tl.float32)
+    db = tl.zeros((BLOCK_N,), tl.float32)
+    for _ in range(0, n_groups):  # ascending group order, as reference.row_group_sum
+        dw = dw + tl.load(dw_part, mask=inside, other=0.0)
+        db = db + tl.load(db_part, mask=inside, other=0.0)
+        dw_part += n_cols
+        db_part += n_cols
+    tl.store(DW + cols, dw, mask=inside)
+    tl.store(DB + cols, db, mask=inside)
+
+
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+    """x: contiguous (rows, N); weight, bias: None or contiguous (N,), float32 or x's dtype.
+
+    Returns (y in x's dtype, mean float32 (rows,), rstd float32 (rows,))."""
+    rows, cols = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return y, mean, rstd
+    block = lanes_for(cols)
+    _layer_norm_fwd[(rows,)](
+        x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, cols, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, LOOPED=cols > block,
+        BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(x.dtype),
+        num_warps=_num_warps(block), **LAUNCH_OPTIONS,
+    )
+    return y, mean, rstd
+
+
+def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        weight: torch.Tensor | None, need_param_grads: bool):
+    """grad_y, x: contiguous (rows, N), same dtype; mean, rstd: float32 (rows,); weight: None or (N,).
+
+    Returns (dx in x's dtype, dweight, dbias), the last two float32 (N,) — the caller casts them
+    to the parameters' dtype — or None when need_param_grads is False."""
+    rows, cols = x.shape
+    dx = torch.empty_like(x)
+    dw = db = None
+    if need_param_grads:
+        dw = torch.zeros(cols, dtype=torch.float32, device=x.device)
+        db = torch.zeros(cols, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return dx, dw, db
+    block = lanes_for(cols)
+    if need_param_grads:
+        rows_per_program = -(-rows // ROW_GROUPS)
+        n_groups = -(-rows // rows_per_program)  # the non-empty groups (module docstring)
+        dw_partial = torch.empty(n_groups, cols, dtype=torch.float32, device=x.device)
+        db_partial = torch.empty(n_groups, cols, dtype=torch.float32, device=x.device)
+    else:
+        rows_per_program, n_groups = 1, rows
+        dw_partial = db_partial = dx  # never touched when PARAM_GRADS is False
+    _layer_norm_bwd_dx_fused[(n_groups,)](
+        grad_y, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial,
+        rows, cols, rows_per_program,
+        HAS_WEIGHT=weight is not None, PARAM_GRADS=need_param_grads, LOOPED=cols > block,
+        BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(x.dtype),
+        num_warps=_num_warps_bwd(block), **LAUNCH_OPTIONS,
+    )
+    if need_param_grads:
+        _layer_norm_bwd_dwdb[(triton.cdiv(cols, DWDB_BLOCK),)](
+            dw_partial, db_partial, dw, db, n_groups, cols, BLOCK_N=DWDB_BLOCK, num_warps=1, **LAUNCH_OPTIONS,
+        )
+    return dx, dw, db
+
+
+def compile_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles.
+
+    Per dtype: the single-block path at a small width without parameters, at the widest width
+    with them (float32 parameters: the mixed-precision case for bf16/fp16), and the looped path."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for w_dtype, block, looped, params in ((dtype, 1024, False, False), ("fp32", MAX_BLOCK, False, True),
+                                                (dtype, MAX_BLOCK, True, True)):
+            sig = {"X": f"*{dtype}", "W": f"*{w_dtype}", "B": f"*{w_dtype}", "Y": f"*{dtype}",
+                   "Mean": "*fp32", "Rstd": "*fp32", "n_cols": "i32", "eps": "fp32",
+                   "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "LOOPED": "constexpr",
+                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((_layer_norm_fwd, sig,
+                          {"HAS_WEIGHT": params, "HAS_BIAS": params, "LOOPED": looped, "BLOCK": block,
+                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": _num_warps(block)}))
+            sig = {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{w_dtype}", "Mean": "*fp32", "Rstd": "*fp32",
+                   "DX": f"*{dtype}", "DW_partial": "*fp32", "DB_partial": "*fp32",
+                   "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
+                   "HAS_WEIGHT": "constexpr", "PARAM_GRADS": "constexpr", "LOOPED": "constexpr",
+                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((_layer_norm_bwd_dx_fused, sig,
+                          {"HAS_WEIGHT": params, "PARAM_GRADS": params, "LOOPED": looped, "BLOCK": block,
+                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": _num_warps_bwd(block)}))
+    sig = {"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": "*fp32", "DB": "*fp32",
+           "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
+    specs.append((_layer_norm_bwd_dwdb, sig, {"BLOCK_N": DWDB_BLOCK}, {"num_warps": 1}))
+    return specs

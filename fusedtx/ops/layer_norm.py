@@ -1,0 +1,190 @@
+"""The `fusedtx::layer_norm` op: schema, argument checks, fake and autograd, backend dispatch.
+
+    fusedtx::layer_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps,
+                        str backend) -> (Tensor y, Tensor mean, Tensor rstd)
+    fusedtx::layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,
+                                 bool need_param_grads, str backend) -> (Tensor dx, Tensor dw, Tensor db)
+
+The semantics of torch.nn.functional.layer_norm: normalise over the trailing dims given by
+normalized_shape. Every backend works on x viewed as (rows, N); mean and rstd (float32, or
+float64 for float64 x) are saved for the backward, which computes dx per row and the weight and
+bias gradients through the fixed row groups of reference.row_group_sum: no atomics, the same
+bits for any thread count or GPU.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Sequence
+
+import torch
+
+from .. import _extension, reference
+from ..backends import BACKENDS
+from .softmax import native_cuda_lanes
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
+
+
+def lanes(backend: str, n: int, device: torch.device) -> int:
+    """Lane count of the row sums (reference.lane_sum) a backend uses for rows of n elements."""
+    if backend == "triton":
+        from ..kernels import layer_norm as triton_layer_norm
+
+        return triton_layer_norm.lanes_for(n)
+    if backend == "native" and device.type == "cuda":
+        return native_cuda_lanes(n)
+    return reference.LAYER_NORM_LANES
+
+
+def normalize_shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        return (normalized_shape,)
+    if isinstance(normalized_shape, (torch.Size, Sequence)) and all(
+            isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
+        return tuple(normalized_shape)
+    raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+
+
+def check_args(x, normalized_shape, weight, bias, eps, backend: str | None = None) -> tuple[int, ...]:
+    """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"layer_norm: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError("layer_norm: the triton backend computes in float32 and does not take float64 x; "
+                        "use backend='native' or 'reference' for float64")
+    shape = normalize_shape(normalized_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"layer_norm: normalized_shape must be non-empty with positive sizes, got {list(shape)}")
+    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(f"layer_norm: normalized_shape {list(shape)} must match the trailing dims of x, "
+                         f"got x of shape {list(x.shape)}")
+    param_dtype = None
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"layer_norm: {name} must be a torch.Tensor or None, got {type(p).__name__}")
+        if tuple(p.shape) != shape:
+            raise ValueError(f"layer_norm: {name} must have shape {list(shape)} (normalized_shape), got {list(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {p.device} but x is on {x.device}; put them on one device")
+        allowed = (x.dtype, torch.float32) if x.dtype in LOW_PRECISION else (x.dtype,)
+        if p.dtype not in allowed:
+            raise TypeError(f"layer_norm: {name} must be {' or '.join(map(str, allowed))} for {x.dtype} x, got {p.dtype}")
+        if param_dtype is not None and p.dtype != param_dtype:
+            raise TypeError(f"layer_norm: weight ({param_dtype}) and bias ({p.dtype}) must share a dtype")
+        param_dtype = p.dtype
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"layer_norm: eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"layer_norm: eps must be a finite number > 0, got {eps}")
+    return shape
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"layer_norm: backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.contiguous().view(-1)
+
+
+def _forward_2d(backend, x, weight, bias, eps):
+    if backend == "triton":
+        from ..kernels import layer_norm as triton_layer_norm
+
+        return triton_layer_norm.layer_norm_forward(x, weight, bias, eps)
+    if backend == "native":
+        return _extension.ops().layer_norm_forward(x, weight, bias, eps, lanes(backend, x.shape[1], x.device))
+    return reference.layer_norm_forward(x, weight, bias, eps)
+
+
+def _backward_2d(backend, grad_y, x, mean, rstd, weight, need_param_grads):
+    if backend == "triton":
+        from ..kernels import layer_norm as triton_layer_norm
+
+        return triton_layer_norm.layer_norm_backward(grad_y, x, mean, rstd, weight, need_param_grads)
+    if backend == "native":
+        return _extension.ops().layer_norm_backward(grad_y, x, mean, rstd, weight, need_param_grads,
+                                                    lanes(backend, x.shape[1], x.device),
+                                                    reference.LAYER_NORM_ROW_GROUPS)
+    dx, dw, db = reference.layer_norm_backward(grad_y, x, mean, rstd, weight)
+    return (dx, dw, db) if need_param_grads else (dx, None, None)
+
+
+def _stats_shape(x: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x.shape[: x.dim() - len(shape)])
+
+
+def layer_norm_impl(x, normalized_shape, weight, bias, eps, backend):
+    """The op's body. fusedtx.functional calls it directly in eager inference."""
+    shape = check_args(x, normalized_shape, weight, bias, eps, backend)
+    _check_backend(backend)
+    n = math.prod(shape)
+    x2d = x.contiguous().view(-1, n)
+    y, mean, rstd = _forward_2d(backend, x2d, _flat(weight), _flat(bias), float(eps))
+    stats = _stats_shape(x, shape)
+    return y.view(x.shape), mean.view(stats), rstd.view(stats)
+
+
+@torch.library.custom_op("fusedtx::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None,
+               bias: torch.Tensor | None, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_impl(x, normalized_shape, weight, bias, eps, backend)
+
+
+@layer_norm.register_fake
+def _(x, normalized_shape, weight, bias, eps, backend):
+    shape = check_args(x, normalized_shape, weight, bias, eps, backend)
+    _check_backend(backend)
+    stats = _stats_shape(x, shape)
+    acc = reference.compute_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc))
+
+
+@torch.library.custom_op("fusedtx::layer_norm_backward", mutates_args=())
+def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        weight: torch.Tensor | None, need_param_grads: bool,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backend(backend)
+    n = math.prod(x.shape[mean.dim():])
+    dx, dw, db = _backward_2d(backend, grad_y.to(x.dtype).contiguous().view(-1, n), x.contiguous().view(-1, n),
+                              mean.contiguous().view(-1), rstd.contiguous().view(-1), _flat(weight), need_param_grads)
+    if not need_param_grads:  # two distinct empty tensors: op outputs may not alias each other
+        dw, db = x.new_empty(0, dtype=mean.dtype), x.new_empty(0, dtype=mean.dtype)
+    return dx.view(x.shape), dw, db
+
+
+@layer_norm_backward.register_fake
+def _(grad_y, x, mean, rstd, weight, need_param_grads, backend):
+    n = math.prod(x.shape[mean.dim():])
+    size = n if need_param_grads else 0
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(size, dtype=mean.dtype), x.new_empty(size, dtype=mean.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, weight, bias, _, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    _, _, need_w, need_b, _, _ = ctx.needs_input_grad
+    dx, dw, db = layer_norm_backward(grad_y, x, mean, rstd, weight, bool(need_w or need_b), ctx.backend)
+    dweight = dw.to(weight.dtype).view(weight.shape) if need_w else None
+    dbias = db.to(ctx.bias_dtype).view(x.shape[mean.dim():]) if need_b else None
+    return dx, None, dweight, dbias, None, None
+
+
+layer_norm.register_autograd(_backward, setup_context=_setup_context)

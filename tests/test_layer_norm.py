@@ -1,0 +1,355 @@
+"""fusedtx.layer_norm / fusedtx.nn.LayerNorm on every backend: accuracy of the output and of every
+gradient, gradcheck, batch invariance, determinism, thread-count invariance, reference parity,
+the drop-in test, errors, opcheck and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedtx
+from fusedtx import reference
+from fusedtx.ops import layer_norm as layer_norm_op
+from helpers import (
+    DEVICE_BACKENDS,
+    assert_accuracy,
+    assert_bitwise_equal,
+    bitwise_equal,
+    garbage_like,
+    poisoned_outputs,
+    record_bitexact,
+    require,
+)
+
+# (x dtype, parameter dtype): plain precisions and the autocast mix (low-precision x, fp32 params)
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+DTYPE_IDS = ["f32", "bf16", "f16", "bf16-f32params", "f16-f32params"]
+# (x shape, normalized_shape, affine): odd widths, multi-dim normalized shapes, no affine
+CASES = [
+    ((4, 1), (1,), "both"),
+    ((3, 7), (7,), "both"),
+    ((2, 5, 768), (768,), "both"),
+    ((3, 1000), (1000,), "weight"),
+    ((2, 3, 4, 10), (4, 10), "both"),
+    ((5, 130), (130,), "none"),
+    ((0, 64), (64,), "both"),
+]
+CASE_IDS = ["N1", "N7", "N768", "N1000-noBias", "2d-shape", "no-affine", "0rows"]
+
+
+def make(shape, dtype, device, seed=0, scale=2.0, shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale + shift).to(dtype).to(device)
+
+
+def make_params(normalized_shape, affine, dtype, device, seed=10):
+    weight = make(normalized_shape, dtype, device, seed, 0.5, 1.0) if affine in ("both", "weight") else None
+    bias = make(normalized_shape, dtype, device, seed + 1, 0.5, 0.0) if affine == "both" else None
+    return weight, bias
+
+
+def grads_of(fn, x, weight, bias, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    y = fn(*leaves)
+    inputs = [t for t in leaves if t is not None]
+    return (y, *torch.autograd.grad(y, inputs, dy)) if x.numel() else (y, *[torch.zeros_like(t) for t in inputs])
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy (contract point 1), gradcheck
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,normalized_shape,affine", CASES, ids=CASE_IDS)
+def test_accuracy_output_and_gradients(device, backend, dtypes, shape, normalized_shape, affine):
+    require(device, backend)
+    x_dtype, p_dtype = dtypes
+    x = make(shape, x_dtype, device)
+    weight, bias = make_params(normalized_shape, affine, p_dtype, device)
+    dy = make(shape, x_dtype, device, seed=3, scale=1.0, shift=0.0)
+
+    with poisoned_outputs():
+        ours = grads_of(lambda a, w, b: fusedtx.layer_norm(a, normalized_shape, w, b, backend=backend), x, weight, bias, dy)
+    eager = grads_of(lambda a, w, b: F.layer_norm(a, normalized_shape, w, b), x, weight, bias, dy)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    exact = grads_of(lambda a, w, b: F.layer_norm(a, normalized_shape, w, b), as64(x), as64(weight), as64(bias), dy.double())
+    assert ours[0].dtype == x_dtype and ours[0].shape == x.shape
+    for i, name in enumerate(["y", "dx", "dweight", "dbias"][: len(ours)]):
+        if i >= 2:
+            param = [p for p in (weight, bias) if p is not None][i - 2]
+            assert ours[i].dtype == param.dtype and ours[i].shape == param.shape
+        if x.numel():
+            assert_accuracy(ours[i], eager[i], exact[i], f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_gradcheck_float64(backend):
+    require("cpu", backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: fusedtx.layer_norm(a[0], (2, 9), a[1], a[2], backend=backend), (x, w, b))
+    assert torch.autograd.gradcheck(lambda a: fusedtx.layer_norm(a, 9, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_wide_rows(device, backend):
+    """Hidden sizes up to 65,536 and beyond take the looped paths and still match the reference."""
+    require(device, backend)
+    n = 65537
+    x, dy = make((3, n), torch.float32, device), make((3, n), torch.float32, device, seed=1)
+    w, b = make_params((n,), "both", torch.float32, device)
+    y, mean, rstd = layer_norm_op.layer_norm_impl(x, (n,), w, b, 1e-5, backend)
+    dx, dw, db = torch.ops.fusedtx.layer_norm_backward(dy, x, mean, rstd, w, True, backend)
+    lanes = layer_norm_op.lanes(backend, n, x.device)
+    y_ref, mean_ref, rstd_ref = reference.layer_norm_forward(x, w, b, 1e-5, lanes)
+    for ours, ref in zip((y, mean, rstd, dx, dw, db),
+                         (y_ref, mean_ref, rstd_ref, *reference.layer_norm_backward(dy, x, mean_ref, rstd_ref, w, lanes))):
+        assert_bitwise_equal(ours, ref, f"N={n}")
+    torch.testing.assert_close(y, F.layer_norm(x, (n,), w, b), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference parity (point 6)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [(torch.float64, torch.float64)], ids=DTYPE_IDS + ["f64"])
+@pytest.mark.parametrize("shape,normalized_shape,affine", CASES, ids=CASE_IDS)
+def test_bitwise_equal_to_reference(device, backend, dtypes, shape, normalized_shape, affine):
+    require(device, backend)
+    if backend == "reference":
+        pytest.skip("the reference is compared with itself by the determinism test")
+    x_dtype, p_dtype = dtypes
+    if backend == "triton" and x_dtype == torch.float64:
+        pytest.skip("the triton backend computes in float32")
+    x = make(shape, x_dtype, device)
+    dy = make(shape, x_dtype, device, seed=3, scale=1.0, shift=0.0)
+    weight, bias = make_params(normalized_shape, affine, p_dtype, device)
+    with poisoned_outputs():
+        y, mean, rstd = layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, 1e-5, backend)
+        dx, dw, db = torch.ops.fusedtx.layer_norm_backward(dy, x, mean, rstd, weight, True, backend)
+    n = torch.Size(normalized_shape).numel()
+    rows = lambda t: t.reshape(-1, n)  # noqa: E731
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    lanes = layer_norm_op.lanes(backend, n, x.device)
+    y_ref, mean_ref, rstd_ref = reference.layer_norm_forward(rows(x), flat(weight), flat(bias), 1e-5, lanes)
+    dx_ref, dw_ref, db_ref = reference.layer_norm_backward(rows(dy), rows(x), mean_ref, rstd_ref, flat(weight), lanes)
+    pairs = [(y, y_ref.view(x.shape)), (mean.reshape(-1), mean_ref), (rstd.reshape(-1), rstd_ref),
+             (dx, dx_ref.view(x.shape)), (dw, dw_ref), (db, db_ref)]
+    record_bitexact("layer_norm", device, backend, x_dtype if x_dtype == p_dtype else f"{x_dtype}+f32",
+                    all(bitwise_equal(a, b) for a, b in pairs))
+    for (ours, ref), name in zip(pairs, ("y", "mean", "rstd", "dx", "dweight", "dbias")):
+        assert_bitwise_equal(ours, ref, f"{backend} {name} vs reference (lanes={lanes})")
+
+
+# ---------------------------------------------------------------------------------------------
+# batch invariance (point 2), determinism and thread counts (point 5), with negative controls
+# ---------------------------------------------------------------------------------------------
+def matmul_layer_norm(x, weight, bias, backend=None):
+    """A LayerNorm whose statistics are matvecs (`x @ ones / N`): PyTorch's CPU matmul blocks by
+    the batch size, so this is NOT batch-invariant. The negative control."""
+    n = x.shape[-1]
+    ones = torch.linspace(1.0, 1.0 + 1e-3, n, dtype=torch.float32, device=x.device)[:, None]
+    xf = x.float()
+    d = xf - (xf @ ones) / n
+    return (d / torch.sqrt((d * d) @ ones / n + 1e-5) * weight + bias).to(x.dtype)
+
+
+def fusedtx_layer_norm(x, weight, bias, backend=None):
+    return fusedtx.layer_norm(x, x.shape[-1], weight, bias, backend=backend)
+
+
+def invariance_failures(fn, backend, device, dtype, n=768):
+    g = torch.Generator().manual_seed(5)
+    weight, bias = make_params((n,), "both", dtype, device)
+    probe = make((1, n), dtype, device, seed=7)
+    alone = fn(probe, weight, bias, backend)
+    failures = []
+    for batch in (2, 3, 17, 64):
+        for index in sorted({0, batch // 2, batch - 1}):
+            x = garbage_like(torch.empty(batch, n, dtype=dtype, device=device), g)
+            x[index] = probe[0]
+            if not bitwise_equal(fn(x, weight, bias, backend)[index : index + 1], alone):
+                failures.append((batch, index))
+    return failures
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_batch_invariance_of_output(device, backend, dtype):
+    require(device, backend)
+    assert invariance_failures(fusedtx_layer_norm, backend, device, dtype) == []
+
+
+def test_negative_control_batch_invariance():
+    assert invariance_failures(matmul_layer_norm, None, "cpu", torch.float32), "the check missed a batch-variant LayerNorm"
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_batch_invariance_of_input_gradient(device, backend):
+    require(device, backend)
+    n = 300
+    weight, bias = make_params((n,), "both", torch.float32, device)
+    probe_x, probe_dy = make((1, n), torch.float32, device, seed=1), make((1, n), torch.float32, device, seed=2)
+
+    def dx_of(x, dy):
+        x = x.clone().requires_grad_()
+        return torch.autograd.grad(fusedtx.layer_norm(x, n, weight, bias, backend=backend), x, dy)[0]
+
+    alone = dx_of(probe_x, probe_dy)
+    for batch, index in ((2, 1), (9, 0), (130, 77)):
+        x, dy = make((batch, n), torch.float32, device, seed=batch), make((batch, n), torch.float32, device, seed=batch + 1)
+        x[index], dy[index] = probe_x[0], probe_dy[0]
+        assert_bitwise_equal(dx_of(x, dy)[index : index + 1], alone, f"dx of row {index} in a batch of {batch}")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradients_bitwise_run_to_run(device, backend):
+    require(device, backend)
+    # 201 rows: groups of two rows in the weight-gradient sums (the interpreter gets 15, for time)
+    shape = (5, 3, 96) if backend == "triton" and device == "cpu" else (67, 3, 96)
+    x = make(shape, torch.bfloat16, device)
+    dy = make(shape, torch.bfloat16, device, seed=1, scale=1.0, shift=0.0)
+    weight, bias = make_params((96,), "both", torch.float32, device)
+    runs = [grads_of(lambda a, w, b: fusedtx.layer_norm(a, 96, w, b, backend=backend), x, weight, bias, dy)
+            for _ in range(20)]
+    for run in runs[1:]:
+        for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight", "dbias")):
+            assert_bitwise_equal(ours, first, f"{name}, repeated")
+
+
+def _under_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _thread_runs(fn):
+    return [_under_threads(n, fn) for n in (1, 2, 3)]
+
+
+def test_native_thread_count_invariance():
+    require("cpu", "native")
+    x, dy = make((4096, 768), torch.float32, "cpu"), make((4096, 768), torch.float32, "cpu", seed=1)
+    weight, bias = make_params((768,), "both", torch.float32, "cpu")
+    runs = _thread_runs(lambda: grads_of(lambda a, w, b: fusedtx.layer_norm(a, 768, w, b, backend="native"),
+                                         x, weight, bias, dy))
+    for run in runs[1:]:
+        for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight", "dbias")):
+            assert_bitwise_equal(ours, first, f"{name}: 1 vs 2 vs 3 threads")
+
+
+def test_negative_control_thread_count():
+    """The same check flags PyTorch's own LayerNorm: its weight gradient follows the thread count."""
+    x, dy = make((4096, 768), torch.float32, "cpu"), make((4096, 768), torch.float32, "cpu", seed=1)
+    weight, bias = make_params((768,), "both", torch.float32, "cpu")
+    runs = _thread_runs(lambda: grads_of(lambda a, w, b: F.layer_norm(a, (768,), w, b), x, weight, bias, dy))
+    assert any(not bitwise_equal(run[2], runs[0][2]) for run in runs[1:]), "thread check missed torch's dweight"
+
+
+# ---------------------------------------------------------------------------------------------
+# the module: a drop-in for torch.nn.LayerNorm
+# ---------------------------------------------------------------------------------------------
+class TinyBlock(torch.nn.Module):
+    def __init__(self, norm_cls, d=48):
+        super().__init__()
+        self.ln_1 = norm_cls(d)
+        self.fc = torch.nn.Linear(d, d)
+        self.ln_2 = norm_cls(d, elementwise_affine=True, bias=False)
+        self.ln_f = norm_cls((3, d), eps=1e-6)
+
+    def forward(self, x):
+        h = x + self.fc(self.ln_1(x))
+        return self.ln_f(self.ln_2(h).view(-1, 3, h.shape[-1]))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_drop_in_module(device, backend):
+    require(device, backend)
+    torch.manual_seed(0)
+    ref = TinyBlock(torch.nn.LayerNorm).to(device)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = TinyBlock(lambda *a, **k: fusedtx.nn.LayerNorm(*a, **k, backend=backend)).to(device)
+    assert ours.load_state_dict(ref.state_dict()) is not None
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = make((4, 3, 48), torch.float32, device)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    m = fusedtx.nn.LayerNorm(16, elementwise_affine=False)
+    assert m.weight is None and m.bias is None and isinstance(m, torch.nn.LayerNorm)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors (point 7), torch.library integration
+# ---------------------------------------------------------------------------------------------
+def test_bad_input_errors():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(ValueError, match=r"normalized_shape \[7\] must match the trailing dims of x.*\[4, 8\]"):
+        fusedtx.layer_norm(x, 7)
+    with pytest.raises(ValueError, match=r"normalized_shape \[2, 4, 8\] must match"):
+        fusedtx.layer_norm(x, (2, 4, 8))
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints"):
+        fusedtx.layer_norm(x, 8.0)
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\].*\[9\]"):
+        fusedtx.layer_norm(x, 8, torch.randn(9))
+    with pytest.raises(ValueError, match=r"bias must have shape \[8\].*\[2, 4\]"):
+        fusedtx.layer_norm(x, 8, w, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        fusedtx.layer_norm(x, 8, w.to("meta"))
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64.*int32"):
+        fusedtx.layer_norm(torch.ones(4, 8, dtype=torch.int32), 8)
+    with pytest.raises(TypeError, match="weight must be torch.float32 for torch.float32 x, got torch.bfloat16"):
+        fusedtx.layer_norm(x, 8, w.bfloat16())
+    with pytest.raises(TypeError, match="must share a dtype"):
+        fusedtx.layer_norm(x.bfloat16(), 8, w, w.bfloat16())
+    for eps in (0.0, -1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            fusedtx.layer_norm(x, 8, eps=eps)
+    with pytest.raises(TypeError, match="triton backend computes in float32"):
+        fusedtx.layer_norm(x.double(), 8, backend="triton")
+    with pytest.raises(ValueError, match="normalized_shape must be non-empty"):
+        fusedtx.layer_norm(torch.randn(4, 0), 0)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_opcheck(device, backend):
+    require(device, backend)
+    x = make((3, 5, 24), torch.float32, device).requires_grad_()
+    w, b = (t.requires_grad_() for t in make_params((24,), "both", torch.float32, device))
+    torch.library.opcheck(torch.ops.fusedtx.layer_norm.default, (x, [24], w, b, 1e-5, backend))
+    torch.library.opcheck(torch.ops.fusedtx.layer_norm.default, (x, [5, 24], None, None, 1e-3, backend))
+    y, mean, rstd = layer_norm_op.layer_norm_impl(x.detach(), (24,), w.detach(), None, 1e-5, backend)
+    torch.library.opcheck(torch.ops.fusedtx.layer_norm_backward.default,
+                          (torch.randn_like(y), x.detach(), mean, rstd, w.detach(), True, backend))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_torch_compile_fullgraph(device, backend):
+    require(device, backend)
+    torch._dynamo.reset()
+    m = fusedtx.nn.LayerNorm(24, backend=backend).to(device)
+
+    def f(x):
+        return m(x * 2.0).square().sum()
+
+    x = make((4, 24), torch.float32, device).requires_grad_()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(loss, (x, m.weight, m.bias))
+    expected = torch.autograd.grad(f(x), (x, m.weight, m.bias))
+    for ours, ref in zip(grads, expected):
+        assert_bitwise_equal(ours, ref, "compiled vs eager")
