@@ -79,9 +79,7 @@ class LayerNormBench(common.OpBench):
 
 def summarize(rows: list[dict], ceilings: dict, args) -> None:
     copy_bw = ceilings.get("copy_bandwidth")
-    print()
-    print(f"Summary: p50 GB/s on {common.device_name(args.device)}"
-          + (f"; copy bandwidth (copy_) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
+    common.print_summary_header(ceilings, args)
     bw = common.print_ratio_table(rows, KERNEL, "torch", "torch_compile")
     print()
     print("Headline targets (printed, not asserted):")

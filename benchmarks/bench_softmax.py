@@ -140,9 +140,7 @@ class SoftmaxBench(common.OpBench):
 def summarize(rows: list[dict], ceilings: dict, args) -> None:
     """Print p50 GB/s per case with fusedtx's ratios to its peers, then the headlines."""
     copy_bw = ceilings.get("copy_bandwidth")
-    print()
-    print(f"Summary: p50 GB/s on {common.device_name(args.device)}"
-          + (f"; copy bandwidth (copy_) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
+    common.print_summary_header(ceilings, args)
     bw = common.print_ratio_table(rows, KERNEL_PLAIN, "torch", "torch_compile")
     bw.update(common.print_ratio_table(rows, KERNEL_CAUSAL, "torch_unfused", "torch_compile_unfused"))
     print()

@@ -832,6 +832,13 @@ def run_benchmark(bench: OpBench, cases: Sequence[Case], args) -> tuple[Recorder
     return rec, ceilings
 
 
+def print_summary_header(ceilings: dict, args) -> None:
+    copy_bw = ceilings.get("copy_bandwidth")
+    print()
+    print(f"Summary: p50 GB/s on {device_name(args.device)}"
+          + (f"; copy bandwidth (copy_) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
+
+
 def print_ratio_table(rows: list[dict], kernel: str, eager: str, compiled: str) -> dict:
     """Print p50 GB/s per (dtype, shape, mode) for fusedtx native/triton and the two peers, with
     native's ratios; return {(kernel, dtype, shape, mode, provider): GB/s}."""

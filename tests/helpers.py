@@ -96,3 +96,17 @@ def poisoned_outputs():
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def under_each_thread_count(fn, counts=(1, 2, 3)):
+    """fn() run with torch.set_num_threads(n) for each n (restored after): for thread-count
+    invariance checks of the native CPU kernels."""
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(before)
+    return results

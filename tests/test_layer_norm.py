@@ -19,6 +19,7 @@ from helpers import (
     poisoned_outputs,
     record_bitexact,
     require,
+    under_each_thread_count,
 )
 
 # (x dtype, parameter dtype): plain precisions and the autocast mix (low-precision x, fp32 params)
@@ -225,24 +226,11 @@ def test_gradients_bitwise_run_to_run(device, backend):
             assert_bitwise_equal(ours, first, f"{name}, repeated")
 
 
-def _under_threads(n, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
-def _thread_runs(fn):
-    return [_under_threads(n, fn) for n in (1, 2, 3)]
-
-
 def test_native_thread_count_invariance():
     require("cpu", "native")
     x, dy = make((4096, 768), torch.float32, "cpu"), make((4096, 768), torch.float32, "cpu", seed=1)
     weight, bias = make_params((768,), "both", torch.float32, "cpu")
-    runs = _thread_runs(lambda: grads_of(lambda a, w, b: fusedtx.layer_norm(a, 768, w, b, backend="native"),
+    runs = under_each_thread_count(lambda: grads_of(lambda a, w, b: fusedtx.layer_norm(a, 768, w, b, backend="native"),
                                          x, weight, bias, dy))
     for run in runs[1:]:
         for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight", "dbias")):
@@ -253,7 +241,7 @@ def test_negative_control_thread_count():
     """The same check flags PyTorch's own LayerNorm: its weight gradient follows the thread count."""
     x, dy = make((4096, 768), torch.float32, "cpu"), make((4096, 768), torch.float32, "cpu", seed=1)
     weight, bias = make_params((768,), "both", torch.float32, "cpu")
-    runs = _thread_runs(lambda: grads_of(lambda a, w, b: F.layer_norm(a, (768,), w, b), x, weight, bias, dy))
+    runs = under_each_thread_count(lambda: grads_of(lambda a, w, b: F.layer_norm(a, (768,), w, b), x, weight, bias, dy))
     assert any(not bitwise_equal(run[2], runs[0][2]) for run in runs[1:]), "thread check missed torch's dweight"
 
 

@@ -21,6 +21,7 @@ from helpers import (
     poisoned_outputs,
     record_bitexact,
     require,
+    under_each_thread_count,
 )
 
 # (shape, dim, scale, causal): odd sizes, wide rows, empty tensors, other dims, causal masks
@@ -201,19 +202,6 @@ def test_negative_control_batch_invariance():
 # ---------------------------------------------------------------------------------------------
 # thread-count invariance and run-to-run determinism (point 5)
 # ---------------------------------------------------------------------------------------------
-def _under_threads(n, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
-def _thread_variants(fn):
-    return [_under_threads(n, fn) for n in (1, 2, 3)]
-
-
 def torch_sum_softmax(x):
     """softmax with PyTorch's own row sum: for a single long row, torch.sum splits the row
     between threads, so its bits follow the thread count. The negative control."""
@@ -232,7 +220,7 @@ def test_native_thread_count_invariance(dtype, shape):
         y = fusedtx.softmax(x, scale=0.7, backend="native")
         return torch.cat([y.detach(), torch.autograd.grad(y, x, dy)[0]])
 
-    outs = _thread_variants(run)
+    outs = under_each_thread_count(run)
     for out in outs[1:]:
         assert_bitwise_equal(out, outs[0], "1 vs 2 vs 3 threads")
 
@@ -240,7 +228,7 @@ def test_native_thread_count_invariance(dtype, shape):
 def test_negative_control_thread_count():
     """The same thread check flags a softmax whose row sum is split between threads."""
     x = make_input((1, 4_000_000), torch.float32, "cpu")
-    outs = _thread_variants(lambda: torch_sum_softmax(x))
+    outs = under_each_thread_count(lambda: torch_sum_softmax(x))
     assert any(not bitwise_equal(o, outs[0]) for o in outs[1:]), "thread check failed to flag torch.sum"
 
 
