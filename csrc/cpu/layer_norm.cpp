@@ -247,18 +247,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
       }
     });
     if (!need_param_grads) return;
-    // reference.row_group_sum's last step: each column sums its group partials in group order.
+    // reference.row_group_sum's last step: each column adds its group partials in group order,
+    // starting at +0. Walk the partial rows in memory order (a block of columns at a time, all
+    // groups): going down one column at a time strides by N and thrashes the cache.
     A* dwp = dweight.mutable_data_ptr<A>();
     A* dbp = dbias.mutable_data_ptr<A>();
-    at::parallel_for(0, n, 1024, [&](int64_t c_begin, int64_t c_end) {
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        A sw = 0, sb = 0;
+    constexpr int64_t kCols = 256;
+    at::parallel_for(0, (n + kCols - 1) / kCols, 1, [&](int64_t b_begin, int64_t b_end) {
+      for (int64_t blk = b_begin; blk < b_end; ++blk) {
+        const int64_t c0 = blk * kCols, width = std::min(kCols, n - c0);
+        A sw[kCols] = {}, sb[kCols] = {};
         for (int64_t g = 0; g < groups; ++g) {
-          sw = sw + dw_part[g * n + c];
-          sb = sb + db_part[g * n + c];
+          const A* pw = dw_part + g * n + c0;
+          const A* pb = db_part + g * n + c0;
+          for (int64_t c = 0; c < width; ++c) {
+            sw[c] = sw[c] + pw[c];
+            sb[c] = sb[c] + pb[c];
+          }
         }
-        dwp[c] = sw;
-        dbp[c] = sb;
+        std::copy(sw, sw + width, dwp + c0);
+        std::copy(sb, sb + width, dbp + c0);
       }
     });
   });
