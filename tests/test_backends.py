@@ -135,3 +135,24 @@ def test_split_size_setting(monkeypatch):
     monkeypatch.setenv("FUSEDTX_SPLIT_SIZE", "abc")
     with pytest.raises(ValueError, match="FUSEDTX_SPLIT_SIZE"):
         fusedtx.get_split_size()
+
+
+def test_two_processes_building_the_extension_at_once(tmp_path):
+    """The just-in-time build is cached and locked: two processes that find no build both get a
+    working extension, one waiting for the other (a fresh TORCH_EXTENSIONS_DIR forces the build)."""
+    from fusedtx import _extension
+
+    if _extension.status().how == "ahead-of-time":
+        pytest.skip("fusedtx._C was built ahead of time: no just-in-time build to race")
+    code = ("import torch, fusedtx\n"
+            "from fusedtx import _extension\n"
+            "s = _extension.status(); assert s.loaded and s.how == 'just-in-time', s\n"
+            "x = torch.randn(3, 100)\n"
+            "assert torch.equal(fusedtx.softmax(x, backend='native'), fusedtx.softmax(x, backend='reference'))\n"
+            "print('ok')\n")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "ok", err[-3000:]
