@@ -226,6 +226,24 @@ def test_gradients_bitwise_run_to_run(device, backend):
             assert_bitwise_equal(ours, first, f"{name}, repeated")
 
 
+def scattered_weight_grad(dy, xhat, generator):
+    """dweight summed over rows in an order that changes from run to run, as with atomic adds
+    from whichever block finishes first. The negative control for the determinism check."""
+    order = torch.randperm(dy.shape[0], generator=generator)
+    total = torch.zeros(dy.shape[1])
+    for r in order:
+        total = total + dy[r] * xhat[r]
+    return total
+
+
+def test_negative_control_run_to_run():
+    x, dy = make((200, 64), torch.float32, "cpu"), make((200, 64), torch.float32, "cpu", seed=1)
+    xhat = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    g = torch.Generator().manual_seed(0)
+    runs = [scattered_weight_grad(dy, xhat, g) for _ in range(20)]
+    assert any(not bitwise_equal(run, runs[0]) for run in runs[1:]), "the repeat check missed an order-dependent sum"
+
+
 def test_native_thread_count_invariance():
     require("cpu", "native")
     x, dy = make((4096, 768), torch.float32, "cpu"), make((4096, 768), torch.float32, "cpu", seed=1)
@@ -341,3 +359,12 @@ def test_torch_compile_fullgraph(device, backend):
     expected = torch.autograd.grad(f(x), (x, m.weight, m.bias))
     for ours, ref in zip(grads, expected):
         assert_bitwise_equal(ours, ref, "compiled vs eager")
+
+
+def test_torch_compile_inductor():
+    require("cpu", "native")
+    torch._dynamo.reset()
+    x = make((8, 32), torch.float32, "cpu")
+    w, b = make_params((32,), "both", torch.float32, "cpu")
+    compiled = torch.compile(lambda t: fusedtx.layer_norm(t, 32, w, b) * 2.0, fullgraph=True)
+    assert_bitwise_equal(compiled(x), fusedtx.layer_norm(x, 32, w, b) * 2.0, "inductor")

@@ -246,6 +246,23 @@ def test_run_to_run_determinism(device, backend):
         assert_bitwise_equal(dx, outs[0][1], "backward, repeated")
 
 
+def scattered_sum_softmax(x, generator):
+    """softmax whose row sum adds the elements in an order that changes from run to run (as a
+    reduction through atomics would). The negative control for the repeat check."""
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    total = torch.zeros(x.shape[:-1])
+    for j in torch.randperm(x.shape[-1], generator=generator):
+        total = total + e[..., j]
+    return e / total[..., None]
+
+
+def test_negative_control_run_to_run():
+    x = make_input((8, 600), torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    runs = [scattered_sum_softmax(x, g) for _ in range(5)]
+    assert any(not bitwise_equal(run, runs[0]) for run in runs[1:]), "the repeat check missed an order-dependent sum"
+
+
 # ---------------------------------------------------------------------------------------------
 # NaN / Inf behave as in torch.softmax; bad input gets a clear error (point 7)
 # ---------------------------------------------------------------------------------------------
