@@ -38,10 +38,11 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     Every row's bits depend only on that row (and its position among the queries when causal).
     """
     scale = 1.0 if scale is None else scale
-    _softmax_op.check_args(x, dim, scale, causal)
     name = backends.resolve(backend, _device_of(x))
-    op = _softmax_op.softmax_impl if _eager_inference(x) else _softmax_op.softmax
-    return op(x, dim, float(scale), causal, name)
+    if _eager_inference(x):  # the implementation checks the arguments itself
+        return _softmax_op.softmax_impl(x, dim, scale, causal, name)
+    _softmax_op.check_args(x, dim, scale, causal)  # before the op's schema sees them
+    return _softmax_op.softmax(x, dim, float(scale), causal, name)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -53,10 +54,10 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     has x's dtype. Each row's output and input gradient depend on that row alone; the weight and
     bias gradients are summed in a fixed order, so they are the same bits run after run.
     """
-    _layer_norm_op.check_args(x, normalized_shape, weight, bias, eps)
     name = backends.resolve(backend, _device_of(x))
-    if _eager_inference(x) and not any(p is not None and p.requires_grad and torch.is_grad_enabled()
-                                       for p in (weight, bias)):
-        return _layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, float(eps), name)[0]
+    if _eager_inference(x) and not (torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad for p in (weight, bias))):
+        return _layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, eps, name)[0]
+    _layer_norm_op.check_args(x, normalized_shape, weight, bias, eps)  # before the op's schema sees them
     return _layer_norm_op.layer_norm(x, _layer_norm_op.normalize_shape(normalized_shape), weight, bias,
                                      float(eps), name)[0]

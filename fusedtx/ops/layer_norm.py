@@ -41,7 +41,7 @@ def lanes(backend: str, n: int, device: torch.device) -> int:
 def normalize_shape(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         return (normalized_shape,)
-    if isinstance(normalized_shape, (torch.Size, Sequence)) and all(
+    if isinstance(normalized_shape, (tuple, list, torch.Size, Sequence)) and all(
             isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
         return tuple(normalized_shape)
     raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
@@ -78,7 +78,7 @@ def check_args(x, normalized_shape, weight, bias, eps, backend: str | None = Non
         if param_dtype is not None and p.dtype != param_dtype:
             raise TypeError(f"layer_norm: weight ({param_dtype}) and bias ({p.dtype}) must share a dtype")
         param_dtype = p.dtype
-    if isinstance(eps, bool) or not isinstance(eps, Real):
+    if isinstance(eps, bool) or not isinstance(eps, (float, int, Real)):
         raise TypeError(f"layer_norm: eps must be a real number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"layer_norm: eps must be a finite number > 0, got {eps}")
@@ -91,7 +91,9 @@ def _check_backend(backend: str) -> None:
 
 
 def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
-    return None if p is None else p.contiguous().view(-1)
+    if p is None or (p.dim() == 1 and p.is_contiguous()):
+        return p
+    return p.contiguous().view(-1)
 
 
 def _forward_2d(backend, x, weight, bias, eps):
@@ -126,8 +128,11 @@ def layer_norm_impl(x, normalized_shape, weight, bias, eps, backend):
     shape = check_args(x, normalized_shape, weight, bias, eps, backend)
     _check_backend(backend)
     n = math.prod(shape)
-    x2d = x.contiguous().view(-1, n)
-    y, mean, rstd = _forward_2d(backend, x2d, _flat(weight), _flat(bias), float(eps))
+    flat = x.dim() == 2 and len(shape) == 1 and x.is_contiguous()  # already (rows, N): no views
+    y, mean, rstd = _forward_2d(backend, x if flat else x.contiguous().view(-1, n), _flat(weight), _flat(bias),
+                                float(eps))
+    if flat:
+        return y, mean, rstd
     stats = _stats_shape(x, shape)
     return y.view(x.shape), mean.view(stats), rstd.view(stats)
 

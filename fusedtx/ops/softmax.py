@@ -52,7 +52,7 @@ def check_args(x, dim, scale, causal, name: str = "softmax") -> None:
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}: dim must be in [{-ndim}, {ndim - 1}] for a {x.dim()}-d tensor, got {dim}")
-    if isinstance(scale, bool) or not isinstance(scale, Real):
+    if isinstance(scale, bool) or not isinstance(scale, (float, int, Real)):
         raise TypeError(f"{name}: scale must be a real number or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"{name}: scale must be finite, got {scale}")
