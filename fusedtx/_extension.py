@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -63,6 +65,10 @@ def _load() -> ExtensionStatus:
         )
         if with_cuda:
             kwargs["extra_cuda_cflags"] = _build_config.nvcc_flags()
+        build_dir = Path(cpp_extension._get_build_directory(kwargs["name"], verbose=False))
+        if not (build_dir / f"{kwargs['name']}.so").exists():
+            print(f"fusedtx: compiling the C++ extension into {build_dir} (first use only; about a minute)",
+                  file=sys.stderr, flush=True)
         cpp_extension.load(**kwargs)
     except Exception as exc:  # a compiler error is reported through status(), not raised at import
         return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}")
