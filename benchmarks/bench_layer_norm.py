@@ -92,14 +92,7 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
                                     bw.get((KERNEL, "float32", shape_s, mode, "fusedtx_native")),
                                     bw.get((KERNEL, "float32", shape_s, mode, "torch")), CPU_HEADLINE_RATIO)
     else:
-        for provider in ("fusedtx_native", "fusedtx_triton"):
-            for dtype in sorted({k[1] for k in bw if k[0] == KERNEL}):
-                for mode, fraction in GPU_FRACTIONS.items():
-                    pts = [(k[2], v) for k, v in bw.items() if k[0] == KERNEL and k[1] == dtype and k[3] == mode
-                           and k[4] == provider]
-                    worst = min(pts, key=lambda p: p[1]) if pts else (None, None)
-                    common.print_target(f"GPU {KERNEL} {dtype} {mode:8s}: {provider} >= {fraction:.0%} of copy "
-                                        f"bandwidth (worst {worst[0]})", worst[1], copy_bw, fraction, unit="%")
+        common.print_bandwidth_targets(bw, KERNEL, GPU_FRACTIONS, copy_bw)
     if args.quick:
         print("  (--quick: tiny sizes, so the headline shapes were not measured)")
 

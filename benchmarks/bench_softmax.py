@@ -153,17 +153,8 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
                                     bw.get((kernel, dtype, shape_s, mode, "fusedtx_native")),
                                     bw.get((kernel, dtype, shape_s, mode, peer)), target)
     else:
-        lo, hi = GPU_HEADLINE_COLS
-        for provider in ("fusedtx_native", "fusedtx_triton"):
-            for dtype in sorted({k[1] for k in bw if k[0] == KERNEL_PLAIN}):
-                for mode in common.MODES:
-                    pts = [(int(k[2].split("x")[-1]), v) for k, v in bw.items()
-                           if k[0] == KERNEL_PLAIN and k[1] == dtype and k[3] == mode and k[4] == provider
-                           and lo <= int(k[2].split("x")[-1]) <= hi]
-                    worst = min(pts, key=lambda p: p[1]) if pts else (None, None)
-                    common.print_target(f"GPU {KERNEL_PLAIN} {dtype} {mode:8s}: {provider} >= {GPU_COPY_FRACTION:.0%} "
-                                        f"of copy bandwidth for N {lo}..{hi} (worst N={worst[0]})",
-                                        worst[1], copy_bw, GPU_COPY_FRACTION, unit="%")
+        common.print_bandwidth_targets(bw, KERNEL_PLAIN, {mode: GPU_COPY_FRACTION for mode in common.MODES},
+                                       copy_bw, GPU_HEADLINE_COLS)
     if args.quick:
         print("  (--quick: tiny sizes, so the headline shapes were not measured)")
 

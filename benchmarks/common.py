@@ -858,6 +858,21 @@ def print_ratio_table(rows: list[dict], kernel: str, eager: str, compiled: str) 
     return bw
 
 
+def print_bandwidth_targets(bw: dict, kernel: str, fractions: dict, copy_bw: float | None,
+                            width_range: tuple[int, int] | None = None) -> None:
+    """GPU headlines: for each fusedtx provider, dtype and mode, the worst p50 GB/s of the sweep
+    (last dim within width_range, if given) as a fraction of copy bandwidth vs its target."""
+    widths = f" for N {width_range[0]}..{width_range[1]}" if width_range else ""
+    for provider in ("fusedtx_native", "fusedtx_triton"):
+        for dtype in sorted({k[1] for k in bw if k[0] == kernel}):
+            for mode, fraction in fractions.items():
+                pts = [(k[2], v) for k, v in bw.items() if k[:2] == (kernel, dtype) and k[3:] == (mode, provider)
+                       and (width_range is None or width_range[0] <= int(k[2].split("x")[-1]) <= width_range[1])]
+                worst = min(pts, key=lambda p: p[1]) if pts else (None, None)
+                print_target(f"GPU {kernel} {dtype} {mode:8s}: {provider} >= {fraction:.0%} of copy bandwidth"
+                             f"{widths} (worst {worst[0]})", worst[1], copy_bw, fraction, unit="%")
+
+
 def print_target(label: str, ours: float | None, reference: float | None, target: float, unit: str = "x") -> None:
     """One headline line: 'label: 1.23x -> met' (printed, never asserted)."""
     if ours is None or not reference:

@@ -2,7 +2,8 @@
 
 Run by tests/test_build.py in a subprocess without TRITON_INTERPRET (the interpreter would
 replace the kernels). Each fusedtx/kernels/<op>.py lists its kernels' specialisations in
-compile_specs(); every @triton.jit kernel of such a module must appear there.
+compile_specs(); every @triton.jit kernel of such a module must appear there (helpers that
+kernels call are listed in the module's JIT_HELPERS).
 """
 import importlib
 import os
@@ -23,8 +24,9 @@ for info in pkgutil.iter_modules(fusedtx.kernels.__path__):
     if info.name.startswith("_"):
         continue  # shared @jit helpers: inlined into the kernels below
     module = importlib.import_module(f"fusedtx.kernels.{info.name}")
+    helpers = set(getattr(module, "JIT_HELPERS", ()))  # @jit functions called by kernels, never launched
     kernels = {name for name, obj in vars(module).items()
-               if isinstance(obj, triton.runtime.JITFunction) and obj.__module__ == module.__name__}
+               if isinstance(obj, triton.runtime.JITFunction) and obj.__module__ == module.__name__} - helpers
     specs = module.compile_specs()
     missing = kernels - {fn.__name__ for fn, *_ in specs}
     if missing:

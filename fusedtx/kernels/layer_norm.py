@@ -34,6 +34,7 @@ from ._common import LAUNCH_OPTIONS, fold_lanes, log2, needs_bf16_rounding, roun
 
 MAX_BLOCK = 16384
 ROW_GROUPS = reference.LAYER_NORM_ROW_GROUPS
+JIT_HELPERS = ("_bwd_block",)  # inlined into the kernels; not launched on its own
 DWDB_BLOCK = 128  # columns per program of the partial-sum kernel (one warp); any width gives the same bits
 
 
@@ -108,6 +109,20 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, n_cols, eps,
 
 
 @triton.jit
+def _bwd_block(x_row, dy_row, W, start, cols, n_cols, mean, rstd, HAS_WEIGHT: tl.constexpr):
+    """One block of a wide row for the backward's two passes: (inside, dy, xhat, g)."""
+    inside = start + cols < n_cols
+    x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(dy_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+    xhat = (x - mean) * rstd
+    if HAS_WEIGHT:
+        g = dy * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
+    else:
+        g = dy
+    return inside, dy, xhat, g
+
+
+@triton.jit
 def _layer_norm_bwd_dx_fused(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial,
                              n_rows, n_cols, rows_per_program,
                              HAS_WEIGHT: tl.constexpr, PARAM_GRADS: tl.constexpr, LOOPED: tl.constexpr,
@@ -160,27 +175,13 @@ def _layer_norm_bwd_dx_fused(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial,
             acc_g = tl.zeros((BLOCK,), tl.float32)
             acc_gx = tl.zeros((BLOCK,), tl.float32)
             for start in range(0, n_cols, BLOCK):
-                inside = start + cols < n_cols
-                x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-                xhat = (x - mean) * rstd
-                if HAS_WEIGHT:
-                    g = dy * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
-                else:
-                    g = dy
+                inside, dy, xhat, g = _bwd_block(x_row, dy_row, W, start, cols, n_cols, mean, rstd, HAS_WEIGHT)
                 acc_g = acc_g + tl.where(inside, g, 0.0)
                 acc_gx = acc_gx + tl.where(inside, g * xhat, 0.0)
             mean_g = tl.math.div_rn(fold_lanes(acc_g, LOG2_BLOCK), n)
             mean_gx = tl.math.div_rn(fold_lanes(acc_gx, LOG2_BLOCK), n)
             for start in range(0, n_cols, BLOCK):
-                inside = start + cols < n_cols
-                x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-                xhat = (x - mean) * rstd
-                if HAS_WEIGHT:
-                    g = dy * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
-                else:
-                    g = dy
+                inside, dy, xhat, g = _bwd_block(x_row, dy_row, W, start, cols, n_cols, mean, rstd, HAS_WEIGHT)
                 dx = (g - (xhat * mean_gx + mean_g)) * rstd
                 if ROUND_BF16:
                     dx = round_to_bf16(dx)
