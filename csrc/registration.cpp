@@ -30,6 +30,20 @@ TORCH_LIBRARY(fusedtx_native, m) {
   m.def(
       "layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool need_param_grads, int lanes, int groups) -> (Tensor, Tensor, Tensor)");
+  // y = act(a @ b + bias) for 2-D a (M, K) and b (K, N) of any strides (the forward passes
+  // weight.t(), the backward weight and grad.t()), as reference.matmul: one float32 accumulator
+  // per element, FMA over k in ascending order, then + bias, then the activation
+  // (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b and bias share a dtype (float32,
+  // bfloat16, float16); y is contiguous in that dtype. The second output is the pre-activation
+  // a @ b + bias when save_preact (the backward's input), else an empty tensor.
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact) -> (Tensor, Tensor)");
+  // The elementwise part of the Linear backward on contiguous (M, N) tensors, as
+  // reference.bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an empty
+  // tensor when activation is 0: the caller uses grad_y), grad_bias = row_group_sum(grad_preact)
+  // in float32 over `groups` fixed row groups (an empty tensor unless need_bias_grad).
+  m.def(
+      "bias_act_backward(Tensor grad_y, Tensor? preact, int activation, bool need_bias_grad, int groups) "
+      "-> (Tensor, Tensor)");
 }
 
 // Lets the ahead-of-time build be imported as `fusedtx._C` (which runs the registrations
