@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from .ops import layer_norm as _layer_norm_op
+from .ops import linear as _linear_op
 from .ops import softmax as _softmax_op
 
 
@@ -61,3 +62,38 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     _layer_norm_op.check_args(x, normalized_shape, weight, bias, eps)  # before the op's schema sees them
     return _layer_norm_op.layer_norm(x, _layer_norm_op.normalize_shape(normalized_shape), weight, bias,
                                      float(eps), name)[0]
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           activation: str | None = None, backend: str | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias), weight laid out (out_features, in_features) as in torch.nn.Linear.
+
+    activation: None, "gelu" (exact, erf) or "gelu_tanh" (GPT-2's tanh approximation), fused into
+    the matmul's epilogue. x may have any number of leading dims. Each output row's bits depend
+    on its own row of x and on the weight alone — not on how many rows there are, where the row
+    sits, or the thread count; the weight and bias gradients are summed in a fixed order.
+    """
+    name = backends.resolve(backend, _device_of(x))
+    act = _linear_op.activation_code(activation)
+    need_grad = _needs_grad(x, weight, bias)
+    if _eager_inference(x) and not need_grad:  # the implementation checks the arguments itself
+        return _linear_op.linear_impl(x, weight, bias, act, False, name)[0]
+    _linear_op.check_args(x, weight, bias, name)  # before the op's schema sees them
+    return _linear_op.linear(x, weight, bias, act, need_grad and act != 0, name)[0]
+
+
+GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def gelu_ffn(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+             proj_bias: torch.Tensor | None, *, approximate: str = "none", backend: str | None = None) -> torch.Tensor:
+    """The GPT feed-forward: linear(gelu(linear(x, fc_weight, fc_bias)), proj_weight, proj_bias),
+    the GELU fused into the first matmul. approximate: "none" (erf) or "tanh", as in F.gelu."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"gelu_ffn: approximate must be 'none' or 'tanh', got {approximate!r}")
+    hidden = linear(x, fc_weight, fc_bias, activation=GELU_APPROXIMATIONS[approximate], backend=backend)
+    return linear(hidden, proj_weight, proj_bias, backend=backend)
