@@ -693,9 +693,12 @@ class Case:
 
 class OpBench:
     """What a bench_<op>.py supplies to run_benchmark. Inputs are a list of tensors, the first
-    being the activation; in backward/full modes every input gets a gradient (weights too)."""
+    being the activation; in backward/full modes every input gets a gradient (weights too).
+    Memory-bound ops report GB/s (bytes_moved); compute-bound ones override metric, unit and
+    amount (e.g. TFLOP/s from a FLOP count)."""
 
     name = "op"
+    metric, unit = "bandwidth", "GB/s"
 
     def make_inputs(self, case: Case, device: torch.device, requires_grad: bool) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -709,6 +712,14 @@ class OpBench:
 
     def bytes_moved(self, case: Case, mode: str) -> int:
         raise NotImplementedError
+
+    def amount(self, case: Case, mode: str) -> float:
+        """Work per call in `unit`-seconds: GB by default."""
+        return self.bytes_moved(case, mode) / 1e9
+
+    def grad_shape(self, case: Case) -> tuple:
+        """Shape of the upstream gradient of backward/full modes (the output's shape)."""
+        return case.shape
 
     def tolerance(self, case: Case) -> float:
         return 1e-4 if case.dtype == torch.float32 else 3e-2
@@ -743,7 +754,7 @@ def _timed_call(bench: OpBench, fn, case: Case, mode: str, device: torch.device,
     sets = []
     for _ in range(n_copies):
         xs = bench.make_inputs(case, device, True)
-        dy = torch.randn(case.shape, device=device, dtype=torch.float32).to(case.dtype)
+        dy = torch.randn(bench.grad_shape(case), device=device, dtype=torch.float32).to(case.dtype)
         sets.append((xs, fn(*xs) if mode == "backward" else None, dy))
     if mode == "backward":
         return (lambda s: torch.autograd.grad(s[1], s[0], s[2], retain_graph=True)), sets
@@ -755,8 +766,8 @@ def _measure(bench: OpBench, rec: Recorder, case: Case, provider: str, fn, mode:
     n_copies = rotation_copies(nbytes, args.device)
     call, inputs = _timed_call(bench, fn, case, mode, args.device, n_copies)
     timing = time_fn(call, inputs, device=args.device, config=args.timing)
-    row = rec.add(case.kernel, provider, mode, "bandwidth", "GB/s", case.x_name, case.x_value,
-                  rate(nbytes / 1e9, timing), case.dtype, case.shape)
+    row = rec.add(case.kernel, provider, mode, bench.metric, bench.unit, case.x_name, case.x_value,
+                  rate(bench.amount(case, mode), timing), case.dtype, case.shape)
     peak = peak_memory_mb(lambda: call(inputs[0]), args.device)
     if peak is not None:
         rec.add(case.kernel, provider, mode, "peak_memory", "MB", case.x_name, case.x_value, same(peak),
@@ -827,7 +838,7 @@ def run_benchmark(bench: OpBench, cases: Sequence[Case], args) -> tuple[Recorder
                 torch.cuda.empty_cache()
             continue
         note(f"[{k}/{len(tasks)}] {case.kernel:15s} {row['dtype']:9s} {row['shape']:>14s} {provider:22s} "
-             f"{mode:8s} {float(row['p50']):9.1f} GB/s")
+             f"{mode:8s} {float(row['p50']):9.2f} {row['unit']}")
     rec.flush()
     return rec, ceilings
 
@@ -839,11 +850,11 @@ def print_summary_header(ceilings: dict, args) -> None:
           + (f"; copy bandwidth (copy_) {copy_bw:.1f} GB/s" if copy_bw else "; copy bandwidth unknown"))
 
 
-def print_ratio_table(rows: list[dict], kernel: str, eager: str, compiled: str) -> dict:
-    """Print p50 GB/s per (dtype, shape, mode) for fusedtx native/triton and the two peers, with
-    native's ratios; return {(kernel, dtype, shape, mode, provider): GB/s}."""
+def print_ratio_table(rows: list[dict], kernel: str, eager: str, compiled: str, metric: str = "bandwidth") -> dict:
+    """Print p50 `metric` (GB/s by default) per (dtype, shape, mode) for fusedtx native/triton and
+    the two peers, with native's ratios; return {(kernel, dtype, shape, mode, provider): p50}."""
     bw = {(r["kernel"], r["dtype"], r["shape"], r["mode"], r["provider"]): float(r["p50"])
-          for r in rows if r["metric"] == "bandwidth"}
+          for r in rows if r["metric"] == metric}
     keys = sorted({k[1:4] for k in bw if k[0] == kernel},
                   key=lambda k: (k[0], [int(s) for s in k[1].split("x")], MODES.index(k[2])))
     if keys:
@@ -885,7 +896,7 @@ def print_target(label: str, ours: float | None, reference: float | None, target
 
 
 def _num(v):
-    return "-" if v is None else f"{v:.1f}"
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _ratio(a, b):

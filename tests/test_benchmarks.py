@@ -16,6 +16,7 @@ import common  # noqa: E402
 SCRIPTS = {
     "bench_softmax.py": ("fusedtx_native,torch,torch_unfused", {"softmax", "softmax_causal"}),
     "bench_layer_norm.py": ("fusedtx_native,torch", {"layer_norm"}),
+    "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),
 }
 
 

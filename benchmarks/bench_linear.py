@@ -1,0 +1,128 @@
+"""Benchmark fusedtx.linear (and its fused GELU epilogue) against PyTorch: F.linear, F.gelu, torch.compile.
+
+    python benchmarks/bench_linear.py                  # full sweep on cuda (or cpu)
+    python benchmarks/bench_linear.py --device cpu --quick --out /tmp/bench_test.csv
+
+Kernels: `linear` (y = x @ W.T + b) and `linear_gelu` (y = gelu(x @ W.T + b), the GPT-2 c_fc with
+its tanh GELU); x (M, K), W (N, K) for the GPT-2 small shapes K -> N = 768 -> 768 (attention
+c_proj), 768 -> 3072 (c_fc), 3072 -> 768 (mlp c_proj), M swept from the decode regime (1, 16)
+to prefill/training (128 ... 2048). CSV shape = M x K x N.
+Providers: fusedtx_native, fusedtx_triton (compiled, CUDA only), torch (F.linear, plus F.gelu
+for linear_gelu: what an unfused model runs), torch_compile (torch.compile of the same).
+
+Modes: forward (no autograd graph), backward (dx, dW, db; forward once outside the timer),
+full. Metric: TFLOP/s counting 2 M N K flops per matmul (forward one, backward two); the bias
+and GELU are not counted. float32 on CPU; float32 and bfloat16 on CUDA.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Case, fusedtx  # noqa: E402
+
+KERNELS = ("linear", "linear_gelu")
+LAYER_SHAPES = ((768, 768), (768, 3072), (3072, 768))  # (K, N)
+BATCH_ROWS = (1, 16, 128, 512, 2048)
+CPU_TARGETS = {"linear": 0.7, "linear_gelu": 1.0}  # fusedtx_native / torch, float32, M >= 128
+GPU_TARGET = 0.9                                      # fusedtx_triton / torch (cuBLAS), bf16, M >= 1024
+MATMULS = {"forward": 1, "backward": 2, "full": 3}
+
+
+def make_cases(device: torch.device, quick: bool) -> list[Case]:
+    cuda = device.type == "cuda"
+    providers = ("fusedtx_native", "fusedtx_triton", "torch", "torch_compile")
+    if quick:
+        rows, layers = (1, 32), ((64, 96),)
+    else:
+        rows, layers = (BATCH_ROWS + (4096, 8192)) if cuda else BATCH_ROWS, LAYER_SHAPES
+    dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
+    return [Case(kernel, (m, k, n), dtype, "M", m, providers)
+            for kernel in KERNELS for dtype in dtypes for k, n in layers for m in rows]
+
+
+class LinearBench(common.OpBench):
+    name = "linear"
+    metric, unit = "throughput", "TFLOP/s"
+
+    def make_inputs(self, case, device, requires_grad):
+        m, k, n = case.shape
+        x = torch.randn(m, k, device=device).to(case.dtype)
+        w = (torch.randn(n, k, device=device) * k ** -0.5).to(case.dtype)
+        b = (0.1 * torch.randn(n, device=device)).to(case.dtype)
+        return [t.requires_grad_(requires_grad) for t in (x, w, b)]
+
+    def make_fn(self, provider, case, device):
+        activation = "gelu_tanh" if case.kernel == "linear_gelu" else None
+        if provider.startswith("fusedtx_"):
+            backend = provider.removeprefix("fusedtx_")
+            return lambda x, w, b: fusedtx.linear(x, w, b, activation=activation, backend=backend)
+        if activation:
+            eager = lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")  # noqa: E731
+        else:
+            eager = F.linear
+        if provider == "torch":
+            return eager
+        if provider == "torch_compile":
+            return torch.compile(eager, dynamic=False)
+        raise ValueError(f"unknown provider {provider!r}")
+
+    def expected(self, inputs, case):
+        y = F.linear(*(t.double() for t in inputs))
+        return F.gelu(y, approximate="tanh") if case.kernel == "linear_gelu" else y
+
+    def amount(self, case, mode):
+        m, k, n = case.shape
+        return MATMULS[mode] * 2 * m * n * k / 1e12
+
+    def bytes_moved(self, case, mode):  # sizes the rotating input copies (cold caches)
+        m, k, n = case.shape
+        return (m * k + n * k + m * n) * case.dtype.itemsize * MATMULS[mode]
+
+    def grad_shape(self, case):
+        m, _, n = case.shape
+        return (m, n)
+
+    def tolerance(self, case):
+        return 1e-4 if case.dtype == torch.float32 else 5e-2
+
+
+def summarize(rows: list[dict], ceilings: dict, args) -> None:
+    mm = ceilings.get("matmul")
+    print()
+    print(f"Summary: p50 TFLOP/s on {common.device_name(args.device)}"
+          + (f"; matmul ceiling (torch.mm) {mm:.3f} TFLOP/s" if mm else ""))
+    rates = {}
+    for kernel in KERNELS:
+        rates.update(common.print_ratio_table(rows, kernel, "torch", "torch_compile", metric="throughput"))
+    print()
+    print("Headline targets (printed, not asserted):")
+    cpu = args.device.type == "cpu"
+    provider, dtype = ("fusedtx_native", "float32") if cpu else ("fusedtx_triton", "bfloat16")
+    for kernel in KERNELS:
+        target = CPU_TARGETS[kernel] if cpu else GPU_TARGET
+        min_rows = 128 if cpu else 1024
+        for (kern, dt, shape, mode, prov), ours in sorted(rates.items()):
+            m = int(shape.split("x")[0])
+            if (kern, dt, prov) != (kernel, dtype, provider) or m < min_rows:
+                continue
+            common.print_target(f"{'CPU' if cpu else 'GPU'} {kernel} {dtype} {shape:>14s} {mode:8s}: {provider} >= "
+                                f"{target:.1f}x torch", ours, rates.get((kern, dt, shape, mode, "torch")), target)
+    if args.quick:
+        print("  (--quick: tiny sizes, so the headline shapes were not measured)")
+
+
+def main(argv=None) -> None:
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    rec, ceilings = common.run_benchmark(LinearBench(), make_cases(args.device, args.quick), args)
+    summarize(rec.rows, ceilings, args)
+    common.finish(args, kernels=KERNELS)
+
+
+if __name__ == "__main__":
+    main()
