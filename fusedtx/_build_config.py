@@ -22,6 +22,8 @@ CUDA_SOURCES = [
     "cuda/softmax_glue.cpp",
     "cuda/layer_norm.cu",
     "cuda/layer_norm_glue.cpp",
+    "cuda/linear.cu",
+    "cuda/linear_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so

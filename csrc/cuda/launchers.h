@@ -44,4 +44,29 @@ cudaError_t layer_norm_backward(const void* grad_y, const void* x, const void* m
                                 int64_t rows, int64_t n, bool need_param_grads, int lanes, int groups, DType dtype,
                                 DType param_dtype, cudaStream_t stream);
 
+
+// y = act(a @ b + bias) as reference.matmul: a (m, k) and b (k, n) with any strides (in
+// elements), bias (n,) contiguous or nullptr, all of dtype `dtype` (float32, float16 or
+// bfloat16); y and preact contiguous (m, n) of that dtype. Every element is one float32
+// accumulator from +0 taking an FMA for k ascending; `activation` is reference.ACT_* (0 none,
+// 1 gelu, 2 gelu_tanh). preact (the pre-activation h) is written when not nullptr and
+// activation != 0. m == 0 or n == 0 launches nothing.
+cudaError_t matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
+                   int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
+                   int activation, DType dtype, cudaStream_t stream);
+
+// float32 elements of the workspace bias_act_backward needs when need_bias_grad: the (groups, n)
+// partials of grad_bias.
+inline int64_t bias_act_backward_workspace_elems(int64_t n, int64_t groups) { return groups * n; }
+
+// The elementwise part of the Linear backward on contiguous (rows, n) tensors, as
+// reference.bias_act_backward: grad_preact = grad_y * act'(preact) in `dtype` (written only when
+// activation != 0; grad_preact and preact may be nullptr otherwise) and, when need_bias_grad,
+// grad_bias ((n,), float32) = row_group_sum over `groups` fixed row groups of grad_preact as
+// stored (of grad_y without an activation), through `workspace`
+// (bias_act_backward_workspace_elems floats). rows == 0 zero-fills grad_bias.
+cudaError_t bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
+                              void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
+                              int groups, DType dtype, cudaStream_t stream);
+
 }  // namespace fusedtx::cuda

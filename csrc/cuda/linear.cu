@@ -1,0 +1,403 @@
+// Linear in CUDA: y = act(a @ b + bias) with the bias + GELU epilogue fused, and the elementwise
+// part of its backward: reference.matmul / reference.bias_act_backward, bit for bit.
+//
+// Forward: a classic shared-memory tiled SGEMM. Each block computes one kBM x kBN tile of the
+// output, 256 threads each holding a kTM x kTN register tile of float32 accumulators. Every
+// accumulator starts at +0 and takes __fmaf_rn(a[i, k], b[k, j], acc) for k = 0, 1, ..., K-1 in
+// ascending order (k-tiles ascending, and ascending within a tile): exactly reference.matmul's
+// chain, so an element's bits depend on a[i, :] and b[:, j] alone, never on M, on the tile it
+// falls in, or on the GPU. K past the end is zero-filled: fma(0, 0, acc) = acc, since an
+// accumulator that starts at +0 is never -0. The tile configuration is one constant (no split-K,
+// nothing keyed on M). bfloat16 / float16 operands are widened to float32 on their way to shared
+// memory (their products are exact in float32). The epilogue adds the bias (one rounding), runs
+// the activation operation for operation as the reference writes it (_rn intrinsics, no FMA
+// contraction), and stores y and, when asked, the pre-activation h in the operands' dtype.
+//
+// a and b have any strides (the forward passes weight.t(), the backward weight and grad.t()):
+// each thread loads its share of a k-tile along whichever of the tile's axes is contiguous in
+// memory, which changes only the coalescing, never the arithmetic.
+//
+// Backward: grad_preact = grad_y * act'(preact) elementwise, and grad_bias = row_group_sum of it
+// (as stored, widened to float32): one thread per (group, column) walks its group's rows in
+// ascending order into a (groups, N) partial buffer, then one thread per column adds the
+// partials in ascending group order from +0, as layer_norm.cu does for dweight / dbias. No atomics.
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace fusedtx::cuda {
+namespace {
+
+// The one tile configuration. 16 x 16 threads; thread (ty, tx) owns rows ty*4 + {0..3} and
+// 64 + ty*4 + {0..3} of the tile and columns tx*4 + {0..3} and 64 + tx*4 + {0..3}, so its
+// fragments are two float4 reads per operand from shared memory, conflict-free.
+constexpr int kBM = 128, kBN = 128, kBK = 8;
+constexpr int kTM = 8, kTN = 8;
+constexpr int kThreads = (kBM / kTM) * (kBN / kTN);  // 256
+constexpr int kLoads = kBM * kBK / kThreads;         // elements of A (and of B) each thread loads per k-tile
+// Shared rows are k-major (As[k][m], Bs[k][n]); 4 floats of padding keep float4 alignment and make
+// the k-fastest tile loads (a row-major A, b = weight.t()) hit 32 distinct banks.
+constexpr int kSmemStride = kBM + 4;
+constexpr int kTileFloats = kBK * kSmemStride;       // one operand's k-tile
+constexpr size_t kMatmulSmem = 2 * 2 * kTileFloats * sizeof(float);  // double-buffered A and B
+constexpr int kEltThreads = 256;                     // threads per block of the backward kernels
+static_assert(kBM == kBN && kThreads == 256 && kLoads * kThreads == kBK * kBN, "tile shape");
+
+// The reference's Python constants, rounded to float32 as torch.tensor(c, dtype=float32) does
+// (double -> float, round to nearest): a float literal could round differently from the decimal.
+constexpr float f32(double c) { return static_cast<float>(c); }
+
+__device__ __forceinline__ float* shared_floats() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return reinterpret_cast<float*>(smem);
+}
+
+// p * x + c with two roundings: one step of reference._horner.
+__device__ __forceinline__ float horner_step(float p, float x, double c) { return __fadd_rn(__fmul_rn(p, x), f32(c)); }
+
+// reference.erf_f32 (only the selected branch is evaluated: the same bits as computing both).
+__device__ __forceinline__ float erf_f32(float t) {
+  float a = fabsf(t);
+  a = a > f32(4.0) ? f32(4.0) : a;  // written so that NaN stays NaN
+  if (a < f32(0.9)) {
+    const float x = __fmul_rn(t, t);
+    float p = f32(-6.1112584e-04);
+    p = horner_step(p, x, 5.0161984e-03);
+    p = horner_step(p, x, -2.6781915e-02);
+    p = horner_step(p, x, 1.1282228e-01);
+    p = horner_step(p, x, -3.761253e-01);
+    p = horner_step(p, x, 1.2837915e-01);
+    return __fadd_rn(t, __fmul_rn(t, p));
+  }
+  float q = f32(-5.805502e-08);
+  q = horner_step(q, a, 1.3905425e-06);
+  q = horner_step(q, a, -1.3021138e-05);
+  q = horner_step(q, a, 4.3403546e-05);
+  q = horner_step(q, a, 2.4704504e-04);
+  q = horner_step(q, a, -3.844943e-03);
+  q = horner_step(q, a, 2.4801595e-02);
+  q = horner_step(q, a, -1.0816315e-01);
+  q = horner_step(q, a, -6.332778e-01);
+  q = horner_step(q, a, -1.129598e+00);
+  q = horner_step(q, a, 1.9802191e-04);
+  return copysignf(__fsub_rn(1.0f, exp_f32(q)), t);
+}
+
+// reference._gelu_tanh_sigmoid: s = 1 / (1 + e), e = exp(-2 sqrt(2/pi) (h + 0.044715 h^3)).
+__device__ __forceinline__ float gelu_tanh_sigmoid(float h, float& e) {
+  const float h3 = __fmul_rn(__fmul_rn(h, h), h);
+  float z = __fmul_rn(__fadd_rn(h, __fmul_rn(f32(0.044715), h3)), f32(-1.5957691216057308));
+  z = z > f32(88.0) ? f32(88.0) : z;  // written so that NaN stays NaN
+  e = exp_f32(z);
+  return __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+}
+
+// reference.activation_forward on float32 h (kAct: reference.ACT_*).
+template <int kAct>
+__device__ __forceinline__ float activation_forward(float h) {
+  if constexpr (kAct == 1) {
+    return __fmul_rn(__fmul_rn(0.5f, h), __fadd_rn(1.0f, erf_f32(__fmul_rn(h, f32(0.70710678118654752)))));
+  } else if constexpr (kAct == 2) {
+    float e;
+    return __fmul_rn(h, gelu_tanh_sigmoid(h, e));
+  } else {
+    return h;
+  }
+}
+
+// reference.activation_derivative on float32 h (kAct 1 or 2).
+template <int kAct>
+__device__ __forceinline__ float activation_derivative(float h) {
+  static_assert(kAct == 1 || kAct == 2, "no derivative without an activation");
+  if constexpr (kAct == 1) {
+    const float cdf = __fmul_rn(0.5f, __fadd_rn(1.0f, erf_f32(__fmul_rn(h, f32(0.70710678118654752)))));
+    const float pdf = __fmul_rn(exp_f32(__fmul_rn(-0.5f, __fmul_rn(h, h))), f32(0.39894228040143268));
+    return __fadd_rn(cdf, __fmul_rn(h, pdf));
+  } else {
+    float e;
+    const float s = gelu_tanh_sigmoid(h, e);
+    const float slope = __fmul_rn(f32(1.5957691216057308), __fadd_rn(1.0f, __fmul_rn(f32(0.134145), __fmul_rn(h, h))));
+    return __fadd_rn(s, __fmul_rn(__fmul_rn(__fmul_rn(h, s), __fmul_rn(e, s)), slope));
+  }
+}
+
+// v rounded to T and widened back: the value a T tensor holding v reads as.
+template <typename T>
+__device__ __forceinline__ float as_stored(float v) {
+  T t;
+  store_f32(&t, v);
+  return load_f32(&t);
+}
+
+// Which tile element (row/col `major`, k `minor`) load i of this thread fetches: major + i * d_major,
+// minor + i * d_minor. Consecutive threads take consecutive elements along the tile's axis that is
+// contiguous in memory (k for a row-major A, m for a column-major one; likewise n or k for B).
+struct LoadPlan {
+  int major, minor, d_major, d_minor;
+};
+__device__ __forceinline__ LoadPlan load_plan(bool major_fast, int tid) {
+  if (major_fast) return {tid % kBM, tid / kBM, 0, kThreads / kBM};
+  return {tid / kBK, tid % kBK, kThreads / kBK, 0};
+}
+
+// One output tile per block (blockIdx.x = tile_m * tiles_n + tile_n). a (m, k) with strides
+// (sam, sak), b (k, n) with strides (sbk, sbn); y and preact (nullable) contiguous (m, n); bias
+// (n,) contiguous or nullptr. a_m_fast / b_k_fast: load the A tile along m / the B tile along k.
+template <typename T, int kAct>
+__global__ void __launch_bounds__(kThreads)
+    matmul_kernel(const T* __restrict__ a, int64_t sam, int64_t sak, const T* __restrict__ b, int64_t sbk,
+                  int64_t sbn, const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ preact, int64_t m,
+                  int64_t n, int64_t k, int64_t tiles_n, bool a_m_fast, bool b_k_fast) {
+  float* smem = shared_floats();  // [buffer][A tile, B tile], each kBK rows of kSmemStride
+  const int tid = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) / tiles_n * kBM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) % tiles_n * kBN;
+
+  // This thread's loads: A element (row0 + am + i*adm, k0 + ak + i*adk), B element
+  // (k0 + bk + i*bdk, col0 + bn + i*bdn), i < kLoads. 64-bit offsets throughout.
+  const LoadPlan pa = load_plan(a_m_fast, tid);
+  const LoadPlan pb = load_plan(!b_k_fast, tid);
+  const int64_t a_row = row0 + pa.major;
+  const int64_t b_col = col0 + pb.major;
+  const int64_t a_step = pa.d_major * sam + pa.d_minor * sak;
+  const int64_t b_step = pb.d_major * sbn + pb.d_minor * sbk;
+  int64_t a_off = a_row * sam + pa.minor * sak;  // advances kBK * sak per k-tile
+  int64_t b_off = b_col * sbn + pb.minor * sbk;  // advances kBK * sbk per k-tile
+  float ra[kLoads], rb[kLoads];
+
+  // Global -> registers for the k-tile starting at k0; zero outside the matrices.
+  const auto load_tile = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const bool a_in = a_row + i * pa.d_major < m && k0 + pa.minor + i * pa.d_minor < k;
+      const bool b_in = b_col + i * pb.d_major < n && k0 + pb.minor + i * pb.d_minor < k;
+      ra[i] = a_in ? load_f32(a + a_off + i * a_step) : 0.0f;
+      rb[i] = b_in ? load_f32(b + b_off + i * b_step) : 0.0f;
+    }
+    a_off += kBK * sak;
+    b_off += kBK * sbk;
+  };
+  // Registers -> shared buffer `buf` (k-major).
+  const auto store_tile = [&](int buf) {
+    float* as = smem + buf * 2 * kTileFloats;
+    float* bs = as + kTileFloats;
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      as[(pa.minor + i * pa.d_minor) * kSmemStride + pa.major + i * pa.d_major] = ra[i];
+      bs[(pb.minor + i * pb.d_minor) * kSmemStride + pb.major + i * pb.d_major] = rb[i];
+    }
+  };
+
+  const int ty = tid / (kBN / kTN), tx = tid % (kBN / kTN);
+  float acc[kTM][kTN];
+#pragma unroll
+  for (int i = 0; i < kTM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kTN; ++j) acc[i][j] = 0.0f;
+  }
+
+  // Double-buffered k loop, one barrier per k-tile: tile t+1 is fetched into registers while tile
+  // t is multiplied, then stored into the other buffer (whose last readers finished before the
+  // previous barrier).
+  const int64_t k_tiles = (k + kBK - 1) / kBK;
+  if (k_tiles > 0) {
+    load_tile(0);
+    store_tile(0);
+    __syncthreads();
+  }
+  for (int64_t t = 0; t < k_tiles; ++t) {
+    const int buf = static_cast<int>(t & 1);
+    const bool has_next = t + 1 < k_tiles;
+    if (has_next) load_tile((t + 1) * kBK);
+    const float* as = smem + buf * 2 * kTileFloats;
+    const float* bs = as + kTileFloats;
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {  // k ascending
+      const float4 a0 = *reinterpret_cast<const float4*>(as + kk * kSmemStride + ty * 4);
+      const float4 a1 = *reinterpret_cast<const float4*>(as + kk * kSmemStride + kBM / 2 + ty * 4);
+      const float4 b0 = *reinterpret_cast<const float4*>(bs + kk * kSmemStride + tx * 4);
+      const float4 b1 = *reinterpret_cast<const float4*>(bs + kk * kSmemStride + kBN / 2 + tx * 4);
+      const float av[kTM] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float bv[kTN] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) {
+#pragma unroll
+        for (int j = 0; j < kTN; ++j) acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);
+      }
+    }
+    if (has_next) store_tile(buf ^ 1);
+    __syncthreads();
+  }
+
+  // Epilogue: h = acc + bias (one rounding), y = act(h), both rounded to T on the store.
+  float bias_v[kTN];
+#pragma unroll
+  for (int j = 0; j < kTN; ++j) {
+    const int64_t c = col0 + (j < 4 ? tx * 4 + j : kBN / 2 + tx * 4 + (j - 4));
+    bias_v[j] = bias != nullptr && c < n ? load_f32(bias + c) : 0.0f;
+  }
+#pragma unroll
+  for (int i = 0; i < kTM; ++i) {
+    const int64_t r = row0 + (i < 4 ? ty * 4 + i : kBM / 2 + ty * 4 + (i - 4));
+    if (r >= m) continue;
+#pragma unroll
+    for (int j = 0; j < kTN; ++j) {
+      const int64_t c = col0 + (j < 4 ? tx * 4 + j : kBN / 2 + tx * 4 + (j - 4));
+      if (c >= n) continue;
+      const float h = bias != nullptr ? __fadd_rn(acc[i][j], bias_v[j]) : acc[i][j];
+      store_f32(y + r * n + c, activation_forward<kAct>(h));
+      if (kAct != 0 && preact != nullptr) store_f32(preact + r * n + c, h);
+    }
+  }
+}
+
+// Thread idx = g * n + j handles column j of rows [g * rows_per_group, (g + 1) * rows_per_group)
+// in ascending order, g < n_groups. With an activation it writes grad_preact = grad_y * act'(preact)
+// (float32 product, rounded to T); kPartials: it also sums the rows' grad_preact as stored (or
+// grad_y without an activation) from +0 into partials[g * n + j] (+0 for an empty group).
+template <typename T, int kAct, bool kPartials>
+__global__ void __launch_bounds__(kEltThreads)
+    bias_act_bwd_kernel(const T* __restrict__ grad_y, const T* __restrict__ preact, T* __restrict__ grad_preact,
+                        float* __restrict__ partials, int64_t rows, int64_t n, int64_t rows_per_group,
+                        int64_t n_groups) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n_groups * n) return;
+  const int64_t g = idx / n, j = idx % n;
+  const int64_t row_begin = g * rows_per_group;
+  const int64_t row_end = row_begin + rows_per_group < rows ? row_begin + rows_per_group : rows;
+  float sum = 0.0f;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t off = r * n + j;
+    float v;
+    if constexpr (kAct != 0) {
+      const float d = __fmul_rn(load_f32(grad_y + off), activation_derivative<kAct>(load_f32(preact + off)));
+      store_f32(grad_preact + off, d);
+      v = as_stored<T>(d);
+    } else {
+      v = load_f32(grad_y + off);
+    }
+    if constexpr (kPartials) sum = __fadd_rn(sum, v);
+  }
+  if constexpr (kPartials) partials[g * n + j] = sum;
+}
+
+// grad_bias[j] = sum over groups g = 0, 1, ... of partials[g][j], starting at +0: row_group_sum's
+// last step. One thread per column; adjacent threads read adjacent columns.
+__global__ void __launch_bounds__(kEltThreads)
+    bias_grad_sum_kernel(const float* __restrict__ partials, float* __restrict__ grad_bias, int64_t n, int groups) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  float s = 0.0f;
+#pragma unroll 4
+  for (int g = 0; g < groups; ++g) s = __fadd_rn(s, partials[g * n + j]);
+  grad_bias[j] = s;
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+template <int A>
+using Act = std::integral_constant<int, A>;
+
+// Calls f(Type<T>{}, Act<activation>{}) for the storage type T of `dtype`.
+template <typename F>
+cudaError_t dispatch(DType dtype, int activation, F&& f) {
+  const auto with_act = [&](auto t) -> cudaError_t {
+    switch (activation) {
+      case 0: return f(t, Act<0>{});
+      case 1: return f(t, Act<1>{});
+      case 2: return f(t, Act<2>{});
+    }
+    return cudaErrorInvalidValue;
+  };
+  switch (dtype) {
+    case DType::kFloat32: return with_act(Type<float>{});
+    case DType::kFloat16: return with_act(Type<__half>{});
+    case DType::kBFloat16: return with_act(Type<__nv_bfloat16>{});
+    case DType::kFloat64: break;  // float64 runs the reference (torch's float64 matmul)
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int kAct>
+cudaError_t launch_matmul(const void* a, int64_t sam, int64_t sak, const void* b, int64_t sbk, int64_t sbn,
+                          const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k, int64_t tiles,
+                          int64_t tiles_n, cudaStream_t stream) {
+  // Load along the contiguous axis of each tile (bits do not depend on it).
+  const bool a_m_fast = sam == 1 && sak != 1;
+  const bool b_k_fast = sbk == 1 && sbn != 1;
+  matmul_kernel<T, kAct><<<static_cast<unsigned>(tiles), kThreads, kMatmulSmem, stream>>>(
+      static_cast<const T*>(a), sam, sak, static_cast<const T*>(b), sbk, sbn, static_cast<const T*>(bias),
+      static_cast<T*>(y), static_cast<T*>(preact), m, n, k, tiles_n, a_m_fast, b_k_fast);
+  return cudaGetLastError();
+}
+
+template <typename T, int kAct>
+cudaError_t launch_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
+                                     void* workspace, int64_t rows, int64_t n, bool need_bias_grad, int groups,
+                                     cudaStream_t stream) {
+  const auto blocks_for = [](int64_t threads) { return (threads + kEltThreads - 1) / kEltThreads; };
+  const auto run = [&](auto kernel, int64_t rows_per_group, int64_t n_groups) {
+    kernel<<<static_cast<unsigned>(blocks_for(n_groups * n)), kEltThreads, 0, stream>>>(
+        static_cast<const T*>(grad_y), static_cast<const T*>(preact), static_cast<T*>(grad_preact),
+        static_cast<float*>(workspace), rows, n, rows_per_group, n_groups);
+  };
+  if (!need_bias_grad) {
+    if constexpr (kAct != 0) {
+      // Elementwise only: any row split gives the same bits; chunks of rows keep the grid in range.
+      const int64_t rows_per_chunk = (rows * n + (int64_t{1} << 30) - 1) >> 30;  // >= 1
+      const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+      if (blocks_for(chunks * n) > INT32_MAX) return cudaErrorInvalidValue;
+      run(bias_act_bwd_kernel<T, kAct, false>, rows_per_chunk, chunks);
+    }
+    return cudaGetLastError();  // without an activation grad_preact is grad_y: nothing to do
+  }
+  // reference.row_group_sum's groups: ceil(rows / groups) rows each, the last ones short or empty.
+  if (blocks_for(static_cast<int64_t>(groups) * n) > INT32_MAX) return cudaErrorInvalidValue;
+  run(bias_act_bwd_kernel<T, kAct, true>, (rows + groups - 1) / groups, groups);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  bias_grad_sum_kernel<<<static_cast<unsigned>(blocks_for(n)), kEltThreads, 0, stream>>>(
+      static_cast<const float*>(workspace), static_cast<float*>(grad_bias), n, groups);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
+                   int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
+                   int activation, DType dtype, cudaStream_t stream) {
+  if (m < 0 || n < 0 || k < 0 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
+  if (m == 0 || n == 0) return cudaSuccess;  // no element to write
+  const int64_t tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
+  if (tiles_m > INT32_MAX / tiles_n) return cudaErrorInvalidValue;  // one block per tile, 1-D grid
+  if (activation == 0) preact = nullptr;
+  return dispatch(dtype, activation, [&](auto t, auto act) {
+    return launch_matmul<typename decltype(t)::type, decltype(act)::value>(
+        a, a_stride_m, a_stride_k, b, b_stride_k, b_stride_n, bias, y, preact, m, n, k, tiles_m * tiles_n, tiles_n,
+        stream);
+  });
+}
+
+cudaError_t bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
+                              void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
+                              int groups, DType dtype, cudaStream_t stream) {
+  if (rows < 0 || n < 0 || groups < 1 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;  // no element to write anywhere
+  if (need_bias_grad && grad_bias == nullptr) return cudaErrorInvalidValue;
+  if (rows == 0) {
+    // A sum over no rows: +0 (all-zero bits).
+    return need_bias_grad ? cudaMemsetAsync(grad_bias, 0, static_cast<size_t>(n) * sizeof(float), stream)
+                          : cudaSuccess;
+  }
+  if (activation == 0 && !need_bias_grad) return cudaSuccess;  // grad_preact is grad_y itself
+  if (activation != 0 && (preact == nullptr || grad_preact == nullptr)) return cudaErrorInvalidValue;
+  if (need_bias_grad && workspace == nullptr) return cudaErrorInvalidValue;
+  return dispatch(dtype, activation, [&](auto t, auto act) {
+    return launch_bias_act_backward<typename decltype(t)::type, decltype(act)::value>(
+        grad_y, preact, grad_preact, grad_bias, workspace, rows, n, need_bias_grad, groups, stream);
+  });
+}
+
+}  // namespace fusedtx::cuda
