@@ -344,6 +344,16 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return s.float()
 
 
+def fma_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for float32 (..., M, K) @ (..., K, N), batch dims broadcast: each element one
+    accumulator from +0 taking fma(a[.., i, k], b[.., k, j], acc) for k ascending."""
+    acc = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                      dtype=torch.float32, device=a.device)
+    for k in range(a.shape[-1]):
+        acc = fma_f32(a[..., :, k:k + 1], b[..., k:k + 1, :], acc)
+    return acc
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = ACT_NONE):
     """y = act(a @ b + bias) for a (M, K) and b (K, N), and the pre-activation h = a @ b + bias.
 
@@ -359,10 +369,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         if bias is not None:
             h = h + bias
         return activation_forward(h, activation), h
-    a32, b32 = a.float(), b.float()
-    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
-    for k in range(a.shape[1]):
-        acc = fma_f32(a32[:, k:k + 1], b32[k:k + 1, :], acc)
+    acc = fma_matmul(a.float(), b.float())
     h = acc + bias.float() if bias is not None else acc
     return activation_forward(h, activation).to(a.dtype), h.to(a.dtype)
 
@@ -394,3 +401,67 @@ def linear_backward(grad_y, x, weight, preact, activation: int, need_dx: bool, n
     dx = matmul(g, weight)[0] if need_dx else None
     dw = matmul(g.t(), x)[0] if need_dweight else None
     return dx, dw, gb
+
+
+# ---------------------------------------------------------------------------------------------
+# causal attention with a fixed split size
+# ---------------------------------------------------------------------------------------------
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, scale: float,
+                      split_size: int):
+    """Causal attention of the last q.shape[2] tokens of each sequence, cut into fixed-size chunks.
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tmax, D) with H a multiple of Hkv (query head h reads KV head
+    h // (H / Hkv)); seqlens (B,) ints: sequence b has seqlens[b] valid keys (Tq <= seqlens[b] <=
+    Tmax; whatever lies beyond is never read) and its queries sit at positions
+    seqlens[b] - Tq ... seqlens[b] - 1. A full causal pass is seqlens = T = Tq = Tmax.
+
+    A query at position t sees keys 0 ... t, cut at multiples of S = split_size counted from
+    position 0. Chunk c (keys cS ... min(cS + S - 1, t)) is reduced on its own, in float32:
+        s_j   = fma_matmul(q, k_j) * scale          (each dot: an FMA chain over d ascending)
+        m_c   = max_j s_j
+        p_j   = exp_f32(s_j - m_c)
+        l_c   = sum_j p_j                           (ascending j, from +0)
+        acc_c = fma_matmul(p, v)                    (an FMA chain over j ascending, from +0)
+    and the chunks are merged in ascending order, starting from chunk 0's (m, l, acc):
+        m'  = max(m, m_c),  a = exp_f32(m - m'),  b = exp_f32(m_c - m')
+        l   = l * a + l_c * b,   acc = acc * a + acc_c * b,   m = m'
+    o = acc / l. Nothing here depends on Tq, on the other sequences or on how the queries are
+    grouped: a query's bits are the same in a full pass, in any chunked prefill and in a decode
+    step. Returns (o in q's dtype, m, l) with m and l float32 (B, H, Tq) for the backward.
+    """
+    batch, heads, n_queries, _ = q.shape
+    group = heads // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    m_out = torch.empty(batch, heads, n_queries, dtype=torch.float32, device=q.device)
+    l_out = torch.empty_like(m_out)
+    f32 = lambda c: torch.tensor(c, dtype=torch.float32, device=q.device)  # noqa: E731
+    for b in range(batch):
+        length = int(seqlens[b])
+        qb = q[b].float()                                                    # (H, Tq, D)
+        kb = k[b].float().repeat_interleave(group, dim=0)                    # (H, Tmax, D)
+        vb = v[b].float().repeat_interleave(group, dim=0)
+        positions = torch.arange(length - n_queries, length, device=q.device)
+        m = l = acc = None
+        for start in range(0, length, split_size):
+            stop = min(start + split_size, length)
+            keys = torch.arange(start, stop, device=q.device)
+            valid = keys[None, :] <= positions[:, None]                      # (Tq, Sc)
+            sees = valid.any(dim=1)[None, :]                                 # (1, Tq)
+            s = fma_matmul(qb, kb[:, start:stop].transpose(1, 2)) * f32(scale)
+            s = torch.where(valid, s, f32(float("-inf")))
+            m_c = s.amax(dim=2)                                              # (H, Tq)
+            p = torch.where(valid, exp_f32(s - torch.where(sees, m_c, f32(0.0))[..., None]), f32(0.0))
+            l_c = torch.zeros_like(m_c)
+            for j in range(stop - start):
+                l_c = l_c + p[..., j]
+            acc_c = fma_matmul(p, vb[:, start:stop])
+            if m is None:  # chunk 0: every query sees key 0
+                m, l, acc = m_c, l_c, acc_c
+                continue
+            m_new = torch.maximum(m, m_c)
+            alpha, beta = exp_f32(m - m_new), exp_f32(torch.where(sees, m_c - m_new, f32(0.0)))
+            l = torch.where(sees, l * alpha + l_c * beta, l)
+            acc = torch.where(sees[..., None], acc * alpha[..., None] + acc_c * beta[..., None], acc)
+            m = torch.where(sees, m_new, m)
+        out[b], m_out[b], l_out[b] = acc / l[..., None], m, l
+    return out.to(q.dtype), m_out, l_out
