@@ -74,6 +74,8 @@ def test_accuracy_output_and_gradients(device, backend, dtype, activation, shape
     require(device, backend)
     if backend == "reference" and shape[-1] * n > 20000:
         pytest.skip("the reference's emulated FMA loop is slow at this size; native/triton cover it")
+    if backend == "triton" and device == "cpu" and n > 20000 and activation is not None:
+        pytest.skip("the interpreter takes ~15 s per vocabulary-sized case: the LM head (no activation) covers it")
     x = make(shape, dtype, device)
     weight, bias = make_layer(shape[-1], n, has_bias, dtype, device)
     dy = make((*shape[:-1], n), dtype, device, seed=3)

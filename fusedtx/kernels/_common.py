@@ -64,3 +64,104 @@ def needs_bf16_rounding(dtype) -> bool:
 def log2(n: int) -> int:
     assert n > 0 and n & (n - 1) == 0, n
     return n.bit_length() - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU epilogues (reference.erf_f32 / activation_forward / activation_derivative), operation for
+# operation: float literals are float32 constants, `/` is div_rn (Triton's `/` is approximate on
+# GPUs), no FMA (LAUNCH_OPTIONS), and the clamps are written `where(x > C, C, x)` so NaN stays NaN.
+# ---------------------------------------------------------------------------------------------
+from .. import reference as _reference  # noqa: E402
+
+# reference's activation codes as tl.constexpr: @triton.jit code may only read constexpr globals
+ACT_NONE = tl.constexpr(_reference.ACT_NONE)
+ACT_GELU = tl.constexpr(_reference.ACT_GELU)
+ACT_GELU_TANH = tl.constexpr(_reference.ACT_GELU_TANH)
+
+
+@triton.jit
+def copysign_f32(x, sign):
+    """torch.copysign for float32: x's magnitude with sign's sign bit (NaN signs included)."""
+    magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    return (magnitude | (sign.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def erf_f32(t):
+    """reference.erf_f32: t + t P(t^2) below |t| = 0.9, else sign(t) (1 - exp_f32(Q(min(|t|, 4))))."""
+    a = tl.abs(t)
+    a = tl.where(a > 4.0, 4.0, a)
+    t2 = t * t
+    p = t2 * -6.1112584e-04 + 5.0161984e-03
+    p = p * t2 + -2.6781915e-02
+    p = p * t2 + 1.1282228e-01
+    p = p * t2 + -3.761253e-01
+    p = p * t2 + 1.2837915e-01
+    small = t + t * p
+    q = a * -5.805502e-08 + 1.3905425e-06
+    q = q * a + -1.3021138e-05
+    q = q * a + 4.3403546e-05
+    q = q * a + 2.4704504e-04
+    q = q * a + -3.844943e-03
+    q = q * a + 2.4801595e-02
+    q = q * a + -1.0816315e-01
+    q = q * a + -6.332778e-01
+    q = q * a + -1.129598e+00
+    q = q * a + 1.9802191e-04
+    large = copysign_f32(1.0 - exp_f32(q), t)
+    return tl.where(a < 0.9, small, large)
+
+
+@triton.jit
+def gelu_tanh_sigmoid(h):
+    """reference._gelu_tanh_sigmoid: (s, e), e = exp(-2u), s = 1 / (1 + e), u = sqrt(2/pi) (h + 0.044715 h^3)."""
+    h3 = (h * h) * h
+    z = (h + 0.044715 * h3) * -1.5957691216057308
+    z = tl.where(z > 88.0, 88.0, z)
+    e = exp_f32(z)
+    return tl.math.div_rn(1.0, 1.0 + e), e
+
+
+@triton.jit
+def activation_forward(h, ACTIVATION: tl.constexpr):
+    """reference.activation_forward on float32 h (ACT_NONE returns h)."""
+    if ACTIVATION == ACT_GELU:
+        y = (0.5 * h) * (1.0 + erf_f32(h * 0.70710678118654752))
+    elif ACTIVATION == ACT_GELU_TANH:
+        s, e = gelu_tanh_sigmoid(h)
+        y = h * s
+    else:
+        y = h
+    return y
+
+
+@triton.jit
+def activation_derivative(h, ACTIVATION: tl.constexpr):
+    """reference.activation_derivative on float32 h (gelu or gelu_tanh)."""
+    if ACTIVATION == ACT_GELU:
+        cdf = 0.5 * (1.0 + erf_f32(h * 0.70710678118654752))
+        pdf = exp_f32(-0.5 * (h * h)) * 0.39894228040143268
+        d = cdf + h * pdf
+    else:
+        tl.static_assert(ACTIVATION == ACT_GELU_TANH)
+        s, e = gelu_tanh_sigmoid(h)
+        slope = 1.5957691216057308 * (1.0 + 0.134145 * (h * h))
+        d = s + ((h * s) * (e * s)) * slope
+    return d
+
+
+# The interpreter's float32 <-> bfloat16 casts also mangle subnormals (|x| < 2**-126), in both
+# directions (measured on triton 3.9). bfloat16 is the top half of a float32, so bit moves are
+# exact; kernels use them where they use round_to_bf16 (only when interpreting).
+@triton.jit
+def bf16_to_f32(x):
+    """bfloat16 -> float32 exactly: the bf16 bits become the float32's top 16 bits."""
+    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def f32_to_bf16_rn(x):
+    """float32 -> bfloat16, round to nearest even, subnormals included; NaN stays NaN."""
+    bits = round_to_bf16(x).to(tl.uint32, bitcast=True) >> 16
+    bits = tl.where(x != x, bits | 0x40, bits)  # a NaN whose payload sat in the low half
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)

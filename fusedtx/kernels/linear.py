@@ -1,0 +1,468 @@
+"""Linear in Triton: a batch-invariant matmul with a fused bias + GELU epilogue, and the
+elementwise part of its backward (grad through the activation, bias gradient).
+
+`_matmul_fwd` computes y = act(a @ b + bias) (and optionally the pre-activation h) for a (M, K),
+b (K, N) of any strides — the op passes weight.t() in the forward, weight and grad.t() in the
+backward. One program per BLOCK_M x BLOCK_N output tile reduces K in ascending order (the K tail
+masked to +0, which adds nothing). float32 follows reference.matmul's blocks: per block of
+MATMUL_K_BLOCK, a fresh accumulator takes `tl.dot(a_tile, b_tile, acc)` for its BLOCK_K tiles
+in order and is then added to the tile's total (one FMA chain over K = 3072 would be ~4x less
+accurate than a blocked sgemm); bfloat16/float16 keep one tensor-core accumulator over all of K
+(exact products, and the output's rounding dwarfs the sum's error). Then, in registers, h = total + bias and
+the activation, written operation for operation as reference.activation_forward (helpers in
+_common.py, launched without FMA contraction), so given the same h the epilogue is bit-exact.
+With an activation the epilogue runs on the two column halves of the tile in turn (the same
+elementwise bits; on sm_80 it cuts the erf-GELU epilogue's register spills from ~940 to ~250
+bytes per thread, ptxas -v).
+
+Why a row's bits never depend on the batch (DESIGN.md point 4):
+  * ONE tile configuration per (N, K, dtype) — `tile_config` never looks at M — and no split-K:
+    every output element is reduced by the same sequence of tensor-core (or FMA) instructions
+    over the same K blocks in the same order, whichever tile row it lands in and however many
+    tiles there are. The order *inside* one tl.dot (how the hardware adds the BLOCK_K products)
+    can depend on the tile shape and dtype, which is exactly why the shape is fixed.
+  * M is not specialised (`do_not_specialize`): Triton would otherwise compile separate binaries
+    for M == 1 and M % 16 == 0; with it, one binary serves every M for given strides/N/K.
+  * Rows past M (and columns past N) are not masked on load but wrapped (`% M`, `% N`): they read
+    valid rows whose results are simply not stored. A tile row never mixes with another row.
+  * The program order is grouped (GROUP_M tile rows share a column sweep, for L2 reuse of b);
+    it decides when a tile is computed, never how.
+
+The decode regime (M = 1..16) is a memory-bound GEMV on a GPU: a 16-row tile would waste less
+work, but tl.dot's internal summation order may depend on the tile shape, so switching tiles by
+M could change a row's bits. We deliberately keep the M-independent tile (decode pays for a
+mostly empty BLOCK_M tile; the bandwidth of reading b dominates anyway).
+
+float32 uses input_precision="ieee" (no TF32) unless the user opted in with
+torch.backends.cuda.matmul.allow_tf32 (then "tf32", a constexpr: a different binary and
+different bits, the same invariance). bfloat16/float16 feed the tensor cores directly with
+float32 accumulation.
+
+Under the interpreter (TRITON_INTERPRET=1) tl.dot is numpy's BLAS, whose bits depend on a row's
+position inside the tile (measured: OpenBLAS sgemm on a fixed 64x64x64 shape), so the kernel
+takes another K loop there (SEQUENTIAL_SUM): the (BLOCK_M, BLOCK_K, BLOCK_N) products in float32
+with acc added to the k = 0 slice, summed over k by numpy, which reduces a middle axis element
+by element in ascending order, the K blocks added to the total as in reference.matmul. That is
+acc + p0 + p1 + ... — reference.matmul bit for bit when the products are exact
+(bfloat16/float16 operands), an unfused multiply-add chain for float32 (accuracy only),
+batch-invariant either way. bf16 conversions are done by hand there
+(the interpreter's casts truncate and mangle subnormals: _common.py).
+
+`_bias_act_bwd`: one program per (row group, column block), with reference.row_group_sum's
+groups of R = ceil(M / BIAS_GRAD_ROW_GROUPS) consecutive rows. It walks its rows in ascending
+order, writes grad_preact = dy * act'(h) (float32 math, stored in dy's dtype) and adds the
+*stored* value, back in float32, to a float32 partial that starts at +0; the partial is written
+once to row `group` of a (groups, N) buffer that no other program touches. `_bias_grad_sum` then
+adds the partial rows in ascending group order from +0. No atomics. As in layer_norm.py, only
+the ceil(M / R) non-empty groups are launched and summed: an empty group's partial is +0, and
+adding +0 to a sum that started at +0 changes nothing, so this is the reference's 128-group sum.
+Without a bias gradient the kernel is purely elementwise and runs one row per program. Under
+the interpreter a program takes several groups as one (groups, rows, columns) tile and sums
+the rows axis with numpy — the same additions in the same order, in far fewer Python steps.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from . import INTERPRETED
+from ._common import (ACT_NONE, LAUNCH_OPTIONS, activation_derivative, activation_forward, bf16_to_f32,
+                      f32_to_bf16_rn, needs_bf16_rounding)
+
+ROW_GROUPS = reference.BIAS_GRAD_ROW_GROUPS
+BWD_BLOCK_N = 512  # columns per program of the backward kernels; any width gives the same bits
+BWD_NUM_WARPS = 4
+INTERPRETER_BLOCK_N = 512  # interpreter: (rows x columns) tiles of the backward, few programs
+INTERPRETER_ROWS = 64
+# @jit helpers inlined into the kernels, never launched on their own
+JIT_HELPERS = ("_to_f32", "_from_f32", "_epilogue", "_grad_preact")
+
+
+class TileConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+def _fit(n: int, block: int) -> int:
+    """The table's block, shrunk (to a power of two >= 16, tl.dot's minimum) for small dims."""
+    return max(16, min(block, triton.next_power_of_2(max(n, 1))))
+
+
+def tile_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
+    """The one tile configuration for an (M, K) x (K, N) product — a function of (N, K, dtype)
+    only, NEVER of M: this is the batch-invariance rule (float32 uses the same tiles with and
+    without TF32). GPU: `_gpu_tile_config`. Interpreter: every op costs Python time, so few
+    programs and few K steps: about 8192 outputs per tile (BLOCK_N up to 128, BLOCK_M 64..256)
+    and a (BLOCK_M, BLOCK_K, BLOCK_N) product of about 2**18 elements per K step."""
+    if INTERPRETED:
+        block_n = _fit(n, 128)
+        block_m = min(256, max(64, 8192 // block_n))
+        return TileConfig(block_m, block_n, _fit(k, min(128, 2 ** 18 // (block_m * block_n))), 8, 4, 1)
+    return _gpu_tile_config(n, k, dtype)
+
+
+def _gpu_tile_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
+    """GPU tiles (not timed: no GPU here; after the Triton matmul tutorial's best configs):
+      * bf16/fp16: 128 x 128 x 64, 8 warps, 4 stages: 32 KiB of a and b tiles per stage; the
+        compiled kernels use 96 KiB of shared memory on sm_80 and 128 KiB on sm_90 (fits A100's
+        164 and H100's 227 KiB), cp.async pipelined, mma.sync / wgmma; the float32 accumulator
+        is 64 registers per thread (~100-125 registers in all on sm_90, no spills).
+      * float32, TF32 or IEEE (the latter on FMA units, each thread owning an 8 x 8 block of
+        outputs): 128 x 128 x 32, 8 warps, 3 stages (64-96 KiB).
+    GROUP_M = 8 tile rows per L2 swizzle group. N or K below a block shrinks it (min 16)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return TileConfig(128, _fit(n, 128), _fit(k, 64), 8, 8, 4)
+    return TileConfig(128, _fit(n, 128), _fit(k, 32), 8, 8, 3)
+
+
+def k_blocking(k: int, block_k: int, dtype: torch.dtype) -> tuple[int, bool]:
+    """(K_STEPS, K_BLOCKED): reference.matmul sums K in blocks of MATMUL_K_BLOCK; a block is
+    K_STEPS tiles of BLOCK_K (all of K when K is shorter). Followed for float32 on GPUs and for
+    every dtype under the interpreter; bf16/fp16 GPU tiles keep one accumulator (_matmul_fwd)."""
+    span = min(reference.MATMUL_K_BLOCK, triton.next_power_of_2(max(k, 1)))
+    assert reference.MATMUL_K_BLOCK % block_k == 0
+    return max(1, span // block_k), INTERPRETED or dtype == torch.float32
+
+
+def input_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input_precision: float32 is exact ("ieee") unless the user allowed TF32."""
+    if dtype != torch.float32:
+        return None  # 16-bit operands: the tensor cores' native bf16/fp16 path
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@triton.jit
+def _to_f32(x, ROUND_BF16: tl.constexpr):
+    """Widen a loaded tile to float32 (by hand for bf16 under the interpreter: _common.py)."""
+    if ROUND_BF16:
+        return bf16_to_f32(x)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _from_f32(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Narrow float32 to the output dtype, rounding to nearest even (by hand when interpreting bf16)."""
+    if ROUND_BF16:
+        return f32_to_bf16_rn(x)
+    return x.to(dtype)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_fwd(A, B, Bias, Y, H, M, N, K,
+                stride_am, stride_ak, stride_bk, stride_bn,
+                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, SEQUENTIAL_SUM: tl.constexpr,
+                ROUND_BF16: tl.constexpr, EPILOGUE_HALVES: tl.constexpr, K_BLOCKED: tl.constexpr,
+                K_STEPS: tl.constexpr):
+    # Grouped ("swizzled") program order: GROUP_M tile rows walk the tile columns together so
+    # that b's tiles are reused from L2. It only decides which tile a program computes.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/columns past the end wrap onto valid ones (loads need no mask; results not stored).
+    # 64-bit offsets: strides x indices may pass 2**31.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = B + ks.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bn
+    a_step = tl.cast(BLOCK_K, tl.int64) * stride_ak
+    b_step = tl.cast(BLOCK_K, tl.int64) * stride_bk
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # K in ascending order from k = 0, no split: the same sequence for every M.
+    if not SEQUENTIAL_SUM and K_BLOCKED:
+        # float32: reference.matmul's blocks of K_STEPS * BLOCK_K (= MATMUL_K_BLOCK, or all of a
+        # shorter K), each from a fresh accumulator, added to the total in order (accuracy).
+        for kb in range(0, K, K_STEPS * BLOCK_K):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for step in tl.static_range(K_STEPS):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    b = tl.load(b_ptrs)
+                else:
+                    k = kb + step * BLOCK_K
+                    a = tl.load(a_ptrs, mask=ks[None, :] < K - k, other=0.0)
+                    b = tl.load(b_ptrs, mask=ks[:, None] < K - k, other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+                a_ptrs += a_step
+                b_ptrs += b_step
+            total = total + acc
+    elif not SEQUENTIAL_SUM:
+        # bfloat16/float16 on tensor cores: one accumulator over all of K (the products are exact
+        # and the output's rounding dwarfs the float32 sum's; blocks would double the registers).
+        for k in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=ks[None, :] < K - k, other=0.0)
+                b = tl.load(b_ptrs, mask=ks[:, None] < K - k, other=0.0)
+            total = tl.dot(a, b, total, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            a_ptrs += a_step
+            b_ptrs += b_step
+    else:
+        # Interpreter (module docstring): per K block, acc + p0 + p1 + ... element by element in
+        # numpy; the block sums added to the total in order.
+        first = (ks == 0)[None, :, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            if k % (K_STEPS * BLOCK_K) == 0:
+                total = total + acc
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            a = tl.load(a_ptrs, mask=ks[None, :] < K - k, other=0.0)
+            b = tl.load(b_ptrs, mask=ks[:, None] < K - k, other=0.0)
+            if ROUND_BF16:  # (not via _to_f32: each @jit call costs the interpreter ~1 ms)
+                a = bf16_to_f32(a)
+                b = bf16_to_f32(b)
+            else:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            p = a[:, :, None] * b[None, :, :]  # (BLOCK_M, BLOCK_K, BLOCK_N)
+            acc = tl.sum(tl.where(first, p + acc[:, None, :], p), axis=1)
+            a_ptrs += a_step
+            b_ptrs += b_step
+        total = total + acc
+
+    # Epilogue in registers, as reference.matmul: h = acc + bias (one rounding), then act(h).
+    if EPILOGUE_HALVES:
+        # GELU on the whole 128 x 128 tile spills registers on sm_80: do it a half at a time
+        # (elementwise, so the same bits). acc[:, :BN/2] and acc[:, BN/2:]:
+        left, right = tl.split(tl.permute(tl.reshape(total, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _epilogue(left, Bias, Y, H, offs_m, offs_half, M, N, HAS_BIAS, ACTIVATION, SAVE_PREACT, ROUND_BF16)
+        _epilogue(right, Bias, Y, H, offs_m, offs_half + BLOCK_N // 2, M, N, HAS_BIAS, ACTIVATION, SAVE_PREACT,
+                  ROUND_BF16)
+    else:
+        _epilogue(total, Bias, Y, H, offs_m, offs_n, M, N, HAS_BIAS, ACTIVATION, SAVE_PREACT, ROUND_BF16)
+
+
+@triton.jit
+def _epilogue(acc, Bias, Y, H, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              SAVE_PREACT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """h = acc + bias, y = act(h); store y (and h) for the tile's rows offs_m, columns offs_n."""
+    if HAS_BIAS:
+        h = acc + _to_f32(tl.load(Bias + offs_n % N), ROUND_BF16)[None, :]
+    else:
+        h = acc
+    y = activation_forward(h, ACTIVATION)
+    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(Y + out, _from_f32(y, Y.dtype.element_ty, ROUND_BF16), mask=inside)
+    if SAVE_PREACT:
+        tl.store(H + out, _from_f32(h, H.dtype.element_ty, ROUND_BF16), mask=inside)
+
+
+@triton.jit
+def _grad_preact(DY, Hp, DH, offs, mask, ACTIVATION: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """grad_preact = dy * act'(h) at offs, stored in DH's dtype; returned as stored, in float32."""
+    g = _to_f32(tl.load(DY + offs, mask=mask, other=0.0), ROUND_BF16)
+    if ACTIVATION != ACT_NONE:
+        h = _to_f32(tl.load(Hp + offs, mask=mask, other=0.0), ROUND_BF16)
+        stored = _from_f32(g * activation_derivative(h, ACTIVATION), DH.dtype.element_ty, ROUND_BF16)
+        tl.store(DH + offs, stored, mask=mask)
+        g = _to_f32(stored, ROUND_BF16)
+    return g
+
+
+@triton.jit
+def _bias_act_bwd(DY, Hp, DH, Partial, n_rows, n_cols, n_groups, rows_per_group,
+                  ACTIVATION: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  ROUND_BF16: tl.constexpr, SEQUENTIAL_SUM: tl.constexpr, GROUPS: tl.constexpr,
+                  ROW_CHUNK: tl.constexpr):
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = cols < n_cols
+    if not SEQUENTIAL_SUM:
+        # GPU: one group per program, its rows one at a time in ascending order.
+        group = tl.program_id(0).to(tl.int64)
+        row_start = group * rows_per_group
+        row_end = tl.minimum(row_start + rows_per_group, n_rows)
+        partial = tl.zeros((BLOCK_N,), tl.float32)  # the group's partial starts at +0
+        for row in range(row_start, row_end):
+            g = _grad_preact(DY, Hp, DH, row * n_cols + cols, inside, ACTIVATION, ROUND_BF16)
+            if BIAS_GRAD:
+                partial = partial + g
+        if BIAS_GRAD:
+            tl.store(Partial + group * n_cols + cols, partial, mask=inside)
+    else:
+        # Interpreter (where every op costs Python time): GROUPS groups per program as a
+        # (GROUPS, ROW_CHUNK, BLOCK_N) tile; numpy sums the middle axis element by element in
+        # ascending order, and the running partial is added to each chunk's first row, so this
+        # is the same chain of additions as the loop above.
+        groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+        r = tl.arange(0, ROW_CHUNK)
+        first = (r == 0)[None, :, None]
+        partial = tl.zeros((GROUPS, BLOCK_N), tl.float32)
+        for r0 in range(0, rows_per_group, ROW_CHUNK):
+            rows = groups[:, None] * rows_per_group + (r0 + r)[None, :]
+            valid = ((r0 + r)[None, :] < rows_per_group) & (rows < n_rows)
+            mask = valid[:, :, None] & inside[None, None, :]
+            g = _grad_preact(DY, Hp, DH, rows[:, :, None] * n_cols + cols[None, None, :], mask,
+                             ACTIVATION, ROUND_BF16)
+            if BIAS_GRAD:
+                g = tl.where(mask, g, 0.0)  # rows past the group add +0: no change
+                partial = tl.sum(tl.where(first, g + partial[:, None, :], g), axis=1)
+        if BIAS_GRAD:
+            tl.store(Partial + groups[:, None] * n_cols + cols[None, :], partial,
+                     mask=(groups < n_groups)[:, None] & inside[None, :])
+
+
+@triton.jit
+def _bias_grad_sum(Partial, DB, n_groups, n_cols, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = cols < n_cols
+    part = Partial + cols  # pointers advance by whole rows: 64-bit, no int overflow
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for _ in range(0, n_groups):  # ascending group order from +0, as reference.row_group_sum
+        total = total + tl.load(part, mask=inside, other=0.0)
+        part += n_cols
+    tl.store(DB + cols, total, mask=inside)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool):
+    """y = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides, bias (N,) or None, all
+    one dtype. Returns (y, preact or None): contiguous (M, N) in a's dtype; preact = a @ b + bias
+    when save_preact and there is an activation."""
+    m, k = a.shape
+    n = b.shape[1]
+    assert b.shape[0] == k and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    y = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    h = torch.empty_like(y) if save_preact and activation != reference.ACT_NONE else None
+    if m == 0 or n == 0:
+        return y, h
+    if bias is not None:
+        bias = bias.contiguous()
+    precision = input_precision(a.dtype)
+    cfg = tile_config(n, k, a.dtype)
+    k_steps, k_blocked = k_blocking(k, cfg.BLOCK_K, a.dtype)
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _matmul_fwd[grid](
+        a, b, y if bias is None else bias, y, y if h is None else h, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        HAS_BIAS=bias is not None, ACTIVATION=activation, SAVE_PREACT=h is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        EVEN_K=k % (k_steps * cfg.BLOCK_K if k_blocked else cfg.BLOCK_K) == 0, INPUT_PRECISION=precision,
+        SEQUENTIAL_SUM=INTERPRETED, ROUND_BF16=needs_bf16_rounding(a.dtype),
+        EPILOGUE_HALVES=activation != reference.ACT_NONE and not INTERPRETED, K_BLOCKED=k_blocked, K_STEPS=k_steps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
+    )
+    return y, h
+
+
+def bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int, need_bias_grad: bool):
+    """grad_y, preact: contiguous (M, N), one dtype (preact unused without an activation).
+
+    Returns (grad_preact in grad_y's dtype, or None when activation is ACT_NONE — it would be
+    grad_y itself; grad_bias float32 (N,) = reference.row_group_sum(grad_preact as stored), or
+    None unless need_bias_grad)."""
+    rows, cols = grad_y.shape
+    has_act = activation != reference.ACT_NONE
+    grad_preact = torch.empty_like(grad_y) if has_act else None
+    grad_bias = torch.zeros(cols, dtype=torch.float32, device=grad_y.device) if need_bias_grad else None
+    if rows == 0 or cols == 0 or not (has_act or need_bias_grad):
+        return grad_preact, grad_bias
+    if need_bias_grad:
+        rows_per_group = -(-rows // ROW_GROUPS)
+        n_groups = -(-rows // rows_per_group)  # the non-empty groups (module docstring)
+        partial = torch.empty(n_groups, cols, dtype=torch.float32, device=grad_y.device)
+    else:  # purely elementwise: any grouping gives the same bits
+        rows_per_group = INTERPRETER_ROWS if INTERPRETED else 1
+        n_groups = -(-rows // rows_per_group)
+        partial = grad_y  # never touched when BIAS_GRAD is False
+    if INTERPRETED:
+        block_n = min(triton.next_power_of_2(cols), INTERPRETER_BLOCK_N)
+        row_chunk = min(triton.next_power_of_2(rows_per_group), INTERPRETER_ROWS)
+        groups_per_program = INTERPRETER_ROWS // row_chunk
+    else:
+        block_n, row_chunk, groups_per_program = BWD_BLOCK_N, 1, 1
+    col_blocks = triton.cdiv(cols, block_n)
+    _bias_act_bwd[(triton.cdiv(n_groups, groups_per_program), col_blocks)](
+        grad_y, preact if has_act else grad_y, grad_preact if has_act else grad_y, partial,
+        rows, cols, n_groups, rows_per_group,
+        ACTIVATION=activation, BIAS_GRAD=need_bias_grad, BLOCK_N=block_n,
+        ROUND_BF16=needs_bf16_rounding(grad_y.dtype), SEQUENTIAL_SUM=INTERPRETED,
+        GROUPS=groups_per_program, ROW_CHUNK=row_chunk, num_warps=BWD_NUM_WARPS, **LAUNCH_OPTIONS,
+    )
+    if need_bias_grad:
+        _bias_grad_sum[(col_blocks,)](partial, grad_bias, n_groups, cols, BLOCK_N=block_n,
+                                      num_warps=BWD_NUM_WARPS, **LAUNCH_OPTIONS)
+    return grad_preact, grad_bias
+
+
+def compile_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles.
+
+    The matmul per dtype (and TF32) with the table's GPU config, for the op's three layouts
+    (unit strides are what Triton specialises to constexpr 1 at launch):
+      forward  a = x (row-major), b = weight.t(): no bias / bias + gelu + preact with a ragged K /
+               bias + gelu_tanh + preact;
+      dx       a = g (row-major), b = weight (row-major);
+      dweight  a = g.t() (column-major), b = x (row-major);
+    plus, for bf16, the shrunk tiles of tiny N and K with an activation. The backward kernels per
+    dtype and activation. (Real launches also get Triton's divisible-by-16 specialisation of the
+    pointers, N, K and strides — not expressible here — which is what enables cp.async
+    pipelining; compiled with it, see _gpu_tile_config.)"""
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    specs = []
+    variants = [  # (unit strides, HAS_BIAS, ACTIVATION, SAVE_PREACT, EVEN_K)
+        (("stride_ak", "stride_bk"), False, reference.ACT_NONE, False, True),
+        (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False),
+        (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, True, True),
+        (("stride_ak", "stride_bn"), False, reference.ACT_NONE, False, True),
+        (("stride_am", "stride_bn"), False, reference.ACT_NONE, False, False),
+    ]
+    small = [  # the shrunk tiles of small N and K (BLOCK_N 16 / 64, BLOCK_K 16), with the epilogue halves
+        ((1, 1), (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False)),
+        ((50, 7), (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, False, False)),
+    ]
+    for dtype, precisions in (("fp32", ("ieee", "tf32")), ("bf16", (None,)), ("fp16", (None,))):
+        for precision in precisions:
+            shapes = [((4096, 4096), v) for v in variants] + (small if dtype == "bf16" else [])
+            for (n, k), (unit, has_bias, act, save, even_k) in shapes:
+                cfg = _gpu_tile_config(n, k, torch_dtypes[dtype])
+                sig = {"A": f"*{dtype}", "B": f"*{dtype}", "Bias": f"*{dtype}", "Y": f"*{dtype}", "H": f"*{dtype}",
+                       "M": "i32", "N": "i32", "K": "i32",
+                       **{name: "constexpr" if name in unit else "i32"
+                          for name in ("stride_am", "stride_ak", "stride_bk", "stride_bn")},
+                       **{name: "constexpr" for name in (
+                           "HAS_BIAS", "ACTIVATION", "SAVE_PREACT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                           "EVEN_K", "INPUT_PRECISION", "SEQUENTIAL_SUM", "ROUND_BF16", "EPILOGUE_HALVES",
+                           "K_BLOCKED", "K_STEPS")}}
+                k_steps, k_blocked = k_blocking(k, cfg.BLOCK_K, torch_dtypes[dtype])
+                specs.append((_matmul_fwd, sig,
+                              {**{name: 1 for name in unit}, "HAS_BIAS": has_bias, "ACTIVATION": act,
+                               "SAVE_PREACT": save, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N,
+                               "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M, "EVEN_K": even_k,
+                               "INPUT_PRECISION": precision, "SEQUENTIAL_SUM": False, "ROUND_BF16": False,
+                               "EPILOGUE_HALVES": act != reference.ACT_NONE, "K_BLOCKED": k_blocked,
+                               "K_STEPS": k_steps},
+                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+        for act in (reference.ACT_NONE, reference.ACT_GELU, reference.ACT_GELU_TANH):
+            sig = {"DY": f"*{dtype}", "Hp": f"*{dtype}", "DH": f"*{dtype}", "Partial": "*fp32",
+                   "n_rows": "i32", "n_cols": "i32", "n_groups": "i32", "rows_per_group": "i32",
+                   "ACTIVATION": "constexpr", "BIAS_GRAD": "constexpr", "BLOCK_N": "constexpr",
+                   "ROUND_BF16": "constexpr", "SEQUENTIAL_SUM": "constexpr", "GROUPS": "constexpr",
+                   "ROW_CHUNK": "constexpr"}
+            specs.append((_bias_act_bwd, sig, {"ACTIVATION": act, "BIAS_GRAD": act != reference.ACT_GELU,
+                                               "BLOCK_N": BWD_BLOCK_N, "ROUND_BF16": False, "SEQUENTIAL_SUM": False,
+                                               "GROUPS": 1, "ROW_CHUNK": 1}, {"num_warps": BWD_NUM_WARPS}))
+    sig = {"Partial": "*fp32", "DB": "*fp32", "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
+    specs.append((_bias_grad_sum, sig, {"BLOCK_N": BWD_BLOCK_N}, {"num_warps": BWD_NUM_WARPS}))
+    return specs
