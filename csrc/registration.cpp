@@ -31,8 +31,9 @@ TORCH_LIBRARY(fusedtx_native, m) {
       "layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool need_param_grads, int lanes, int groups) -> (Tensor, Tensor, Tensor)");
   // y = act(a @ b + bias) for 2-D a (M, K) and b (K, N) of any strides (the forward passes
-  // weight.t(), the backward weight and grad.t()), as reference.matmul: one float32 accumulator
-  // per element, FMA over k in ascending order, then + bias, then the activation
+  // weight.t(), the backward weight and grad.t()), as reference.matmul: per element, an FMA
+  // chain from +0 over each block of 128 k's in ascending order, the block sums added in order,
+  // then + bias, then the activation
   // (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b and bias share a dtype (float32,
   // bfloat16, float16); y is contiguous in that dtype. The second output is the pre-activation
   // a @ b + bias when save_preact (the backward's input), else an empty tensor.
