@@ -231,7 +231,10 @@ def laid_out(t, layout):
     (17, 37, 70, False, "col", "row"),     # the backward's dweight = g.t() @ x
     (5, 9, 11, True, "sliced", "sliced"),  # neither stride is 1
     (129, 20, 130, True, "row", "col"),    # more than one tile along m and along n
-], ids=["1x1x1", "3x7x50", "17x37x70", "a-colmajor", "sliced", "2x2-tiles"])
+    (3, 128, 20, True, "row", "col"),      # K = one whole K block (reference.MATMUL_K_BLOCK)
+    (4, 256, 9, False, "col", "row"),      # K = two whole K blocks
+    (3, 300, 20, True, "row", "col"),      # K = 128 + 128 + 44: a short last K block
+], ids=["1x1x1", "3x7x50", "17x37x70", "a-colmajor", "sliced", "2x2-tiles", "k128", "k256", "k300"])
 def test_matmul_kernel_matches_reference(linear_lib, dtype, activation, m, k, n, bias, a_layout, b_layout):
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
     # Scaled so that h spans every branch of the activations (|h| up to ~20).
@@ -344,3 +347,20 @@ def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
     _, db = emu_bias_act_backward(lib, dy, None, 0, True, 128)
     torch.testing.assert_close(db, dy.sum(0))
     assert not torch.equal(db, reference.bias_act_backward(dy, None, 0, True, 128)[1])
+
+
+def test_negative_control_unblocked_k_is_caught(tmp_path):
+    """At K = 300 the comparison fails for a kernel that runs one FMA chain over all of K (the
+    order before the K blocks): its bits are the unblocked chain's, not reference.matmul's."""
+    blocks = "constexpr int kTilesPerKBlock = kKBlock / kBK;"
+
+    def mutate(source):
+        assert source.count(blocks) == 1
+        return source.replace(blocks, "constexpr int kTilesPerKBlock = 1 << 30;")
+
+    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    g = torch.Generator().manual_seed(4)
+    a, w = torch.randn(3, 300, generator=g), torch.randn(20, 300, generator=g)
+    y, _ = emu_matmul(lib, a, w.t(), None, 0)
+    assert_bitwise_equal(y, reference.fma_matmul(a, w.t()), "one chain over K")  # the unblocked order...
+    assert not torch.equal(y, reference.matmul(a, w.t())[0])  # ...is not the reference's

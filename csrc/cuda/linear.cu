@@ -2,16 +2,28 @@
 // part of its backward: reference.matmul / reference.bias_act_backward, bit for bit.
 //
 // Forward: a classic shared-memory tiled SGEMM. Each block computes one kBM x kBN tile of the
-// output, 256 threads each holding a kTM x kTN register tile of float32 accumulators. Every
-// accumulator starts at +0 and takes __fmaf_rn(a[i, k], b[k, j], acc) for k = 0, 1, ..., K-1 in
-// ascending order (k-tiles ascending, and ascending within a tile): exactly reference.matmul's
-// chain, so an element's bits depend on a[i, :] and b[:, j] alone, never on M, on the tile it
-// falls in, or on the GPU. K past the end is zero-filled: fma(0, 0, acc) = acc, since an
-// accumulator that starts at +0 is never -0. The tile configuration is one constant (no split-K,
-// nothing keyed on M). bfloat16 / float16 operands are widened to float32 on their way to shared
-// memory (their products are exact in float32). The epilogue adds the bias (one rounding), runs
-// the activation operation for operation as the reference writes it (_rn intrinsics, no FMA
-// contraction), and stores y and, when asked, the pre-activation h in the operands' dtype.
+// output, 256 threads each holding a kTM x kTN register tile. reference.matmul's order, K-blocked:
+// K is cut into blocks of kKBlock = reference.MATMUL_K_BLOCK = 128 from k = 0 (k = 0..127,
+// 128..255, ...; the last block may be short). Within a block, each element's partial is one
+// float32 accumulator `acc` from +0 taking __fmaf_rn(a[i, k], b[k, j], acc) for k ascending
+// (k-tiles ascending, and ascending within a tile). At the end of every block (every
+// kTilesPerKBlock = 16 k-tiles, or at the last k-tile) the partial is added into a per-element
+// float32 `total` (from +0; total = __fadd_rn(total, acc), one rounding, blocks ascending) and acc
+// restarts at +0. (+0 + p == p bitwise: an FMA chain from +0 never yields -0, so the first add is
+// exact, as in the reference's zeros + partial.) So an element's bits depend on a[i, :] and
+// b[:, j] alone, never on M, on the tile it falls in, or on the GPU. K past the end is
+// zero-filled: fma(0, 0, acc) = acc, since acc is never -0. The tile configuration is one
+// constant (no split-K, nothing keyed on M). bfloat16 / float16 operands are widened to float32
+// on their way to shared memory (their products are exact in float32). The epilogue computes
+// h = total + bias (one rounding), runs the activation operation for operation as the reference
+// writes it (_rn intrinsics, no FMA contraction), and stores y and, when asked, the
+// pre-activation h in the operands' dtype.
+//
+// Both acc and total live in registers (2 x 64 floats per thread). With __launch_bounds__(256) a
+// thread may use up to 255 registers; the kernel takes ~240 on sm_80 / sm_90 with no spills, and
+// one 256-thread block per SM as before (at 144 registers two blocks did not fit either). Totals in
+// shared memory would need 64 KB per block on top of the 16.5 KB of tiles (past the 48 KB default);
+// an 8x4 thread tile would cut the FMAs per shared-memory load from 4 to 2.7.
 //
 // a and b have any strides (the forward passes weight.t(), the backward weight and grad.t()):
 // each thread loads its share of a k-tile along whichever of the tile's axes is contiguous in
@@ -33,6 +45,9 @@ namespace {
 // fragments are two float4 reads per operand from shared memory, conflict-free.
 constexpr int kBM = 128, kBN = 128, kBK = 8;
 constexpr int kTM = 8, kTN = 8;
+constexpr int kKBlock = 128;                           // reference.MATMUL_K_BLOCK
+constexpr int kTilesPerKBlock = kKBlock / kBK;         // 16 k-tiles per K block
+static_assert(kKBlock % kBK == 0, "a K block is a whole number of k-tiles");
 constexpr int kThreads = (kBM / kTM) * (kBN / kTN);  // 256
 constexpr int kLoads = kBM * kBK / kThreads;         // elements of A (and of B) each thread loads per k-tile
 // Shared rows are k-major (As[k][m], Bs[k][n]); 4 floats of padding keep float4 alignment and make
@@ -189,47 +204,62 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   const int ty = tid / (kBN / kTN), tx = tid % (kBN / kTN);
-  float acc[kTM][kTN];
+  float acc[kTM][kTN];    // the current K block's partials, from +0
+  float total[kTM][kTN];  // the finished blocks' sum, from +0
 #pragma unroll
   for (int i = 0; i < kTM; ++i) {
 #pragma unroll
-    for (int j = 0; j < kTN; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < kTN; ++j) acc[i][j] = total[i][j] = 0.0f;
   }
 
   // Double-buffered k loop, one barrier per k-tile: tile t+1 is fetched into registers while tile
   // t is multiplied, then stored into the other buffer (whose last readers finished before the
-  // previous barrier).
+  // previous barrier). The outer loop walks the K blocks (kTilesPerKBlock k-tiles each, the last
+  // one possibly short); the pipeline runs straight across block boundaries, since the fold at a
+  // boundary touches registers only.
   const int64_t k_tiles = (k + kBK - 1) / kBK;
   if (k_tiles > 0) {
     load_tile(0);
     store_tile(0);
     __syncthreads();
   }
-  for (int64_t t = 0; t < k_tiles; ++t) {
-    const int buf = static_cast<int>(t & 1);
-    const bool has_next = t + 1 < k_tiles;
-    if (has_next) load_tile((t + 1) * kBK);
-    const float* as = smem + buf * 2 * kTileFloats;
-    const float* bs = as + kTileFloats;
+  for (int64_t t0 = 0; t0 < k_tiles; t0 += kTilesPerKBlock) {  // K blocks ascending
+    const int64_t t_end = t0 + kTilesPerKBlock < k_tiles ? t0 + kTilesPerKBlock : k_tiles;
+    for (int64_t t = t0; t < t_end; ++t) {
+      const int buf = static_cast<int>(t & 1);
+      const bool has_next = t + 1 < k_tiles;
+      if (has_next) load_tile((t + 1) * kBK);
+      const float* as = smem + buf * 2 * kTileFloats;
+      const float* bs = as + kTileFloats;
 #pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {  // k ascending
-      const float4 a0 = *reinterpret_cast<const float4*>(as + kk * kSmemStride + ty * 4);
-      const float4 a1 = *reinterpret_cast<const float4*>(as + kk * kSmemStride + kBM / 2 + ty * 4);
-      const float4 b0 = *reinterpret_cast<const float4*>(bs + kk * kSmemStride + tx * 4);
-      const float4 b1 = *reinterpret_cast<const float4*>(bs + kk * kSmemStride + kBN / 2 + tx * 4);
-      const float av[kTM] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float bv[kTN] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+      for (int kk = 0; kk < kBK; ++kk) {  // k ascending
+        const float4 a0 = *reinterpret_cast<const float4*>(as + kk * kSmemStride + ty * 4);
+        const float4 a1 = *reinterpret_cast<const float4*>(as + kk * kSmemStride + kBM / 2 + ty * 4);
+        const float4 b0 = *reinterpret_cast<const float4*>(bs + kk * kSmemStride + tx * 4);
+        const float4 b1 = *reinterpret_cast<const float4*>(bs + kk * kSmemStride + kBN / 2 + tx * 4);
+        const float av[kTM] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const float bv[kTN] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-      for (int i = 0; i < kTM; ++i) {
+        for (int i = 0; i < kTM; ++i) {
 #pragma unroll
-        for (int j = 0; j < kTN; ++j) acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);
+          for (int j = 0; j < kTN; ++j) acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);
+        }
+      }
+      if (has_next) store_tile(buf ^ 1);
+      __syncthreads();
+    }
+    // End of a K block: total += partial (one rounding), and the next block's chain restarts at +0.
+#pragma unroll
+    for (int i = 0; i < kTM; ++i) {
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) {
+        total[i][j] = __fadd_rn(total[i][j], acc[i][j]);
+        acc[i][j] = 0.0f;
       }
     }
-    if (has_next) store_tile(buf ^ 1);
-    __syncthreads();
   }
 
-  // Epilogue: h = acc + bias (one rounding), y = act(h), both rounded to T on the store.
+  // Epilogue: h = total + bias (one rounding), y = act(h), both rounded to T on the store.
   float bias_v[kTN];
 #pragma unroll
   for (int j = 0; j < kTN; ++j) {
@@ -244,7 +274,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kTN; ++j) {
       const int64_t c = col0 + (j < 4 ? tx * 4 + j : kBN / 2 + tx * 4 + (j - 4));
       if (c >= n) continue;
-      const float h = bias != nullptr ? __fadd_rn(acc[i][j], bias_v[j]) : acc[i][j];
+      const float h = bias != nullptr ? __fadd_rn(total[i][j], bias_v[j]) : total[i][j];
       store_f32(y + r * n + c, activation_forward<kAct>(h));
       if (kAct != 0 && preact != nullptr) store_f32(preact + r * n + c, h);
     }
