@@ -16,6 +16,7 @@ CPU_SOURCES = [
     "registration.cpp",
     "cpu/softmax.cpp",
     "cpu/layer_norm.cpp",
+    "cpu/linear.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",
