@@ -510,15 +510,16 @@ def plot_results(csv_path: str | Path = DEFAULT_CSV, out_dir: str | Path = RESUL
     for (kernel, device), kernel_rows in sorted(groups.items()):
         run = latest_run(kernel_rows)
         modes = [m for m in MODES if any(r["mode"] == m for r in run)] or sorted({r["mode"] for r in run})
-        panels = sorted({(r["dtype"], r["metric"], r["unit"]) for r in run}, key=lambda p: (p[1] != "bandwidth", p))
+        panels = sorted({(r["dtype"], r["metric"], r["unit"], _layer(r)) for r in run},
+                        key=lambda p: (p[1] != "bandwidth", p))
         fig, axes = plt.subplots(len(panels), len(modes), figsize=(5.0 * len(modes), 3.6 * len(panels)),
                                  squeeze=False)
         providers = sorted({r["provider"] for r in run}, key=lambda p: (not p.startswith("fusedtx"), p))
         colors = {p: f"C{i}" for i, p in enumerate(providers)}
-        for i, (dtype, metric, unit) in enumerate(panels):
+        for i, (dtype, metric, unit, layer) in enumerate(panels):
             for j, mode in enumerate(modes):
                 ax = axes[i][j]
-                cell = [r for r in run if (r["dtype"], r["metric"], r["mode"]) == (dtype, metric, mode)]
+                cell = [r for r in run if (r["dtype"], r["metric"], r["mode"], _layer(r)) == (dtype, metric, mode, layer)]
                 xs_all = sorted({r["x_value"] for r in cell})
                 single = len(xs_all) == 1  # one size only: bars per provider instead of lines
                 for k, provider in enumerate(providers):
@@ -542,7 +543,7 @@ def plot_results(csv_path: str | Path = DEFAULT_CSV, out_dir: str | Path = RESUL
                     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4:
                         ax.set_xscale("log", base=2)
                     ax.set_xlabel(cell[0]["x_name"] if cell else "")
-                ax.set_title(f"{mode} · {dtype}", fontsize=10)
+                ax.set_title(f"{mode} · {dtype}" + (f" · {layer}" if layer else ""), fontsize=10)
                 ax.set_ylabel(f"{metric} ({unit})")
                 ax.set_ylim(bottom=0)
                 ax.grid(True, alpha=0.3)
@@ -563,6 +564,11 @@ def plot_results(csv_path: str | Path = DEFAULT_CSV, out_dir: str | Path = RESUL
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _layer(row: dict) -> str:
+    """A token-count sweep (x = M, shape M x K x N) gets one row of panels per layer (K x N)."""
+    return row["shape"].split("x", 1)[1] if row["x_name"] == "M" and "x" in row["shape"] else ""
 
 
 def _group(rows: Iterable[dict], keys: Sequence[str]) -> dict:
