@@ -45,6 +45,14 @@ TORCH_LIBRARY(fusedtx_native, m) {
   m.def(
       "bias_act_backward(Tensor grad_y, Tensor? preact, int activation, bool need_bias_grad, int groups) "
       "-> (Tensor, Tensor)");
+  // Causal attention with a fixed split size, as reference.attention_forward: q (B, H, Tq, D),
+  // k and v (B, Hkv, Tmax, D) (H a multiple of Hkv; last dims contiguous), seqlens (B,) int64 on
+  // the CPU: sequence b's queries sit at positions seqlens[b] - Tq ... seqlens[b] - 1 and it has
+  // seqlens[b] valid keys (nothing beyond is read). Returns o (B, H, Tq, D) contiguous in q's
+  // dtype and the float32 row statistics m, l (B, H, Tq) for the backward.
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor seqlens, float scale, int split_size) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // Lets the ahead-of-time build be imported as `fusedtx._C` (which runs the registrations
