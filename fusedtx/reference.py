@@ -472,3 +472,50 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
             m = torch.where(sees, m_new, m)
         out[b], m_out[b], l_out[b] = acc / l[..., None], m, l
     return out.to(q.dtype), m_out, l_out
+
+
+def blocked_fma_matmul(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """a @ b like fma_matmul, with the reduction cut into blocks of `block` from index 0: each
+    block an FMA chain from +0, the block sums added in ascending order (as reference.matmul)."""
+    total = None
+    for start in range(0, a.shape[-1], block):
+        part = fma_matmul(a[..., start:start + block], b[..., start:start + block, :])
+        total = part if total is None else total + part
+    return total
+
+
+def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int):
+    """Gradients of a full causal attention_forward (Tq = Tk = T, every sequence of length T).
+
+    From the forward's final row statistics (m, l), in float32 with the forward's dot products:
+        s_ij = fl(dotFMA(q_i, k_j) * scale),   P_ij = exp_f32(s_ij - m_i) / l_i   (j <= i, else 0)
+        D_i  = dotFMA(dO_i, o_i),   dP_ij = dotFMA(dO_i, v_j),   dS_ij = P_ij * (dP_ij - D_i)
+        dq_i = (sum_j dS_ij k_j) * scale      sums over keys j in blocks of S from 0
+        dk_j = (sum_i dS_ij q_i) * scale      sums over queries i in blocks of S from 0
+        dv_j =  sum_i P_ij dO_i
+    Each block sum is an FMA chain from +0 (masked terms add exactly +0), blocks added in
+    ascending order; with grouped KV heads, each query head's sum is formed so and the group's
+    heads are added in ascending head order from +0. Fixed orders, no atomics: the same bits run
+    after run and for any thread count. Returns (dq, dk, dv) in the inputs' dtypes.
+    """
+    heads, kv_heads, length = q.shape[1], k.shape[1], q.shape[2]
+    group = heads // kv_heads
+    f32 = lambda c: torch.tensor(c, dtype=torch.float32, device=q.device)  # noqa: E731
+    qf, of, dof = q.float(), o.float(), grad_o.float()
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    s = fma_matmul(qf, kf.transpose(-1, -2)) * f32(scale)
+    p = torch.where(causal, exp_f32(torch.where(causal, s - m[..., None], f32(0.0))) / l[..., None], f32(0.0))
+    d_row = fma_matmul(dof[..., None, :], of[..., :, None])[..., 0]              # (B, H, T, 1)
+    ds = p * (fma_matmul(dof, vf.transpose(-1, -2)) - d_row)
+    dq = blocked_fma_matmul(ds, kf, split_size) * f32(scale)
+    dk_heads = blocked_fma_matmul(ds.transpose(-1, -2), qf, split_size) * f32(scale)
+    dv_heads = blocked_fma_matmul(p.transpose(-1, -2), dof, split_size)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for h in range(group):  # ascending head order within each KV group
+        dk = dk + dk_heads[:, h::group]
+        dv = dv + dv_heads[:, h::group]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

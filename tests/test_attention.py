@@ -136,3 +136,25 @@ def test_spec_garbage_beyond_length_is_never_read():
     assert torch.isfinite(out).all()
     full = reference.attention_forward(q, k, v, torch.tensor([S + 3]), 0.25, S)[0]
     assert_bitwise_equal(out, full[:, :, -2:], "garbage beyond the length")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("length,dim,kv_heads", [(S + 1, 16, 2), (3 * S + 5, 32, 1), (1, 16, 2)],
+                         ids=["S+1", "3S+5-mqa", "T1"])
+def test_spec_backward_accuracy_against_float64(dtype, length, dim, kv_heads):
+    q, k, v = qkv(2, 2, length, dim, dtype, kv_heads)
+    grad_o = make(q.shape, dtype, seed=7)
+    scale = dim ** -0.5
+    o, m, l = reference.attention_forward(q, k, v, torch.full((2,), length), scale, S)
+    ours = reference.attention_backward(grad_o, q, k, v, o, m, l, scale, S)
+
+    def sdpa_grads(cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        expand = lambda t: t.repeat_interleave(2 // kv_heads, dim=1)  # noqa: E731
+        y = F.scaled_dot_product_attention(leaves[0], expand(leaves[1]), expand(leaves[2]), is_causal=True)
+        return torch.autograd.grad(y, leaves, cast(grad_o))
+
+    eager, exact = sdpa_grads(lambda t: t), sdpa_grads(lambda t: t.double())
+    for name, a, e, x, like in zip(("dq", "dk", "dv"), ours, eager, exact, (q, k, v)):
+        assert a.dtype == dtype and a.shape == like.shape, name
+        assert_accuracy(a, e, x, f"attention spec backward {dtype} {name} T={length}")
