@@ -17,6 +17,7 @@ CPU_SOURCES = [
     "cpu/softmax.cpp",
     "cpu/layer_norm.cpp",
     "cpu/linear.cpp",
+    "cpu/attention.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",

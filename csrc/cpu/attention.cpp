@@ -1,0 +1,489 @@
+// Causal attention forward with a fixed split size on CPU: reference.attention_forward, bit for bit.
+//
+// One task = (batch b, head h, block of up to 16 queries); tasks are spread over threads and
+// nothing inside a task is split, so neither the thread count nor the batch changes any bits.
+// A task walks the key chunks [cS, cS + S) from chunk 0 up to the chunk of its last query:
+//   scores   one 16-lane vector per key, the lanes being the block's queries: an FMA chain over
+//            d ascending (broadcast k_j[d] times the transposed q[d]), 8 keys interleaved for ILP,
+//            then * scale; (query, key) pairs above the diagonal become -inf. Blocks of at most
+//            2 queries (decode) put 16 keys in the lanes instead (K transposed 16 x 16 in
+//            registers, broadcast q[d]): the same chain per (query, key), a full vector of work.
+//   softmax  lane-wise over the chunk's keys: m_c = max, p = exp_f32(s - m_c), l_c = sum from +0
+//            in ascending key order (masked pairs give p = +0, exactly as the reference).
+//   P @ V    vectorised over the head dim e with p broadcast: per (query, e) one FMA chain over
+//            the chunk's keys ascending from +0, 4 queries x up to 4 vectors of e at a time, and
+//            merged at once into the running accumulator with a = exp_f32(m - m'), b = exp_f32(m_c - m')
+//            as acc * a + acc_c * b (separate roundings: the file is built with -ffp-contract=off).
+// Every lane computes exactly the scalar sequence of the reference, so a query's bits do not
+// depend on which block (prefill, chunked prefill, decode) it sits in. Keys at or beyond
+// seqlens[b] are never loaded: a block reads keys up to the position of its last query only.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace fusedtx::cpu {
+namespace {
+
+constexpr int kBlockQ = 16;  // queries per task: the lanes of the score vectors
+constexpr int kScoreKeys = 8;  // keys whose dot products are interleaved
+constexpr int kPvQueries = 4;  // P @ V tile: queries x vectors of the head dim
+constexpr int kPvVecs = 4;
+constexpr int kKeyLaneQueries = 2;  // blocks of at most this many queries put keys in the score lanes
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(
+      _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#else
+  alignas(64) float x[kVec], y[kVec], z[kVec];
+  vstore(x, a);
+  vstore(y, b);
+  vstore(z, c);
+  for (int l = 0; l < kVec; ++l) z[l] = std::fma(x[l], y[l], z[l]);
+  return vload(z);
+#endif
+}
+
+// Lanes where `mask` is set take a, the others b.
+inline vfloat vselect(__mmask16 mask, vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_mask_mov_ps(reinterpret_cast<__m512>(b), mask, reinterpret_cast<__m512>(a)));
+#else
+  alignas(64) float x[kVec], y[kVec];
+  vstore(x, a);
+  vstore(y, b);
+  for (int l = 0; l < kVec; ++l) y[l] = (mask >> l) & 1 ? x[l] : y[l];
+  return vload(y);
+#endif
+}
+
+// The first n lanes (n clamped to 0 ... 16).
+inline __mmask16 first_lanes(int64_t n) {
+  if (n <= 0) return 0;
+  if (n >= kVec) return 0xFFFF;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// n (<= 16) elements of T at p as floats (exact conversions); lanes >= n are +0 and nothing
+// past p + n is read.
+template <typename T>
+inline vfloat load_partial(const T* p, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __mmask16 mask = first_lanes(n);
+  if constexpr (std::is_same_v<T, float>) {
+    return reinterpret_cast<vfloat>(_mm512_maskz_loadu_ps(mask, p));
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
+  } else {
+    static_assert(std::is_same_v<T, at::BFloat16>);
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return reinterpret_cast<vfloat>(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+#else
+  alignas(64) T tmp[kVec] = {};
+  for (int64_t l = 0; l < n; ++l) tmp[l] = p[l];
+  return load_vec(tmp);
+#endif
+}
+
+// Row `src` (n elements of T) as floats into dst, padded with +0 up to a multiple of 16.
+template <typename T>
+inline void load_row(float* dst, const T* src, int64_t n) {
+  int64_t e = 0;
+  for (; e + kVec <= n; e += kVec) vstore(dst + e, load_vec(src + e));
+  if (e < n) vstore(dst + e, load_partial(src + e, n - e));
+}
+
+// Elements [0, n) of v into p, in T (round to nearest even).
+template <typename T>
+inline void store_partial(T* p, vfloat v, int64_t n) {
+  if (n >= kVec) {
+    store_vec(p, v);
+    return;
+  }
+  alignas(64) T tmp[kVec];
+  store_vec(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(T));
+}
+
+struct Problem {
+  int64_t batch, heads, kv_heads, n_queries, dim, dim_pad;  // dim_pad: dim rounded up to 16
+  int64_t split;
+  float scale;
+  const int64_t* seqlens;
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, position (the last dim is contiguous)
+};
+
+// Rows of a chunk of K or V as float32: straight from the tensor when it is float32 with a head
+// dim that is a multiple of 16, else converted into a zero-padded buffer.
+struct Rows {
+  const float* ptr;
+  int64_t ld;
+};
+
+template <typename T>
+Rows chunk_rows(const T* base, int64_t row_stride, int64_t n_rows, const Problem& p, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.dim % kVec == 0) return {base, row_stride};
+  }
+  for (int64_t j = 0; j < n_rows; ++j) load_row(buffer + j * p.dim_pad, base + j * row_stride, p.dim);
+  return {buffer, p.dim_pad};
+}
+
+// Scores of keys [j0, j0 + NK) for the 16 queries of q_t (dim rows of 16 lanes): one FMA chain
+// per (query, key) over d ascending from +0, then * scale.
+template <int NK>
+inline void score_keys(const float* q_t, Rows k, int64_t j0, int64_t dim, float scale, vfloat* out) {
+  vfloat acc[NK];
+  const float* rows[NK];
+  for (int i = 0; i < NK; ++i) {
+    acc[i] = vsplat(0.0f);
+    rows[i] = k.ptr + (j0 + i) * k.ld;
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    const vfloat qd = vload(q_t + d * kVec);
+    for (int i = 0; i < NK; ++i) acc[i] = vfma(vsplat(rows[i][d]), qd, acc[i]);
+  }
+  for (int i = 0; i < NK; ++i) out[i] = acc[i] * scale;
+}
+
+#if defined(__AVX512F__)
+// out[c] = column c of the 16 x 16 block whose rows are r[0 .. 15] (unpack, then 128-bit lane shuffles).
+inline void transpose16(const __m512 r[16], __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + c], 128-bit lane L: column 4L + c of rows 4g ... 4g + 3.
+  for (int g = 0; g < 4; ++g) {
+    const __m512d lo = _mm512_castps_pd(t[4 * g]), hi = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d lo2 = _mm512_castps_pd(t[4 * g + 2]), hi2 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v02 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v13 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 w02 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 w13 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    out[c] = _mm512_shuffle_f32x4(v02, w02, 0x88);
+    out[8 + c] = _mm512_shuffle_f32x4(v02, w02, 0xdd);
+    out[4 + c] = _mm512_shuffle_f32x4(v13, w13, 0x88);
+    out[12 + c] = _mm512_shuffle_f32x4(v13, w13, 0xdd);
+  }
+}
+#endif
+
+// K rows [0, n_keys) transposed in groups of 16 keys: kt[(g * dim_pad + d) * 16 + l] = k[16 g + l][d]
+// (+0 for the keys past n_keys, which are not read). k's rows hold dim_pad readable floats.
+inline void transpose_keys(Rows k, int64_t n_keys, int64_t dim_pad, float* kt) {
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kVec) {
+    const int64_t cnt = std::min<int64_t>(kVec, n_keys - j0);
+    float* dst = kt + j0 * dim_pad;
+    for (int64_t d0 = 0; d0 < dim_pad; d0 += kVec) {
+#if defined(__AVX512F__)
+      __m512 r[16], c[16];
+      for (int l = 0; l < 16; ++l) r[l] = l < cnt ? _mm512_loadu_ps(k.ptr + (j0 + l) * k.ld + d0) : _mm512_setzero_ps();
+      transpose16(r, c);
+      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (d0 + l) * kVec, c[l]);
+#else
+      for (int l = 0; l < 16; ++l)
+        for (int d = 0; d < 16; ++d) dst[(d0 + d) * kVec + l] = l < cnt ? k.ptr[(j0 + l) * k.ld + d0 + d] : 0.0f;
+#endif
+    }
+  }
+}
+
+// Scores of query `lane` of q_t against the keys of NG consecutive groups of kt (transpose_keys),
+// keys in the vector lanes: the same FMA chain per (query, key) over d ascending from +0 as
+// score_keys, so the same bits. For blocks of a few queries (decode), where one lane per query
+// would leave most of each vector idle. Writes the scores of the first n keys into p_tile.
+template <int NG>
+inline void score_keys_lanes(const float* q_t, int lane, const float* kt, int64_t j0, int64_t n, int64_t dim,
+                             int64_t dim_pad, float scale, float* p_tile) {
+  vfloat acc[NG];
+  for (int g = 0; g < NG; ++g) acc[g] = vsplat(0.0f);
+  const float* groups = kt + j0 * dim_pad;
+  for (int64_t d = 0; d < dim; ++d) {
+    const vfloat qd = vsplat(q_t[d * kBlockQ + lane]);
+    for (int g = 0; g < NG; ++g) acc[g] = vfma(qd, vload(groups + (g * dim_pad + d) * kVec), acc[g]);
+  }
+  for (int g = 0; g < NG; ++g) {
+    alignas(64) float sc[kVec];
+    vstore(sc, acc[g] * scale);
+    const int64_t cnt = std::min<int64_t>(kVec, n - g * kVec);
+    for (int64_t l = 0; l < cnt; ++l) p_tile[(j0 + g * kVec + l) * kBlockQ + lane] = sc[l];
+  }
+}
+
+// acc_c = p @ v for NQ queries (lanes q0 ... of the P tile) and NE vectors of e starting at e0,
+// one FMA chain over the chunk's keys ascending from +0; then merged into the running
+// accumulators: o = acc_c on the first chunk, else o = o * alpha + acc_c * beta.
+template <int NQ, int NE>
+inline void pv_tile(const float* p_tile, int64_t n_keys, Rows v, int q0, int64_t e0, float* o, int64_t o_ld,
+                    bool first, const float* alpha, const float* beta) {
+  vfloat acc[NQ][NE];
+  for (int i = 0; i < NQ; ++i)
+    for (int e = 0; e < NE; ++e) acc[i][e] = vsplat(0.0f);
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const float* vrow = v.ptr + j * v.ld + e0;
+    vfloat vj[NE];
+    for (int e = 0; e < NE; ++e) vj[e] = vload(vrow + e * kVec);
+    for (int i = 0; i < NQ; ++i) {
+      const vfloat pj = vsplat(p_tile[j * kBlockQ + q0 + i]);
+      for (int e = 0; e < NE; ++e) acc[i][e] = vfma(pj, vj[e], acc[i][e]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i) {
+    float* orow = o + (q0 + i) * o_ld + e0;
+    if (first) {
+      for (int e = 0; e < NE; ++e) vstore(orow + e * kVec, acc[i][e]);
+    } else {
+      const float a = alpha[q0 + i], b = beta[q0 + i];
+      for (int e = 0; e < NE; ++e) vstore(orow + e * kVec, vload(orow + e * kVec) * a + acc[i][e] * b);
+    }
+  }
+}
+
+template <int NQ>
+inline void pv_queries(const float* p_tile, int64_t n_keys, Rows v, int q0, int64_t dim_pad, float* o, bool first,
+                       const float* alpha, const float* beta) {
+  int64_t e0 = 0;
+  for (; e0 + kPvVecs * kVec <= dim_pad; e0 += kPvVecs * kVec)
+    pv_tile<NQ, kPvVecs>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta);
+  switch ((dim_pad - e0) / kVec) {
+    case 0: break;
+    case 1: pv_tile<NQ, 1>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta); break;
+    case 2: pv_tile<NQ, 2>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta); break;
+    case 3: pv_tile<NQ, 3>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta); break;
+  }
+}
+
+struct Scratch {
+  std::vector<float> q_t, k_buf, kt_buf, v_buf, p_tile, o;
+  explicit Scratch(const Problem& p, int64_t max_keys)
+      : q_t(p.dim * kBlockQ),
+        k_buf(max_keys * p.dim_pad),
+        kt_buf((max_keys + kVec - 1) / kVec * kVec * p.dim_pad),
+        v_buf(max_keys * p.dim_pad),
+        p_tile(max_keys * kBlockQ),
+        o(kBlockQ * p.dim_pad) {}
+};
+
+// One task: queries [i0, i0 + n) of (b, h).
+template <typename T>
+void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, float* m_out, float* l_out,
+                  int64_t b, int64_t h, int64_t i0, int64_t n, Scratch& s) {
+  const int64_t length = p.seqlens[b];
+  const int64_t pos0 = length - p.n_queries + i0;  // position of the block's first query
+  const int64_t last = pos0 + n - 1;               // and of its last: keys up to it are read
+  const int64_t kvh = h / (p.heads / p.kv_heads);
+  const T* qb = q + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* kb = k + b * p.k_strides[0] + kvh * p.k_strides[1];
+  const T* vb = v + b * p.v_strides[0] + kvh * p.v_strides[1];
+
+  // q transposed: q_t[d * 16 + lane] = q[i0 + lane][d]; lanes >= n are +0.
+  {
+    alignas(64) float row[kVec];
+    float* q_t = s.q_t.data();
+    std::fill(s.q_t.begin(), s.q_t.end(), 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* qrow = qb + (i0 + i) * p.q_strides[2];
+      for (int64_t d0 = 0; d0 < p.dim; d0 += kVec) {
+        const int64_t cnt = std::min<int64_t>(kVec, p.dim - d0);
+        vstore(row, load_partial(qrow + d0, cnt));
+        for (int64_t d = 0; d < cnt; ++d) q_t[(d0 + d) * kBlockQ + i] = row[d];
+      }
+    }
+  }
+
+  const __mmask16 block_lanes = first_lanes(n);
+  vfloat m_run = vsplat(0.0f), l_run = vsplat(0.0f);
+  alignas(64) float alpha[kBlockQ], beta[kBlockQ];
+  vfloat scores[kScoreKeys];
+  float* o_acc = s.o.data();
+  float* p_tile = s.p_tile.data();
+
+  for (int64_t start = 0; start <= last; start += p.split) {
+    const int64_t n_keys = std::min(p.split, last + 1 - start);
+    const bool first = start == 0;
+    const bool key_lanes = n <= kKeyLaneQueries;
+    const Rows kr = chunk_rows(kb + start * p.k_strides[2], p.k_strides[2], n_keys, p, s.k_buf.data());
+    // Lanes (queries) that see key start + j: position >= start + j, i.e. lane >= start + j - pos0.
+    auto valid = [&](int64_t j) -> __mmask16 {
+      const int64_t lo = start + j - pos0;
+      return lo <= 0 ? block_lanes : static_cast<__mmask16>(block_lanes & ~first_lanes(lo));
+    };
+    const __mmask16 sees = valid(0);
+
+    // Scores (stored in p_tile) and their lane-wise max.
+    vfloat m_c = vsplat(kNegInf);
+    int64_t j = 0;
+    auto keep = [&](int64_t jj, vfloat sc) {
+      sc = vselect(valid(jj), sc, vsplat(kNegInf));
+      m_c = vmax(m_c, sc);
+      vstore(p_tile + jj * kBlockQ, sc);
+    };
+    if (key_lanes) {
+      std::fill(p_tile, p_tile + n_keys * kBlockQ, 0.0f);
+      float* kt = s.kt_buf.data();
+      transpose_keys(kr, n_keys, p.dim_pad, kt);
+      for (int64_t i = std::max<int64_t>(0, start - pos0); i < n; ++i) {
+        const int lane = static_cast<int>(i);
+        for (j = 0; j + 4 * kVec <= n_keys; j += 4 * kVec)
+          score_keys_lanes<4>(s.q_t.data(), lane, kt, j, 4 * kVec, p.dim, p.dim_pad, p.scale, p_tile);
+        for (; j < n_keys; j += kVec)
+          score_keys_lanes<1>(s.q_t.data(), lane, kt, j, std::min<int64_t>(kVec, n_keys - j), p.dim, p.dim_pad,
+                              p.scale, p_tile);
+      }
+      for (j = 0; j < n_keys; ++j) keep(j, vload(p_tile + j * kBlockQ));
+    } else {
+      for (; j + kScoreKeys <= n_keys; j += kScoreKeys) {
+        score_keys<kScoreKeys>(s.q_t.data(), kr, j, p.dim, p.scale, scores);
+        for (int i = 0; i < kScoreKeys; ++i) keep(j + i, scores[i]);
+      }
+      for (; j < n_keys; ++j) {
+        score_keys<1>(s.q_t.data(), kr, j, p.dim, p.scale, scores);
+        keep(j, scores[0]);
+      }
+    }
+    // p = exp_f32(s - m_c) (+0 where masked) and l_c, ascending over keys from +0.
+    const vfloat m_sub = vselect(sees, m_c, vsplat(0.0f));
+    vfloat l_c = vsplat(0.0f);
+    for (j = 0; j < n_keys; ++j) {
+      const vfloat pj = vselect(valid(j), exp_f32(vload(p_tile + j * kBlockQ) - m_sub), vsplat(0.0f));
+      vstore(p_tile + j * kBlockQ, pj);
+      l_c = l_c + pj;
+    }
+    // Merge the statistics; alpha, beta for the accumulators.
+    if (first) {
+      m_run = m_c;
+      l_run = l_c;
+    } else {
+      const vfloat m_new = vmax(m_run, m_c);
+      const vfloat a = exp_f32(m_run - m_new);
+      const vfloat bb = exp_f32(vselect(sees, m_c - m_new, vsplat(0.0f)));
+      vstore(alpha, a);
+      vstore(beta, bb);
+      l_run = vselect(sees, l_run * a + l_c * bb, l_run);
+      m_run = vselect(sees, m_new, m_run);
+    }
+    // P @ V for the queries that see this chunk: lanes [q_lo, n).
+    const Rows vr = chunk_rows(vb + start * p.v_strides[2], p.v_strides[2], n_keys, p, s.v_buf.data());
+    int q0 = static_cast<int>(std::max<int64_t>(0, start - pos0));
+    for (; q0 + kPvQueries <= n; q0 += kPvQueries)
+      pv_queries<kPvQueries>(p_tile, n_keys, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
+    for (; q0 < n; ++q0) pv_queries<1>(p_tile, n_keys, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
+  }
+
+  // o = acc / l, m and l.
+  alignas(64) float l_lanes[kBlockQ], m_lanes[kBlockQ];
+  vstore(l_lanes, l_run);
+  vstore(m_lanes, m_run);
+  const int64_t row0 = (b * p.heads + h) * p.n_queries + i0;  // o, m, l are contiguous
+  for (int64_t i = 0; i < n; ++i) {
+    T* orow = out + (row0 + i) * p.dim;
+    const float* acc = o_acc + i * p.dim_pad;
+    for (int64_t e = 0; e < p.dim; e += kVec) store_partial(orow + e, vload(acc + e) / l_lanes[i], p.dim - e);
+    m_out[row0 + i] = m_lanes[i];
+    l_out[row0 + i] = l_lanes[i];
+  }
+}
+
+void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedtx attention_forward: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, "fusedtx attention_forward: ", name, " must be 4-D (batch, heads, positions, head_dim), got sizes ",
+              t.sizes());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fusedtx attention_forward: ", name,
+              " must have a contiguous last dim (stride 1), got strides ", t.strides());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& seqlens,
+                                                                 double scale, int64_t split_size) {
+  constexpr const char* op = "fusedtx attention_forward";
+  check_input(q, "q");
+  check_input(k, "k");
+  check_input(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
+  const int64_t batch = q.size(0), heads = q.size(1), n_queries = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), t_max = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == batch, op, ": k and v must have q's batch size ", batch, ", got ", k.size(0));
+  TORCH_CHECK(k.size(3) == dim, op, ": k and v must have q's head dim ", dim, ", got ", k.size(3));
+  TORCH_CHECK(dim > 0, op, ": the head dim must be positive, got ", dim);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": q's head count ", heads,
+              " must be a multiple of k and v's head count ", kv_heads);
+  TORCH_CHECK(split_size >= 16 && (split_size & (split_size - 1)) == 0, op,
+              ": split_size must be a power of two >= 16, got ", split_size);
+  TORCH_CHECK(seqlens.device().is_cpu(), op, ": seqlens must be a CPU tensor, got ", seqlens.device());
+  TORCH_CHECK(seqlens.scalar_type() == at::kLong, op, ": seqlens must be int64, got ", seqlens.scalar_type());
+  TORCH_CHECK(seqlens.dim() == 1 && seqlens.size(0) == batch, op, ": seqlens must have shape (", batch, "), got ",
+              seqlens.sizes());
+  const at::Tensor lengths = seqlens.contiguous();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len[b] >= n_queries && len[b] <= t_max, op, ": seqlens[", b, "] = ", len[b],
+                " must lie between the query count ", n_queries, " and the cache length ", t_max);
+  }
+
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto m_out = at::empty({batch, heads, n_queries}, q.options().dtype(at::kFloat));
+  auto l_out = at::empty({batch, heads, n_queries}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, m_out, l_out};
+
+  Problem p{};
+  p.batch = batch;
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.n_queries = n_queries;
+  p.dim = dim;
+  p.dim_pad = (dim + kVec - 1) / kVec * kVec;
+  p.split = split_size;
+  p.scale = static_cast<float>(scale);
+  p.seqlens = len;
+  for (int i = 0; i < 3; ++i) {
+    p.q_strides[i] = q.stride(i);
+    p.k_strides[i] = k.stride(i);
+    p.v_strides[i] = v.stride(i);
+  }
+  const int64_t blocks = (n_queries + kBlockQ - 1) / kBlockQ;
+  const int64_t max_keys = std::min(split_size, t_max);
+
+  dispatch_float_types(q.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = q.const_data_ptr<T>();
+    const T* kp = k.const_data_ptr<T>();
+    const T* vp = v.const_data_ptr<T>();
+    T* op_ = out.mutable_data_ptr<T>();
+    float* mp = m_out.mutable_data_ptr<float>();
+    float* lp = l_out.mutable_data_ptr<float>();
+    at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch(p, max_keys);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / blocks, r = task % blocks;
+        // Causal blocks grow with their index: alternate short and long ones so that the
+        // contiguous ranges handed to threads carry similar work (the order changes no bits).
+        const int64_t blk = r % 2 == 0 ? r / 2 : blocks - 1 - r / 2;
+        const int64_t i0 = blk * kBlockQ;
+        attend_block<T>(p, qp, kp, vp, op_, mp, lp, bh / heads, bh % heads, i0,
+                        std::min<int64_t>(kBlockQ, n_queries - i0), scratch);
+      }
+    });
+  });
+  return {out, m_out, l_out};
+}
+
+}  // namespace
+}  // namespace fusedtx::cpu
+
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("attention_forward", &fusedtx::cpu::attention_forward); }

@@ -1,0 +1,190 @@
+"""The native CPU attention forward (csrc/cpu/attention.cpp) against its specification.
+
+torch.ops.fusedtx_native.attention_forward must equal reference.attention_forward bit for bit
+(o, m and l) for float32, bfloat16 and float16, any head dim, grouped-query heads and split
+sizes; a full causal pass, any chunked prefill and token-by-token decode against a KV cache
+with garbage beyond its length must agree bitwise; a sequence's bits must not depend on the
+batch around it nor on the thread count; bad input must get a clear error."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from fusedtx import reference
+from helpers import assert_bitwise_equal, bitwise_equal, garbage_like, poisoned_outputs, require, under_each_thread_count
+from test_attention import batch_failures, chunked, decode_cache, make, qkv, split_count_from_batch
+
+DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+@pytest.fixture(scope="module")
+def native():
+    require("cpu", "native")
+    from fusedtx import _extension
+
+    return _extension.ops().attention_forward
+
+
+def lengths_of(q, length=None):
+    return torch.full((q.shape[0],), q.shape[2] if length is None else length, dtype=torch.int64)
+
+
+def assert_same(ours, ref, what):
+    for name, a, b in zip("oml", ours, ref):
+        assert_bitwise_equal(a, b, f"{what}: {name}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
+@pytest.mark.parametrize("dim", [16, 64, 128, 40])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize("split", [16, 32])
+def test_bitwise_equal_to_spec(native, dtype, dim, heads, kv_heads, split):
+    # T in {1, 2, S-1, S, S+1, 3S+5}, batched along the query axis of one reference call each.
+    for length in (1, 2, split - 1, split, split + 1, 3 * split + 5):
+        if dim == 128 and length not in (1, split + 1, 3 * split + 5):
+            continue  # keep the emulated reference fast
+        q, k, v = qkv(1, heads, length, dim, dtype, kv_heads, seed=length)
+        lens, scale = lengths_of(q), dim ** -0.5
+        ref = reference.attention_forward(q, k, v, lens, scale, split)
+        ours = native(q, k, v, lens, scale, split)
+        assert ours[0].dtype == dtype and ours[0].shape == q.shape and ours[0].is_contiguous()
+        assert ours[1].dtype == torch.float32 and ours[1].shape == q.shape[:3]
+        assert_same(ours, ref, f"{DTYPE_IDS[dtype]} D={dim} H={heads}/{kv_heads} S={split} T={length}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
+def test_queries_at_the_end_of_a_longer_cache_with_garbage(native, dtype):
+    # Tq < seqlens < Tmax, per-sequence lengths, garbage (inf, NaN) beyond each length.
+    g = torch.Generator().manual_seed(4)
+    split, dim, n_queries = 16, 24, 5
+    lens = torch.tensor([n_queries, 40, 23])
+    q = make((3, 4, n_queries, dim), dtype, 1)
+    k_cache = garbage_like(torch.empty(3, 2, 64, dim, dtype=dtype), g)
+    v_cache = garbage_like(torch.empty(3, 2, 64, dim, dtype=dtype), g)
+    for b, n in enumerate(lens.tolist()):
+        k_cache[b, :, :n] = make((2, n, dim), dtype, 10 + b)
+        v_cache[b, :, :n] = make((2, n, dim), dtype, 20 + b)
+    with poisoned_outputs():
+        ours = native(q, k_cache, v_cache, lens, 0.3, split)
+    assert torch.isfinite(ours[0]).all()
+    for b, n in enumerate(lens.tolist()):  # the reference on exactly the valid keys
+        ref = reference.attention_forward(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
+                                          lens[b:b + 1], 0.3, split)
+        assert_same([t[b:b + 1] for t in ours], ref, f"sequence {b}")
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 64), (torch.bfloat16, 40), (torch.float16, 128)],
+                         ids=["f32-D64", "bf16-D40", "f16-D128"])
+@pytest.mark.parametrize("split", [64, 256])
+def test_few_queries_against_a_long_cache(native, dtype, dim, split):
+    # Decode-sized query blocks take the keys-in-lanes score path: groups of 16 and 64 keys and
+    # partial groups, with garbage beyond the length.
+    g = torch.Generator().manual_seed(6)
+    lens = torch.tensor([300, 211])
+    q = make((2, 4, 3, dim), dtype, 2)
+    k_cache = garbage_like(torch.empty(2, 2, 320, dim, dtype=dtype), g)
+    v_cache = garbage_like(torch.empty(2, 2, 320, dim, dtype=dtype), g)
+    for b, n in enumerate(lens.tolist()):
+        k_cache[b, :, :n], v_cache[b, :, :n] = make((2, n, dim), dtype, 30 + b), make((2, n, dim), dtype, 40 + b)
+    for n_queries in (1, 2, 3):
+        qs = q[:, :, :n_queries]
+        ours = native(qs, k_cache, v_cache, lens, dim ** -0.5, split)
+        for b, n in enumerate(lens.tolist()):
+            ref = reference.attention_forward(qs[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
+                                              lens[b:b + 1], dim ** -0.5, split)
+            assert_same([t[b:b + 1] for t in ours], ref, f"Tq={n_queries} sequence {b} (length {n})")
+
+
+def test_strided_views(native):
+    # (B, T, H, D) storage seen as (B, H, T, D): real strides, last dim contiguous.
+    x = make((2, 37, 3, 3, 32), torch.float32, 7)  # q, k, v packed as in a fused QKV projection
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    lens = lengths_of(q)
+    assert_same(native(q, k, v, lens, 0.2, 16),
+                reference.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), lens, 0.2, 16), "strided")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
+@pytest.mark.parametrize("split", [16, 32])
+@pytest.mark.parametrize("chunk_sizes", [[1], [7], ["S"], ["S+1"], [5, 30, 2, 11]],
+                         ids=["decode", "7", "S", "S+1", "mixed"])
+def test_full_pass_chunked_prefill_and_decode_agree_bitwise(native, dtype, split, chunk_sizes):
+    sizes = [{"S": split, "S+1": split + 1}.get(c, c) for c in chunk_sizes]
+    q, k, v = qkv(2, 4, 3 * split + 5, 32, dtype, kv_heads=2, seed=3)
+    full = native(q, k, v, lengths_of(q), 32 ** -0.5, split)[0]
+    assert_bitwise_equal(chunked(q, k, v, sizes, tmax=4 * split + 3, split_size=split, attend=native), full,
+                         f"chunks {chunk_sizes} vs full pass")
+
+
+def test_full_pass_matches_spec_in_decode(native):
+    # Decode against the spec directly (not only against the native full pass).
+    q, k, v = qkv(1, 2, 2 * 16 + 3, 16, torch.bfloat16, seed=8)
+    assert_bitwise_equal(chunked(q, k, v, [1], tmax=64, attend=native),
+                         chunked(q, k, v, [1], tmax=64), "native decode vs spec decode")
+
+
+def test_batch_invariance_with_garbage_beyond_lengths(native):
+    assert batch_failures(native) == []
+    assert batch_failures(native, split_size=32) == []
+
+
+def test_negative_control_batch_dependent_split_fails_the_same_check():
+    assert batch_failures(split_count_from_batch), "the batch check missed a batch-dependent split"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_thread_count_invariance(native, dtype):
+    # Enough (batch, head, query block) tasks for every thread count to split them differently.
+    q, k, v = qkv(3, 4, 70, 64, dtype, kv_heads=2, seed=11)
+    lens = lengths_of(q)
+    k_cache, v_cache = decode_cache(k, v, 96, torch.Generator().manual_seed(2))
+    runs = under_each_thread_count(lambda: (native(q, k_cache, v_cache, lens, 0.125, 16),
+                                            native(q[:, :, -1:], k_cache, v_cache, lens, 0.125, 16)))
+    for n_threads, run in zip((2, 3), runs[1:]):
+        for a, b in zip(run, runs[0]):
+            assert_same(a, b, f"{n_threads} threads vs 1")
+
+
+def test_deterministic_run_to_run(native):
+    q, k, v = qkv(2, 2, 50, 48, torch.bfloat16, seed=12)
+    first = native(q, k, v, lengths_of(q), 0.1, 16)
+    for _ in range(3):
+        assert_same(native(q, k, v, lengths_of(q), 0.1, 16), first, "rerun")
+
+
+def test_empty_query_block(native):
+    q, k, v = qkv(2, 2, 4, 16)
+    o, m, l = native(q[:, :, :0], k, v, torch.tensor([0, 3]), 0.25, 16)
+    assert o.shape == (2, 2, 0, 16) and m.shape == l.shape == (2, 2, 0)
+
+
+def _bad_calls():
+    q, k, v = qkv(2, 4, 8, 16, kv_heads=2)
+    lens = torch.tensor([8, 8])
+    ok = dict(q=q, k=k, v=v, seqlens=lens, scale=0.25, split_size=16)
+    return [
+        ("3-D q", dict(ok, q=q[0]), "q must be 4-D"),
+        ("dtype mix", dict(ok, k=k.half()), "share a dtype"),
+        ("float64", dict(ok, q=q.double(), k=k.double(), v=v.double()), "unsupported dtype"),
+        ("int q", dict(ok, q=q.int(), k=k.int(), v=v.int()), "unsupported dtype"),
+        ("k/v shapes", dict(ok, v=v[:, :, :4]), "same shape"),
+        ("batch", dict(ok, k=k[:1], v=v[:1]), "batch size"),
+        ("head dim", dict(ok, k=k[..., :8], v=v[..., :8]), "head dim"),
+        ("heads", dict(ok, k=torch.zeros(2, 3, 8, 16), v=torch.zeros(2, 3, 8, 16)), "multiple"),
+        ("last stride", dict(ok, q=q.transpose(2, 3).contiguous().transpose(2, 3)), "contiguous last dim"),
+        ("split 0", dict(ok, split_size=0), "power of two"),
+        ("split 24", dict(ok, split_size=24), "power of two"),
+        ("split 8", dict(ok, split_size=8), "power of two"),
+        ("seqlens dtype", dict(ok, seqlens=lens.int()), "int64"),
+        ("seqlens shape", dict(ok, seqlens=lens[:1]), "seqlens must have shape"),
+        ("seqlens long", dict(ok, seqlens=torch.tensor([8, 9])), "seqlens[1] = 9"),
+        ("seqlens short", dict(ok, seqlens=torch.tensor([7, 8])), "seqlens[0] = 7"),
+    ]
+
+
+@pytest.mark.parametrize("what,kwargs,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_is_a_clear_error(native, what, kwargs, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        native(**kwargs)
