@@ -1,0 +1,399 @@
+"""Causal attention forward in Triton with a fixed split size S: prefill, chunked prefill, decode.
+
+The semantics are reference.attention_forward's (q (B, H, Tq, D), a KV cache k, v (B, Hkv, Tmax, D),
+per-sequence lengths; GQA by h // (H / Hkv)); `attention_forward` returns (o, m, l).
+
+Why a query's bits depend only on q_t, k_0..k_t, v_0..v_t (DESIGN.md point 3):
+  * The keys are cut into chunks at multiples of S from position 0. Every chunk, in every kind of
+    call, is reduced by ONE @jit function, `_attn_chunk`, with ONE tile configuration (a function
+    of D, dtype and S only, never of B, Tq or the lengths): a query tile of BLOCK_M rows (decode pads
+    its single query into the same tile) against key sub-tiles of BLOCK_N keys that start at
+    fixed offsets inside the chunk (BLOCK_N divides S), in ascending order, with a fresh running
+    (max, sum, acc) per chunk. A row's arithmetic never mixes with another row's (tl.dot's per
+    element order does not depend on the row's position in the tile; under the interpreter the
+    sums are numpy reductions whose order does not either — SEQUENTIAL_SUM below). Sub-tiles a
+    row cannot see (its keys > t, or past the length) leave its state untouched (tl.where), so
+    how many sub-tiles the tile as a whole needs does not matter to a row.
+  * Keys at or beyond seqlens[b] are never read (masked loads, +0 in their place): a KV cache can
+    hold anything there.
+  * Chunk partials (m_c, l_c, acc_c) are merged in ascending chunk order, starting from chunk 0's,
+    by `_merge`, the reference's formula (m' = max(m, m_c), a = exp_f32(m - m'),
+    b = exp_f32(m_c - m'), l = l a + l_c b, acc = acc a + acc_c b), elementwise in float32 with no
+    FMA contraction (LAUNCH_OPTIONS); a row merges only chunks it sees. o = acc / l (div_rn).
+
+Two schedules of that same arithmetic:
+  * `_attn_fwd` (prefill, Tq > BLOCK_M): grid (query tiles, B * H). A program walks its chunks in
+    order and merges each into registers as soon as it is reduced. No partial buffer: a long
+    prefill would need (chunks x Tq x D) float32 of them.
+  * `_attn_fwd_split` + `_attn_merge` (decode, Tq <= BLOCK_M: one query tile): grid
+    (query tiles x B * H, chunks), one chunk per program, so a decode step of a long sequence
+    spreads over many programs; each writes its (m_c, l_c, acc_c) to a fixed float32 buffer
+    (chunk slots up to Tmax / S; programs past a sequence's length return at once).
+    `_attn_merge`, grid (blocks of merge_block_m() rows, B * H), loads chunk 0 and merges chunks
+    1, 2, ... in ascending order with the same `_merge`. float32 survives the store and the load
+    exactly, so the merge sees the same values as the prefill kernel's registers: the same bits.
+  Which schedule runs depends on Tq; the bits do not (tests force each schedule on every case).
+
+Under the interpreter (TRITON_INTERPRET=1) tl.dot is numpy's BLAS, whose bits depend on a row's
+position in the tile, so the dot products are broadcast products summed by tl.sum over the middle
+axis (SEQUENTIAL_SUM: numpy adds that axis element by element in ascending order): q.k over d, and
+acc * alpha + p_0 v_0 + p_1 v_1 + ... over the sub-tile's keys. bfloat16 is converted by hand there
+(bf16_to_f32, f32_to_bf16_rn: the interpreter's casts truncate). On GPUs the dots are tl.dot with
+float32 accumulation, input_precision "ieee" for float32; for bfloat16/float16 p is rounded to
+the input dtype before p @ v (the tensor cores' path, as FlashAttention does).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import config as _config
+from . import INTERPRETED
+from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding
+
+HEAD_DIMS = (16, 32, 64, 128)
+# @jit helpers inlined into the kernels, never launched on their own
+JIT_HELPERS = ("_load_f32", "_attn_chunk", "_merge")
+MERGE_NUM_WARPS = 4
+
+
+class TileConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(head_dim: int, dtype: torch.dtype, split_size: int) -> TileConfig:
+    """The one tile configuration for (D, dtype, S) — NEVER a function of B, Tq or the lengths.
+
+    GPU (not timed here, no GPU; chosen as the fewest register spills in ptxas -v for sm_80 among
+    64x64/4, 64x64/8, 64x32/4, 64x32/8, 128x64/8, 32x64/4 (BLOCK_M x BLOCK_N / warps)):
+      * bf16/fp16, D <= 64: 64 x 32, 8 warps (0 spills);
+      * bf16/fp16, D = 128: 32 x 64, 4 warps (~16 bytes of spills);
+      * float32 (FMA units, "ieee"): 64 x 16, 8 warps (0 spills at D = 64, ~48 bytes at 128).
+    num_warps and the tile shapes decide tl.dot's layout and thus its order; the prefill and the
+    split kernel of a call always get the same ones. Interpreter: few, large programs; 16-key
+    sub-tiles so that S >= 32 exercises the sub-tile loop."""
+    if INTERPRETED:
+        return TileConfig(32, min(split_size, 16), 4, 1)
+    if dtype == torch.float32:
+        return TileConfig(64, min(split_size, 16), 8, 2)
+    if head_dim == 128:
+        return TileConfig(32, min(split_size, 64), 4, 2)
+    return TileConfig(64, min(split_size, 32), 8, 2)
+
+
+def merge_block_m() -> int:
+    """Rows per program of _attn_merge: the merge is elementwise per row, so any row grouping gives
+    the same bits; 16 keeps a decode step's padding (and registers) small on GPUs."""
+    return 32 if INTERPRETED else 16
+
+
+def input_precision(dtype: torch.dtype) -> str | None:
+    return "ieee" if dtype == torch.float32 else None
+
+
+@triton.jit
+def _load_f32(ptrs, mask, ROUND_BF16: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if ROUND_BF16:
+        return bf16_to_f32(x)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, chunk_start, end, seqlen, pos, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, SEQUENTIAL_SUM: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """(m_c, l_c, acc_c) of the chunk starting at key chunk_start for the query tile q (BLOCK_M, D)
+    whose rows sit at positions pos; keys >= end are seen by no row of the tile (not visited).
+    Rows that see no key of the chunk get (-inf, 0, 0)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for n0 in range(0, tl.minimum(end - chunk_start, SPLIT), BLOCK_N):
+        keys = chunk_start + n0 + offs_n  # int64
+        inside = keys < seqlen  # never read at or past the length
+        kt_ptrs = Kh + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
+        v_ptrs = Vh + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
+        valid = (keys[None, :] <= pos[:, None]) & inside[None, :]
+        sees = chunk_start + n0 <= pos  # the row sees the sub-tile's first key (a prefix of keys)
+        if SEQUENTIAL_SUM:
+            kt = _load_f32(kt_ptrs, inside[None, :], ROUND_BF16)
+            v = _load_f32(v_ptrs, inside[:, None], ROUND_BF16)
+            s = tl.sum(q[:, :, None] * kt[None, :, :], axis=1)
+        else:
+            kt = tl.load(kt_ptrs, mask=inside[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=inside[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        s = tl.where(valid, s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = exp_f32(m - m_new)  # 0 on a row's first sub-tile (m = -inf)
+        p = tl.where(valid, exp_f32(s - m_new[:, None]), 0.0)
+        l_new = l * alpha + tl.sum(p, axis=1)
+        scaled = acc * alpha[:, None]
+        if SEQUENTIAL_SUM:
+            first = (offs_n == 0)[None, :, None]
+            pv = p[:, :, None] * v[None, :, :]  # (BLOCK_M, BLOCK_N, D)
+            acc_new = tl.sum(tl.where(first, pv + scaled[:, None, :], pv), axis=1)
+        else:
+            acc_new = tl.dot(p.to(v.dtype), v, scaled, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        m = tl.where(sees, m_new, m)
+        l = tl.where(sees, l_new, l)
+        acc = tl.where(sees[:, None], acc_new, acc)
+    return m, l, acc
+
+
+@triton.jit
+def _merge(m, l, acc, m_c, l_c, acc_c, sees):
+    """reference.attention_forward's merge of a chunk's partial into the running (m, l, acc), for
+    the rows that see the chunk."""
+    m_new = tl.maximum(m, m_c)
+    a = exp_f32(m - m_new)
+    b = exp_f32(tl.where(sees, m_c - m_new, 0.0))
+    l = tl.where(sees, l * a + l_c * b, l)
+    acc = tl.where(sees[:, None], acc * a[:, None] + acc_c * b[:, None], acc)
+    m = tl.where(sees, m_new, m)
+    return m, l, acc
+
+
+@triton.jit(do_not_specialize=["n_queries"])
+def _attn_fwd(Q, K, V, O, Mout, Lout, Seqlens, scale, n_queries, n_heads, kv_group,
+              stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+              stride_vb, stride_vh, stride_vt, stride_vd,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, SEQUENTIAL_SUM: tl.constexpr, ROUND_BF16: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // kv_group
+    seqlen = tl.load(Seqlens + b).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_queries
+    pos = seqlen - n_queries + rows
+    end = tl.minimum(seqlen, seqlen - n_queries + tile * BLOCK_M + BLOCK_M)  # keys the tile sees: < end
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd
+    if SEQUENTIAL_SUM:
+        q = _load_f32(q_ptrs, row_ok[:, None], ROUND_BF16)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    Kh = K + b * stride_kb + hk * stride_kh
+    Vh = V + b * stride_vb + hk * stride_vh
+    m, l, acc = _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, seqlen * 0, end, seqlen, pos,
+                            scale, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, INPUT_PRECISION, SEQUENTIAL_SUM, ROUND_BF16)
+    for c0 in range(SPLIT, end, SPLIT):
+        m_c, l_c, acc_c = _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, c0, end, seqlen, pos,
+                                      scale, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, INPUT_PRECISION, SEQUENTIAL_SUM,
+                                      ROUND_BF16)
+        m, l, acc = _merge(m, l, acc, m_c, l_c, acc_c, c0 <= pos)
+    o = tl.math.div_rn(acc, l[:, None])
+    out_rows = bh * n_queries + rows  # O, M, L are contiguous (B, H, Tq[, D])
+    o_ptrs = O + out_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if ROUND_BF16:
+        tl.store(o_ptrs, f32_to_bf16_rn(o), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Mout + out_rows, m, mask=row_ok)
+    tl.store(Lout + out_rows, l, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_queries"])
+def _attn_fwd_split(Q, K, V, Pm, Pl, Pacc, Seqlens, scale, n_queries, n_heads, kv_group, n_tiles, n_slots,
+                    stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                    stride_vb, stride_vh, stride_vt, stride_vd,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, SEQUENTIAL_SUM: tl.constexpr, ROUND_BF16: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // n_tiles
+    tile = pid % n_tiles
+    chunk = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // kv_group
+    seqlen = tl.load(Seqlens + b).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_queries
+    pos = seqlen - n_queries + rows
+    end = tl.minimum(seqlen, seqlen - n_queries + tile * BLOCK_M + BLOCK_M)
+    chunk_start = chunk * SPLIT
+    if chunk_start < end:  # slots past the sequence's last chunk are never merged
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = (Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qt
+                  + offs_d[None, :] * stride_qd)
+        if SEQUENTIAL_SUM:
+            q = _load_f32(q_ptrs, row_ok[:, None], ROUND_BF16)
+        else:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        Kh = K + b * stride_kb + hk * stride_kh
+        Vh = V + b * stride_vb + hk * stride_vh
+        m_c, l_c, acc_c = _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, chunk_start, end,
+                                      seqlen, pos, scale, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, INPUT_PRECISION,
+                                      SEQUENTIAL_SUM, ROUND_BF16)
+        slot = (bh * n_slots + chunk) * n_queries + rows  # partials: (B * H, slots, Tq[, D]) float32
+        tl.store(Pm + slot, m_c, mask=row_ok)
+        tl.store(Pl + slot, l_c, mask=row_ok)
+        tl.store(Pacc + slot[:, None] * HEAD_DIM + offs_d[None, :], acc_c, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["n_queries"])
+def _attn_merge(Pm, Pl, Pacc, O, Mout, Lout, Seqlens, n_queries, n_heads, n_slots,
+                BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_BF16: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    seqlen = tl.load(Seqlens + b).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_queries
+    pos = seqlen - n_queries + rows
+    end = tl.minimum(seqlen, seqlen - n_queries + tile * BLOCK_M + BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot = bh * n_slots * n_queries + rows  # chunk 0
+    m = tl.load(Pm + slot, mask=row_ok, other=0.0)
+    l = tl.load(Pl + slot, mask=row_ok, other=0.0)
+    acc = tl.load(Pacc + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    for c0 in range(SPLIT, end, SPLIT):
+        slot += n_queries
+        m_c = tl.load(Pm + slot, mask=row_ok, other=0.0)
+        l_c = tl.load(Pl + slot, mask=row_ok, other=0.0)
+        acc_c = tl.load(Pacc + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m, l, acc = _merge(m, l, acc, m_c, l_c, acc_c, c0 <= pos)
+    o = tl.math.div_rn(acc, l[:, None])
+    out_rows = bh * n_queries + rows
+    o_ptrs = O + out_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if ROUND_BF16:
+        tl.store(o_ptrs, f32_to_bf16_rn(o), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Mout + out_rows, m, mask=row_ok)
+    tl.store(Lout + out_rows, l, mask=row_ok)
+
+
+def _check_inputs(q, k, v, seqlens, scale, split_size):
+    for name, t in (("q", q), ("k", k), ("v", v), ("seqlens", seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention_forward: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention_forward: {name} must be 4-D (B, heads, T, D), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"attention_forward: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention_forward: {name} is on {t.device}, expected q's device {q.device}")
+    if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
+        raise ValueError(f"attention_forward (triton): tensors must be on a CUDA device, got {q.device} "
+                         "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention_forward: k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    batch, heads, n_queries, dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention_forward: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"attention_forward: k has batch {k.shape[0]}, expected q's batch {batch}")
+    if k.shape[3] != dim:
+        raise ValueError(f"attention_forward: k has head dim {k.shape[3]}, expected q's head dim {dim}")
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"attention_forward: head dim must be one of {HEAD_DIMS}, got {dim}")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"attention_forward: q's heads ({heads}) must be a multiple of k's heads ({kv_heads})")
+    if n_queries > k.shape[2]:
+        raise ValueError(f"attention_forward: q has {n_queries} queries, more than the cache's {k.shape[2]} slots")
+    if seqlens.dim() != 1 or seqlens.shape[0] != batch:
+        raise ValueError(f"attention_forward: seqlens must have shape ({batch},), got {tuple(seqlens.shape)}")
+    if seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"attention_forward: seqlens must be int32 or int64, got {seqlens.dtype}")
+    if seqlens.device != q.device:
+        raise ValueError(f"attention_forward: seqlens is on {seqlens.device}, expected q's device {q.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attention_forward: scale must be a float, got {type(scale).__name__}")
+    _config._check_split_size(split_size, "attention_forward")
+    if batch and n_queries:
+        low, high = int(seqlens.min()), int(seqlens.max())  # one device sync
+        if low < n_queries or high > k.shape[2]:
+            raise ValueError(f"attention_forward: seqlens must lie in [Tq, Tmax] = [{n_queries}, {k.shape[2]}], "
+                             f"got values in [{low}, {high}]")
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, scale: float,
+                      split_size: int, schedule: str = "auto"):
+    """reference.attention_forward in Triton: returns (o (B, H, Tq, D) contiguous in q's dtype,
+    m, l float32 (B, H, Tq)). q, k, v may have any strides. schedule: "auto" (split + merge when
+    Tq fits one query tile, else the in-kernel merge), "prefill" or "split" — the same bits."""
+    _check_inputs(q, k, v, seqlens, scale, split_size)
+    if schedule not in ("auto", "prefill", "split"):
+        raise ValueError(f"attention_forward: schedule must be 'auto', 'prefill' or 'split', got {schedule!r}")
+    batch, heads, n_queries, dim = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    m = torch.empty(batch, heads, n_queries, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    if batch == 0 or heads == 0 or n_queries == 0:
+        return o, m, l
+    seqlens = seqlens.contiguous()
+    cfg = tile_config(dim, q.dtype, split_size)
+    n_tiles = triton.cdiv(n_queries, cfg.BLOCK_M)
+    if schedule == "auto":
+        schedule = "split" if n_tiles == 1 else "prefill"
+    common = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPLIT=split_size, HEAD_DIM=dim,
+                  INPUT_PRECISION=input_precision(q.dtype), SEQUENTIAL_SUM=INTERPRETED,
+                  ROUND_BF16=needs_bf16_rounding(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **LAUNCH_OPTIONS)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    kv_group = heads // k.shape[1]
+    if schedule == "prefill":
+        _attn_fwd[(n_tiles, batch * heads)](q, k, v, o, m, l, seqlens, float(scale), n_queries, heads, kv_group,
+                                            *strides, **common)
+        return o, m, l
+    n_slots = triton.cdiv(k.shape[2], split_size)  # from Tmax: no sync; slots past a length stay unused
+    pm = torch.empty(batch * heads, n_slots, n_queries, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(batch * heads, n_slots, n_queries, dim, dtype=torch.float32, device=q.device)
+    _attn_fwd_split[(batch * heads * n_tiles, n_slots)](q, k, v, pm, pl, pacc, seqlens, float(scale), n_queries,
+                                                       heads, kv_group, n_tiles, n_slots, *strides, **common)
+    merge_m = merge_block_m()
+    _attn_merge[(triton.cdiv(n_queries, merge_m), batch * heads)](
+        pm, pl, pacc, o, m, l, seqlens, n_queries, heads, n_slots, BLOCK_M=merge_m, SPLIT=split_size,
+        HEAD_DIM=dim, ROUND_BF16=needs_bf16_rounding(q.dtype), num_warps=MERGE_NUM_WARPS, **LAUNCH_OPTIONS)
+    return o, m, l
+
+
+def compile_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the prefill,
+    split and merge kernels per dtype (float32, bfloat16, float16) and head dim (64, 128) at the
+    default split size, plus D = 16 / S = 16 (the smallest tiles) for bfloat16. The head-dim stride
+    is 1 (Triton's launch-time specialisation of unit strides)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    stride_names = [f"stride_{t}{a}" for t in "qkv" for a in "bhtd"]
+    unit = {f"stride_{t}d" for t in "qkv"}
+    strides = {name: "constexpr" if name in unit else "i32" for name in stride_names}
+    tile_names = ("BLOCK_M", "BLOCK_N", "SPLIT", "HEAD_DIM", "INPUT_PRECISION", "SEQUENTIAL_SUM", "ROUND_BF16")
+    cases = [(dt, d, _config.DEFAULT_SPLIT_SIZE) for dt in names for d in (64, 128)] + [(torch.bfloat16, 16, 16)]
+    specs = []
+    for dtype, dim, split in cases:
+        dt = names[dtype]
+        cfg = tile_config(dim, dtype, split)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        tiles = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "SPLIT": split, "HEAD_DIM": dim,
+                 "INPUT_PRECISION": input_precision(dtype), "SEQUENTIAL_SUM": False, "ROUND_BF16": False}
+        consts = {**{name: 1 for name in unit}, **tiles}
+        sizes = {"scale": "fp32", "n_queries": "i32", "n_heads": "i32", "kv_group": "i32"}
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
+               "Seqlens": "*i32", **sizes, **strides, **{name: "constexpr" for name in tile_names}}
+        specs.append((_attn_fwd, sig, consts, options))
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32",
+               "Seqlens": "*i64", **sizes, "n_tiles": "i32", "n_slots": "i32", **strides,
+               **{name: "constexpr" for name in tile_names}}
+        specs.append((_attn_fwd_split, sig, consts, options))
+        sig = {"Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
+               "Seqlens": "*i64", "n_queries": "i32", "n_heads": "i32", "n_slots": "i32",
+               "BLOCK_M": "constexpr", "SPLIT": "constexpr", "HEAD_DIM": "constexpr", "ROUND_BF16": "constexpr"}
+        specs.append((_attn_merge, sig, {"BLOCK_M": merge_block_m(), "SPLIT": split, "HEAD_DIM": dim,
+                                         "ROUND_BF16": False}, {"num_warps": MERGE_NUM_WARPS}))
+    return specs
