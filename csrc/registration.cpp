@@ -53,6 +53,12 @@ TORCH_LIBRARY(fusedtx_native, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor seqlens, float scale, int split_size) "
       "-> (Tensor, Tensor, Tensor)");
+  // Its backward for a full causal pass (Tq = Tk = T for every sequence), as
+  // reference.attention_backward: dq (B, H, T, D), dk and dv (B, Hkv, T, D), contiguous, in the
+  // inputs' dtype; every sum in a fixed order (blocks of split_size), no atomics.
+  m.def(
+      "attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor m, Tensor l, "
+      "float scale, int split_size) -> (Tensor, Tensor, Tensor)");
 }
 
 // Lets the ahead-of-time build be imported as `fusedtx._C` (which runs the registrations
