@@ -26,6 +26,8 @@ CUDA_SOURCES = [
     "cuda/layer_norm_glue.cpp",
     "cuda/linear.cu",
     "cuda/linear_glue.cpp",
+    "cuda/attention.cu",
+    "cuda/attention_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so

@@ -70,3 +70,24 @@ cudaError_t bias_act_backward(const void* grad_y, const void* preact, void* grad
                               int groups, DType dtype, cudaStream_t stream);
 
 }  // namespace fusedtx::cuda
+
+namespace fusedtx::cuda {
+
+// The largest head dim attention_forward takes (its shared-memory tiles and registers are sized for it).
+constexpr int64_t kAttentionMaxHeadDim = 128;
+
+// Causal attention with a fixed split size, as reference.attention_forward: q (batch, heads,
+// n_queries, dim), k and v (batch, kv_heads, t_max, dim), all of dtype `dtype` (float32, float16
+// or bfloat16), last dim contiguous, the other strides (batch, head, position; in elements) given
+// as 3-element arrays; query head h reads kv head h / (heads / kv_heads). seqlens (batch,) int64 on
+// the device: sequence b's queries sit at positions seqlens[b] - n_queries ... seqlens[b] - 1 and
+// keys at or beyond seqlens[b] are never read (a seqlens[b] outside [n_queries, t_max] gives NaN
+// rows). o (batch, heads, n_queries, dim) contiguous in `dtype`; m and l (batch, heads, n_queries)
+// float32. dim in [1, kAttentionMaxHeadDim]; split_size a power of two >= 16.
+cudaError_t attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
+                              const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
+                              float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
+                              int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
+                              cudaStream_t stream);
+
+}  // namespace fusedtx::cuda
