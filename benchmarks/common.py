@@ -684,7 +684,8 @@ def finish(args: argparse.Namespace, kernels: Sequence[str] | None = None) -> No
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmark case: a kernel (CSV `kernel`), a shape and dtype, the x-axis value, the
-    providers to run, and op-specific settings in `opts` (e.g. (("scale", 0.125),))."""
+    providers to run, and op-specific settings in `opts` (e.g. (("scale", 0.125),); ("modes",
+    ("forward",)) limits the modes, e.g. for an inference-only op)."""
     kernel: str
     shape: tuple
     dtype: torch.dtype
@@ -806,7 +807,8 @@ def run_benchmark(bench: OpBench, cases: Sequence[Case], args) -> tuple[Recorder
         raise SystemExit(f"--providers: unknown {sorted(set(args.providers) - known)}; known: {sorted(known)}")
     rec = Recorder(args.out, args.device)
     ceilings = get_ceilings(args, rec)
-    tasks = [(c, p, m) for c in cases for p in c.providers for m in MODES if not args.providers or p in args.providers]
+    tasks = [(c, p, m) for c in cases for p in c.providers for m in c.opt("modes", MODES)
+             if not args.providers or p in args.providers]
     unavailable: dict[str, str] = {}
     current, fns, wrong, reference = None, {}, set(), None
     for k, (case, provider, mode) in enumerate(progress(tasks, desc=bench.name), 1):
