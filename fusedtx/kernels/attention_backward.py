@@ -1,0 +1,371 @@
+"""Causal attention backward in Triton: (dq, dk, dv) of a full causal pass, deterministically.
+
+The gradients are reference.attention_backward's (q (B, H, T, D), k, v (B, Hkv, T, D), GQA by
+h // (H / Hkv); o, m, l from kernels.attention.attention_forward, m and l float32 (B, H, T)):
+    P_ij = exp_f32(s_ij - m_i) / l_i,  s_ij = (q_i . k_j) * scale  (j <= i, else 0)
+    D_i = sum_e dO_ie o_ie,  dP = dO v^T,  dS = P * (dP - D)
+    dq = dS k * scale,  dk = dS^T q * scale,  dv = P^T dO
+tl.dot has its own internal order, so the bits are not the reference's (the contract's accuracy
+bound applies); what this module promises is determinism and batch invariance, by structure
+(FlashAttention-2's backward, no atomics, no split counts chosen from the shapes):
+  * `_attn_bwd_preprocess`, grid (row blocks, B * H): D_i = rowsum(dO * o) in float32.
+  * `_attn_bwd_dkdv`, grid (key blocks, B * Hkv): a program owns BLOCK_N keys of one KV head and
+    accumulates their dk, dv in registers over the GQA group's query heads in ascending order and,
+    for each head, its query blocks in ascending order from the block holding the program's
+    first key (earlier queries see none of its keys). One writer per output element.
+  * `_attn_bwd_dq`, grid (query blocks, B * H): a program owns BLOCK_M queries of one head and
+    accumulates dq over the key blocks in ascending order up to the diagonal.
+Every sum runs in an order fixed by (D, dtype) — the tile configuration depends on nothing else —
+and a program reads only its own sequence: the bits do not depend on B, on the other sequences,
+on the number of programs or on the run. split_size is validated (the op's signature carries it)
+but does not enter the backward's order: the loops above are its fixed order.
+
+Precision: float32 accumulation everywhere; float32 inputs use input_precision "ieee" (no TF32);
+for bfloat16/float16 P and dS are rounded to the input dtype before their dots (the tensor cores'
+path, as FlashAttention does). Under the interpreter (TRITON_INTERPRET=1) bf16 tl.dot is broken,
+so every dot operand is float32 there (F32_DOTS), P and dS rounded to the input dtype by hand
+(round_to_bf16: the interpreter's casts truncate), which models the GPU's arithmetic.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import config as _config
+from . import INTERPRETED
+from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
+
+HEAD_DIMS = (16, 32, 64, 128)
+# @jit helpers inlined into the kernels, never launched on their own
+JIT_HELPERS = ("_load", "_dot_d", "_mma_operand", "_store")
+PREPROCESS_BLOCK_M = 64
+PREPROCESS_NUM_WARPS = 4
+
+
+class TileConfig(NamedTuple):
+    BLOCK_M1: int  # _attn_bwd_dkdv: queries per inner step
+    BLOCK_N1: int  # _attn_bwd_dkdv: keys per program
+    num_warps1: int
+    BLOCK_M2: int  # _attn_bwd_dq: queries per program
+    BLOCK_N2: int  # _attn_bwd_dq: keys per inner step
+    num_warps2: int
+    num_stages: int
+
+
+def tile_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """The one tile configuration for (D, dtype) — NEVER a function of B, H or T.
+
+    GPU (not timed: no GPU here): after the Triton fused-attention tutorial's backward, where
+    the program's own block (it holds dk, dv or dq in registers) is the large one and the streamed
+    block the small one; among 16x32/4, 16x64/8, 32x64/8, 16x64/4 (queries x keys / warps) for
+    _attn_bwd_dkdv the fewest spills in ptxas -v for sm_80: 0 bytes everywhere except float32
+    D = 128 (~116 bytes); _attn_bwd_dq: 0 spills except bf16/fp16 D = 128 (8 bytes).
+    Interpreter: few, large programs, the program's own block twice the streamed one so that the
+    tests run the loops' start-at-the-diagonal logic over several steps."""
+    if INTERPRETED:
+        return TileConfig(16, 32, 4, 32, 16, 4, 1)
+    if dtype == torch.float32:
+        if head_dim == 128:
+            return TileConfig(16, 32, 4, 32, 16, 4, 2)
+        return TileConfig(16, 64, 8, 64, 16, 4, 2)
+    if head_dim == 128:
+        return TileConfig(16, 32, 4, 64, 32, 8, 2)
+    return TileConfig(16, 64, 8, 64, 32, 4, 3)
+
+
+def input_precision(dtype: torch.dtype) -> str | None:
+    return "ieee" if dtype == torch.float32 else None
+
+
+@triton.jit
+def _load(ptrs, mask, F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """A tile for tl.dot: as stored on GPUs, float32 under the interpreter (exact for bf16)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if ROUND_BF16:
+        return bf16_to_f32(x)
+    if F32_DOTS:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot_d(a, bt, INPUT_PRECISION: tl.constexpr, F32_DOTS: tl.constexpr):
+    """a (R, D) @ bt (D, C), a sum over the head dim (s = q.k, dP = dO.v). Under the interpreter
+    it is the forward's own sum (a broadcast product summed over d in ascending order, see
+    kernels/attention.py): s, and with it P = exp(s - m) / l, then agrees bit for bit with the m
+    and l the forward computed, and dP_ii - D_i cancels exactly where o_i = v_i (row 0), as
+    D_i is summed in the same order. numpy picks its reduction order from the memory layout, so
+    a and bt must be freshly loaded (row-major) tiles, never tl.trans views. On GPUs tl.dot, as
+    in the forward."""
+    if F32_DOTS:
+        return tl.sum(a[:, :, None] * bt[None, :, :], axis=1)
+    return tl.dot(a, bt, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _mma_operand(x, Like, F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """float32 x rounded to the inputs' dtype (Like's element type) for a dot with an input tile;
+    under the interpreter the rounded value is kept in float32."""
+    if ROUND_BF16:
+        return round_to_bf16(x)
+    if F32_DOTS:
+        return x.to(Like.dtype.element_ty).to(tl.float32)
+    return x.to(Like.dtype.element_ty)
+
+
+@triton.jit
+def _store(ptrs, x, mask, ROUND_BF16: tl.constexpr):
+    if ROUND_BF16:
+        tl.store(ptrs, f32_to_bf16_rn(x), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_ctx"])
+def _attn_bwd_preprocess(O, DO, Delta, n_ctx, n_heads,
+                         stride_ob, stride_oh, stride_ot, stride_od, stride_gb, stride_gh, stride_gt, stride_gd,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_BF16: tl.constexpr,
+                         SEQUENTIAL_SUM: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_ctx
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
+    g_ptrs = DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd
+    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+    do = tl.load(g_ptrs, mask=row_ok[:, None], other=0.0)
+    if ROUND_BF16:
+        o, do = bf16_to_f32(o), bf16_to_f32(do)
+    else:
+        o, do = o.to(tl.float32), do.to(tl.float32)
+    if SEQUENTIAL_SUM:
+        # _dot_d's order under the interpreter: numpy adds a middle axis d by d, ascending, but
+        # only when the trailing axis is wider than 1 (else it is contiguous: pairwise): two
+        # identical columns, then either one
+        pair = (do * o)[:, :, None] + tl.zeros((1, 1, 2), tl.float32)
+        delta = tl.max(tl.sum(pair, axis=1), axis=1)
+    else:
+        delta = tl.sum(do * o, axis=1)
+    tl.store(Delta + bh * n_ctx + rows, delta, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_ctx"])
+def _attn_bwd_dkdv(Q, K, V, DO, M, L, Delta, DK, DV, scale, n_ctx, n_heads, kv_group,
+                   stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                   stride_vb, stride_vh, stride_vt, stride_vd, stride_gb, stride_gh, stride_gt, stride_gd,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    key_block = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    n_kv_heads = n_heads // kv_group
+    b = bhk // n_kv_heads
+    hk = bhk % n_kv_heads
+    n0 = key_block * BLOCK_N
+    keys = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    key_ok = keys < n_ctx
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = tl.arange(0, BLOCK_M)
+    k = _load(K + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+              key_ok[:, None], F32_DOTS, ROUND_BF16)  # (BLOCK_N, D)
+    v = _load(V + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+              key_ok[:, None], F32_DOTS, ROUND_BF16)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    first_query_block = (n0 // BLOCK_M) * BLOCK_M  # queries before the program's first key see none of its keys
+    for g in range(0, kv_group):  # the group's query heads, ascending
+        h = hk * kv_group + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_gb + h * stride_gh
+        row0 = (b * n_heads + h) * n_ctx  # M, L, Delta: contiguous (B, H, T)
+        for m0 in range(first_query_block, n_ctx, BLOCK_M):  # query blocks, ascending
+            rows = m0 + offs_m.to(tl.int64)
+            row_ok = rows < n_ctx
+            qt = _load(Qh + rows[None, :] * stride_qt + offs_d[:, None] * stride_qd, row_ok[None, :],
+                       F32_DOTS, ROUND_BF16)  # (D, BLOCK_M)
+            do = _load(DOh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd, row_ok[:, None],
+                       F32_DOTS, ROUND_BF16)  # (BLOCK_M, D)
+            m = tl.load(M + row0 + rows, mask=row_ok, other=0.0)
+            l = tl.load(L + row0 + rows, mask=row_ok, other=1.0)
+            delta = tl.load(Delta + row0 + rows, mask=row_ok, other=0.0)
+            st = _dot_d(k, qt, INPUT_PRECISION, F32_DOTS) * scale  # (BLOCK_N, BLOCK_M)
+            valid = (keys[:, None] <= rows[None, :]) & row_ok[None, :]  # causal; keys <= row < T
+            pt = tl.where(valid, tl.math.div_rn(exp_f32(st - m[None, :]), l[None, :]), 0.0)
+            dv = tl.dot(_mma_operand(pt, DO, F32_DOTS, ROUND_BF16), do, dv, input_precision=INPUT_PRECISION,
+                        out_dtype=tl.float32)
+            if F32_DOTS:  # a fresh (D, BLOCK_M) tile, not a transposed view: see _dot_d
+                dot_t = _load(DOh + rows[None, :] * stride_gt + offs_d[:, None] * stride_gd, row_ok[None, :],
+                              F32_DOTS, ROUND_BF16)
+            else:
+                dot_t = tl.trans(do)
+            dpt = _dot_d(v, dot_t, INPUT_PRECISION, F32_DOTS)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(_mma_operand(dst, Q, F32_DOTS, ROUND_BF16), tl.trans(qt), dk,
+                        input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    dk = dk * scale
+    out = bhk * n_ctx + keys  # DK, DV: contiguous (B, Hkv, T, D)
+    _store(DK + out[:, None] * HEAD_DIM + offs_d[None, :], dk, key_ok[:, None], ROUND_BF16)
+    _store(DV + out[:, None] * HEAD_DIM + offs_d[None, :], dv, key_ok[:, None], ROUND_BF16)
+
+
+@triton.jit(do_not_specialize=["n_ctx"])
+def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
+                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                 stride_vb, stride_vh, stride_vt, stride_vd, stride_gb, stride_gh, stride_gt, stride_gd,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // kv_group
+    m0 = tile * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_ctx
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = _load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+              row_ok[:, None], F32_DOTS, ROUND_BF16)  # (BLOCK_M, D)
+    do = _load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+               row_ok[:, None], F32_DOTS, ROUND_BF16)
+    m = tl.load(M + bh * n_ctx + rows, mask=row_ok, other=0.0)
+    l = tl.load(L + bh * n_ctx + rows, mask=row_ok, other=1.0)
+    delta = tl.load(Delta + bh * n_ctx + rows, mask=row_ok, other=0.0)
+    Kh = K + b * stride_kb + hk * stride_kh
+    Vh = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    end = tl.minimum(n_ctx, m0 + BLOCK_M)  # the tile's rows see keys < end
+    for n0 in range(0, end, BLOCK_N):  # key blocks, ascending, up to the diagonal
+        keys = n0 + offs_n.to(tl.int64)
+        key_ok = keys < n_ctx
+        kt = _load(Kh + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok[None, :],
+                   F32_DOTS, ROUND_BF16)  # (D, BLOCK_N)
+        vt = _load(Vh + keys[None, :] * stride_vt + offs_d[:, None] * stride_vd, key_ok[None, :],
+                   F32_DOTS, ROUND_BF16)
+        s = _dot_d(q, kt, INPUT_PRECISION, F32_DOTS) * scale  # (BLOCK_M, BLOCK_N)
+        valid = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
+        p = tl.where(valid, tl.math.div_rn(exp_f32(s - m[:, None]), l[:, None]), 0.0)
+        dp = _dot_d(do, vt, INPUT_PRECISION, F32_DOTS)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(_mma_operand(ds, K, F32_DOTS, ROUND_BF16), tl.trans(kt), dq, input_precision=INPUT_PRECISION,
+                    out_dtype=tl.float32)
+    dq = dq * scale
+    _store(DQ + (bh * n_ctx + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq, row_ok[:, None], ROUND_BF16)
+
+
+def _check_inputs(grad_o, q, k, v, o, m, l, scale, split_size):
+    what = "attention_backward"
+    tensors = (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o), ("m", m), ("l", l))
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o)):
+        if t.dim() != 4:
+            raise ValueError(f"{what}: {name} must be 4-D (B, heads, T, D), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{what}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    for name, t in tensors:
+        if t.device != q.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, expected q's device {q.device}")
+    if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
+        raise ValueError(f"{what} (triton): tensors must be on a CUDA device, got {q.device} "
+                         "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
+    for name, t in (("grad_o", grad_o), ("k", k), ("v", v), ("o", o)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{what}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    batch, heads, length, dim = q.shape
+    for name, t in (("grad_o", grad_o), ("o", o)):
+        if t.shape != q.shape:
+            raise ValueError(f"{what}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{what}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"{what}: k has batch {k.shape[0]}, expected q's batch {batch}")
+    if k.shape[2] != length:
+        raise ValueError(f"{what}: k has {k.shape[2]} keys, expected q's length {length} (a full causal pass)")
+    if k.shape[3] != dim:
+        raise ValueError(f"{what}: k has head dim {k.shape[3]}, expected q's head dim {dim}")
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"{what}: head dim must be one of {HEAD_DIMS}, got {dim}")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{what}: q's heads ({heads}) must be a multiple of k's heads ({kv_heads})")
+    for name, t in (("m", m), ("l", l)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{what}: {name} must be float32, got {t.dtype}")
+        if t.shape != q.shape[:3]:
+            raise ValueError(f"{what}: {name} must have shape {tuple(q.shape[:3])} (B, H, T), got {tuple(t.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{what}: scale must be a float, got {type(scale).__name__}")
+    _config._check_split_size(split_size, what)
+
+
+def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int):
+    """reference.attention_backward in Triton: (dq, dk, dv), contiguous, in the inputs' dtype.
+    grad_o, q, k, v, o may have any strides; m, l are the forward's float32 (B, H, T) statistics."""
+    _check_inputs(grad_o, q, k, v, o, m, l, scale, split_size)
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    if batch == 0 or heads == 0 or length == 0:
+        return dq, dk, dv
+    m, l = m.contiguous(), l.contiguous()
+    delta = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+    round_bf16 = needs_bf16_rounding(q.dtype)
+    _attn_bwd_preprocess[(triton.cdiv(length, PREPROCESS_BLOCK_M), batch * heads)](
+        o, grad_o, delta, length, heads, *o.stride(), *grad_o.stride(), BLOCK_M=PREPROCESS_BLOCK_M, HEAD_DIM=dim,
+        ROUND_BF16=round_bf16, SEQUENTIAL_SUM=INTERPRETED, num_warps=PREPROCESS_NUM_WARPS, **LAUNCH_OPTIONS)
+    cfg = tile_config(dim, q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
+    common = dict(HEAD_DIM=dim, INPUT_PRECISION=input_precision(q.dtype), F32_DOTS=INTERPRETED,
+                  ROUND_BF16=round_bf16, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
+    args = (q, k, v, grad_o, m, l, delta)
+    sizes = (float(scale), length, heads, heads // kv_heads)
+    _attn_bwd_dkdv[(triton.cdiv(length, cfg.BLOCK_N1), batch * kv_heads)](
+        *args, dk, dv, *sizes, *strides, BLOCK_M=cfg.BLOCK_M1, BLOCK_N=cfg.BLOCK_N1, num_warps=cfg.num_warps1, **common)
+    _attn_bwd_dq[(triton.cdiv(length, cfg.BLOCK_M2), batch * heads)](
+        *args, dq, *sizes, *strides, BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2, num_warps=cfg.num_warps2, **common)
+    return dq, dk, dv
+
+
+def compile_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the three
+    kernels per dtype (float32, bfloat16, float16) and head dim (64, 128), plus D = 16 for
+    bfloat16 (the smallest tiles). The head-dim strides are 1 (Triton's launch-time
+    specialisation of unit strides)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    stride_names = [f"stride_{t}{a}" for t in "qkvg" for a in "bhtd"]
+    unit = {f"stride_{t}d" for t in "qkvg"}
+    strides = {name: "constexpr" if name in unit else "i32" for name in stride_names}
+    tile_names = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "INPUT_PRECISION", "F32_DOTS", "ROUND_BF16")
+    cases = [(dt, d) for dt in names for d in (64, 128)] + [(torch.bfloat16, 16)]
+    specs = []
+    for dtype, dim in cases:
+        dt = names[dtype]
+        cfg = tile_config(dim, dtype)
+        sizes = {"scale": "fp32", "n_ctx": "i32", "n_heads": "i32", "kv_group": "i32"}
+        ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DO": f"*{dt}", "M": "*fp32", "L": "*fp32",
+                "Delta": "*fp32"}
+        fixed = {"HEAD_DIM": dim, "INPUT_PRECISION": input_precision(dtype), "F32_DOTS": False, "ROUND_BF16": False}
+        sig = {**ptrs, "DK": f"*{dt}", "DV": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
+        consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M1, "BLOCK_N": cfg.BLOCK_N1, **fixed}
+        specs.append((_attn_bwd_dkdv, sig, consts, {"num_warps": cfg.num_warps1, "num_stages": cfg.num_stages}))
+        sig = {**ptrs, "DQ": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
+        consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": cfg.BLOCK_N2, **fixed}
+        specs.append((_attn_bwd_dq, sig, consts, {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
+        pre_strides = [f"stride_{t}{a}" for t in "og" for a in "bhtd"]
+        sig = {"O": f"*{dt}", "DO": f"*{dt}", "Delta": "*fp32", "n_ctx": "i32", "n_heads": "i32",
+               **{n: "constexpr" if n.endswith("d") else "i32" for n in pre_strides},
+               "BLOCK_M": "constexpr", "HEAD_DIM": "constexpr", "ROUND_BF16": "constexpr", "SEQUENTIAL_SUM": "constexpr"}
+        consts = {"stride_od": 1, "stride_gd": 1, "BLOCK_M": PREPROCESS_BLOCK_M, "HEAD_DIM": dim, "ROUND_BF16": False,
+                  "SEQUENTIAL_SUM": False}
+        specs.append((_attn_bwd_preprocess, sig, {**consts}, {"num_warps": PREPROCESS_NUM_WARPS}))
+    return specs
