@@ -18,6 +18,7 @@ CPU_SOURCES = [
     "cpu/layer_norm.cpp",
     "cpu/linear.cpp",
     "cpu/attention.cpp",
+    "cpu/attention_backward.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",

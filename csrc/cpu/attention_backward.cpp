@@ -1,0 +1,432 @@
+// Causal attention backward with a fixed split size on CPU: reference.attention_backward, bit for bit.
+//
+// FlashAttention-2 style, in two passes that each recompute the probabilities from the forward's
+// row statistics (m, l), so that every output is owned by exactly one task and nothing is reduced
+// across threads (no atomics; the bits do not depend on the thread count):
+//   pass 1, one task = (batch b, head h, block of up to 16 queries; the lanes of the vectors):
+//            D_i = dotFMA(dO_i, o_i) (kept for pass 2), then for each key chunk [cS, cS + S) up to
+//            the block's last query: s = dotFMA(q_i, k_j) * scale and dP = dotFMA(dO_i, v_j), one
+//            vector per key (broadcast k_j[d] times the transposed q[d]); P = exp_f32(s - m) / l
+//            (+0 above the diagonal); dS = P * (dP - D); then per (query, e) an FMA chain over the
+//            chunk's keys ascending from +0, added to the running total (the first chunk's sum is
+//            the total). Chunks wholly above the diagonal would add +0: the total gets + 0 once.
+//            dq = total * scale.
+//   pass 2, one task = (batch b, KV head, block of up to 16 keys; the lanes): for each query head
+//            of the group in ascending order, for each query chunk from the one holding the block
+//            onwards: the same s, P, dP, dS (now broadcast q_i[d] times the transposed k[d]), then
+//            per (key, e) FMA chains over the chunk's queries ascending from +0 for dv (P dO) and
+//            dk (dS q). Chunks before the block's own contribute exactly +0 in the reference, so a
+//            block with chunks before it starts its total as +0 + partial. dk_head = total * scale;
+//            dk = ((+0 + dk_head0) + dk_head1) + ..., dv likewise.
+// Pairs above the diagonal inside a processed range carry P = +0 and dS = +0 * (dP - D), exactly as
+// the reference computes them; keys past a query block's last query are skipped (their terms are
+// +-0 and leave a finite sum unchanged).
+// Inputs in bfloat16/float16, or with a head dim that is not a multiple of 16, are first
+// converted (exactly) to zero-padded float32 copies; the outputs are rounded to the dtype at the end.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace fusedtx::cpu {
+namespace {
+
+constexpr int kBlock = 16;    // queries (pass 1) or keys (pass 2) per task: the vector lanes
+constexpr int kDotRows = 8;   // dot products interleaved for ILP
+constexpr int kAxpyLanes = 4; // accumulation tile: lanes x vectors of the head dim
+constexpr int kAxpyVecs = 4;
+
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(
+      _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#else
+  alignas(64) float x[kVec], y[kVec], z[kVec];
+  vstore(x, a);
+  vstore(y, b);
+  vstore(z, c);
+  for (int l = 0; l < kVec; ++l) z[l] = std::fma(x[l], y[l], z[l]);
+  return vload(z);
+#endif
+}
+
+inline vfloat vselect(__mmask16 mask, vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_mask_mov_ps(reinterpret_cast<__m512>(b), mask, reinterpret_cast<__m512>(a)));
+#else
+  alignas(64) float x[kVec], y[kVec];
+  vstore(x, a);
+  vstore(y, b);
+  for (int l = 0; l < kVec; ++l) y[l] = (mask >> l) & 1 ? x[l] : y[l];
+  return vload(y);
+#endif
+}
+
+// The first n lanes (n clamped to 0 ... 16).
+inline __mmask16 first_lanes(int64_t n) {
+  if (n <= 0) return 0;
+  if (n >= kVec) return 0xFFFF;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// A (batch, heads, positions, dim_pad) float32 view: rows hold dim_pad readable floats.
+struct View {
+  const float* ptr;
+  int64_t s0, s1, s2;
+  const float* row(int64_t b, int64_t h, int64_t t) const { return ptr + b * s0 + h * s1 + t * s2; }
+};
+struct OutView {
+  float* ptr;
+  int64_t s0, s1, s2;
+  float* row(int64_t b, int64_t h, int64_t t) const { return ptr + b * s0 + h * s1 + t * s2; }
+};
+
+struct Problem {
+  int64_t batch, heads, kv_heads, group, length, dim, dim_pad, split, n_chunks;
+  float scale;
+  View q, k, v, o, go;
+  const float *m, *l;  // (B, H, T) contiguous
+  float* d_row;        // (B, H, T): D_i, written by pass 1, read by pass 2
+  OutView dq, dk, dv;
+};
+
+// out[r] (lanes) = FMA chain over d ascending from +0 of x[r][d] * xt[d][lanes], for N rows of x.
+template <int N>
+inline void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
+  vfloat acc[N];
+  const float* rows[N];
+  for (int r = 0; r < N; ++r) {
+    acc[r] = vsplat(0.0f);
+    rows[r] = x + r * ld;
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    const vfloat xd = vload(xt + d * kVec);
+    for (int r = 0; r < N; ++r) acc[r] = vfma(vsplat(rows[r][d]), xd, acc[r]);
+  }
+  for (int r = 0; r < N; ++r) out[r] = acc[r];
+}
+
+enum class Total { kFirst, kZeroPlus, kAdd };  // total = partial | +0 + partial | total + partial
+
+// For lanes [l0, l0 + NL) and head-dim vectors [e0, e0 + NV): partial = FMA chain over rows r in
+// [0, n_rows) ascending from +0 of tile[r][lane] * x[r][e]; folded into out[lane][e] as `mode`.
+template <int NL, int NV>
+inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_rows, int l0, int64_t e0, float* out,
+                      int64_t out_ld, Total mode) {
+  vfloat acc[NL][NV];
+  for (int a = 0; a < NL; ++a)
+    for (int v = 0; v < NV; ++v) acc[a][v] = vsplat(0.0f);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* xr = x + r * ld + e0;
+    const float* tr = tile + r * kBlock + l0;
+    vfloat xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = vload(xr + v * kVec);
+    for (int a = 0; a < NL; ++a) {
+      const vfloat t = vsplat(tr[a]);
+      for (int v = 0; v < NV; ++v) acc[a][v] = vfma(t, xv[v], acc[a][v]);
+    }
+  }
+  for (int a = 0; a < NL; ++a) {
+    float* o = out + (l0 + a) * out_ld + e0;
+    for (int v = 0; v < NV; ++v) {
+      vfloat r = acc[a][v];
+      if (mode == Total::kZeroPlus) r = vsplat(0.0f) + r;
+      else if (mode == Total::kAdd) r = vload(o + v * kVec) + r;
+      vstore(o + v * kVec, r);
+    }
+  }
+}
+
+// lane_axpy over lanes [0, n_lanes) and the whole (padded) head dim.
+inline void accumulate(const float* tile, const float* x, int64_t ld, int64_t n_rows, int n_lanes, int64_t dim_pad,
+                       float* out, Total mode) {
+  const int64_t n_vecs = dim_pad / kVec;
+  auto for_lanes = [&](auto nv_tag, int64_t e0) {
+    constexpr int NV = decltype(nv_tag)::value;
+    int a = 0;
+    for (; a + kAxpyLanes <= n_lanes; a += kAxpyLanes)
+      lane_axpy<kAxpyLanes, NV>(tile, x, ld, n_rows, a, e0, out, dim_pad, mode);
+    for (; a < n_lanes; ++a) lane_axpy<1, NV>(tile, x, ld, n_rows, a, e0, out, dim_pad, mode);
+  };
+  int64_t v = 0;
+  for (; v + kAxpyVecs <= n_vecs; v += kAxpyVecs) for_lanes(std::integral_constant<int, kAxpyVecs>{}, v * kVec);
+  if (n_vecs - v == 3) for_lanes(std::integral_constant<int, 3>{}, v * kVec);
+  else if (n_vecs - v == 2) for_lanes(std::integral_constant<int, 2>{}, v * kVec);
+  else if (n_vecs - v == 1) for_lanes(std::integral_constant<int, 1>{}, v * kVec);
+}
+
+// rows [0, n) of x (dim_pad floats each) transposed into xt[d][lane], lanes >= n set to +0.
+inline void transpose_rows(const float* x, int64_t ld, int64_t n, int64_t dim_pad, float* xt) {
+  std::fill(xt, xt + dim_pad * kBlock, 0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * ld;
+    for (int64_t d = 0; d < dim_pad; ++d) xt[d * kBlock + r] = xr[d];
+  }
+}
+
+struct Scratch {
+  std::vector<float> t1, t2, t3, p_tile, ds_tile, acc1, acc2, acc3, acc4;
+  explicit Scratch(const Problem& p)
+      : t1(p.dim_pad * kBlock), t2(p.dim_pad * kBlock), t3(p.dim_pad * kBlock), p_tile(p.split * kBlock),
+        ds_tile(p.split * kBlock), acc1(kBlock * p.dim_pad), acc2(kBlock * p.dim_pad), acc3(kBlock * p.dim_pad),
+        acc4(kBlock * p.dim_pad) {}
+};
+
+// Pass 1: D and dq for queries [i0, i0 + n) of (b, h).
+void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Scratch& s) {
+  const int64_t kvh = h / p.group;
+  float* qt = s.t1.data();
+  float* got = s.t2.data();
+  float* ot = s.t3.data();
+  transpose_rows(p.q.row(b, h, i0), p.q.s2, n, p.dim_pad, qt);
+  transpose_rows(p.go.row(b, h, i0), p.go.s2, n, p.dim_pad, got);
+  transpose_rows(p.o.row(b, h, i0), p.o.s2, n, p.dim_pad, ot);
+  const int64_t row0 = (b * p.heads + h) * p.length + i0;
+  alignas(64) float m_l[kBlock] = {}, l_l[kBlock], d_l[kBlock];
+  for (int i = 0; i < kBlock; ++i) l_l[i] = 1.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    m_l[i] = p.m[row0 + i];
+    l_l[i] = p.l[row0 + i];
+  }
+  const vfloat m_v = vload(m_l), l_v = vload(l_l);
+  vfloat d_v = vsplat(0.0f);
+  for (int64_t e = 0; e < p.dim; ++e) d_v = vfma(vload(got + e * kVec), vload(ot + e * kVec), d_v);
+  vstore(d_l, d_v);
+  for (int64_t i = 0; i < n; ++i) p.d_row[row0 + i] = d_l[i];
+
+  const int64_t last = i0 + n - 1;
+  const int64_t last_chunk = last / p.split;
+  float* ds = s.ds_tile.data();
+  float* total = s.acc1.data();
+  vfloat sc[kDotRows], dp[kDotRows];
+  for (int64_t c = 0; c <= last_chunk; ++c) {
+    const int64_t start = c * p.split, n_keys = std::min(start + p.split, last + 1) - start;
+    const float* kr = p.k.row(b, kvh, start);
+    const float* vr = p.v.row(b, kvh, start);
+    auto finish = [&](int64_t jj, vfloat s_j, vfloat dp_j) {
+      // query lane i sees key start + jj when i0 + i >= start + jj
+      const __mmask16 valid = static_cast<__mmask16>(~first_lanes(start + jj - i0));
+      const vfloat pj = vselect(valid, exp_f32((s_j * p.scale) - m_v) / l_v, vsplat(0.0f));
+      vstore(ds + jj * kBlock, pj * (dp_j - d_v));
+    };
+    int64_t j = 0;
+    for (; j + kDotRows <= n_keys; j += kDotRows) {
+      lane_dots<kDotRows>(qt, kr + j * p.k.s2, p.k.s2, p.dim, sc);
+      lane_dots<kDotRows>(got, vr + j * p.v.s2, p.v.s2, p.dim, dp);
+      for (int r = 0; r < kDotRows; ++r) finish(j + r, sc[r], dp[r]);
+    }
+    for (; j < n_keys; ++j) {
+      lane_dots<1>(qt, kr + j * p.k.s2, p.k.s2, p.dim, sc);
+      lane_dots<1>(got, vr + j * p.v.s2, p.v.s2, p.dim, dp);
+      finish(j, sc[0], dp[0]);
+    }
+    accumulate(ds, kr, p.k.s2, n_keys, static_cast<int>(n), p.dim_pad, total, c == 0 ? Total::kFirst : Total::kAdd);
+  }
+  // Chunks wholly above the diagonal: the reference adds their +0 sums.
+  const bool masked_chunks_follow = last_chunk < p.n_chunks - 1;
+  for (int64_t i = 0; i < n; ++i) {
+    float* out = p.dq.row(b, h, i0 + i);
+    const float* t = total + i * p.dim_pad;
+    for (int64_t e = 0; e < p.dim_pad; e += kVec) {
+      vfloat x = vload(t + e);
+      if (masked_chunks_follow) x = x + vsplat(0.0f);
+      vstore(out + e, x * p.scale);
+    }
+  }
+}
+
+// Pass 2: dk and dv for keys [j0, j0 + n) of (b, kv head kvh).
+void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n, Scratch& s) {
+  float* kt = s.t1.data();
+  float* vt = s.t2.data();
+  transpose_rows(p.k.row(b, kvh, j0), p.k.s2, n, p.dim_pad, kt);
+  transpose_rows(p.v.row(b, kvh, j0), p.v.s2, n, p.dim_pad, vt);
+  float* pt = s.p_tile.data();
+  float* ds = s.ds_tile.data();
+  float* dk_tot = s.acc1.data();
+  float* dv_tot = s.acc2.data();
+  float* dk_sum = s.acc3.data();
+  float* dv_sum = s.acc4.data();
+  const int64_t acc_size = kBlock * p.dim_pad;
+  std::fill(dk_sum, dk_sum + acc_size, 0.0f);
+  std::fill(dv_sum, dv_sum + acc_size, 0.0f);
+  const int64_t own_chunk = j0 / p.split;  // a 16-key block never straddles a chunk (S % 16 == 0)
+  const __mmask16 real_keys = first_lanes(n);
+  vfloat sc[kDotRows], dp[kDotRows];
+  for (int64_t hh = 0; hh < p.group; ++hh) {
+    const int64_t h = kvh * p.group + hh;
+    const int64_t row0 = (b * p.heads + h) * p.length;
+    for (int64_t c = own_chunk; c < p.n_chunks; ++c) {
+      const int64_t start = std::max(c * p.split, j0), stop = std::min((c + 1) * p.split, p.length);
+      const int64_t n_queries = stop - start;
+      const float* qr = p.q.row(b, h, start);
+      const float* gr = p.go.row(b, h, start);
+      auto finish = [&](int64_t ii, vfloat s_i, vfloat dp_i) {
+        const int64_t i = start + ii;
+        // key lane l is seen by query i when j0 + l <= i
+        const __mmask16 valid = first_lanes(i - j0 + 1) & real_keys;
+        const vfloat pi =
+            vselect(valid, exp_f32((s_i * p.scale) - vsplat(p.m[row0 + i])) / vsplat(p.l[row0 + i]), vsplat(0.0f));
+        vstore(pt + ii * kBlock, pi);
+        vstore(ds + ii * kBlock, pi * (dp_i - vsplat(p.d_row[row0 + i])));
+      };
+      int64_t ii = 0;
+      for (; ii + kDotRows <= n_queries; ii += kDotRows) {
+        lane_dots<kDotRows>(kt, qr + ii * p.q.s2, p.q.s2, p.dim, sc);
+        lane_dots<kDotRows>(vt, gr + ii * p.go.s2, p.go.s2, p.dim, dp);
+        for (int r = 0; r < kDotRows; ++r) finish(ii + r, sc[r], dp[r]);
+      }
+      for (; ii < n_queries; ++ii) {
+        lane_dots<1>(kt, qr + ii * p.q.s2, p.q.s2, p.dim, sc);
+        lane_dots<1>(vt, gr + ii * p.go.s2, p.go.s2, p.dim, dp);
+        finish(ii, sc[0], dp[0]);
+      }
+      const Total mode = c > own_chunk ? Total::kAdd : (own_chunk > 0 ? Total::kZeroPlus : Total::kFirst);
+      accumulate(pt, gr, p.go.s2, n_queries, static_cast<int>(n), p.dim_pad, dv_tot, mode);
+      accumulate(ds, qr, p.q.s2, n_queries, static_cast<int>(n), p.dim_pad, dk_tot, mode);
+    }
+    for (int64_t x = 0; x < n * p.dim_pad; x += kVec) {
+      vstore(dk_sum + x, vload(dk_sum + x) + vload(dk_tot + x) * p.scale);
+      vstore(dv_sum + x, vload(dv_sum + x) + vload(dv_tot + x));
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    std::memcpy(p.dk.row(b, kvh, j0 + j), dk_sum + j * p.dim_pad, p.dim_pad * sizeof(float));
+    std::memcpy(p.dv.row(b, kvh, j0 + j), dv_sum + j * p.dim_pad, p.dim_pad * sizeof(float));
+  }
+}
+
+constexpr const char* kOp = "fusedtx attention_backward";
+
+void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, kOp, ": ", name, " must be 4-D (batch, heads, positions, head_dim), got sizes ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, kOp, ": ", name,
+              " must have a contiguous last dim (stride 1), got strides ", t.strides());
+}
+
+// t as a float32 (B, H, T, dim_pad) view whose rows hold dim_pad readable floats: t itself when
+// it is float32 with dim == dim_pad, else an exact zero-padded float32 copy (kept alive in `keep`).
+View as_float_view(const at::Tensor& t, int64_t dim_pad, at::Tensor& keep) {
+  if (t.scalar_type() == at::kFloat && t.size(3) == dim_pad && (t.stride(3) == 1)) {
+    keep = t;
+  } else {
+    keep = at::zeros({t.size(0), t.size(1), t.size(2), dim_pad}, t.options().dtype(at::kFloat));
+    keep.narrow(3, 0, t.size(3)).copy_(t);
+  }
+  return {keep.const_data_ptr<float>(), keep.stride(0), keep.stride(1), keep.stride(2)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_o, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& o, const at::Tensor& m,
+                                                                  const at::Tensor& l, double scale,
+                                                                  int64_t split_size) {
+  check_input(grad_o, "grad_o");
+  check_input(q, "q");
+  check_input(k, "k");
+  check_input(v, "v");
+  check_input(o, "o");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp, ": unsupported dtype ", dtype,
+              " (expected float32, float16 or bfloat16)");
+  using Named = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
+  for (auto [t, name] : Named{{&grad_o, "grad_o"}, {&k, "k"}, {&v, "v"}, {&o, "o"}}) {
+    TORCH_CHECK(t->scalar_type() == dtype, kOp, ": ", name, " must have q's dtype ", dtype, ", got ",
+                t->scalar_type());
+  }
+  const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1);
+  TORCH_CHECK(grad_o.sizes() == q.sizes(), kOp, ": grad_o must have q's shape ", q.sizes(), ", got ", grad_o.sizes());
+  TORCH_CHECK(o.sizes() == q.sizes(), kOp, ": o must have q's shape ", q.sizes(), ", got ", o.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == batch, kOp, ": k and v must have q's batch size ", batch, ", got ", k.size(0));
+  TORCH_CHECK(k.size(2) == length, kOp, ": k and v must have q's length ", length,
+              " (the backward is for a full causal pass), got ", k.size(2));
+  TORCH_CHECK(k.size(3) == dim, kOp, ": k and v must have q's head dim ", dim, ", got ", k.size(3));
+  TORCH_CHECK(dim > 0, kOp, ": the head dim must be positive, got ", dim);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, kOp, ": q's head count ", heads,
+              " must be a multiple of k and v's head count ", kv_heads);
+  TORCH_CHECK(split_size >= 16 && (split_size & (split_size - 1)) == 0, kOp,
+              ": split_size must be a power of two >= 16, got ", split_size);
+  for (auto [t, name] : Named{{&m, "m"}, {&l, "l"}}) {
+    TORCH_CHECK(t->device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == heads && t->size(2) == length, kOp, ": ", name,
+                " must have shape (", batch, ", ", heads, ", ", length, "), got ", t->sizes());
+  }
+
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  if (q.numel() == 0 || k.numel() == 0) {
+    return {at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts), at::zeros(v.sizes(), opts)};
+  }
+
+  Problem p{};
+  p.batch = batch;
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.group = heads / kv_heads;
+  p.length = length;
+  p.dim = dim;
+  p.dim_pad = (dim + kVec - 1) / kVec * kVec;
+  p.split = split_size;
+  p.n_chunks = (length + split_size - 1) / split_size;
+  p.scale = static_cast<float>(scale);
+  at::Tensor qf, kf, vf, of, gf;
+  p.q = as_float_view(q, p.dim_pad, qf);
+  p.k = as_float_view(k, p.dim_pad, kf);
+  p.v = as_float_view(v, p.dim_pad, vf);
+  p.o = as_float_view(o, p.dim_pad, of);
+  p.go = as_float_view(grad_o, p.dim_pad, gf);
+  const at::Tensor mc = m.contiguous(), lc = l.contiguous();
+  p.m = mc.const_data_ptr<float>();
+  p.l = lc.const_data_ptr<float>();
+  at::Tensor d_row = at::empty({batch, heads, length}, q.options().dtype(at::kFloat));
+  p.d_row = d_row.mutable_data_ptr<float>();
+  // Outputs in float32 with padded rows; written straight into the result when that is float32
+  // with dim == dim_pad.
+  const auto fopts = opts.dtype(at::kFloat);
+  at::Tensor dq = at::empty({batch, heads, length, p.dim_pad}, fopts);
+  at::Tensor dk = at::empty({batch, kv_heads, length, p.dim_pad}, fopts);
+  at::Tensor dv = at::empty({batch, kv_heads, length, p.dim_pad}, fopts);
+  auto out_view = [](at::Tensor& t) -> OutView {
+    return {t.mutable_data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+  };
+  p.dq = out_view(dq);
+  p.dk = out_view(dk);
+  p.dv = out_view(dv);
+
+  const int64_t blocks = (length + kBlock - 1) / kBlock;
+  // Causal blocks' work grows (pass 1) or shrinks (pass 2) with their index: alternate short and
+  // long ones so that the contiguous ranges handed to threads carry similar work (no bits change).
+  auto interleaved = [blocks](int64_t r) { return r % 2 == 0 ? r / 2 : blocks - 1 - r / 2; };
+  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(p);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, i0 = interleaved(task % blocks) * kBlock;
+      dq_block(p, bh / heads, bh % heads, i0, std::min<int64_t>(kBlock, length - i0), scratch);
+    }
+  });
+  at::parallel_for(0, batch * kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(p);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, j0 = interleaved(task % blocks) * kBlock;
+      dkdv_block(p, bh / kv_heads, bh % kv_heads, j0, std::min<int64_t>(kBlock, length - j0), scratch);
+    }
+  });
+
+  auto finish = [&](at::Tensor& t) {
+    if (dtype == at::kFloat && dim == p.dim_pad) return t;
+    return t.narrow(3, 0, dim).to(dtype).contiguous();
+  };
+  return {finish(dq), finish(dk), finish(dv)};
+}
+
+}  // namespace
+}  // namespace fusedtx::cpu
+
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("attention_backward", &fusedtx::cpu::attention_backward); }
