@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
+from .ops import attention as _attention_op
 from .ops import layer_norm as _layer_norm_op
 from .ops import linear as _linear_op
 from .ops import softmax as _softmax_op
@@ -97,3 +98,39 @@ def gelu_ffn(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
         raise ValueError(f"gelu_ffn: approximate must be 'none' or 'tanh', got {approximate!r}")
     hidden = linear(x, fc_weight, fc_bias, activation=GELU_APPROXIMATIONS[approximate], backend=backend)
     return linear(hidden, proj_weight, proj_bias, backend=backend)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                     split_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Causal attention over q, k, v of shape (B, H, T, D) (k, v may have fewer heads: grouped /
+    multi-query attention), scale defaulting to 1/sqrt(D). Keys are cut at multiples of the split
+    size (fusedtx.set_split_size, default 256) and the chunks merged in order, so each query's
+    output is the same bits as in a chunked prefill or a decode step (attention_with_kv_cache).
+    Differentiable; the backward sums in fixed orders (deterministic)."""
+    name = backends.resolve(backend, _device_of(q))
+    _attention_op.check_qkv(q, k, v, "causal_attention")
+    scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "causal_attention")
+    if _eager_inference(q) and not _needs_grad(k, v):
+        return _attention_op.causal_attention_impl(q, k, v, scale, split, name)[0]
+    return _attention_op.causal_attention(q, k, v, scale, split, name)[0]
+
+
+def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, *,
+                            scale: float | None = None, split_size: int | None = None,
+                            backend: str | None = None) -> torch.Tensor:
+    """Attention of new queries against a KV cache that already holds their keys and values.
+
+    q (B, H, Tq, D); k_cache, v_cache (B, Hkv, Tmax, D); seqlens (B,) ints: sequence b has
+    seqlens[b] valid keys and its Tq queries are at positions seqlens[b] - Tq ... seqlens[b] - 1,
+    causal among themselves. Sequences may have different lengths; nothing beyond seqlens[b] is
+    read. Decode is Tq = 1. The same bits as causal_attention over the whole sequence.
+    Inference only (no gradient)."""
+    name = backends.resolve(backend, _device_of(q))
+    if _needs_grad(q, k_cache, v_cache):
+        raise ValueError("attention_with_kv_cache is inference-only and has no gradient; run it under "
+                         "torch.no_grad(), or use causal_attention for training")
+    scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "attention_with_kv_cache")
+    if _eager_inference(q):
+        return _attention_op.attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split, name)
+    _attention_op.check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
+    return _attention_op.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split, name)

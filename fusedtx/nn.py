@@ -75,3 +75,80 @@ class GeluFFN(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}, backend={self.backend}"
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer for a batch of sequences, each with its
+    own length: (batch, kv_heads, max_len, head_dim) buffers and `lengths` (batch,) int64.
+
+    append(k, v) writes the new (batch, kv_heads, T, head_dim) keys and values of every sequence
+    right after its own length and returns the lengths after them — what attention_with_kv_cache
+    takes as seqlens; the attention then reads nothing beyond them."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype=torch.float32,
+                 device=None):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch, dtype=torch.int64)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(f"KVCache.append: k and v must be (batch, kv_heads, T, head_dim) = "
+                             f"({self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}), "
+                             f"got {list(k.shape)} and {list(v.shape)}")
+        new_lengths = self.lengths + k.shape[2]
+        if int(new_lengths.max()) > self.max_len:
+            raise ValueError(f"KVCache.append: {k.shape[2]} more tokens overflow the cache "
+                             f"(lengths up to {int(self.lengths.max())}, max_len {self.max_len})")
+        positions = (self.lengths[:, None] + torch.arange(k.shape[2])).to(self.k.device)      # (B, T)
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.scatter_(2, index, k.to(self.k.dtype))
+        self.v.scatter_(2, index, v.to(self.v.dtype))
+        self.lengths = new_lengths
+        return new_lengths
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """GPT-2 causal self-attention on fusedtx kernels: c_attn (fused QKV projection), the
+    fixed-split-size attention, c_proj. n_kv_head < n_head gives grouped-query attention.
+
+    forward(x) runs the full causal pass (training, prefill); forward(x, kv_cache) appends this
+    step's keys and values to the cache and attends to everything cached — chunked prefill or
+    decode — with the same bits for every token as the full pass."""
+
+    def __init__(self, d_model: int, n_head: int, bias: bool = True, n_kv_head: int | None = None,
+                 split_size: int | None = None, device=None, dtype=None, *, backend: str | None = None):
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if d_model % n_head or n_head % n_kv_head:
+            raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be a multiple of n_head ({n_head}) "
+                             f"and n_head a multiple of n_kv_head ({n_kv_head})")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.c_attn = Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias, device, dtype, backend=backend)
+        self.c_proj = Linear(d_model, d_model, bias, device, dtype, backend=backend)
+        self.split_size, self.backend = split_size, backend
+
+    def new_kv_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
+        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype=dtype or self.c_attn.weight.dtype,
+                       device=device or self.c_attn.weight.device)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        batch, tokens, d_model = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(batch, tokens, self.n_head, self.head_dim).transpose(1, 2)       # (B, nh, T, hs)
+        k = k.view(batch, tokens, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, nkv, T, hs)
+        v = v.view(batch, tokens, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if kv_cache is None:
+            y = F.causal_attention(q, k, v, split_size=self.split_size, backend=self.backend)
+        else:
+            seqlens = kv_cache.append(k, v)
+            y = F.attention_with_kv_cache(q, kv_cache.k, kv_cache.v, seqlens, split_size=self.split_size,
+                                          backend=self.backend)
+        return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, d_model))

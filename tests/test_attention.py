@@ -158,3 +158,134 @@ def test_spec_backward_accuracy_against_float64(dtype, length, dim, kv_heads):
     for name, a, e, x, like in zip(("dq", "dk", "dv"), ours, eager, exact, (q, k, v)):
         assert a.dtype == dtype and a.shape == like.shape, name
         assert_accuracy(a, e, x, f"attention spec backward {dtype} {name} T={length}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops on every backend: fusedtx.causal_attention / attention_with_kv_cache, the module
+# ---------------------------------------------------------------------------------------------
+import fusedtx  # noqa: E402
+from helpers import DEVICE_BACKENDS, require  # noqa: E402
+
+
+def public_attend(backend):
+    """attention_with_kv_cache with reference.attention_forward's signature, for chunked()."""
+    def attend(q, k_cache, v_cache, seqlens, scale, split_size):
+        return (fusedtx.attention_with_kv_cache(q, k_cache.to(q.device), v_cache.to(q.device), seqlens,
+                                                scale=scale, split_size=split_size, backend=backend),)
+    return attend
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
+def test_op_accuracy_forward_and_backward(device, backend, dtype):
+    require(device, backend)
+    q, k, v = (t.to(device) for t in qkv(2, 4, 2 * S + 3, 16, dtype, kv_heads=2))
+    grad_o = make(q.shape, dtype, seed=9).to(device)
+
+    def grads(fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        y = fn(*leaves)
+        return (y, *torch.autograd.grad(y, leaves, cast(grad_o)))
+
+    ours = grads(lambda a, b, c: fusedtx.causal_attention(a, b, c, split_size=S, backend=backend), lambda t: t)
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1),  # noqa: E731
+                                                          is_causal=True)
+    eager, exact = grads(sdpa, lambda t: t), grads(sdpa, lambda t: t.double())
+    for name, a, e, x, like in zip(("o", "dq", "dk", "dv"), ours, eager, exact, (q, q, k, v)):
+        assert a.dtype == dtype and a.shape == like.shape, name
+        assert_accuracy(a, e, x, f"{backend} causal_attention {dtype} {name}")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("chunk_sizes", [[1], [7], [S + 1]], ids=["decode", "7", "S+1"])
+def test_op_full_chunked_and_decode_agree_bitwise(device, backend, chunk_sizes):
+    require(device, backend)
+    q, k, v = (t.to(device) for t in qkv(2, 2, 2 * S + 5, 16, torch.bfloat16, kv_heads=1))
+    full = fusedtx.causal_attention(q, k, v, scale=0.25, split_size=S, backend=backend)
+    stepped = chunked(q, k.cpu(), v.cpu(), chunk_sizes, tmax=3 * S, attend=public_attend(backend))
+    assert_bitwise_equal(stepped, full, f"{backend}: chunks {chunk_sizes} vs the full pass")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_op_batch_invariance(device, backend):
+    require(device, backend)
+    attend = public_attend(backend)
+
+    def on_device(q, k_cache, v_cache, seqlens, scale, split_size):
+        return (attend(q.to(device), k_cache, v_cache, seqlens.to(device), scale, split_size)[0].cpu(),)
+
+    assert batch_failures(on_device) == []
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_module_decode_with_kv_cache_equals_full_pass(device, backend):
+    require(device, backend)
+    torch.manual_seed(0)
+    attn = fusedtx.nn.CausalSelfAttention(64, 4, n_kv_head=2, split_size=S, backend=backend).to(device)
+    x = make((3, 2 * S + 1, 64), torch.float32, seed=4).to(device)
+    with torch.no_grad():
+        full = attn(x)
+        cache = attn.new_kv_cache(3, 3 * S)
+        prefill = attn(x[:, :5], cache)
+        steps = [attn(x[:, t: t + 1], cache) for t in range(5, x.shape[1])]
+    assert_bitwise_equal(torch.cat([prefill, *steps], dim=1), full, f"{backend}: prefill 5 + decode vs full")
+    assert cache.lengths.tolist() == [x.shape[1]] * 3
+
+
+def test_module_matches_a_plain_pytorch_attention():
+    torch.manual_seed(0)
+    attn = fusedtx.nn.CausalSelfAttention(48, 6, split_size=S)
+    x = make((2, 21, 48), torch.float32, seed=2)
+    q, k, v = attn.c_attn(x).split(48, dim=2)
+    heads = lambda t: t.view(2, 21, 6, 8).transpose(1, 2)  # noqa: E731
+    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+    expected = attn.c_proj(y.transpose(1, 2).reshape(2, 21, 48))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+    assert set(attn.state_dict()) == {"c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"}
+
+
+def test_op_bad_input_errors():
+    q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"q must be 4-D \(batch, heads, tokens, head_dim\), got shape \[4, 8, 16\]"):
+        fusedtx.causal_attention(q[0], k, k)
+    with pytest.raises(ValueError, match=r"q's heads \(4\) must be a multiple of k's heads \(3\)"):
+        fusedtx.causal_attention(q, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16))
+    with pytest.raises(ValueError, match=r"k must be \(batch=2, kv_heads, tokens, head_dim=16\)"):
+        fusedtx.causal_attention(q, torch.randn(2, 2, 8, 32), torch.randn(2, 2, 8, 32))
+    with pytest.raises(TypeError, match="v must have q's dtype torch.float32, got torch.bfloat16"):
+        fusedtx.causal_attention(q, k, k.bfloat16())
+    with pytest.raises(TypeError, match="q must be float32, bfloat16 or float16"):
+        fusedtx.causal_attention(q.double(), k.double(), k.double())
+    with pytest.raises(ValueError, match="split size must be a power of two >= 16, got 24"):
+        fusedtx.causal_attention(q, k, k, split_size=24)
+    with pytest.raises(ValueError, match="k must have q's 8 tokens, got 9"):
+        fusedtx.causal_attention(q, torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
+    cache = torch.randn(2, 2, 32, 16)
+    with pytest.raises(ValueError, match=r"seqlens\[b\] must be <= the cache length Tmax = 32, got max 40"):
+        fusedtx.attention_with_kv_cache(q, cache, cache, torch.tensor([8, 40]))
+    with pytest.raises(ValueError, match=r"seqlens\[b\] must be >= Tq = 8"):
+        fusedtx.attention_with_kv_cache(q, cache, cache, torch.tensor([8, 7]))
+    with pytest.raises(ValueError, match=r"seqlens must have shape \[2\]"):
+        fusedtx.attention_with_kv_cache(q, cache, cache, torch.tensor([8, 8, 8]))
+    with pytest.raises(TypeError, match="seqlens must be an int32/int64 tensor"):
+        fusedtx.attention_with_kv_cache(q, cache, cache, torch.tensor([8.0, 8.0]))
+    with pytest.raises(ValueError, match="inference-only"):
+        fusedtx.attention_with_kv_cache(q.requires_grad_(), cache, cache, torch.tensor([8, 8]))
+    with pytest.raises(ValueError, match="overflow the cache"):
+        kv = fusedtx.nn.KVCache(1, 2, 4, 16)
+        kv.append(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_op_opcheck_and_compile(device, backend):
+    require(device, backend)
+    q, k, v = (t.to(device).requires_grad_() for t in qkv(1, 2, S + 3, 16, kv_heads=1))
+    torch.library.opcheck(torch.ops.fusedtx.causal_attention.default, (q, k, v, 0.25, S, backend))
+    cache = torch.randn(1, 1, 2 * S, 16, device=device)
+    torch.library.opcheck(torch.ops.fusedtx.attention_with_kv_cache.default,
+                          (q.detach()[:, :, :2], cache, cache, torch.tensor([S], device=device), 0.25, S, backend))
+    torch._dynamo.reset()
+    fn = lambda a, b, c: fusedtx.causal_attention(a * 1.0, b, c, split_size=S, backend=backend).square().sum()  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for ours, ref in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)), torch.autograd.grad(fn(q, k, v), (q, k, v))):
+        assert_bitwise_equal(ours, ref, "compiled vs eager")
