@@ -566,9 +566,17 @@ def plot_results(csv_path: str | Path = DEFAULT_CSV, out_dir: str | Path = RESUL
     return written
 
 
+# Sweeps whose x-axis is one dim of a longer shape get one row of panels per value of the other
+# dims: x name -> the swept dim (Linear's M of M x K x N, attention's T or L of B x H x T x D).
+SWEPT_DIM = {"M": 0, "T": 2, "L": 2}
+
+
 def _layer(row: dict) -> str:
-    """A token-count sweep (x = M, shape M x K x N) gets one row of panels per layer (K x N)."""
-    return row["shape"].split("x", 1)[1] if row["x_name"] == "M" and "x" in row["shape"] else ""
+    dims = row["shape"].split("x")
+    at = SWEPT_DIM.get(row["x_name"])
+    if at is None or at >= len(dims) or len(dims) < 3:
+        return ""
+    return "x".join(dims[:at] + ["·"] + dims[at + 1:])
 
 
 def _group(rows: Iterable[dict], keys: Sequence[str]) -> dict:
