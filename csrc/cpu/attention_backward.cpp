@@ -40,39 +40,6 @@ constexpr int kDotRows = 8;   // dot products interleaved for ILP
 constexpr int kAxpyLanes = 4; // accumulation tile: lanes x vectors of the head dim
 constexpr int kAxpyVecs = 4;
 
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vfloat>(
-      _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
-#else
-  alignas(64) float x[kVec], y[kVec], z[kVec];
-  vstore(x, a);
-  vstore(y, b);
-  vstore(z, c);
-  for (int l = 0; l < kVec; ++l) z[l] = std::fma(x[l], y[l], z[l]);
-  return vload(z);
-#endif
-}
-
-inline vfloat vselect(__mmask16 mask, vfloat a, vfloat b) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vfloat>(_mm512_mask_mov_ps(reinterpret_cast<__m512>(b), mask, reinterpret_cast<__m512>(a)));
-#else
-  alignas(64) float x[kVec], y[kVec];
-  vstore(x, a);
-  vstore(y, b);
-  for (int l = 0; l < kVec; ++l) y[l] = (mask >> l) & 1 ? x[l] : y[l];
-  return vload(y);
-#endif
-}
-
-// The first n lanes (n clamped to 0 ... 16).
-inline __mmask16 first_lanes(int64_t n) {
-  if (n <= 0) return 0;
-  if (n >= kVec) return 0xFFFF;
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
-
 // A (batch, heads, positions, dim_pad) float32 view: rows hold dim_pad readable floats.
 struct View {
   const float* ptr;

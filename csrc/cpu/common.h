@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -181,5 +182,41 @@ void dispatch_float_types(at::ScalarType dtype, const char* op, Fn&& fn) {
 // Rows per parallel task: enough work per task (~32K elements) to amortise scheduling. Rows
 // are never split, so the thread count cannot change any row's arithmetic.
 inline int64_t row_grain(int64_t n_cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_cols)); }
+
+// 16-lane helpers of the attention kernels: an explicit fused multiply-add (the one place
+// where the spec fuses), a masked select, and the mask of the first n lanes.
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(
+      _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#else
+  alignas(64) float x[kVec], y[kVec], z[kVec];
+  vstore(x, a);
+  vstore(y, b);
+  vstore(z, c);
+  for (int l = 0; l < kVec; ++l) z[l] = std::fma(x[l], y[l], z[l]);
+  return vload(z);
+#endif
+}
+
+// Lanes where `mask` is set take a, the others b.
+inline vfloat vselect(__mmask16 mask, vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_mask_mov_ps(reinterpret_cast<__m512>(b), mask, reinterpret_cast<__m512>(a)));
+#else
+  alignas(64) float x[kVec], y[kVec];
+  vstore(x, a);
+  vstore(y, b);
+  for (int l = 0; l < kVec; ++l) y[l] = (mask >> l) & 1 ? x[l] : y[l];
+  return vload(y);
+#endif
+}
+
+// The first n lanes (n clamped to 0 ... 16).
+inline __mmask16 first_lanes(int64_t n) {
+  if (n <= 0) return 0;
+  if (n >= kVec) return 0xFFFF;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
 
 }  // namespace fusedtx::cpu
