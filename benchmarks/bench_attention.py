@@ -11,7 +11,10 @@ Kernels:
     (B x H x L x D), forward only. GB/s counting the keys and values read once.
 Providers: fusedtx_native, fusedtx_triton (compiled, CUDA only), torch
 (F.scaled_dot_product_attention, is_causal=True for prefill, the cache's first L keys for
-decode), torch_compile (torch.compile of the same). fusedtx uses the default split size.
+decode), torch_compile (torch.compile of the same). fusedtx uses the default split size; `fusedtx_native_unsplit` is the same kernel
+with one chunk per sequence (split size >= its length), so fusedtx_native_unsplit / fusedtx_native
+is the cost of invariance on CPU (on a GPU, where decode parallelism comes from the chunks, the
+comparison that matters is with a split count chosen from the batch).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "full": 3.5}
 
 
 def make_cases(device: torch.device, quick: bool) -> list[Case]:
-    providers = ("fusedtx_native", "fusedtx_triton", "torch", "torch_compile")
+    providers = ("fusedtx_native", "fusedtx_native_unsplit", "fusedtx_triton", "torch", "torch_compile")
     cuda = device.type == "cuda"
     if quick:
         prefill, decode, dtypes = [(1, 2, 64, 32)], [(2, 2, 128, 32)], (torch.float32,)
@@ -63,10 +66,12 @@ class AttentionBench(common.OpBench):
     def make_fn(self, provider, case, device):
         decode = case.kernel == "attention_decode"
         if provider.startswith("fusedtx_"):
-            backend = provider.removeprefix("fusedtx_")
+            backend = provider.removeprefix("fusedtx_").removesuffix("_unsplit")
+            split = max(16, 1 << (case.shape[2] - 1).bit_length()) if provider.endswith("_unsplit") else None
             if decode:
-                return lambda q, k, v, lengths: fusedtx.attention_with_kv_cache(q, k, v, lengths, backend=backend)
-            return lambda q, k, v: fusedtx.causal_attention(q, k, v, backend=backend)
+                return lambda q, k, v, lengths: fusedtx.attention_with_kv_cache(q, k, v, lengths, split_size=split,
+                                                                                backend=backend)
+            return lambda q, k, v: fusedtx.causal_attention(q, k, v, split_size=split, backend=backend)
         if decode:
             eager = lambda q, k, v, lengths: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
         else:
@@ -102,7 +107,13 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
     print()
     print(f"Summary on {common.device_name(args.device)} (prefill TFLOP/s, decode GB/s)")
     rates = common.print_ratio_table(rows, "attention_prefill", "torch", "torch_compile", metric="throughput")
-    common.print_ratio_table(rows, "attention_decode", "torch", "torch_compile", metric="bandwidth")
+    decode = common.print_ratio_table(rows, "attention_decode", "torch", "torch_compile", metric="bandwidth")
+    both = {**rates, **decode}
+    print("\nCost of invariance: fusedtx_native with the default split size / with one chunk per sequence")
+    for (kernel, dtype, shape, mode, provider), unsplit in sorted(both.items()):
+        split = both.get((kernel, dtype, shape, mode, "fusedtx_native"))
+        if provider == "fusedtx_native_unsplit" and split:
+            print(f"  {kernel:18s} {dtype:9s} {shape:>14s} {mode:8s} {split / unsplit:.2f}x")
     print()
     print("Headline targets (printed, not asserted):")
     if args.device.type == "cpu":

@@ -747,7 +747,7 @@ def fusedtx_unavailable(provider: str, device: torch.device) -> str | None:
     """Why provider "fusedtx_<backend>" cannot be benchmarked here (None: it can)."""
     if not provider.startswith("fusedtx_"):
         return None
-    backend = provider.removeprefix("fusedtx_")
+    backend = provider.removeprefix("fusedtx_").split("_")[0]  # fusedtx_native_unsplit: a variant of native
     from fusedtx import backends
 
     if backend == "triton":
