@@ -108,10 +108,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     output is the same bits as in a chunked prefill or a decode step (attention_with_kv_cache).
     Differentiable; the backward sums in fixed orders (deterministic)."""
     name = backends.resolve(backend, _device_of(q))
-    _attention_op.check_qkv(q, k, v, "causal_attention")
+    _attention_op.check_qkv(q, k, v, "causal_attention")  # before q's head dim sets the default scale
     scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "causal_attention")
     if _eager_inference(q) and not _needs_grad(k, v):
-        return _attention_op.causal_attention_impl(q, k, v, scale, split, name)[0]
+        return _attention_op.causal_attention_impl(q, k, v, scale, split, name, checked=True)[0]
     return _attention_op.causal_attention(q, k, v, scale, split, name)[0]
 
 

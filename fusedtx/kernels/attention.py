@@ -276,42 +276,57 @@ def _attn_merge(Pm, Pl, Pacc, O, Mout, Lout, Seqlens, n_queries, n_heads, n_slot
     tl.store(Lout + out_rows, l, mask=row_ok)
 
 
-def _check_inputs(q, k, v, seqlens, scale, split_size):
-    for name, t in (("q", q), ("k", k), ("v", v), ("seqlens", seqlens)):
+def check_tensors(what: str, tensors, four_d) -> None:
+    """Shared by the forward and backward launchers: every (name, tensor) of `tensors` is a tensor
+    on q's device (q first), the `four_d` ones 4-D float32/bfloat16/float16, and the device one
+    the kernels can run on."""
+    q = tensors[0][1]
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention_forward: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in four_d:
         if t.dim() != 4:
-            raise ValueError(f"attention_forward: {name} must be 4-D (B, heads, T, D), got shape {tuple(t.shape)}")
+            raise ValueError(f"{what}: {name} must be 4-D (B, heads, T, D), got shape {tuple(t.shape)}")
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"attention_forward: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+            raise TypeError(f"{what}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    for name, t in tensors:
         if t.device != q.device:
-            raise ValueError(f"attention_forward: {name} is on {t.device}, expected q's device {q.device}")
+            raise ValueError(f"{what}: {name} is on {t.device}, expected q's device {q.device}")
     if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
-        raise ValueError(f"attention_forward (triton): tensors must be on a CUDA device, got {q.device} "
+        raise ValueError(f"{what} (triton): tensors must be on a CUDA device, got {q.device} "
                          "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"attention_forward: k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
-    batch, heads, n_queries, dim = q.shape
+
+
+def check_kv_layout(what: str, q, k, v) -> None:
+    """k and v (B, Hkv, T, D) against q (B, H, Tq, D): one shape, q's batch and head dim, a head dim
+    the kernels take, H a multiple of Hkv."""
+    batch, heads, _, dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"attention_forward: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{what}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != batch:
-        raise ValueError(f"attention_forward: k has batch {k.shape[0]}, expected q's batch {batch}")
+        raise ValueError(f"{what}: k has batch {k.shape[0]}, expected q's batch {batch}")
     if k.shape[3] != dim:
-        raise ValueError(f"attention_forward: k has head dim {k.shape[3]}, expected q's head dim {dim}")
+        raise ValueError(f"{what}: k has head dim {k.shape[3]}, expected q's head dim {dim}")
     if dim not in HEAD_DIMS:
-        raise ValueError(f"attention_forward: head dim must be one of {HEAD_DIMS}, got {dim}")
+        raise ValueError(f"{what}: head dim must be one of {HEAD_DIMS}, got {dim}")
     kv_heads = k.shape[1]
     if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"attention_forward: q's heads ({heads}) must be a multiple of k's heads ({kv_heads})")
+        raise ValueError(f"{what}: q's heads ({heads}) must be a multiple of k's heads ({kv_heads})")
+
+
+def _check_inputs(q, k, v, seqlens, scale, split_size):
+    what = "attention_forward"
+    check_tensors(what, (("q", q), ("k", k), ("v", v), ("seqlens", seqlens)), (("q", q), ("k", k), ("v", v)))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{what}: k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    check_kv_layout(what, q, k, v)
+    batch, _, n_queries, _ = q.shape
     if n_queries > k.shape[2]:
         raise ValueError(f"attention_forward: q has {n_queries} queries, more than the cache's {k.shape[2]} slots")
     if seqlens.dim() != 1 or seqlens.shape[0] != batch:
         raise ValueError(f"attention_forward: seqlens must have shape ({batch},), got {tuple(seqlens.shape)}")
     if seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"attention_forward: seqlens must be int32 or int64, got {seqlens.dtype}")
-    if seqlens.device != q.device:
-        raise ValueError(f"attention_forward: seqlens is on {seqlens.device}, expected q's device {q.device}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"attention_forward: scale must be a float, got {type(scale).__name__}")
     _config._check_split_size(split_size, "attention_forward")

@@ -37,8 +37,7 @@ import triton.language as tl
 from .. import config as _config
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
-
-HEAD_DIMS = (16, 32, 64, 128)
+from .attention import HEAD_DIMS, check_kv_layout, check_tensors
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load", "_dot_d", "_mma_operand", "_store")
 PREPROCESS_BLOCK_M = 64
@@ -261,40 +260,16 @@ def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
 def _check_inputs(grad_o, q, k, v, o, m, l, scale, split_size):
     what = "attention_backward"
     tensors = (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o), ("m", m), ("l", l))
-    for name, t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o)):
-        if t.dim() != 4:
-            raise ValueError(f"{what}: {name} must be 4-D (B, heads, T, D), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{what}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    for name, t in tensors:
-        if t.device != q.device:
-            raise ValueError(f"{what}: {name} is on {t.device}, expected q's device {q.device}")
-    if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
-        raise ValueError(f"{what} (triton): tensors must be on a CUDA device, got {q.device} "
-                         "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
+    check_tensors(what, tensors, (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o)))
     for name, t in (("grad_o", grad_o), ("k", k), ("v", v), ("o", o)):
         if t.dtype != q.dtype:
             raise TypeError(f"{what}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-    batch, heads, length, dim = q.shape
     for name, t in (("grad_o", grad_o), ("o", o)):
         if t.shape != q.shape:
             raise ValueError(f"{what}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"{what}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch:
-        raise ValueError(f"{what}: k has batch {k.shape[0]}, expected q's batch {batch}")
-    if k.shape[2] != length:
-        raise ValueError(f"{what}: k has {k.shape[2]} keys, expected q's length {length} (a full causal pass)")
-    if k.shape[3] != dim:
-        raise ValueError(f"{what}: k has head dim {k.shape[3]}, expected q's head dim {dim}")
-    if dim not in HEAD_DIMS:
-        raise ValueError(f"{what}: head dim must be one of {HEAD_DIMS}, got {dim}")
-    kv_heads = k.shape[1]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"{what}: q's heads ({heads}) must be a multiple of k's heads ({kv_heads})")
+    check_kv_layout(what, q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{what}: k has {k.shape[2]} keys, expected q's length {q.shape[2]} (a full causal pass)")
     for name, t in (("m", m), ("l", l)):
         if t.dtype != torch.float32:
             raise TypeError(f"{what}: {name} must be float32, got {t.dtype}")

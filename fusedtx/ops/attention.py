@@ -95,8 +95,11 @@ def _full_lengths(q: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # causal attention (training / full prefill)
 # ---------------------------------------------------------------------------------------------
-def causal_attention_impl(q, k, v, scale, split_size, backend):
-    check_qkv(q, k, v, "causal_attention")
+def causal_attention_impl(q, k, v, scale, split_size, backend, checked: bool = False):
+    """The op's body; fusedtx.functional calls it directly in eager inference, with q, k, v
+    already checked (checked=True)."""
+    if not checked:
+        check_qkv(q, k, v, "causal_attention")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"causal_attention: k must have q's {q.shape[2]} tokens, got {k.shape[2]} "
                          "(for queries against a longer cache use attention_with_kv_cache)")
