@@ -111,6 +111,18 @@ class KVCache:
         self.lengths = new_lengths
         return new_lengths
 
+    def truncate(self, lengths) -> None:
+        """Forget every sequence's keys beyond lengths[b] (e.g. after a right-padded prefill):
+        they stay in the buffers but are never read again, and the next append overwrites them."""
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        if lengths.shape != self.lengths.shape:
+            raise ValueError(f"KVCache.truncate: lengths must have shape {list(self.lengths.shape)}, "
+                             f"got {list(lengths.shape)}")
+        if bool((lengths < 0).any()) or bool((lengths > self.lengths).any()):
+            raise ValueError(f"KVCache.truncate: lengths must lie in [0, current lengths "
+                             f"{self.lengths.tolist()}], got {lengths.tolist()}")
+        self.lengths = lengths.clone()
+
     def reset(self) -> None:
         self.lengths.zero_()
 
