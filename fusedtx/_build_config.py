@@ -29,6 +29,8 @@ CUDA_SOURCES = [
     "cuda/linear_glue.cpp",
     "cuda/attention.cu",
     "cuda/attention_glue.cpp",
+    "cuda/attention_backward.cu",
+    "cuda/attention_backward_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so

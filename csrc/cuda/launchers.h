@@ -91,3 +91,30 @@ cudaError_t attention_forward(const void* q, const int64_t* q_strides, const voi
                               cudaStream_t stream);
 
 }  // namespace fusedtx::cuda
+
+namespace fusedtx::cuda {
+
+// float32 elements of the workspace attention_backward needs: D_i (batch, heads, length) and, for a
+// grouped-query (heads > kv_heads) backward in float16 / bfloat16, the float32 running sums of dk
+// and dv over a group's heads (2 x (batch, kv_heads, length, dim)).
+inline int64_t attention_backward_workspace_elems(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
+                                                  int64_t dim, DType dtype) {
+  const bool head_sums = kv_heads > 0 && heads > kv_heads && dtype != DType::kFloat32;
+  return batch * heads * length + (head_sums ? 2 * batch * kv_heads * length * dim : 0);
+}
+
+// Gradients of a full causal attention_forward (Tq = Tk = length), as reference.attention_backward:
+// grad_o and q (batch, heads, length, dim), k and v (batch, kv_heads, length, dim), all of dtype
+// `dtype` (float32, float16 or bfloat16), last dim contiguous, the other strides (batch, head,
+// position; in elements) given as 3-element arrays; m and l the forward's float32 row statistics,
+// contiguous (batch, heads, length). dq (batch, heads, length, dim), dk and dv (batch, kv_heads,
+// length, dim) contiguous in `dtype`; `workspace` has attention_backward_workspace_elems floats.
+// dim in [1, kAttentionMaxHeadDim]; split_size a power of two >= 16. Two kernels on `stream`, no
+// atomics: the same bits run after run.
+cudaError_t attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
+                               const void* k, const int64_t* k_strides, const void* v, const int64_t* v_strides,
+                               const float* m, const float* l, void* dq, void* dk, void* dv, float* workspace,
+                               int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
+                               float scale, int64_t split_size, DType dtype, cudaStream_t stream);
+
+}  // namespace fusedtx::cuda

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -77,12 +78,29 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
 
+// Dynamic shared memory past the 48 KB default must be opted into per kernel, as on a GPU; the
+// emulator allows up to 99 KB, the smallest opt-in maximum of sm_80+ GPUs (sm_86 / sm_89).
+constexpr size_t emu_default_smem = 48 * 1024, emu_max_smem = 99 * 1024;
+inline std::map<const void*, size_t> emu_smem_opt_in;
+extern "C" cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > emu_max_smem)
+    return cudaErrorInvalidValue;
+  emu_smem_opt_in[func] = size_t(value);
+  return cudaSuccess;
+}
+template <typename F>  // cuda_runtime.h's C++ overload, which it declares for nvcc only
+inline cudaError_t cudaFuncSetAttribute(F* func, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+}
+
 inline long emu_launches = 0;
 inline long emu_threads_total = 0;
 template <typename F, typename... Args>
 void emu_launch(F f, unsigned grid, int block, size_t smem, cudaStream_t, Args... args) {
   ++emu_launches;
-  if (block < 1 || block > 1024 || smem > 48 * 1024) { std::fprintf(stderr, "bad launch config\n"); std::abort(); }
+  const auto opt_in = emu_smem_opt_in.find(reinterpret_cast<const void*>(f));
+  const size_t smem_limit = opt_in == emu_smem_opt_in.end() ? emu_default_smem : opt_in->second;
+  if (block < 1 || block > 1024 || smem > smem_limit) { std::fprintf(stderr, "bad launch config\n"); std::abort(); }
   for (unsigned b = 0; b < grid; ++b) {
     std::vector<double> sm(smem / 8 + 2, std::nan(""));  // poison shared memory
     std::barrier<> bar(block);
