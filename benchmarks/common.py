@@ -511,8 +511,8 @@ def plot_results(csv_path: str | Path = DEFAULT_CSV, out_dir: str | Path = RESUL
         run = latest_run(kernel_rows)
         modes = [m for m in MODES if any(r["mode"] == m for r in run)] or sorted({r["mode"] for r in run})
         panels = sorted({(r["dtype"], r["metric"], r["unit"], _layer(r)) for r in run},
-                        key=lambda p: (p[1] != "bandwidth", p))
-        fig, axes = plt.subplots(len(panels), len(modes), figsize=(5.0 * len(modes), 3.6 * len(panels)),
+                        key=lambda p: (p[1] not in ("bandwidth", "throughput"), p))
+        fig, axes = plt.subplots(len(panels), len(modes), figsize=(max(5.0 * len(modes), 7.5), 3.6 * len(panels)),
                                  squeeze=False)
         providers = sorted({r["provider"] for r in run}, key=lambda p: (not p.startswith("fusedtx"), p))
         colors = {p: f"C{i}" for i, p in enumerate(providers)}
@@ -614,8 +614,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The common flags (and those extra_args(parser) adds, for one script's own options)."""
     parser = add_common_args(argparse.ArgumentParser(description=description))
+    if extra_args is not None:
+        extra_args(parser)
     args = parser.parse_args(argv)
     if argv is None and args.device == "cpu" and not args.fresh_pages:
         keep_freed_memory()

@@ -54,10 +54,11 @@ TORCH_LIBRARY(fusedtx_native, m) {
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor seqlens, float scale, int split_size) "
       "-> (Tensor, Tensor, Tensor)");
   // Its backward for a full causal pass (Tq = Tk = T for every sequence), as
-  // reference.attention_backward: dq (B, H, T, D), dk and dv (B, Hkv, T, D), contiguous, in the
+  // reference.attention_backward: from q, k, v, grad_o and the forward's m, l (not its output o:
+  // D_i is the row sum of P * dP), dq (B, H, T, D), dk and dv (B, Hkv, T, D), contiguous, in the
   // inputs' dtype; every sum in a fixed order (blocks of split_size), no atomics.
   m.def(
-      "attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor m, Tensor l, "
+      "attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l, "
       "float scale, int split_size) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -27,6 +27,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist each worker keeps its own log: hand it to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["bitexact"] = [[*key, *counts] for key, counts in BITEXACT_LOG.items()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist controller: add a finished worker's bit-exactness counts to the report."""
+    for *key, exact, total in getattr(node, "workeroutput", {}).get("bitexact", []):
+        entry = BITEXACT_LOG[tuple(key)]
+        entry[0] += exact
+        entry[1] += total
+
+
 def pytest_terminal_summary(terminalreporter):
     if not BITEXACT_LOG:
         return

@@ -1,9 +1,11 @@
-"""Causal attention with a fixed split size: the specification (fusedtx.reference.attention_forward).
+"""Causal attention with a fixed split size: the specification (fusedtx.reference.attention_forward
+and attention_backward), then the ops on every backend.
 
-What the kernels will be held to, checked on the spec first: accuracy against float64 SDPA,
-prefill / chunked prefill / decode consistency bit for bit, batch invariance with garbage
-beyond each sequence's length, and a negative control (a split count chosen from the batch,
-as split-KV kernels usually do) that visibly fails the same checks."""
+What the kernels will be held to, checked on the spec first: accuracy of the output and of every
+gradient against float64 SDPA (every dtype, head dims 16 to 128, T from 1 to past three split
+chunks), prefill / chunked prefill / decode consistency bit for bit, batch invariance with
+garbage beyond each sequence's length, and a negative control (a split count chosen from the
+batch, as split-KV kernels usually do) that visibly fails the same checks."""
 from __future__ import annotations
 
 import math
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedtx import reference
-from helpers import DTYPES, assert_accuracy, assert_bitwise_equal, bitwise_equal, garbage_like
+from helpers import DTYPES, assert_accuracy, assert_bitwise_equal, bitwise_equal, garbage_like, rel_error
 
 S = 16  # a small split size keeps the spec's emulated FMA chains fast
 
@@ -34,17 +36,56 @@ def full_causal(q, k, v, split_size=S):
     return reference.attention_forward(q, k, v, lengths, q.shape[-1] ** -0.5, split_size)[0]
 
 
+# Accuracy matrix of the spec: (head dim, KV heads of H = 2), multi-head and multi-query.
+HEAD_DIMS = [(16, 2), (32, 1), (64, 2), (128, 1)]
+HEAD_DIM_IDS = ["D16", "D32-mqa", "D64", "D128-mqa"]
+LENGTHS = [1, 2, 3, S - 1, S, S + 1, 3 * S + 5]
+SHORT_ROWS = 3         # T up to this: errors over SHORT_ROW_SEEDS draws together
+SHORT_ROW_SEEDS = 8
+# FlashAttention's D_i = dO_i . o_i rounds apart from the P dP that dS = P (dP - D) subtracts it
+# from; at T = 2, 3 in float32 it left dq and dk up to 1.9x as far from float64 as eager's (errors
+# over 8 draws; at D = 128 never under 1.1x), where D_i = sum_j P_ij dP_ij (the spec) stays
+# <= 1.0x. Both are inside the contract's 2x: this tighter bound keeps D's gain, and the old form
+# fails it.
+D_ROW_SUM_BOUND = 1.2
+
+
+def draws(length):
+    """Seeds whose errors are measured together (one norm over all of them). At T = 2, 3 a single
+    B = 2, H = 2 draw holds a handful of non-trivial rows, and the ratio of two rounding-error
+    norms is heavy-tailed: one draw put the spec's dk at 2.6x eager's and its forward at 2.2x,
+    where over 8 draws they are <= 1.0x and <= 1.8x. The norm over 8 draws is the stable
+    reading of contract point 1."""
+    return range(SHORT_ROW_SEEDS) if 2 <= length <= SHORT_ROWS else range(1)
+
+
+def sdpa_outputs(q, k, v, grad_o, cast):
+    """(o, dq, dk, dv) of torch SDPA's autograd on cast(q), cast(k), cast(v); GQA by expansion."""
+    leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+    expand = lambda t: t.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # noqa: E731
+    y = F.scaled_dot_product_attention(leaves[0], expand(leaves[1]), expand(leaves[2]), is_causal=True)
+    return (y.detach(), *torch.autograd.grad(y, leaves, cast(grad_o)))
+
+
+def pooled(runs):
+    """[(a, b, ...) per draw] -> (cat of the a's, cat of the b's, ...)."""
+    return [torch.cat(parts) for parts in zip(*runs)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("length", [1, 2, S - 1, S, S + 1, 3 * S + 5])
-@pytest.mark.parametrize("dim,kv_heads", [(16, 2), (32, 1)], ids=["D16", "D32-mqa"])
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("dim,kv_heads", HEAD_DIMS, ids=HEAD_DIM_IDS)
 def test_spec_accuracy_against_float64(dtype, length, dim, kv_heads):
-    q, k, v = qkv(2, 2, length, dim, dtype, kv_heads)
-    ours = full_causal(q, k, v)
-    expand = lambda t: t.repeat_interleave(2 // kv_heads, dim=1)  # noqa: E731
-    eager = F.scaled_dot_product_attention(q, expand(k), expand(v), is_causal=True)
-    exact = F.scaled_dot_product_attention(q.double(), expand(k).double(), expand(v).double(), is_causal=True)
-    assert ours.dtype == dtype and ours.shape == q.shape
-    assert_accuracy(ours, eager, exact, f"attention spec {dtype} T={length} D={dim}")
+    runs = []
+    for seed in draws(length):
+        q, k, v = qkv(2, 2, length, dim, dtype, kv_heads, seed=seed)
+        ours = full_causal(q, k, v)
+        assert ours.dtype == dtype and ours.shape == q.shape
+        expand = lambda t: t.repeat_interleave(2 // kv_heads, dim=1)  # noqa: E731
+        eager = F.scaled_dot_product_attention(q, expand(k), expand(v), is_causal=True)
+        exact = F.scaled_dot_product_attention(q.double(), expand(k).double(), expand(v).double(), is_causal=True)
+        runs.append((ours, eager, exact))
+    assert_accuracy(*pooled(runs), f"attention spec {dtype} T={length} D={dim}")
 
 
 def decode_cache(k, v, tmax, generator):
@@ -139,25 +180,28 @@ def test_spec_garbage_beyond_length_is_never_read():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("length,dim,kv_heads", [(S + 1, 16, 2), (3 * S + 5, 32, 1), (1, 16, 2)],
-                         ids=["S+1", "3S+5-mqa", "T1"])
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("dim,kv_heads", HEAD_DIMS, ids=HEAD_DIM_IDS)
 def test_spec_backward_accuracy_against_float64(dtype, length, dim, kv_heads):
-    q, k, v = qkv(2, 2, length, dim, dtype, kv_heads)
-    grad_o = make(q.shape, dtype, seed=7)
-    scale = dim ** -0.5
-    o, m, l = reference.attention_forward(q, k, v, torch.full((2,), length), scale, S)
-    ours = reference.attention_backward(grad_o, q, k, v, o, m, l, scale, S)
-
-    def sdpa_grads(cast):
-        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
-        expand = lambda t: t.repeat_interleave(2 // kv_heads, dim=1)  # noqa: E731
-        y = F.scaled_dot_product_attention(leaves[0], expand(leaves[1]), expand(leaves[2]), is_causal=True)
-        return torch.autograd.grad(y, leaves, cast(grad_o))
-
-    eager, exact = sdpa_grads(lambda t: t), sdpa_grads(lambda t: t.double())
-    for name, a, e, x, like in zip(("dq", "dk", "dv"), ours, eager, exact, (q, k, v)):
-        assert a.dtype == dtype and a.shape == like.shape, name
-        assert_accuracy(a, e, x, f"attention spec backward {dtype} {name} T={length}")
+    runs = []
+    for seed in draws(length):
+        q, k, v = qkv(2, 2, length, dim, dtype, kv_heads, seed=seed)
+        grad_o = make(q.shape, dtype, seed=seed + 7)
+        scale = dim ** -0.5
+        _, m, l = reference.attention_forward(q, k, v, torch.full((2,), length), scale, S)
+        ours = reference.attention_backward(grad_o, q, k, v, m, l, scale, S)
+        for name, a, like in zip(("dq", "dk", "dv"), ours, (q, k, v)):
+            assert a.dtype == dtype and a.shape == like.shape, name
+        eager, exact = sdpa_outputs(q, k, v, grad_o, lambda t: t), sdpa_outputs(q, k, v, grad_o, lambda t: t.double())
+        runs.append((*ours, *eager[1:], *exact[1:]))
+    grads = pooled(runs)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        ours, eager, exact = grads[i], grads[3 + i], grads[6 + i]
+        what = f"attention spec backward {dtype} {name} T={length} D={dim}"
+        assert_accuracy(ours, eager, exact, what)
+        if dtype == torch.float32 and 2 <= length <= SHORT_ROWS and name != "dv":
+            ratio = rel_error(ours, exact) / rel_error(eager, exact)
+            assert ratio <= D_ROW_SUM_BOUND, f"{what}: {ratio:.2f}x torch eager's error > {D_ROW_SUM_BOUND}x (D's form)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +238,33 @@ def test_op_accuracy_forward_and_backward(device, backend, dtype):
     for name, a, e, x, like in zip(("o", "dq", "dk", "dv"), ours, eager, exact, (q, q, k, v)):
         assert a.dtype == dtype and a.shape == like.shape, name
         assert_accuracy(a, e, x, f"{backend} causal_attention {dtype} {name}")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("length", [2, 3])
+def test_op_backward_accuracy_short_rows(device, backend, length):
+    """float32 at T = 2, 3, where the backward's D shows most (see D_ROW_SUM_BOUND): o, dq, dk, dv
+    within the contract and dq, dk within D_ROW_SUM_BOUND of eager, errors over 8 draws, through
+    the op and its autograd."""
+    require(device, backend)
+    for dim, kv_heads in [(64, 2), (128, 1)]:
+        runs = []
+        for seed in range(SHORT_ROW_SEEDS):
+            q, k, v = qkv(2, 2, length, dim, torch.float32, kv_heads, seed=seed)
+            grad_o = make(q.shape, torch.float32, seed=seed + 7)
+            leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+            o = fusedtx.causal_attention(*leaves, split_size=S, backend=backend)
+            ours = [t.cpu() for t in (o.detach(), *torch.autograd.grad(o, leaves, grad_o.to(device)))]
+            eager, exact = sdpa_outputs(q, k, v, grad_o, lambda t: t), sdpa_outputs(q, k, v, grad_o, lambda t: t.double())
+            runs.append((*ours, *eager, *exact))
+        outs = pooled(runs)
+        for i, name in enumerate(("o", "dq", "dk", "dv")):
+            ours, eager, exact = outs[i], outs[4 + i], outs[8 + i]
+            what = f"{backend} causal_attention float32 {name} T={length} D={dim}"
+            assert_accuracy(ours, eager, exact, what)
+            if name in ("dq", "dk"):
+                ratio = rel_error(ours, exact) / rel_error(eager, exact)
+                assert ratio <= D_ROW_SUM_BOUND, f"{what}: {ratio:.2f}x torch eager's error > {D_ROW_SUM_BOUND}x"
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

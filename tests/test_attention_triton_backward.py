@@ -31,8 +31,8 @@ def forward_backward(q, k, v, grad_o, split_size=SPLIT):
     q, k, v, grad_o = (t.to(DEVICE) for t in (q, k, v, grad_o))
     scale = q.shape[-1] ** -0.5
     lengths = torch.full((q.shape[0],), q.shape[2], device=DEVICE)
-    o, m, l = forward_kernels.attention_forward(q, k, v, lengths, scale, split_size)
-    return [t.cpu() for t in kernels.attention_backward(grad_o, q, k, v, o, m, l, scale, split_size)]
+    _, m, l = forward_kernels.attention_forward(q, k, v, lengths, scale, split_size)
+    return [t.cpu() for t in kernels.attention_backward(grad_o, q, k, v, m, l, scale, split_size)]
 
 
 def sdpa_grads(q, k, v, grad_o, dtype):
@@ -62,13 +62,25 @@ def test_accuracy_against_float64_sdpa(dtype, length, dim, kv_heads):
         assert a.dtype == dtype and a.shape == like.shape and a.is_contiguous(), name
         what = f"triton attention backward {name} {dtype} T={length} D={dim} Hkv={kv_heads}"
         if length == 1 and name != "dv":
-            # one key: P = 1, dS = dP - D = dO.v - dO.o with o = v, so dq = dk = 0 exactly; the
-            # float64 reference is ~1e-17, a relative error means nothing: bound the absolute one
+            # one key: P = 1, dS = dP - D = dP - P dP, so dq = dk = 0 exactly; the float64
+            # reference is ~1e-17, a relative error means nothing: bound the absolute one
             tol = 2 * (b.double() - ref).norm().item() + 8 * torch.finfo(torch.float32).eps * (
                 grad_o.double().norm() * v.double().norm() * max(q.double().norm(), k.double().norm())).item()
             assert (a.double() - ref).norm().item() <= tol, what
         else:
             assert_accuracy(a, b, ref, what)
+
+
+@pytest.mark.parametrize("split_size", [32, 64])
+def test_accuracy_with_larger_split_sizes(split_size):
+    """D sums its keys in blocks of split_size: several key tiles per block, a last block cut
+    short (T = 53), or one block for all (S = 64 > T)."""
+    q, k, v, grad_o = inputs(1, 2, 53, 16, torch.float32, kv_heads=1, seed=4)
+    ours = forward_backward(q, k, v, grad_o, split_size=split_size)
+    eager = sdpa_grads(q, k, v, grad_o, torch.float32)
+    exact = sdpa_grads(q.double(), k.double(), v.double(), grad_o.double(), torch.float64)
+    for name, a, b, ref in zip(("dq", "dk", "dv"), ours, eager, exact):
+        assert_accuracy(a, b, ref, f"triton attention backward {name} S={split_size}")
 
 
 def test_group_heads_add_up_in_dk_dv():
@@ -86,10 +98,10 @@ def test_run_to_run_determinism(dtype):
     """The same inputs give the same bits, 5 runs (no atomics; fixed loop orders)."""
     q, k, v, grad_o = (t.to(DEVICE) for t in inputs(1, 2, 41, 16, dtype, kv_heads=1, seed=7))
     scale = 16 ** -0.5
-    o, m, l = forward_kernels.attention_forward(q, k, v, torch.full((1,), 41, device=DEVICE), scale, SPLIT)
-    first = kernels.attention_backward(grad_o, q, k, v, o, m, l, scale, SPLIT)
+    _, m, l = forward_kernels.attention_forward(q, k, v, torch.full((1,), 41, device=DEVICE), scale, SPLIT)
+    first = kernels.attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
     for run in range(5):
-        again = kernels.attention_backward(grad_o, q, k, v, o, m, l, scale, SPLIT)
+        again = kernels.attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
         for name, a, b in zip(("dq", "dk", "dv"), again, first):
             assert_bitwise_equal(a, b, f"{name} {dtype} run {run + 1}")
 
@@ -121,7 +133,7 @@ def test_empty_and_strided_inputs():
     q, k, v, grad_o = inputs(1, 2, 0, 16, torch.float32, kv_heads=1)
     q, k, v, grad_o = (t.to(DEVICE) for t in (q, k, v, grad_o))
     m = torch.empty(1, 2, 0, device=DEVICE)
-    dq, dk, dv = kernels.attention_backward(grad_o, q, k, v, q, m, m, 0.25, SPLIT)
+    dq, dk, dv = kernels.attention_backward(grad_o, q, k, v, m, m, 0.25, SPLIT)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     # (B, T, H, D) storage seen as (B, H, T, D): any strides are read as they are
     q, k, v, grad_o = inputs(1, 2, 19, 16, torch.float32, kv_heads=1, seed=2)
@@ -134,8 +146,7 @@ def test_empty_and_strided_inputs():
 def _good(dtype=torch.float32):
     q, k, v, grad_o = (t.to(DEVICE) for t in inputs(1, 2, 4, 16, dtype, kv_heads=1))
     m = torch.zeros(1, 2, 4, device=DEVICE)
-    return dict(grad_o=grad_o, q=q, k=k, v=v, o=grad_o.clone(), m=m, l=torch.ones_like(m), scale=0.25,
-                split_size=SPLIT)
+    return dict(grad_o=grad_o, q=q, k=k, v=v, m=m, l=torch.ones_like(m), scale=0.25, split_size=SPLIT)
 
 
 @pytest.mark.parametrize("change,error,match", [
@@ -143,10 +154,10 @@ def _good(dtype=torch.float32):
     (lambda a: a.update(grad_o=a["grad_o"].half()), TypeError, "grad_o must have q's dtype"),
     (lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
     (lambda a: a.update(k=[1.0]), TypeError, "k must be a torch.Tensor"),
-    (lambda a: a.update(o=a["o"][:, :, :3]), ValueError, "o must have q's shape"),
+    (lambda a: a.update(grad_o=a["grad_o"][:, :, :3]), ValueError, "grad_o must have q's shape"),
     (lambda a: a.update(v=a["v"][:, :, :3]), ValueError, "k and v must have one shape"),
     (lambda a: a.update(k=a["k"][:, :, :3], v=a["v"][:, :, :3]), ValueError, "k has 3 keys"),
-    (lambda a: a.update(**{n: torch.zeros(1, 2, 4, 24, device=DEVICE) for n in ("q", "k", "v", "o", "grad_o")}),
+    (lambda a: a.update(**{n: torch.zeros(1, 2, 4, 24, device=DEVICE) for n in ("q", "k", "v", "grad_o")}),
      ValueError, "head dim must be one of"),
     (lambda a: a.update(k=torch.cat([a["k"]] * 3, 1), v=torch.cat([a["v"]] * 3, 1)), ValueError,
      "must be a multiple of k's heads"),

@@ -21,11 +21,11 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_quick_run_writes_csv_and_plots(script, tmp_path):
-    providers, kernels = SCRIPTS[script]
+def quick_run(script, providers, kernels, tmp_path, *flags) -> tuple[list[dict], str]:
+    """Run script --quick on CPU into tmp_path; check the CSV's form and the plots; return (rows, stdout)."""
     out = tmp_path / "results.csv"
-    cmd = [sys.executable, str(BENCH / script), "--device", "cpu", "--quick", "--out", str(out), "--providers", providers]
+    cmd = [sys.executable, str(BENCH / script), "--device", "cpu", "--quick", "--out", str(out), "--providers", providers,
+           *flags]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Headline targets" in run.stdout
@@ -33,9 +33,34 @@ def test_quick_run_writes_csv_and_plots(script, tmp_path):
         rows = list(csv.DictReader(f))
     assert rows and tuple(rows[0].keys()) == common.CSV_COLUMNS
     assert {r["kernel"] for r in rows} == kernels | {"ceiling"}
-    assert {r["provider"] for r in rows if r["kernel"] != "ceiling"} == set(providers.split(","))
-    assert {r["mode"] for r in rows if r["kernel"] != "ceiling"} == {"forward", "backward", "full"}
+    assert {r["provider"] for r in rows if r["kernel"] != "ceiling"} == set(providers.split(",")), run.stderr[-3000:]
     for r in rows:
         assert float(r["p50"]) > 0 and r["device"] and r["fusedtx_version"] and r["timestamp"]
     device = common._slug(rows[0]["device"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{k}_{device}.png" for k in kernels)
+    return rows, run.stdout
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_quick_run_writes_csv_and_plots(script, tmp_path):
+    providers, kernels = SCRIPTS[script]
+    rows, _ = quick_run(script, providers, kernels, tmp_path)
+    assert {r["mode"] for r in rows if r["kernel"] != "ceiling"} == {"forward", "backward", "full"}
+
+
+def test_quick_gpt_run(tmp_path):
+    """bench_gpt.py on a tiny GPT-2: every workload and provider measured (each passed its
+    correctness guard against float64, or it would have no row), tokens/s in the CSV."""
+    pytest.importorskip("transformers")
+    providers = "fusedtx_native,hf_eager,hf_sdpa"
+    kernels = {"gpt2_prefill", "gpt2_generate", "gpt2_train"}
+    rows, stdout = quick_run("bench_gpt.py", providers, kernels, tmp_path, "--no-compile")
+    model_rows = [r for r in rows if r["kernel"] != "ceiling"]
+    assert {(r["kernel"], r["mode"]) for r in model_rows} == {
+        ("gpt2_prefill", "forward"), ("gpt2_generate", "forward"), ("gpt2_train", "full")}
+    assert {(r["metric"], r["unit"]) for r in model_rows} == {("throughput", "tokens/s")}
+    for kernel in kernels:  # every provider at every shape of every workload
+        shapes = {r["shape"] for r in model_rows if r["kernel"] == kernel}
+        assert shapes and all(len([r for r in model_rows if (r["kernel"], r["shape"]) == (kernel, s)]) == 3
+                              for s in shapes), kernel
+    assert "hf_eager" in stdout and "gpt2_generate" in stdout

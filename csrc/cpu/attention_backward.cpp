@@ -4,13 +4,16 @@
 // row statistics (m, l), so that every output is owned by exactly one task and nothing is reduced
 // across threads (no atomics; the bits do not depend on the thread count):
 //   pass 1, one task = (batch b, head h, block of up to 16 queries; the lanes of the vectors):
-//            D_i = dotFMA(dO_i, o_i) (kept for pass 2), then for each key chunk [cS, cS + S) up to
-//            the block's last query: s = dotFMA(q_i, k_j) * scale and dP = dotFMA(dO_i, v_j), one
-//            vector per key (broadcast k_j[d] times the transposed q[d]); P = exp_f32(s - m) / l
-//            (+0 above the diagonal); dS = P * (dP - D); then per (query, e) an FMA chain over the
-//            chunk's keys ascending from +0, added to the running total (the first chunk's sum is
-//            the total). Chunks wholly above the diagonal would add +0: the total gets + 0 once.
-//            dq = total * scale.
+//            for each key chunk [cS, cS + S) up to the block's last query: s = dotFMA(q_i, k_j) * scale
+//            and dP = dotFMA(dO_i, v_j), one vector per key (broadcast k_j[d] times the transposed
+//            q[d]); P = exp_f32(s - m) / l (+0 above the diagonal). P and dP are kept for the whole
+//            row range, and D_i = sum_j P dP gathers as the spec's blocked sum: per chunk an FMA
+//            chain over its keys ascending from +0, the chunk sums added in ascending order (the
+//            first chunk's sum is the total); D is written for pass 2. Only then can dS be formed:
+//            a second sweep over the kept chunks computes dS = P * (dP - D) in place of dP and,
+//            per (query, e), an FMA chain over the chunk's keys ascending from +0, added to the
+//            running total (the first chunk's sum is the total). Chunks wholly above the diagonal
+//            would add +0: the total gets + 0 once. dq = total * scale.
 //   pass 2, one task = (batch b, KV head, block of up to 16 keys; the lanes): for each query head
 //            of the group in ascending order, for each query chunk from the one holding the block
 //            onwards: the same s, P, dP, dS (now broadcast q_i[d] times the transposed k[d]), then
@@ -19,8 +22,11 @@
 //            block with chunks before it starts its total as +0 + partial. dk_head = total * scale;
 //            dk = ((+0 + dk_head0) + dk_head1) + ..., dv likewise.
 // Pairs above the diagonal inside a processed range carry P = +0 and dS = +0 * (dP - D), exactly as
-// the reference computes them; keys past a query block's last query are skipped (their terms are
-// +-0 and leave a finite sum unchanged).
+// the reference computes them; keys past a query block's last query are skipped (their terms, in
+// D's chains as in dq's, are +-0 and leave a finite sum unchanged; chains start at +0 and so never
+// hold -0).
+// Keeping P and dP (2 x 64 bytes per key in pass 1, a thread's scratch ~128 T bytes) instead of
+// recomputing them for the second sweep spares two of pass 1's three dot products per pair.
 // Inputs in bfloat16/float16, or with a head dim that is not a multiple of 16, are first
 // converted (exactly) to zero-padded float32 copies; the outputs are rounded to the dtype at the end.
 #include <ATen/Parallel.h>
@@ -55,11 +61,19 @@ struct OutView {
 struct Problem {
   int64_t batch, heads, kv_heads, group, length, dim, dim_pad, split, n_chunks;
   float scale;
-  View q, k, v, o, go;
+  View q, k, v, go;
   const float *m, *l;  // (B, H, T) contiguous
   float* d_row;        // (B, H, T): D_i, written by pass 1, read by pass 2
   OutView dq, dk, dv;
 };
+
+// x in every lane. vsplat(x) is 0 + x (an add per use: the compiler must turn -0 into +0); the
+// factors broadcast here only enter FMA chains that start at +0, which never hold -0, so a -0
+// factor adds exactly what +0 would: the bits are the same, and the FMA can take the broadcast
+// straight from memory.
+inline vfloat vbroadcast(float x) {
+  return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
 
 // out[r] (lanes) = FMA chain over d ascending from +0 of x[r][d] * xt[d][lanes], for N rows of x.
 template <int N>
@@ -72,9 +86,25 @@ inline void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, 
   }
   for (int64_t d = 0; d < dim; ++d) {
     const vfloat xd = vload(xt + d * kVec);
-    for (int r = 0; r < N; ++r) acc[r] = vfma(vsplat(rows[r][d]), xd, acc[r]);
+    for (int r = 0; r < N; ++r) acc[r] = vfma(vbroadcast(rows[r][d]), xd, acc[r]);
   }
   for (int r = 0; r < N; ++r) out[r] = acc[r];
+}
+
+// lane_dots for rows [0, n) of x, the result for row j stored at out + j * kBlock. Writing the
+// results out (rather than keeping kDotRows vectors live across the caller's next steps) keeps
+// the accumulators in registers: GCC spilled one of them inside the d loop otherwise.
+inline void lane_dots_to(const float* xt, const float* x, int64_t ld, int64_t n, int64_t dim, float* out) {
+  vfloat r[kDotRows];
+  int64_t j = 0;
+  for (; j + kDotRows <= n; j += kDotRows) {
+    lane_dots<kDotRows>(xt, x + j * ld, ld, dim, r);
+    for (int i = 0; i < kDotRows; ++i) vstore(out + (j + i) * kBlock, r[i]);
+  }
+  for (; j < n; ++j) {
+    lane_dots<1>(xt, x + j * ld, ld, dim, r);
+    vstore(out + j * kBlock, r[0]);
+  }
 }
 
 enum class Total { kFirst, kZeroPlus, kAdd };  // total = partial | +0 + partial | total + partial
@@ -93,7 +123,7 @@ inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_r
     vfloat xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = vload(xr + v * kVec);
     for (int a = 0; a < NL; ++a) {
-      const vfloat t = vsplat(tr[a]);
+      const vfloat t = vbroadcast(tr[a]);
       for (int v = 0; v < NV; ++v) acc[a][v] = vfma(t, xv[v], acc[a][v]);
     }
   }
@@ -135,23 +165,31 @@ inline void transpose_rows(const float* x, int64_t ld, int64_t n, int64_t dim_pa
   }
 }
 
-struct Scratch {
-  std::vector<float> t1, t2, t3, p_tile, ds_tile, acc1, acc2, acc3, acc4;
-  explicit Scratch(const Problem& p)
-      : t1(p.dim_pad * kBlock), t2(p.dim_pad * kBlock), t3(p.dim_pad * kBlock), p_tile(p.split * kBlock),
-        ds_tile(p.split * kBlock), acc1(kBlock * p.dim_pad), acc2(kBlock * p.dim_pad), acc3(kBlock * p.dim_pad),
-        acc4(kBlock * p.dim_pad) {}
+// Pass 1's per-thread buffers: the transposed query block, P and dP (then dS) for every key up to
+// the block's last query, the dq total.
+struct RowScratch {
+  std::vector<float> qt, got, p_keys, dp_keys, total;
+  explicit RowScratch(const Problem& p)
+      : qt(p.dim_pad * kBlock), got(p.dim_pad * kBlock), p_keys(p.length * kBlock), dp_keys(p.length * kBlock),
+        total(kBlock * p.dim_pad) {}
+};
+
+// Pass 2's: the transposed key block, one query chunk's P and dS, the per-head and group totals.
+struct KeyScratch {
+  std::vector<float> kt, vt, p_tile, ds_tile, dk_tot, dv_tot, dk_sum, dv_sum;
+  explicit KeyScratch(const Problem& p)
+      : kt(p.dim_pad * kBlock), vt(p.dim_pad * kBlock), p_tile(p.split * kBlock), ds_tile(p.split * kBlock),
+        dk_tot(kBlock * p.dim_pad), dv_tot(kBlock * p.dim_pad), dk_sum(kBlock * p.dim_pad),
+        dv_sum(kBlock * p.dim_pad) {}
 };
 
 // Pass 1: D and dq for queries [i0, i0 + n) of (b, h).
-void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Scratch& s) {
+void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, RowScratch& s) {
   const int64_t kvh = h / p.group;
-  float* qt = s.t1.data();
-  float* got = s.t2.data();
-  float* ot = s.t3.data();
+  float* qt = s.qt.data();
+  float* got = s.got.data();
   transpose_rows(p.q.row(b, h, i0), p.q.s2, n, p.dim_pad, qt);
   transpose_rows(p.go.row(b, h, i0), p.go.s2, n, p.dim_pad, got);
-  transpose_rows(p.o.row(b, h, i0), p.o.s2, n, p.dim_pad, ot);
   const int64_t row0 = (b * p.heads + h) * p.length + i0;
   alignas(64) float m_l[kBlock] = {}, l_l[kBlock], d_l[kBlock];
   for (int i = 0; i < kBlock; ++i) l_l[i] = 1.0f;
@@ -160,38 +198,43 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Scr
     l_l[i] = p.l[row0 + i];
   }
   const vfloat m_v = vload(m_l), l_v = vload(l_l);
-  vfloat d_v = vsplat(0.0f);
-  for (int64_t e = 0; e < p.dim; ++e) d_v = vfma(vload(got + e * kVec), vload(ot + e * kVec), d_v);
-  vstore(d_l, d_v);
-  for (int64_t i = 0; i < n; ++i) p.d_row[row0 + i] = d_l[i];
 
   const int64_t last = i0 + n - 1;
   const int64_t last_chunk = last / p.split;
-  float* ds = s.ds_tile.data();
-  float* total = s.acc1.data();
-  vfloat sc[kDotRows], dp[kDotRows];
+  float* pk = s.p_keys.data();    // key j's s, then its P, at pk[j * kBlock + lane]
+  float* dpk = s.dp_keys.data();  // key j's dP, then its dS
+  // Sweep 1: s, dP, P and D.
+  vfloat d_v = vsplat(0.0f);
   for (int64_t c = 0; c <= last_chunk; ++c) {
     const int64_t start = c * p.split, n_keys = std::min(start + p.split, last + 1) - start;
-    const float* kr = p.k.row(b, kvh, start);
-    const float* vr = p.v.row(b, kvh, start);
-    auto finish = [&](int64_t jj, vfloat s_j, vfloat dp_j) {
+    float* s_c = pk + start * kBlock;
+    float* dp_c = dpk + start * kBlock;
+    lane_dots_to(qt, p.k.row(b, kvh, start), p.k.s2, n_keys, p.dim, s_c);
+    lane_dots_to(got, p.v.row(b, kvh, start), p.v.s2, n_keys, p.dim, dp_c);
+    vfloat chunk_sum = vsplat(0.0f);
+    for (int64_t jj = 0; jj < n_keys; ++jj) {
       // query lane i sees key start + jj when i0 + i >= start + jj
       const __mmask16 valid = static_cast<__mmask16>(~first_lanes(start + jj - i0));
-      const vfloat pj = vselect(valid, exp_f32((s_j * p.scale) - m_v) / l_v, vsplat(0.0f));
-      vstore(ds + jj * kBlock, pj * (dp_j - d_v));
-    };
-    int64_t j = 0;
-    for (; j + kDotRows <= n_keys; j += kDotRows) {
-      lane_dots<kDotRows>(qt, kr + j * p.k.s2, p.k.s2, p.dim, sc);
-      lane_dots<kDotRows>(got, vr + j * p.v.s2, p.v.s2, p.dim, dp);
-      for (int r = 0; r < kDotRows; ++r) finish(j + r, sc[r], dp[r]);
+      const vfloat pj = vselect(valid, exp_f32((vload(s_c + jj * kBlock) * p.scale) - m_v) / l_v, vsplat(0.0f));
+      vstore(s_c + jj * kBlock, pj);
+      chunk_sum = vfma(pj, vload(dp_c + jj * kBlock), chunk_sum);
     }
-    for (; j < n_keys; ++j) {
-      lane_dots<1>(qt, kr + j * p.k.s2, p.k.s2, p.dim, sc);
-      lane_dots<1>(got, vr + j * p.v.s2, p.v.s2, p.dim, dp);
-      finish(j, sc[0], dp[0]);
+    d_v = c == 0 ? chunk_sum : d_v + chunk_sum;
+  }
+  vstore(d_l, d_v);
+  for (int64_t i = 0; i < n; ++i) p.d_row[row0 + i] = d_l[i];
+
+  // Sweep 2: dS = P * (dP - D) and dq, chunk by chunk.
+  float* total = s.total.data();
+  for (int64_t c = 0; c <= last_chunk; ++c) {
+    const int64_t start = c * p.split, n_keys = std::min(start + p.split, last + 1) - start;
+    float* ds = dpk + start * kBlock;
+    for (int64_t jj = 0; jj < n_keys; ++jj) {
+      const float* pj = pk + (start + jj) * kBlock;
+      vstore(ds + jj * kBlock, vload(pj) * (vload(ds + jj * kBlock) - d_v));
     }
-    accumulate(ds, kr, p.k.s2, n_keys, static_cast<int>(n), p.dim_pad, total, c == 0 ? Total::kFirst : Total::kAdd);
+    accumulate(ds, p.k.row(b, kvh, start), p.k.s2, n_keys, static_cast<int>(n), p.dim_pad, total,
+               c == 0 ? Total::kFirst : Total::kAdd);
   }
   // Chunks wholly above the diagonal: the reference adds their +0 sums.
   const bool masked_chunks_follow = last_chunk < p.n_chunks - 1;
@@ -207,17 +250,17 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Scr
 }
 
 // Pass 2: dk and dv for keys [j0, j0 + n) of (b, kv head kvh).
-void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n, Scratch& s) {
-  float* kt = s.t1.data();
-  float* vt = s.t2.data();
+void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n, KeyScratch& s) {
+  float* kt = s.kt.data();
+  float* vt = s.vt.data();
   transpose_rows(p.k.row(b, kvh, j0), p.k.s2, n, p.dim_pad, kt);
   transpose_rows(p.v.row(b, kvh, j0), p.v.s2, n, p.dim_pad, vt);
   float* pt = s.p_tile.data();
   float* ds = s.ds_tile.data();
-  float* dk_tot = s.acc1.data();
-  float* dv_tot = s.acc2.data();
-  float* dk_sum = s.acc3.data();
-  float* dv_sum = s.acc4.data();
+  float* dk_tot = s.dk_tot.data();
+  float* dv_tot = s.dv_tot.data();
+  float* dk_sum = s.dk_sum.data();
+  float* dv_sum = s.dv_sum.data();
   const int64_t acc_size = kBlock * p.dim_pad;
   std::fill(dk_sum, dk_sum + acc_size, 0.0f);
   std::fill(dv_sum, dv_sum + acc_size, 0.0f);
@@ -290,26 +333,23 @@ View as_float_view(const at::Tensor& t, int64_t dim_pad, at::Tensor& keep) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_o, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& o, const at::Tensor& m,
-                                                                  const at::Tensor& l, double scale,
-                                                                  int64_t split_size) {
+                                                                  const at::Tensor& m, const at::Tensor& l,
+                                                                  double scale, int64_t split_size) {
   check_input(grad_o, "grad_o");
   check_input(q, "q");
   check_input(k, "k");
   check_input(v, "v");
-  check_input(o, "o");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp, ": unsupported dtype ", dtype,
               " (expected float32, float16 or bfloat16)");
   using Named = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
-  for (auto [t, name] : Named{{&grad_o, "grad_o"}, {&k, "k"}, {&v, "v"}, {&o, "o"}}) {
+  for (auto [t, name] : Named{{&grad_o, "grad_o"}, {&k, "k"}, {&v, "v"}}) {
     TORCH_CHECK(t->scalar_type() == dtype, kOp, ": ", name, " must have q's dtype ", dtype, ", got ",
                 t->scalar_type());
   }
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1);
   TORCH_CHECK(grad_o.sizes() == q.sizes(), kOp, ": grad_o must have q's shape ", q.sizes(), ", got ", grad_o.sizes());
-  TORCH_CHECK(o.sizes() == q.sizes(), kOp, ": o must have q's shape ", q.sizes(), ", got ", o.sizes());
   TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(k.size(0) == batch, kOp, ": k and v must have q's batch size ", batch, ", got ", k.size(0));
   TORCH_CHECK(k.size(2) == length, kOp, ": k and v must have q's length ", length,
@@ -343,11 +383,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   p.split = split_size;
   p.n_chunks = (length + split_size - 1) / split_size;
   p.scale = static_cast<float>(scale);
-  at::Tensor qf, kf, vf, of, gf;
+  at::Tensor qf, kf, vf, gf;
   p.q = as_float_view(q, p.dim_pad, qf);
   p.k = as_float_view(k, p.dim_pad, kf);
   p.v = as_float_view(v, p.dim_pad, vf);
-  p.o = as_float_view(o, p.dim_pad, of);
   p.go = as_float_view(grad_o, p.dim_pad, gf);
   const at::Tensor mc = m.contiguous(), lc = l.contiguous();
   p.m = mc.const_data_ptr<float>();
@@ -372,14 +411,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   // long ones so that the contiguous ranges handed to threads carry similar work (no bits change).
   auto interleaved = [blocks](int64_t r) { return r % 2 == 0 ? r / 2 : blocks - 1 - r / 2; };
   at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(p);
+    RowScratch scratch(p);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = interleaved(task % blocks) * kBlock;
       dq_block(p, bh / heads, bh % heads, i0, std::min<int64_t>(kBlock, length - i0), scratch);
     }
   });
   at::parallel_for(0, batch * kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(p);
+    KeyScratch scratch(p);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, j0 = interleaved(task % blocks) * kBlock;
       dkdv_block(p, bh / kv_heads, bh % kv_heads, j0, std::min<int64_t>(kBlock, length - j0), scratch);

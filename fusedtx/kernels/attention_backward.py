@@ -1,24 +1,33 @@
 """Causal attention backward in Triton: (dq, dk, dv) of a full causal pass, deterministically.
 
 The gradients are reference.attention_backward's (q (B, H, T, D), k, v (B, Hkv, T, D), GQA by
-h // (H / Hkv); o, m, l from kernels.attention.attention_forward, m and l float32 (B, H, T)):
+h // (H / Hkv); m, l from kernels.attention.attention_forward, float32 (B, H, T); the forward's
+output o is not needed):
     P_ij = exp_f32(s_ij - m_i) / l_i,  s_ij = (q_i . k_j) * scale  (j <= i, else 0)
-    D_i = sum_e dO_ie o_ie,  dP = dO v^T,  dS = P * (dP - D)
+    dP = dO v^T,  D_i = sum_j P_ij dP_ij,  dS = P * (dP - D)
     dq = dS k * scale,  dk = dS^T q * scale,  dv = P^T dO
 tl.dot has its own internal order, so the bits are not the reference's (the contract's accuracy
 bound applies); what this module promises is determinism and batch invariance, by structure
 (FlashAttention-2's backward, no atomics, no split counts chosen from the shapes):
-  * `_attn_bwd_preprocess`, grid (row blocks, B * H): D_i = rowsum(dO * o) in float32.
+  * `_attn_bwd_preprocess`, grid (query blocks, B * H): D_i = sum_j P_ij dP_ij in float32, with
+    P and dP recomputed by _attn_bwd_dq's own code (`_p_dp_tile`, same tiles, same warps), so D
+    sums the very values dS subtracts it from — the softmax backward's row sum, not FlashAttention's
+    shortcut dO_i . o_i, whose independent rounding left float32 dq, dk at T = 2, 3 up to 1.8x as
+    far from float64 as PyTorch's eager backward, this form up to 1.1x (errors over 8 draws, under
+    the interpreter; see reference.attention_backward and tests/test_attention.py). As in the
+    reference, the keys are summed in blocks of split_size from 0, the block sums added in
+    ascending order; inside a block, each key tile's tl.sum is added in ascending tile order. It
+    costs one more pass over the keys (two of the dq kernel's three dots).
   * `_attn_bwd_dkdv`, grid (key blocks, B * Hkv): a program owns BLOCK_N keys of one KV head and
     accumulates their dk, dv in registers over the GQA group's query heads in ascending order and,
     for each head, its query blocks in ascending order from the block holding the program's
     first key (earlier queries see none of its keys). One writer per output element.
   * `_attn_bwd_dq`, grid (query blocks, B * H): a program owns BLOCK_M queries of one head and
     accumulates dq over the key blocks in ascending order up to the diagonal.
-Every sum runs in an order fixed by (D, dtype) — the tile configuration depends on nothing else —
-and a program reads only its own sequence: the bits do not depend on B, on the other sequences,
-on the number of programs or on the run. split_size is validated (the op's signature carries it)
-but does not enter the backward's order: the loops above are its fixed order.
+Every sum runs in an order fixed by (D, dtype, split_size) — the tile configuration depends on
+nothing else — and a program reads only its own sequence: the bits do not depend on B, on the
+other sequences, on the number of programs or on the run. split_size enters only D's blocks
+(above); dq, dk and dv follow the loops above, their own fixed order.
 
 Precision: float32 accumulation everywhere; float32 inputs use input_precision "ieee" (no TF32);
 for bfloat16/float16 P and dS are rounded to the input dtype before their dots (the tensor cores'
@@ -39,17 +48,15 @@ from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
 from .attention import HEAD_DIMS, check_kv_layout, check_tensors
 # @jit helpers inlined into the kernels, never launched on their own
-JIT_HELPERS = ("_load", "_dot_d", "_mma_operand", "_store")
-PREPROCESS_BLOCK_M = 64
-PREPROCESS_NUM_WARPS = 4
+JIT_HELPERS = ("_load", "_dot_d", "_p_dp_tile", "_mma_operand", "_store")
 
 
 class TileConfig(NamedTuple):
     BLOCK_M1: int  # _attn_bwd_dkdv: queries per inner step
     BLOCK_N1: int  # _attn_bwd_dkdv: keys per program
     num_warps1: int
-    BLOCK_M2: int  # _attn_bwd_dq: queries per program
-    BLOCK_N2: int  # _attn_bwd_dq: keys per inner step
+    BLOCK_M2: int  # _attn_bwd_dq and _attn_bwd_preprocess: queries per program
+    BLOCK_N2: int  # _attn_bwd_dq: keys per inner step (the preprocess: up to split_size of them)
     num_warps2: int
     num_stages: int
 
@@ -95,13 +102,35 @@ def _dot_d(a, bt, INPUT_PRECISION: tl.constexpr, F32_DOTS: tl.constexpr):
     """a (R, D) @ bt (D, C), a sum over the head dim (s = q.k, dP = dO.v). Under the interpreter
     it is the forward's own sum (a broadcast product summed over d in ascending order, see
     kernels/attention.py): s, and with it P = exp(s - m) / l, then agrees bit for bit with the m
-    and l the forward computed, and dP_ii - D_i cancels exactly where o_i = v_i (row 0), as
-    D_i is summed in the same order. numpy picks its reduction order from the memory layout, so
+    and l the forward computed (P_00 = 1, so dS_00 = dP_00 - P_00 dP_00 is exactly 0), and every
+    kernel's dP agrees with the others'. numpy picks its reduction order from the memory layout, so
     a and bt must be freshly loaded (row-major) tiles, never tl.trans views. On GPUs tl.dot, as
     in the forward."""
     if F32_DOTS:
         return tl.sum(a[:, :, None] * bt[None, :, :], axis=1)
     return tl.dot(a, bt, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd, stride_vt, stride_vd,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """P and dP (BLOCK_M, BLOCK_N) of the query tile (q, do, m, l at `rows`) against keys n0 ...
+    n0 + BLOCK_N - 1 of the KV head at Kh, Vh, and those keys' (D, BLOCK_N) tile kt. The one code
+    that forms them for query tiles: _attn_bwd_preprocess sums P * dP into D from it and
+    _attn_bwd_dq subtracts that D from the same dP."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    key_ok = keys < n_ctx
+    kt = _load(Kh + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok[None, :],
+               F32_DOTS, ROUND_BF16)  # (D, BLOCK_N)
+    vt = _load(Vh + keys[None, :] * stride_vt + offs_d[:, None] * stride_vd, key_ok[None, :],
+               F32_DOTS, ROUND_BF16)
+    s = _dot_d(q, kt, INPUT_PRECISION, F32_DOTS) * scale  # (BLOCK_M, BLOCK_N)
+    valid = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
+    p = tl.where(valid, tl.math.div_rn(exp_f32(s - m[:, None]), l[:, None]), 0.0)
+    dp = _dot_d(do, vt, INPUT_PRECISION, F32_DOTS)
+    return p, dp, kt
 
 
 @triton.jit
@@ -124,33 +153,42 @@ def _store(ptrs, x, mask, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_ctx"])
-def _attn_bwd_preprocess(O, DO, Delta, n_ctx, n_heads,
-                         stride_ob, stride_oh, stride_ot, stride_od, stride_gb, stride_gh, stride_gt, stride_gd,
-                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_BF16: tl.constexpr,
-                         SEQUENTIAL_SUM: tl.constexpr):
+def _attn_bwd_preprocess(Q, K, V, DO, M, L, Delta, scale, n_ctx, n_heads, kv_group, split_size,
+                         stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                         stride_vb, stride_vh, stride_vt, stride_vd, stride_gb, stride_gh, stride_gt, stride_gd,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """D_i = sum_j P_ij dP_ij for BLOCK_M queries of one head: _attn_bwd_dq's prologue and key
+    loop, summing P * dP instead of accumulating dS k. BLOCK_N divides split_size (the launcher
+    caps it), so every key tile lies in one split block."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_heads
     h = bh % n_heads
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    hk = h // kv_group
+    m0 = tile * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_ctx
     offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
-    g_ptrs = DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd
-    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(g_ptrs, mask=row_ok[:, None], other=0.0)
-    if ROUND_BF16:
-        o, do = bf16_to_f32(o), bf16_to_f32(do)
-    else:
-        o, do = o.to(tl.float32), do.to(tl.float32)
-    if SEQUENTIAL_SUM:
-        # _dot_d's order under the interpreter: numpy adds a middle axis d by d, ascending, but
-        # only when the trailing axis is wider than 1 (else it is contiguous: pairwise): two
-        # identical columns, then either one
-        pair = (do * o)[:, :, None] + tl.zeros((1, 1, 2), tl.float32)
-        delta = tl.max(tl.sum(pair, axis=1), axis=1)
-    else:
-        delta = tl.sum(do * o, axis=1)
+    q = _load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+              row_ok[:, None], F32_DOTS, ROUND_BF16)  # (BLOCK_M, D)
+    do = _load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+               row_ok[:, None], F32_DOTS, ROUND_BF16)
+    m = tl.load(M + bh * n_ctx + rows, mask=row_ok, other=0.0)
+    l = tl.load(L + bh * n_ctx + rows, mask=row_ok, other=1.0)
+    Kh = K + b * stride_kb + hk * stride_kh
+    Vh = V + b * stride_vb + hk * stride_vh
+    delta = tl.zeros((BLOCK_M,), tl.float32)
+    block_sum = tl.zeros((BLOCK_M,), tl.float32)  # the current split block's partial, from +0
+    end = tl.minimum(n_ctx, m0 + BLOCK_M)  # keys past the tile's last row add only +-0
+    for n0 in range(0, end, BLOCK_N):  # key tiles, ascending
+        p, dp, _ = _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd, stride_vt,
+                              stride_vd, BLOCK_N, HEAD_DIM, INPUT_PRECISION, F32_DOTS, ROUND_BF16)
+        block_sum = block_sum + tl.sum(p * dp, axis=1)
+        closes_block = (n0 + BLOCK_N) % split_size == 0
+        delta = tl.where(closes_block, delta + block_sum, delta)
+        block_sum = tl.where(closes_block, 0.0, block_sum)
+    delta = delta + block_sum  # the last, partial, split block (+0 when the loop ended on a boundary)
     tl.store(Delta + bh * n_ctx + rows, delta, mask=row_ok)
 
 
@@ -227,7 +265,6 @@ def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
     rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_ctx
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     q = _load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
               row_ok[:, None], F32_DOTS, ROUND_BF16)  # (BLOCK_M, D)
     do = _load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
@@ -240,16 +277,8 @@ def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     end = tl.minimum(n_ctx, m0 + BLOCK_M)  # the tile's rows see keys < end
     for n0 in range(0, end, BLOCK_N):  # key blocks, ascending, up to the diagonal
-        keys = n0 + offs_n.to(tl.int64)
-        key_ok = keys < n_ctx
-        kt = _load(Kh + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok[None, :],
-                   F32_DOTS, ROUND_BF16)  # (D, BLOCK_N)
-        vt = _load(Vh + keys[None, :] * stride_vt + offs_d[:, None] * stride_vd, key_ok[None, :],
-                   F32_DOTS, ROUND_BF16)
-        s = _dot_d(q, kt, INPUT_PRECISION, F32_DOTS) * scale  # (BLOCK_M, BLOCK_N)
-        valid = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-        p = tl.where(valid, tl.math.div_rn(exp_f32(s - m[:, None]), l[:, None]), 0.0)
-        dp = _dot_d(do, vt, INPUT_PRECISION, F32_DOTS)
+        p, dp, kt = _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd, stride_vt,
+                               stride_vd, BLOCK_N, HEAD_DIM, INPUT_PRECISION, F32_DOTS, ROUND_BF16)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_mma_operand(ds, K, F32_DOTS, ROUND_BF16), tl.trans(kt), dq, input_precision=INPUT_PRECISION,
                     out_dtype=tl.float32)
@@ -257,16 +286,15 @@ def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
     _store(DQ + (bh * n_ctx + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq, row_ok[:, None], ROUND_BF16)
 
 
-def _check_inputs(grad_o, q, k, v, o, m, l, scale, split_size):
+def _check_inputs(grad_o, q, k, v, m, l, scale, split_size):
     what = "attention_backward"
-    tensors = (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o), ("m", m), ("l", l))
-    check_tensors(what, tensors, (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("o", o)))
-    for name, t in (("grad_o", grad_o), ("k", k), ("v", v), ("o", o)):
+    tensors = (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("m", m), ("l", l))
+    check_tensors(what, tensors, (("grad_o", grad_o), ("q", q), ("k", k), ("v", v)))
+    for name, t in (("grad_o", grad_o), ("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{what}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-    for name, t in (("grad_o", grad_o), ("o", o)):
-        if t.shape != q.shape:
-            raise ValueError(f"{what}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    if grad_o.shape != q.shape:
+        raise ValueError(f"{what}: grad_o must have q's shape {tuple(q.shape)}, got {tuple(grad_o.shape)}")
     check_kv_layout(what, q, k, v)
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"{what}: k has {k.shape[2]} keys, expected q's length {q.shape[2]} (a full causal pass)")
@@ -280,11 +308,17 @@ def _check_inputs(grad_o, q, k, v, o, m, l, scale, split_size):
     _config._check_split_size(split_size, what)
 
 
-def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def preprocess_block_n(cfg: TileConfig, split_size: int) -> int:
+    """_attn_bwd_preprocess's key tile: the dq kernel's, capped at split_size (both are powers of
+    two) so that no tile straddles two of D's split blocks."""
+    return min(cfg.BLOCK_N2, split_size)
+
+
+def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int):
     """reference.attention_backward in Triton: (dq, dk, dv), contiguous, in the inputs' dtype.
-    grad_o, q, k, v, o may have any strides; m, l are the forward's float32 (B, H, T) statistics."""
-    _check_inputs(grad_o, q, k, v, o, m, l, scale, split_size)
+    grad_o, q, k, v may have any strides; m, l are the forward's float32 (B, H, T) statistics."""
+    _check_inputs(grad_o, q, k, v, m, l, scale, split_size)
     batch, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -294,19 +328,19 @@ def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         return dq, dk, dv
     m, l = m.contiguous(), l.contiguous()
     delta = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
-    round_bf16 = needs_bf16_rounding(q.dtype)
-    _attn_bwd_preprocess[(triton.cdiv(length, PREPROCESS_BLOCK_M), batch * heads)](
-        o, grad_o, delta, length, heads, *o.stride(), *grad_o.stride(), BLOCK_M=PREPROCESS_BLOCK_M, HEAD_DIM=dim,
-        ROUND_BF16=round_bf16, SEQUENTIAL_SUM=INTERPRETED, num_warps=PREPROCESS_NUM_WARPS, **LAUNCH_OPTIONS)
     cfg = tile_config(dim, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
     common = dict(HEAD_DIM=dim, INPUT_PRECISION=input_precision(q.dtype), F32_DOTS=INTERPRETED,
-                  ROUND_BF16=round_bf16, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
+                  ROUND_BF16=needs_bf16_rounding(q.dtype), num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
     args = (q, k, v, grad_o, m, l, delta)
     sizes = (float(scale), length, heads, heads // kv_heads)
+    query_grid = (triton.cdiv(length, cfg.BLOCK_M2), batch * heads)
+    _attn_bwd_preprocess[query_grid](
+        *args, *sizes, split_size, *strides, BLOCK_M=cfg.BLOCK_M2, BLOCK_N=preprocess_block_n(cfg, split_size),
+        num_warps=cfg.num_warps2, **common)
     _attn_bwd_dkdv[(triton.cdiv(length, cfg.BLOCK_N1), batch * kv_heads)](
         *args, dk, dv, *sizes, *strides, BLOCK_M=cfg.BLOCK_M1, BLOCK_N=cfg.BLOCK_N1, num_warps=cfg.num_warps1, **common)
-    _attn_bwd_dq[(triton.cdiv(length, cfg.BLOCK_M2), batch * heads)](
+    _attn_bwd_dq[query_grid](
         *args, dq, *sizes, *strides, BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2, num_warps=cfg.num_warps2, **common)
     return dq, dk, dv
 
@@ -314,7 +348,8 @@ def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 def compile_specs():
     """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the three
     kernels per dtype (float32, bfloat16, float16) and head dim (64, 128), plus D = 16 for
-    bfloat16 (the smallest tiles). The head-dim strides are 1 (Triton's launch-time
+    bfloat16 (the smallest tiles); the preprocess for each key tile it takes, at the smallest
+    (16) and the default split size. The head-dim strides are 1 (Triton's launch-time
     specialisation of unit strides)."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     stride_names = [f"stride_{t}{a}" for t in "qkvg" for a in "bhtd"]
@@ -336,11 +371,9 @@ def compile_specs():
         sig = {**ptrs, "DQ": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
         consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": cfg.BLOCK_N2, **fixed}
         specs.append((_attn_bwd_dq, sig, consts, {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
-        pre_strides = [f"stride_{t}{a}" for t in "og" for a in "bhtd"]
-        sig = {"O": f"*{dt}", "DO": f"*{dt}", "Delta": "*fp32", "n_ctx": "i32", "n_heads": "i32",
-               **{n: "constexpr" if n.endswith("d") else "i32" for n in pre_strides},
-               "BLOCK_M": "constexpr", "HEAD_DIM": "constexpr", "ROUND_BF16": "constexpr", "SEQUENTIAL_SUM": "constexpr"}
-        consts = {"stride_od": 1, "stride_gd": 1, "BLOCK_M": PREPROCESS_BLOCK_M, "HEAD_DIM": dim, "ROUND_BF16": False,
-                  "SEQUENTIAL_SUM": False}
-        specs.append((_attn_bwd_preprocess, sig, {**consts}, {"num_warps": PREPROCESS_NUM_WARPS}))
+        sig = {**ptrs, **sizes, "split_size": "i32", **strides, **{n: "constexpr" for n in tile_names}}
+        for block_n in sorted({preprocess_block_n(cfg, s) for s in (16, _config.DEFAULT_SPLIT_SIZE)}):
+            consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": block_n, **fixed}
+            specs.append((_attn_bwd_preprocess, sig, consts,
+                          {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
     return specs

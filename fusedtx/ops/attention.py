@@ -3,8 +3,8 @@ KV cache (chunked prefill, decode), with backend dispatch, fake and autograd reg
 
     fusedtx::causal_attention(Tensor q, Tensor k, Tensor v, float scale, int split_size, str backend)
         -> (Tensor o, Tensor m, Tensor l)
-    fusedtx::causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor m,
-        Tensor l, float scale, int split_size, str backend) -> (Tensor dq, Tensor dk, Tensor dv)
+    fusedtx::causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l,
+        float scale, int split_size, str backend) -> (Tensor dq, Tensor dk, Tensor dv)
     fusedtx::attention_with_kv_cache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens,
         float scale, int split_size, str backend) -> Tensor o
 
@@ -12,7 +12,10 @@ Every backend computes reference.attention_forward: keys cut at multiples of the
 counted from position 0, each chunk reduced on its own, chunk partials merged in ascending
 order — so a query's output is the same bits in a full pass, a chunked prefill or a decode step,
 whatever else is in the batch. m and l (float32 row max and sum) are saved for the backward,
-which follows reference.attention_backward's fixed summation orders (no atomics).
+which follows reference.attention_backward's fixed summation orders (no atomics). The backward
+does not read the output o: its D_i is the row sum of P * dP, recomputed from q, k, v, grad_o
+and m, l (more accurate than FlashAttention's dO_i . o_i, see reference.attention_backward), so
+autograd keeps q, k, v, m, l and not o.
 """
 from __future__ import annotations
 
@@ -123,21 +126,21 @@ def _(q, k, v, scale, split_size, backend):
 
 @torch.library.custom_op("fusedtx::causal_attention_backward", mutates_args=())
 def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int,
+                              m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int,
                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backend(backend, "causal_attention")
     grad_o = grad_o.to(q.dtype).contiguous()
     if backend == "reference":
-        return reference.attention_backward(grad_o, q, k, v, o, m, l, scale, split_size)
+        return reference.attention_backward(grad_o, q, k, v, m, l, scale, split_size)
     if backend == "triton":
         from ..kernels import attention_backward as triton_attention_backward
 
-        return triton_attention_backward.attention_backward(grad_o, q, k, v, o, m, l, scale, split_size)
-    return _native("attention_backward", q.device)(grad_o, q, k, v, o, m, l, scale, split_size)
+        return triton_attention_backward.attention_backward(grad_o, q, k, v, m, l, scale, split_size)
+    return _native("attention_backward", q.device)(grad_o, q, k, v, m, l, scale, split_size)
 
 
 @causal_attention_backward.register_fake
-def _(grad_o, q, k, v, o, m, l, scale, split_size, backend):
+def _(grad_o, q, k, v, m, l, scale, split_size, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -145,15 +148,15 @@ def _(grad_o, q, k, v, o, m, l, scale, split_size, backend):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, split_size, backend = inputs
-    o, m, l = output
-    ctx.save_for_backward(q, k, v, o, m, l)
+    _, m, l = output  # o is not needed: the backward's D comes from P and dP
+    ctx.save_for_backward(q, k, v, m, l)
     ctx.scale, ctx.split_size, ctx.backend = scale, split_size, backend
     ctx.mark_non_differentiable(m, l)
 
 
 def _backward(ctx, grad_o, _grad_m, _grad_l):
-    q, k, v, o, m, l = ctx.saved_tensors
-    dq, dk, dv = causal_attention_backward(grad_o, q, k, v, o, m, l, ctx.scale, ctx.split_size, ctx.backend)
+    q, k, v, m, l = ctx.saved_tensors
+    dq, dk, dv = causal_attention_backward(grad_o, q, k, v, m, l, ctx.scale, ctx.split_size, ctx.backend)
     return dq, dk, dv, None, None, None
 
 
