@@ -4,8 +4,13 @@ Run by tests/test_build.py in a subprocess without TRITON_INTERPRET (the interpr
 replace the kernels). Each fusedtx/kernels/<op>.py lists its kernels' specialisations in
 compile_specs(); every @triton.jit kernel of such a module must appear there (helpers that
 kernels call are listed in the module's JIT_HELPERS).
+
+The ~230 (specialisation, arch) compilations take about a second each from a cold Triton cache
+(as on CI): they are spread over one worker process per core.
 """
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import sys
@@ -19,28 +24,49 @@ from triton.compiler import ASTSource  # noqa: E402
 import fusedtx.kernels  # noqa: E402
 from fusedtx.kernels._common import LAUNCH_OPTIONS  # noqa: E402
 
-failures, lowered = [], 0
-for info in pkgutil.iter_modules(fusedtx.kernels.__path__):
-    if info.name.startswith("_"):
-        continue  # shared @jit helpers: inlined into the kernels below
-    module = importlib.import_module(f"fusedtx.kernels.{info.name}")
-    helpers = set(getattr(module, "JIT_HELPERS", ()))  # @jit functions called by kernels, never launched
-    kernels = {name for name, obj in vars(module).items()
-               if isinstance(obj, triton.runtime.JITFunction) and obj.__module__ == module.__name__} - helpers
-    specs = module.compile_specs()
-    missing = kernels - {fn.__name__ for fn, *_ in specs}
-    if missing:
-        failures.append(f"{info.name}: kernels without a compile spec: {sorted(missing)}")
-    for fn, signature, constexprs, options in specs:
-        for arch in (80, 90):
-            try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                          options={**LAUNCH_OPTIONS, **options})
-                assert ".entry" in compiled.asm["ptx"]
-                lowered += 1
-            except Exception as exc:  # report every failure, not just the first
-                failures.append(f"{info.name}.{fn.__name__} sm_{arch} {constexprs}: {type(exc).__name__}: {exc}")
-print(f"lowered {lowered} kernel specialisations to PTX")
-if failures:
-    print("\n".join(failures))
-    sys.exit(1)
+ARCHS = (80, 90)
+
+
+def kernel_modules():
+    """fusedtx.kernels.<op> modules (not the shared _helpers, which are inlined into kernels)."""
+    return [f"fusedtx.kernels.{info.name}" for info in pkgutil.iter_modules(fusedtx.kernels.__path__)
+            if not info.name.startswith("_")]
+
+
+def lower(module_name: str, index: int, arch: int) -> str | None:
+    """Compile compile_specs()[index] of module_name for sm_<arch>; None, or what went wrong."""
+    fn, signature, constexprs, options = importlib.import_module(module_name).compile_specs()[index]
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options={**LAUNCH_OPTIONS, **options})
+        assert ".entry" in compiled.asm["ptx"]
+        return None
+    except Exception as exc:  # report every failure, not just the first
+        return f"{module_name}.{fn.__name__} sm_{arch} {constexprs}: {type(exc).__name__}: {exc}"
+
+
+def main() -> int:
+    failures, tasks = [], []
+    for module_name in kernel_modules():
+        module = importlib.import_module(module_name)
+        helpers = set(getattr(module, "JIT_HELPERS", ()))  # @jit functions called by kernels, never launched
+        kernels = {name for name, obj in vars(module).items()
+                   if isinstance(obj, triton.runtime.JITFunction) and obj.__module__ == module.__name__} - helpers
+        specs = module.compile_specs()
+        missing = kernels - {fn.__name__ for fn, *_ in specs}
+        if missing:
+            failures.append(f"{module_name}: kernels without a compile spec: {sorted(missing)}")
+        tasks += [(module_name, i, arch) for i in range(len(specs)) for arch in ARCHS]
+    workers = max(1, min(len(os.sched_getaffinity(0)), len(tasks)))
+    # spawn, not fork: a forked child would inherit the parent's imported Triton state
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(lower, *zip(*tasks)))
+    failures += [r for r in results if r is not None]
+    print(f"lowered {results.count(None)} kernel specialisations to PTX ({workers} processes)")
+    if failures:
+        print("\n".join(failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
