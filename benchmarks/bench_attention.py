@@ -11,13 +11,17 @@ Kernels:
     (B x H x L x D), forward only. GB/s counting the keys and values read once.
 Providers: fusedtx_native, fusedtx_triton (compiled, CUDA only), torch
 (F.scaled_dot_product_attention, is_causal=True for prefill, the cache's first L keys for
-decode), torch_compile (torch.compile of the same). fusedtx uses the default split size; `fusedtx_native_unsplit` is the same kernel
-with one chunk per sequence (split size >= its length), so fusedtx_native_unsplit / fusedtx_native
-is the cost of invariance on CPU (on a GPU, where decode parallelism comes from the chunks, the
-comparison that matters is with a split count chosen from the batch).
+decode), torch_compile (torch.compile of the same); on CUDA also sdpa_flash (SDPA held to its
+FlashAttention-2 backend: the FA2 kernel PyTorch ships) and flash_attn (flash_attn_func, where
+the flash-attn package is installed). fusedtx uses the default split size. The cost of
+invariance is read off two variants of each fusedtx backend: `_unsplit` (one chunk per
+sequence: split size >= its length) and, on CUDA, `_batchsplit` (the split size a split-KV
+kernel would pick from the batch: enough chunks for B H (chunks) to fill the GPU twice over,
+see batch_chosen_split). The invariant kernel must not be much slower than either.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -33,8 +37,11 @@ FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "full": 3.5}
 
 
 def make_cases(device: torch.device, quick: bool) -> list[Case]:
-    providers = ("fusedtx_native", "fusedtx_native_unsplit", "fusedtx_triton", "torch", "torch_compile")
     cuda = device.type == "cuda"
+    providers = ("fusedtx_native", "fusedtx_native_unsplit", "torch", "torch_compile")
+    if cuda:
+        providers += ("fusedtx_triton", "fusedtx_triton_unsplit", "fusedtx_triton_batchsplit",
+                      "fusedtx_native_batchsplit", "sdpa_flash", "flash_attn")
     if quick:
         prefill, decode, dtypes = [(1, 2, 64, 32)], [(2, 2, 128, 32)], (torch.float32,)
     elif cuda:
@@ -51,6 +58,23 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+def parallel_workers(device: torch.device) -> int:
+    """What a split-KV kernel fills: the GPU's multiprocessors, or the CPU's threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.get_num_threads()
+
+
+def batch_chosen_split(batch: int, heads: int, length: int, device: torch.device) -> int:
+    """The split size a batch-dependent split-KV heuristic gives (what fusedtx refuses to do):
+    as many chunks per sequence as it takes for batch x heads x chunks to cover the device's
+    workers twice, at least 16 keys a chunk, rounded up to the power of two fusedtx takes. A
+    lone sequence gets many small chunks, a full batch one chunk, so a sequence's reduction order
+    depends on who else is in the batch."""
+    chunks = max(1, min(math.ceil(2 * parallel_workers(device) / (batch * heads)), math.ceil(length / 16)))
+    return max(16, 1 << (math.ceil(length / chunks) - 1).bit_length())
+
+
 class AttentionBench(common.OpBench):
     name = "attention"
     metric, unit = "throughput", "TFLOP/s"
@@ -65,22 +89,49 @@ class AttentionBench(common.OpBench):
 
     def make_fn(self, provider, case, device):
         decode = case.kernel == "attention_decode"
+        b, h, length, _ = case.shape
         if provider.startswith("fusedtx_"):
-            backend = provider.removeprefix("fusedtx_").removesuffix("_unsplit")
-            split = max(16, 1 << (case.shape[2] - 1).bit_length()) if provider.endswith("_unsplit") else None
+            backend, _, variant = provider.removeprefix("fusedtx_").partition("_")
+            split = {"": None, "unsplit": max(16, 1 << (length - 1).bit_length()),
+                     "batchsplit": batch_chosen_split(b, h, length, device)}[variant]
             if decode:
                 return lambda q, k, v, lengths: fusedtx.attention_with_kv_cache(q, k, v, lengths, split_size=split,
                                                                                 backend=backend)
             return lambda q, k, v: fusedtx.causal_attention(q, k, v, split_size=split, backend=backend)
+        if provider == "flash_attn":
+            from flash_attn import flash_attn_func  # (B, T, H, D) views of our (B, H, T, D): no copies
+
+            if decode:
+                return lambda q, k, v, lengths: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2)).transpose(1, 2)
+            return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   causal=True).transpose(1, 2)
         if decode:
             eager = lambda q, k, v, lengths: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
         else:
             eager = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         if provider == "torch":
             return eager
+        if provider == "sdpa_flash":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def flash(*args):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return eager(*args)
+            return flash
         if provider == "torch_compile":
             return torch.compile(eager, dynamic=False)
         raise ValueError(f"unknown provider {provider!r}")
+
+    def unavailable_reason(self, provider, device):
+        if provider in ("sdpa_flash", "flash_attn") and device.type != "cuda":
+            return "FlashAttention-2 runs on CUDA only"
+        if provider == "flash_attn":
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError as exc:
+                return f"flash-attn is not installed ({exc})"
+        return super().unavailable_reason(provider, device)
 
     def expected(self, inputs, case):
         q, k, v = (t.double() for t in inputs[:3])
@@ -109,11 +160,14 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
     rates = common.print_ratio_table(rows, "attention_prefill", "torch", "torch_compile", metric="throughput")
     decode = common.print_ratio_table(rows, "attention_decode", "torch", "torch_compile", metric="bandwidth")
     both = {**rates, **decode}
-    print("\nCost of invariance: fusedtx_native with the default split size / with one chunk per sequence")
-    for (kernel, dtype, shape, mode, provider), unsplit in sorted(both.items()):
-        split = both.get((kernel, dtype, shape, mode, "fusedtx_native"))
-        if provider == "fusedtx_native_unsplit" and split:
-            print(f"  {kernel:18s} {dtype:9s} {shape:>14s} {mode:8s} {split / unsplit:.2f}x")
+    print("\nCost of invariance: fusedtx with the default split size / the same kernel with one chunk per "
+          "sequence (unsplit) or with the split a batch-dependent heuristic picks (batchsplit); < 1 = slower")
+    for (kernel, dtype, shape, mode, provider), other in sorted(both.items()):
+        backend, _, variant = provider.removeprefix("fusedtx_").partition("_")
+        invariant = both.get((kernel, dtype, shape, mode, f"fusedtx_{backend}"))
+        if provider.startswith("fusedtx_") and variant and invariant:
+            print(f"  {kernel:18s} {dtype:9s} {shape:>14s} {mode:8s} {backend:7s} vs {variant:10s} "
+                  f"{invariant / other:.2f}x")
     print()
     print("Headline targets (printed, not asserted):")
     if args.device.type == "cpu":
@@ -122,8 +176,18 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
                 common.print_target(f"CPU {kernel} {dtype} {shape} forward: fusedtx_native >= 1.0x SDPA", ours,
                                     rates.get((kernel, dtype, shape, mode, "torch")), 1.0)
     else:
-        print("  GPU: prefill >= 0.9x FlashAttention-2 (bf16), decode >= 80% of copy bandwidth: compare by hand "
-              "with the ceilings above (flash-attn is not a provider yet)")
+        for (kernel, dtype, shape, mode, provider), ours in sorted(rates.items()):
+            if provider == "fusedtx_triton" and dtype == "bfloat16":
+                flash = max((rates.get((kernel, dtype, shape, mode, p)) or 0.0) for p in ("sdpa_flash", "flash_attn"))
+                common.print_target(f"GPU {kernel} {shape} {mode}: fusedtx_triton >= 0.9x FlashAttention-2", ours,
+                                    flash, 0.9)
+        copy_bw = ceilings.get("copy_bandwidth")
+        for (kernel, dtype, shape, mode, provider), ours in sorted(decode.items()):
+            if provider == "fusedtx_triton":
+                common.print_target(f"GPU {kernel} {shape}: fusedtx_triton >= 80% of copy bandwidth", ours, copy_bw,
+                                    0.8, unit="%")
+                common.print_target(f"GPU {kernel} {shape}: cost of invariance <= 10% (vs batchsplit)", ours * 1.1,
+                                    decode.get((kernel, dtype, shape, mode, "fusedtx_triton_batchsplit")), 1.0)
     if args.quick:
         print("  (--quick: tiny sizes)")
 
