@@ -135,6 +135,22 @@ def test_garbage_beyond_length_is_never_read_and_strided_inputs():
     assert_bitwise_equal(attend()(qs, ks, vs, lengths, 0.2, 16)[0], full, "strided q, k, v")
 
 
+def test_seqlens_on_the_cpu_give_the_same_bits():
+    """KVCache keeps its lengths on the CPU (validating them costs no device sync), so the decode
+    launcher takes CPU seqlens beside CUDA q, k, v (copying them over) as well as device ones."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = qkv(3, 2, 30, 64, torch.float16, seed=5)
+    k_cache, v_cache = on_device(*decode_cache(k, v, 40, g))
+    lengths = torch.tensor([30, 17, 1])
+    q_last = on_device(q[:, :, -1:])[0]
+    on_host = kernels.attention_forward(q_last, k_cache, v_cache, lengths, 0.125, 16)
+    on_dev = kernels.attention_forward(q_last, k_cache, v_cache, lengths.to(DEVICE), 0.125, 16)
+    for a, b, name in zip(on_host, on_dev, ("o", "m", "l")):
+        assert_bitwise_equal(a, b, f"{name}: CPU seqlens vs seqlens on {DEVICE}")
+    with pytest.raises(ValueError, match=r"seqlens must lie in \[Tq, Tmax\]"):
+        kernels.attention_forward(q_last, k_cache, v_cache, torch.tensor([30, 41, 1]), 0.125, 16)
+
+
 def test_empty_query_block():
     q, k, v = on_device(*qkv(2, 2, 0, 16))
     k, v = on_device(*qkv(2, 2, 5, 16)[1:])

@@ -316,7 +316,11 @@ def check_kv_layout(what: str, q, k, v) -> None:
 
 def _check_inputs(q, k, v, seqlens, scale, split_size):
     what = "attention_forward"
-    check_tensors(what, (("q", q), ("k", k), ("v", v), ("seqlens", seqlens)), (("q", q), ("k", k), ("v", v)))
+    check_tensors(what, (("q", q), ("k", k), ("v", v)), (("q", q), ("k", k), ("v", v)))
+    if not isinstance(seqlens, torch.Tensor):
+        raise TypeError(f"{what}: seqlens must be a torch.Tensor, got {type(seqlens).__name__}")
+    if seqlens.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"{what}: seqlens is on {seqlens.device}, expected the CPU or q's device {q.device}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{what}: k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     check_kv_layout(what, q, k, v)
@@ -331,7 +335,7 @@ def _check_inputs(q, k, v, seqlens, scale, split_size):
         raise TypeError(f"attention_forward: scale must be a float, got {type(scale).__name__}")
     _config._check_split_size(split_size, "attention_forward")
     if batch and n_queries:
-        low, high = int(seqlens.min()), int(seqlens.max())  # one device sync
+        low, high = int(seqlens.min()), int(seqlens.max())  # a device sync unless seqlens is on the CPU
         if low < n_queries or high > k.shape[2]:
             raise ValueError(f"attention_forward: seqlens must lie in [Tq, Tmax] = [{n_queries}, {k.shape[2]}], "
                              f"got values in [{low}, {high}]")
@@ -351,7 +355,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
     l = torch.empty_like(m)
     if batch == 0 or heads == 0 or n_queries == 0:
         return o, m, l
-    seqlens = seqlens.contiguous()
+    # KVCache keeps its lengths on the CPU (checking them costs no device sync): copy them over.
+    seqlens = seqlens.to(q.device, non_blocking=True).contiguous()
     cfg = tile_config(dim, q.dtype, split_size)
     n_tiles = triton.cdiv(n_queries, cfg.BLOCK_M)
     if schedule == "auto":
