@@ -97,6 +97,21 @@ def test_few_queries_against_a_long_cache(native, dtype, dim, split):
             assert_same([t[b:b + 1] for t in ours], ref, f"Tq={n_queries} sequence {b} (length {n})")
 
 
+def test_decode_equals_full_pass_with_a_nan_key(native):
+    """A NaN key inside the valid range: the row max keeps the NaN (as the reference's amax and
+    maximum do), so a full pass and token-by-token decode give the same m, l and o bits. A max
+    that drops a NaN once a later key is compared gave m = -inf in the full pass (the masked keys
+    after a query's last visible key) but m = NaN in decode, which stops at that key."""
+    split, dim, length = 32, 64, 40
+    q, k, v = qkv(1, 2, length, dim, torch.float32, seed=9)
+    k[0, :, 7] = float("nan")
+    full = native(q, k, v, lengths_of(q), 0.125, split)
+    assert torch.isnan(full[1][..., 7:]).all() and not torch.isnan(full[1][..., :7]).any()
+    for t in range(length):
+        step = native(q[:, :, t:t + 1], k, v, torch.tensor([t + 1]), 0.125, split)
+        assert_same(step, [x[:, :, t:t + 1] for x in full], f"decode at position {t}")
+
+
 def test_strided_views(native):
     # (B, T, H, D) storage seen as (B, H, T, D): real strides, last dim contiguous.
     x = make((2, 37, 3, 3, 32), torch.float32, 7)  # q, k, v packed as in a fused QKV projection

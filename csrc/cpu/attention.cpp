@@ -8,8 +8,9 @@
 //            then * scale; (query, key) pairs above the diagonal become -inf. Blocks of at most
 //            2 queries (decode) put 16 keys in the lanes instead (K transposed 16 x 16 in
 //            registers, broadcast q[d]): the same chain per (query, key), a full vector of work.
-//   softmax  lane-wise over the chunk's keys: m_c = max, p = exp_f32(s - m_c), l_c = sum from +0
-//            in ascending key order (masked pairs give p = +0, exactly as the reference).
+//   softmax  lane-wise over the chunk's keys: m_c = max (keeping NaN, as the reference's amax),
+//            p = exp_f32(s - m_c), l_c = sum from +0 in ascending key order (masked pairs give
+//            p = +0, exactly as the reference).
 //   P @ V    vectorised over the head dim e with p broadcast: per (query, e) one FMA chain over
 //            the chunk's keys ascending from +0, 4 queries x up to 4 vectors of e at a time, and
 //            merged at once into the running accumulator with a = exp_f32(m - m'), b = exp_f32(m_c - m')
@@ -35,6 +36,12 @@ constexpr int kPvQueries = 4;  // P @ V tile: queries x vectors of the head dim
 constexpr int kPvVecs = 4;
 constexpr int kKeyLaneQueries = 2;  // blocks of at most this many queries put keys in the score lanes
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// max(a, b) lane-wise that keeps a NaN from either side, as torch.amax / torch.maximum do in the
+// reference. vmax (a > b ? a : b) drops a NaN in a as soon as a later operand is compared, so a
+// query whose last visible key scored NaN got m = -inf from the masked keys after it in a full
+// pass but m = NaN in decode, which stops at its last key: different bits for m and l.
+inline vfloat vmax_nan(vfloat a, vfloat b) { return (a > b) | (a != a) ? a : b; }
 
 // n (<= 16) elements of T at p as floats (exact conversions); lanes >= n are +0 and nothing
 // past p + n is read.
@@ -295,7 +302,7 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
     int64_t j = 0;
     auto keep = [&](int64_t jj, vfloat sc) {
       sc = vselect(valid(jj), sc, vsplat(kNegInf));
-      m_c = vmax(m_c, sc);
+      m_c = vmax_nan(m_c, sc);
       vstore(p_tile + jj * kBlockQ, sc);
     };
     if (key_lanes) {
@@ -334,7 +341,7 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
       m_run = m_c;
       l_run = l_c;
     } else {
-      const vfloat m_new = vmax(m_run, m_c);
+      const vfloat m_new = vmax_nan(m_run, m_c);
       const vfloat a = exp_f32(m_run - m_new);
       const vfloat bb = exp_f32(vselect(sees, m_c - m_new, vsplat(0.0f)));
       vstore(alpha, a);
