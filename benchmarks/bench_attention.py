@@ -65,6 +65,17 @@ def parallel_workers(device: torch.device) -> int:
     return torch.get_num_threads()
 
 
+def split_covering(keys: int) -> int:
+    """The smallest split size fusedtx takes (a power of two >= 16) that holds `keys` keys."""
+    return max(16, 1 << (keys - 1).bit_length())
+
+
+def fusedtx_variant(provider: str) -> tuple[str, str]:
+    """"fusedtx_triton_batchsplit" -> ("triton", "batchsplit"); "fusedtx_native" -> ("native", "")."""
+    backend, _, variant = provider.removeprefix("fusedtx_").partition("_")
+    return backend, variant
+
+
 def batch_chosen_split(batch: int, heads: int, length: int, device: torch.device) -> int:
     """The split size a batch-dependent split-KV heuristic gives (what fusedtx refuses to do):
     as many chunks per sequence as it takes for batch x heads x chunks to cover the device's
@@ -72,7 +83,7 @@ def batch_chosen_split(batch: int, heads: int, length: int, device: torch.device
     lone sequence gets many small chunks, a full batch one chunk, so a sequence's reduction order
     depends on who else is in the batch."""
     chunks = max(1, min(math.ceil(2 * parallel_workers(device) / (batch * heads)), math.ceil(length / 16)))
-    return max(16, 1 << (math.ceil(length / chunks) - 1).bit_length())
+    return split_covering(math.ceil(length / chunks))
 
 
 class AttentionBench(common.OpBench):
@@ -91,8 +102,8 @@ class AttentionBench(common.OpBench):
         decode = case.kernel == "attention_decode"
         b, h, length, _ = case.shape
         if provider.startswith("fusedtx_"):
-            backend, _, variant = provider.removeprefix("fusedtx_").partition("_")
-            split = {"": None, "unsplit": max(16, 1 << (length - 1).bit_length()),
+            backend, variant = fusedtx_variant(provider)
+            split = {"": None, "unsplit": split_covering(length),
                      "batchsplit": batch_chosen_split(b, h, length, device)}[variant]
             if decode:
                 return lambda q, k, v, lengths: fusedtx.attention_with_kv_cache(q, k, v, lengths, split_size=split,
@@ -163,7 +174,7 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
     print("\nCost of invariance: fusedtx with the default split size / the same kernel with one chunk per "
           "sequence (unsplit) or with the split a batch-dependent heuristic picks (batchsplit); < 1 = slower")
     for (kernel, dtype, shape, mode, provider), other in sorted(both.items()):
-        backend, _, variant = provider.removeprefix("fusedtx_").partition("_")
+        backend, variant = fusedtx_variant(provider)
         invariant = both.get((kernel, dtype, shape, mode, f"fusedtx_{backend}"))
         if provider.startswith("fusedtx_") and variant and invariant:
             print(f"  {kernel:18s} {dtype:9s} {shape:>14s} {mode:8s} {backend:7s} vs {variant:10s} "

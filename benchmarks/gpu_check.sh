@@ -67,8 +67,7 @@ echo "build took $(( $(date +%s) - started )) s"
 $PY -m fusedtx info
 
 stage "3. tests on CUDA"
-workers=8; $PY -c "import xdist" 2>/dev/null || workers=0
-xdist=(); (( workers > 0 )) && xdist=(-n "$workers")
+xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
 tmo=(); $PY -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout 90)
 run_for 170 $PY -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" "${tmo[@]}" --durations=15 \
     -k "(cuda or triton or gpu) and not emulated and not build" tests 2>&1 \
