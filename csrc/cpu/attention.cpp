@@ -121,7 +121,7 @@ inline void score_keys(const float* q_t, Rows k, int64_t j0, int64_t dim, float 
   }
   for (int64_t d = 0; d < dim; ++d) {
     const vfloat qd = vload(q_t + d * kVec);
-    for (int i = 0; i < NK; ++i) acc[i] = vfma(vsplat(rows[i][d]), qd, acc[i]);
+    for (int i = 0; i < NK; ++i) acc[i] = vfma(vbroadcast(rows[i][d]), qd, acc[i]);
   }
   for (int i = 0; i < NK; ++i) out[i] = acc[i] * scale;
 }
@@ -186,7 +186,7 @@ inline void score_keys_lanes(const float* q_t, int lane, const float* kt, int64_
   for (int g = 0; g < NG; ++g) acc[g] = vsplat(0.0f);
   const float* groups = kt + j0 * dim_pad;
   for (int64_t d = 0; d < dim; ++d) {
-    const vfloat qd = vsplat(q_t[d * kBlockQ + lane]);
+    const vfloat qd = vbroadcast(q_t[d * kBlockQ + lane]);
     for (int g = 0; g < NG; ++g) acc[g] = vfma(qd, vload(groups + (g * dim_pad + d) * kVec), acc[g]);
   }
   for (int g = 0; g < NG; ++g) {
@@ -211,7 +211,7 @@ inline void pv_tile(const float* p_tile, int64_t n_keys, Rows v, int q0, int64_t
     vfloat vj[NE];
     for (int e = 0; e < NE; ++e) vj[e] = vload(vrow + e * kVec);
     for (int i = 0; i < NQ; ++i) {
-      const vfloat pj = vsplat(p_tile[j * kBlockQ + q0 + i]);
+      const vfloat pj = vbroadcast(p_tile[j * kBlockQ + q0 + i]);
       for (int e = 0; e < NE; ++e) acc[i][e] = vfma(pj, vj[e], acc[i][e]);
     }
   }

@@ -67,14 +67,6 @@ struct Problem {
   OutView dq, dk, dv;
 };
 
-// x in every lane. vsplat(x) is 0 + x (an add per use: the compiler must turn -0 into +0); the
-// factors broadcast here only enter FMA chains that start at +0, which never hold -0, so a -0
-// factor adds exactly what +0 would: the bits are the same, and the FMA can take the broadcast
-// straight from memory.
-inline vfloat vbroadcast(float x) {
-  return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
-
 // out[r] (lanes) = FMA chain over d ascending from +0 of x[r][d] * xt[d][lanes], for N rows of x.
 template <int N>
 inline void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {

@@ -32,6 +32,11 @@ typedef uint32_t vuint __attribute__((vector_size(64)));
 
 template <typename A = float>
 inline Vec<A> vsplat(A v) { return Vec<A>{} + v; }
+// x in every lane, -0 kept. vsplat(x) is 0 + x: an add per use (the compiler must turn -0 into
+// +0) and a register broadcast, where this one lets an FMA take its broadcast operand straight
+// from memory. Use it for factors entering FMA chains that start at +0: such a chain never holds
+// -0, so a -0 factor adds exactly what +0 would, and the bits are vsplat's.
+inline vfloat vbroadcast(float x) { return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 template <typename A>
 inline Vec<A> vload(const A* p) {
   Vec<A> v;
