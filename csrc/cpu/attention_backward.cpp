@@ -3,9 +3,9 @@
 // FlashAttention-2 style, in two passes that each recompute the probabilities from the forward's
 // row statistics (m, l), so that every output is owned by exactly one task and nothing is reduced
 // across threads (no atomics; the bits do not depend on the thread count):
-//   pass 1, one task = (batch b, head h, block of up to 16 queries; the lanes of the vectors):
+//   pass 1, one task = (batch b, head h, block of up to 32 queries; the lanes of two vectors):
 //            for each key chunk [cS, cS + S) up to the block's last query: s = dotFMA(q_i, k_j) * scale
-//            and dP = dotFMA(dO_i, v_j), one vector per key (broadcast k_j[d] times the transposed
+//            and dP = dotFMA(dO_i, v_j), a vector per key and group (broadcast k_j[d] times the transposed
 //            q[d]); P = exp_f32(s - m) / l (+0 above the diagonal). P and dP are kept for the whole
 //            row range, and D_i = sum_j P dP gathers as the spec's blocked sum: per chunk an FMA
 //            chain over its keys ascending from +0, the chunk sums added in ascending order (the
@@ -14,7 +14,7 @@
 //            per (query, e), an FMA chain over the chunk's keys ascending from +0, added to the
 //            running total (the first chunk's sum is the total). Chunks wholly above the diagonal
 //            would add +0: the total gets + 0 once. dq = total * scale.
-//   pass 2, one task = (batch b, KV head, block of up to 16 keys; the lanes): for each query head
+//   pass 2, one task = (batch b, KV head, block of up to 32 keys; the lanes): for each query head
 //            of the group in ascending order, for each query chunk from the one holding the block
 //            onwards: the same s, P, dP, dS (now broadcast q_i[d] times the transposed k[d]), then
 //            per (key, e) FMA chains over the chunk's queries ascending from +0 for dv (P dO) and
@@ -25,8 +25,12 @@
 // the reference computes them; keys past a query block's last query are skipped (their terms, in
 // D's chains as in dq's, are +-0 and leave a finite sum unchanged; chains start at +0 and so never
 // hold -0).
-// Keeping P and dP (2 x 64 bytes per key in pass 1, a thread's scratch ~128 T bytes) instead of
+// Keeping P and dP (2 x 128 bytes per key in pass 1, a thread's scratch ~256 T bytes) instead of
 // recomputing them for the second sweep spares two of pass 1's three dot products per pair.
+// Why blocks of 32 (two groups of 16 lanes): each broadcast element feeds two FMAs, and the rows
+// a block streams (K and V in pass 1, Q and dO in pass 2) are read once per 32 rows instead of 16
+// (1x12x4096x64: 381-387 -> 337-349 ms; 1024x128: 47-48 -> 42 ms). In pass 1 a group walks only
+// the chunks up to its own last query, as it would in a block of 16.
 // Inputs in bfloat16/float16, or with a head dim that is not a multiple of 16, are first
 // converted (exactly) to zero-padded float32 copies; the outputs are rounded to the dtype at the end.
 #include <ATen/Parallel.h>
@@ -41,7 +45,8 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kBlock = 16;    // queries (pass 1) or keys (pass 2) per task: the vector lanes
+constexpr int kBlock = 32;    // queries (pass 1) or keys (pass 2) per task: the lanes of two vectors
+constexpr int kGroups = kBlock / kVec;  // lane group g holds the block's rows 16 g ... 16 g + 15
 constexpr int kDotRows = 8;   // dot products interleaved for ILP
 constexpr int kAxpyLanes = 4; // accumulation tile: lanes x vectors of the head dim
 constexpr int kAxpyVecs = 4;
@@ -67,35 +72,55 @@ struct Problem {
   OutView dq, dk, dv;
 };
 
-// out[r] (lanes) = FMA chain over d ascending from +0 of x[r][d] * xt[d][lanes], for N rows of x.
-template <int N>
+// out[g * N + r] (lanes) = FMA chain over d ascending from +0 of x[r][d] * xt[d][16 g + lanes],
+// for N rows of x and NG lane groups (xt: dim rows of kBlock lanes). Each broadcast x[r][d] feeds
+// NG FMAs: with two groups 10 vector loads per 16 FMAs instead of 9 per 8.
+template <int N, int NG>
 inline void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
-  vfloat acc[N];
+  vfloat acc[NG][N];
   const float* rows[N];
   for (int r = 0; r < N; ++r) {
-    acc[r] = vsplat(0.0f);
+    for (int g = 0; g < NG; ++g) acc[g][r] = vsplat(0.0f);
     rows[r] = x + r * ld;
   }
   for (int64_t d = 0; d < dim; ++d) {
-    const vfloat xd = vload(xt + d * kVec);
-    for (int r = 0; r < N; ++r) acc[r] = vfma(vbroadcast(rows[r][d]), xd, acc[r]);
+    vfloat xd[NG];
+    for (int g = 0; g < NG; ++g) xd[g] = vload(xt + d * kBlock + g * kVec);
+    for (int r = 0; r < N; ++r) {
+      const vfloat xr = vbroadcast(rows[r][d]);
+      for (int g = 0; g < NG; ++g) acc[g][r] = vfma(xr, xd[g], acc[g][r]);
+    }
   }
-  for (int r = 0; r < N; ++r) out[r] = acc[r];
+  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < N; ++r) out[g * N + r] = acc[g][r];
 }
 
-// lane_dots for rows [0, n) of x, the result for row j stored at out + j * kBlock. Writing the
-// results out (rather than keeping kDotRows vectors live across the caller's next steps) keeps
-// the accumulators in registers: GCC spilled one of them inside the d loop otherwise.
-inline void lane_dots_to(const float* xt, const float* x, int64_t ld, int64_t n, int64_t dim, float* out) {
-  vfloat r[kDotRows];
+// lane_dots for ng (1 or 2) groups.
+template <int N>
+inline void lane_dots_groups(int ng, const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
+  static_assert(kGroups == 2);
+  if (ng == 1) {
+    lane_dots<N, 1>(xt, x, ld, dim, out);
+  } else {
+    lane_dots<N, 2>(xt, x, ld, dim, out);
+  }
+}
+
+// lane_dots for rows [0, n) of x and ng groups, the result for row j and group g stored at
+// out + j * kBlock + 16 g. Writing the results out (rather than keeping the vectors live across
+// the caller's next steps) keeps the accumulators in registers: GCC spilled one of them inside
+// the d loop otherwise.
+inline void lane_dots_to(const float* xt, const float* x, int64_t ld, int64_t n, int64_t dim, int ng, float* out) {
+  vfloat r[kGroups * kDotRows];
   int64_t j = 0;
   for (; j + kDotRows <= n; j += kDotRows) {
-    lane_dots<kDotRows>(xt, x + j * ld, ld, dim, r);
-    for (int i = 0; i < kDotRows; ++i) vstore(out + (j + i) * kBlock, r[i]);
+    lane_dots_groups<kDotRows>(ng, xt, x + j * ld, ld, dim, r);
+    for (int g = 0; g < ng; ++g)
+      for (int i = 0; i < kDotRows; ++i) vstore(out + (j + i) * kBlock + g * kVec, r[g * kDotRows + i]);
   }
   for (; j < n; ++j) {
-    lane_dots<1>(xt, x + j * ld, ld, dim, r);
-    vstore(out + j * kBlock, r[0]);
+    lane_dots_groups<1>(ng, xt, x + j * ld, ld, dim, r);
+    for (int g = 0; g < ng; ++g) vstore(out + j * kBlock + g * kVec, r[g]);
   }
 }
 
@@ -130,13 +155,13 @@ inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_r
   }
 }
 
-// lane_axpy over lanes [0, n_lanes) and the whole (padded) head dim.
-inline void accumulate(const float* tile, const float* x, int64_t ld, int64_t n_rows, int n_lanes, int64_t dim_pad,
-                       float* out, Total mode) {
+// lane_axpy over lanes [lane_lo, n_lanes) and the whole (padded) head dim.
+inline void accumulate(const float* tile, const float* x, int64_t ld, int64_t n_rows, int lane_lo, int n_lanes,
+                       int64_t dim_pad, float* out, Total mode) {
   const int64_t n_vecs = dim_pad / kVec;
   auto for_lanes = [&](auto nv_tag, int64_t e0) {
     constexpr int NV = decltype(nv_tag)::value;
-    int a = 0;
+    int a = lane_lo;
     for (; a + kAxpyLanes <= n_lanes; a += kAxpyLanes)
       lane_axpy<kAxpyLanes, NV>(tile, x, ld, n_rows, a, e0, out, dim_pad, mode);
     for (; a < n_lanes; ++a) lane_axpy<1, NV>(tile, x, ld, n_rows, a, e0, out, dim_pad, mode);
@@ -189,48 +214,68 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Row
     m_l[i] = p.m[row0 + i];
     l_l[i] = p.l[row0 + i];
   }
-  const vfloat m_v = vload(m_l), l_v = vload(l_l);
 
   const int64_t last = i0 + n - 1;
   const int64_t last_chunk = last / p.split;
+  // Group g (queries i0 + 16 g ...) sees the chunks up to the one of its last query; a chunk is
+  // processed for groups [first_group(c), n_groups) only, so that each query walks exactly the
+  // chunks it would walk in a block of 16.
+  const int n_groups = static_cast<int>((n + kVec - 1) / kVec);
+  int64_t group_last_chunk[kGroups];
+  for (int g = 0; g < n_groups; ++g) group_last_chunk[g] = std::min<int64_t>(i0 + g * kVec + kVec - 1, last) / p.split;
+  auto first_group = [&](int64_t c) {
+    int g = 0;
+    while (group_last_chunk[g] < c) ++g;
+    return g;
+  };
   float* pk = s.p_keys.data();    // key j's s, then its P, at pk[j * kBlock + lane]
   float* dpk = s.dp_keys.data();  // key j's dP, then its dS
   // Sweep 1: s, dP, P and D.
-  vfloat d_v = vsplat(0.0f);
+  vfloat d_v[kGroups];
   for (int64_t c = 0; c <= last_chunk; ++c) {
     const int64_t start = c * p.split, n_keys = std::min(start + p.split, last + 1) - start;
+    const int g_lo = first_group(c);
     float* s_c = pk + start * kBlock;
     float* dp_c = dpk + start * kBlock;
-    lane_dots_to(qt, p.k.row(b, kvh, start), p.k.s2, n_keys, p.dim, s_c);
-    lane_dots_to(got, p.v.row(b, kvh, start), p.v.s2, n_keys, p.dim, dp_c);
-    vfloat chunk_sum = vsplat(0.0f);
-    for (int64_t jj = 0; jj < n_keys; ++jj) {
-      // query lane i sees key start + jj when i0 + i >= start + jj
-      const __mmask16 valid = static_cast<__mmask16>(~first_lanes(start + jj - i0));
-      const vfloat pj = vselect(valid, exp_f32((vload(s_c + jj * kBlock) * p.scale) - m_v) / l_v, vsplat(0.0f));
-      vstore(s_c + jj * kBlock, pj);
-      chunk_sum = vfma(pj, vload(dp_c + jj * kBlock), chunk_sum);
+    lane_dots_to(qt + g_lo * kVec, p.k.row(b, kvh, start), p.k.s2, n_keys, p.dim, n_groups - g_lo, s_c + g_lo * kVec);
+    lane_dots_to(got + g_lo * kVec, p.v.row(b, kvh, start), p.v.s2, n_keys, p.dim, n_groups - g_lo,
+                 dp_c + g_lo * kVec);
+    for (int g = g_lo; g < n_groups; ++g) {
+      const vfloat m_v = vload(m_l + g * kVec), l_v = vload(l_l + g * kVec);
+      vfloat chunk_sum = vsplat(0.0f);
+      for (int64_t jj = 0; jj < n_keys; ++jj) {
+        // query lane i of group g sees key start + jj when i0 + 16 g + i >= start + jj
+        const __mmask16 valid = static_cast<__mmask16>(~first_lanes(start + jj - i0 - g * kVec));
+        float* sj = s_c + jj * kBlock + g * kVec;
+        const vfloat pj = vselect(valid, exp_f32((vload(sj) * p.scale) - m_v) / l_v, vsplat(0.0f));
+        vstore(sj, pj);
+        chunk_sum = vfma(pj, vload(dp_c + jj * kBlock + g * kVec), chunk_sum);
+      }
+      d_v[g] = c == 0 ? chunk_sum : d_v[g] + chunk_sum;
     }
-    d_v = c == 0 ? chunk_sum : d_v + chunk_sum;
   }
-  vstore(d_l, d_v);
+  for (int g = 0; g < n_groups; ++g) vstore(d_l + g * kVec, d_v[g]);
   for (int64_t i = 0; i < n; ++i) p.d_row[row0 + i] = d_l[i];
 
   // Sweep 2: dS = P * (dP - D) and dq, chunk by chunk.
   float* total = s.total.data();
   for (int64_t c = 0; c <= last_chunk; ++c) {
     const int64_t start = c * p.split, n_keys = std::min(start + p.split, last + 1) - start;
+    const int g_lo = first_group(c);
     float* ds = dpk + start * kBlock;
     for (int64_t jj = 0; jj < n_keys; ++jj) {
       const float* pj = pk + (start + jj) * kBlock;
-      vstore(ds + jj * kBlock, vload(pj) * (vload(ds + jj * kBlock) - d_v));
+      for (int g = g_lo; g < n_groups; ++g) {
+        float* dsj = ds + jj * kBlock + g * kVec;
+        vstore(dsj, vload(pj + g * kVec) * (vload(dsj) - d_v[g]));
+      }
     }
-    accumulate(ds, p.k.row(b, kvh, start), p.k.s2, n_keys, static_cast<int>(n), p.dim_pad, total,
+    accumulate(ds, p.k.row(b, kvh, start), p.k.s2, n_keys, g_lo * kVec, static_cast<int>(n), p.dim_pad, total,
                c == 0 ? Total::kFirst : Total::kAdd);
   }
-  // Chunks wholly above the diagonal: the reference adds their +0 sums.
-  const bool masked_chunks_follow = last_chunk < p.n_chunks - 1;
+  // Chunks wholly above a query's diagonal: the reference adds their +0 sums.
   for (int64_t i = 0; i < n; ++i) {
+    const bool masked_chunks_follow = group_last_chunk[i / kVec] < p.n_chunks - 1;
     float* out = p.dq.row(b, h, i0 + i);
     const float* t = total + i * p.dim_pad;
     for (int64_t e = 0; e < p.dim_pad; e += kVec) {
@@ -256,9 +301,12 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
   const int64_t acc_size = kBlock * p.dim_pad;
   std::fill(dk_sum, dk_sum + acc_size, 0.0f);
   std::fill(dv_sum, dv_sum + acc_size, 0.0f);
-  const int64_t own_chunk = j0 / p.split;  // a 16-key block never straddles a chunk (S % 16 == 0)
-  const __mmask16 real_keys = first_lanes(n);
-  vfloat sc[kDotRows], dp[kDotRows];
+  // The chunk of the block's first key. With S = 16 a block of 32 keys straddles two chunks: its
+  // second group's keys then get the first chunk's partial, which is exactly +0 for them (no query
+  // of that chunk sees them), where the reference starts their totals as +0 + partial: the same.
+  const int64_t own_chunk = j0 / p.split;
+  const int n_groups = static_cast<int>((n + kVec - 1) / kVec);
+  vfloat sc[kGroups * kDotRows], dp[kGroups * kDotRows];
   for (int64_t hh = 0; hh < p.group; ++hh) {
     const int64_t h = kvh * p.group + hh;
     const int64_t row0 = (b * p.heads + h) * p.length;
@@ -267,29 +315,32 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
       const int64_t n_queries = stop - start;
       const float* qr = p.q.row(b, h, start);
       const float* gr = p.go.row(b, h, start);
-      auto finish = [&](int64_t ii, vfloat s_i, vfloat dp_i) {
+      // s_i[g * stride], dp_i[g * stride]: query start + ii's dot products with group g's keys.
+      auto finish = [&](int64_t ii, const vfloat* s_i, const vfloat* dp_i, int stride) {
         const int64_t i = start + ii;
-        // key lane l is seen by query i when j0 + l <= i
-        const __mmask16 valid = first_lanes(i - j0 + 1) & real_keys;
-        const vfloat pi =
-            vselect(valid, exp_f32((s_i * p.scale) - vsplat(p.m[row0 + i])) / vsplat(p.l[row0 + i]), vsplat(0.0f));
-        vstore(pt + ii * kBlock, pi);
-        vstore(ds + ii * kBlock, pi * (dp_i - vsplat(p.d_row[row0 + i])));
+        const vfloat m_i = vsplat(p.m[row0 + i]), l_i = vsplat(p.l[row0 + i]), d_i = vsplat(p.d_row[row0 + i]);
+        for (int g = 0; g < n_groups; ++g) {
+          // key lane l of group g is seen by query i when j0 + 16 g + l <= i
+          const __mmask16 valid = first_lanes(i - j0 - g * kVec + 1) & first_lanes(n - g * kVec);
+          const vfloat pi = vselect(valid, exp_f32((s_i[g * stride] * p.scale) - m_i) / l_i, vsplat(0.0f));
+          vstore(pt + ii * kBlock + g * kVec, pi);
+          vstore(ds + ii * kBlock + g * kVec, pi * (dp_i[g * stride] - d_i));
+        }
       };
       int64_t ii = 0;
       for (; ii + kDotRows <= n_queries; ii += kDotRows) {
-        lane_dots<kDotRows>(kt, qr + ii * p.q.s2, p.q.s2, p.dim, sc);
-        lane_dots<kDotRows>(vt, gr + ii * p.go.s2, p.go.s2, p.dim, dp);
-        for (int r = 0; r < kDotRows; ++r) finish(ii + r, sc[r], dp[r]);
+        lane_dots_groups<kDotRows>(n_groups, kt, qr + ii * p.q.s2, p.q.s2, p.dim, sc);
+        lane_dots_groups<kDotRows>(n_groups, vt, gr + ii * p.go.s2, p.go.s2, p.dim, dp);
+        for (int r = 0; r < kDotRows; ++r) finish(ii + r, sc + r, dp + r, kDotRows);
       }
       for (; ii < n_queries; ++ii) {
-        lane_dots<1>(kt, qr + ii * p.q.s2, p.q.s2, p.dim, sc);
-        lane_dots<1>(vt, gr + ii * p.go.s2, p.go.s2, p.dim, dp);
-        finish(ii, sc[0], dp[0]);
+        lane_dots_groups<1>(n_groups, kt, qr + ii * p.q.s2, p.q.s2, p.dim, sc);
+        lane_dots_groups<1>(n_groups, vt, gr + ii * p.go.s2, p.go.s2, p.dim, dp);
+        finish(ii, sc, dp, 1);
       }
       const Total mode = c > own_chunk ? Total::kAdd : (own_chunk > 0 ? Total::kZeroPlus : Total::kFirst);
-      accumulate(pt, gr, p.go.s2, n_queries, static_cast<int>(n), p.dim_pad, dv_tot, mode);
-      accumulate(ds, qr, p.q.s2, n_queries, static_cast<int>(n), p.dim_pad, dk_tot, mode);
+      accumulate(pt, gr, p.go.s2, n_queries, 0, static_cast<int>(n), p.dim_pad, dv_tot, mode);
+      accumulate(ds, qr, p.q.s2, n_queries, 0, static_cast<int>(n), p.dim_pad, dk_tot, mode);
     }
     for (int64_t x = 0; x < n * p.dim_pad; x += kVec) {
       vstore(dk_sum + x, vload(dk_sum + x) + vload(dk_tot + x) * p.scale);
