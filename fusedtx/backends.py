@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 
 import torch
@@ -68,6 +69,44 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
+    return major, minor
+
+
+def interpreter_defect(triton_version: str, numpy_version: str) -> str | None:
+    """Why this Triton's interpreter cannot run fusedtx's kernels with this numpy, or None.
+
+    Triton 3.6's interpreter gives its tensors an __index__ that calls int() on a one-element
+    array, which numpy 2.4 refuses: every kernel with a loop over runtime bounds then fails deep
+    inside triton with "only 0-dimensional arrays can be converted to Python scalars". Triton
+    3.7 squeezes the array first."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter cannot run with numpy {numpy_version} "
+                "(its tensors' __index__ calls int() on a one-element array, which numpy >= 2.4 "
+                "refuses); install numpy<2.4 or triton>=3.7")
+    return None
+
+
+def _interpreted() -> bool:
+    # @triton.jit reads TRITON_INTERPRET when it decorates: once our kernels are imported, the
+    # mode they were compiled for is what counts, whatever the variable says now.
+    kernels = sys.modules.get("fusedtx.kernels")
+    return kernels.INTERPRETED if kernels is not None else interpreter_requested()
+
+
+def _broken_interpreter() -> str | None:
+    """interpreter_defect of the installed triton and numpy when the interpreter is in use."""
+    if not _interpreted():
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    return interpreter_defect(triton.__version__, numpy.__version__)
+
+
 def triton_mode() -> str:
     """'interpreter' (TRITON_INTERPRET=1: kernels run on CPU tensors), 'compiled' (a CUDA GPU),
     or 'unavailable: <why>'."""
@@ -75,12 +114,9 @@ def triton_mode() -> str:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"unavailable: triton is not installed ({exc})"
-    # @triton.jit reads TRITON_INTERPRET when it decorates: once our kernels are imported, the
-    # mode they were compiled for is what counts, whatever the variable says now.
-    kernels = sys.modules.get("fusedtx.kernels")
-    interpreted = kernels.INTERPRETED if kernels is not None else interpreter_requested()
-    if interpreted:
-        return "interpreter"
+    if _interpreted():
+        defect = _broken_interpreter()
+        return f"unavailable: {defect}" if defect else "interpreter"
     if torch.cuda.is_available():
         return "compiled"
     return "unavailable: no CUDA GPU"
@@ -101,6 +137,9 @@ def _unavailable_reason(backend: str, device_type: str) -> str | None:
                 return (f"the triton backend runs on CUDA tensors, got a {device_type} tensor; move "
                         "the inputs to the GPU, or use backend='native' on CPU")
             return None
+        defect = _broken_interpreter()
+        if defect:
+            return defect
         return (f"Triton needs a CUDA GPU ({mode}); set TRITON_INTERPRET=1 before importing "
                 "triton to run its kernels on CPU for testing, or use backend='native'")
     if backend == "native":

@@ -95,6 +95,37 @@ def test_compiled_function_follows_backend_switch():
     assert bitwise_equal(triton, fusedtx.softmax(x, backend="triton"))
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True),
+    ("3.6.0+git1a2b3c", "2.4.0rc1", True),
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False),
+    ("3.9.0", "2.4.0", False),
+])
+def test_interpreter_defect_by_version(triton_version, numpy_version, broken):
+    reason = backends.interpreter_defect(triton_version, numpy_version)
+    assert (reason is not None) == broken
+    if broken:
+        assert triton_version in reason and numpy_version in reason and "numpy<2.4" in reason
+
+
+def test_a_broken_interpreter_is_reported_not_run(monkeypatch):
+    """Triton 3.6's interpreter under numpy >= 2.4 would fail inside triton on the first loop with
+    runtime bounds; fusedtx reports the backend unavailable, saying why and what to install."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    monkeypatch.setattr(backends, "_interpreted", lambda: True)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert backends.triton_mode() == "interpreter"  # control: the same triton with an older numpy
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert backends.triton_mode().startswith("unavailable: the Triton 3.6.0 interpreter cannot run")
+    assert not backends.is_available("triton", "cpu")
+    with pytest.raises(backends.BackendUnavailableError, match=r"numpy<2.4 or triton>=3.7"):
+        fusedtx.softmax(torch.randn(2, 8), backend="triton")
+
+
 def test_native_extension_is_loaded():
     from fusedtx import _extension
 
