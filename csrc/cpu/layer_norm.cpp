@@ -26,7 +26,11 @@ struct LayerNormRow {
   static constexpr int L = kVecLen<A>;
   static constexpr int kVecs = kLanes / L;
 
-  static void forward(const T* x, T* y, const P* w, const P* b, int64_t n, A eps, A* mean_out, A* rstd_out) {
+  // next: the row to be normalised after this one (nullptr if none), prefetched while this one is
+  // written out, so that the memory system keeps working while the statistics of a row that
+  // is already in L1 are computed.
+  static void forward(const T* x, T* y, const P* w, const P* b, int64_t n, A eps, A* mean_out, A* rstd_out,
+                      const T* next) {
     LaneSum<A, kLanes> sum;
     int64_t blk = 0;
     for (; blk + kLanes <= n; blk += kLanes) {
@@ -51,6 +55,7 @@ struct LayerNormRow {
 
     int64_t j = 0;
     for (; j + L <= n; j += L) {
+      if (next) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
       Vec<A> out = (load_as<A>(x + j) - mean) * rstd;
       if (w) out = out * load_as<A>(w + j);
       if (b) out = out + load_as<A>(b + j);
@@ -199,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(const at::
     A* rp = rstd.mutable_data_ptr<A>();
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        LayerNormRow<T, P, A>::forward(xp + r * n, yp + r * n, wp, bp, n, static_cast<A>(eps), mp + r, rp + r);
+        LayerNormRow<T, P, A>::forward(xp + r * n, yp + r * n, wp, bp, n, static_cast<A>(eps), mp + r, rp + r,
+                                       r + 1 < end ? xp + (r + 1) * n : nullptr);
       }
     });
   });
