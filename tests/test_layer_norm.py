@@ -40,8 +40,9 @@ CASES = [
     ((2, 3, 4, 10), (4, 10), "both"),
     ((5, 130), (130,), "none"),
     ((0, 64), (64,), "both"),
+    ((201, 64), (64,), "both"),  # row groups of 2: 101 hold rows, the last 27 are empty
 ]
-CASE_IDS = ["N1", "N7", "N768", "N1000-noBias", "2d-shape", "no-affine", "0rows"]
+CASE_IDS = ["N1", "N7", "N768", "N1000-noBias", "2d-shape", "no-affine", "0rows", "201rows"]
 
 
 def make(shape, dtype, device, seed=0, scale=2.0, shift=0.5):
