@@ -112,22 +112,25 @@ def test_decode_equals_full_pass_with_a_nan_key(native):
         assert_same(step, [x[:, :, t:t + 1] for x in full], f"decode at position {t}")
 
 
-def test_decode_row_max_of_signed_zeros_matches_full_pass(native):
+@pytest.mark.parametrize("plus_key, minus_key", [(15, 20), (4, 15), (15, 4)])
+def test_decode_row_max_of_signed_zeros_matches_full_pass(native, plus_key, minus_key):
     """Equal scores of different bits (+0 and -0) make the order of a row max visible: decode
     must give the full pass's in-order fold (the last of the tied keys), whatever order a decode
-    kernel takes its keys in. q = (1e-30, 0, ...) and keys whose products underflow: key 15
-    scores +0 (lane 15 of a 16-wide max, which a lanes-then-across max would pick), key 20 scores
-    -0 (the last zero in key order, which the fold picks); every other key scores below zero. A
-    decode max taken 16 keys at a time without replaying the fold fails it (checked by hand)."""
+    kernel takes its keys in. q = (1e-30, 0, ...) and keys whose products underflow: one key
+    scores +0, another -0, every other key below zero. Decode's max over 16 keys a vector then
+    across lanes picks by lane, not by key: with the zeros in lanes 15 and 4 of two vectors
+    (keys 15, 20) a later-lane pick fails, with both in one vector (keys 4, 15) an earlier-lane
+    pick fails, unless the fold is replayed when the maximum is zero."""
     split, dim, length = 32, 16, 24
     q = torch.zeros(1, 1, length, dim)
     q[..., 0] = 1e-30
     k = -torch.rand(1, 1, length, dim, generator=torch.Generator().manual_seed(4)) - 0.5  # every product <= -0
-    k[0, 0, 15, 0] = 1e-30   # +1e-60 rounds to +0; + (-0) products stays +0
-    k[0, 0, 20, 0] = -1e-30  # -1e-60 rounds to -0; + (-0) products stays -0
+    k[0, 0, plus_key, 0] = 1e-30    # +1e-60 rounds to +0; + (-0) products stays +0
+    k[0, 0, minus_key, 0] = -1e-30  # -1e-60 rounds to -0; + (-0) products stays -0
     v = make((1, 1, length, dim), torch.float32, 5)
     full = native(q, k, v, lengths_of(q), 1.0, split)
-    assert bits(full[1][0, 0, -1]) == bits(torch.tensor(-0.0)), "the full pass's m is the fold's -0"
+    last_zero = torch.tensor(-0.0 if minus_key > plus_key else 0.0)
+    assert bits(full[1][0, 0, -1]) == bits(last_zero), "the full pass's m is the fold's last zero"
     step = native(q[:, :, -1:], k, v, torch.tensor([length]), 1.0, split)
     assert_same(step, [x[:, :, -1:] for x in full], "decode vs full pass")
 

@@ -8,7 +8,8 @@
 //            interleaved for ILP, then * scale; (query, key) pairs above the diagonal become
 //            -inf (chunks that a whole group sees skip the masking). Blocks of at most 2 queries
 //            (decode) put 16 keys in the lanes instead (K transposed 16 x 16 in registers,
-//            broadcast q[d]): the same chain per (query, key), a full vector of work.
+//            broadcast q[d]): the same chain per (query, key), a full vector of work; their
+//            softmax below runs 16 keys a vector too (key_lane_softmax, same bits).
 //   softmax  lane-wise over the chunk's keys: m_c = max (keeping NaN, as the reference's amax),
 //            p = exp_f32(s - m_c), l_c = sum from +0 in ascending key order (masked pairs give
 //            p = +0, exactly as the reference).
@@ -181,46 +182,81 @@ inline void transpose16(const __m512 r[16], __m512 out[16]) {
 }
 #endif
 
-// K rows [0, n_keys) transposed in groups of 16 keys: kt[(g * dim_pad + d) * 16 + l] = k[16 g + l][d]
-// (+0 for the keys past n_keys, which are not read). k's rows hold dim_pad readable floats.
-inline void transpose_keys(Rows k, int64_t n_keys, int64_t dim_pad, float* kt) {
+// c[l] = column d0 + l of the 16 x 16 block of K at keys [j0, j0 + 16): lane t holds
+// k[j0 + t][d0 + l], +0 for the keys t >= cnt (which are not read). k's rows hold dim_pad readable floats.
+inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat c[kVec]) {
+#if defined(__AVX512F__)
+  __m512 r[16], t[16];
+  for (int l = 0; l < 16; ++l) r[l] = l < cnt ? _mm512_loadu_ps(k.ptr + (j0 + l) * k.ld + d0) : _mm512_setzero_ps();
+  transpose16(r, t);
+  for (int l = 0; l < 16; ++l) c[l] = reinterpret_cast<vfloat>(t[l]);
+#else
+  alignas(64) float tmp[kVec][kVec];
+  for (int l = 0; l < kVec; ++l)
+    for (int t = 0; t < kVec; ++t) tmp[l][t] = t < cnt ? k.ptr[(j0 + t) * k.ld + d0 + l] : 0.0f;
+  for (int l = 0; l < kVec; ++l) c[l] = vload(tmp[l]);
+#endif
+}
+
+// Scores of queries [i_lo, i_lo + NQ) of q_t against keys [0, n_keys) of k, 16 keys in the
+// lanes of a vector: s[i * s_ld + j] = (FMA chain over d < dim ascending from +0 of
+// q_i[d] * k_j[d]) * scale, score_keys' chain, so the same bits. For decode, where a lane per
+// query would leave most of each vector idle. Each 16 x 16 block of K is transposed in registers
+// and its columns go straight into the chains (storing a transposed copy of K and reading it
+// back took a quarter of a decode step).
+template <int NQ>
+void score_keys_transposed(const float* q_t, int i_lo, Rows k, int64_t n_keys, int64_t dim, float scale, float* s,
+                           int64_t s_ld) {
   for (int64_t j0 = 0; j0 < n_keys; j0 += kVec) {
     const int64_t cnt = std::min<int64_t>(kVec, n_keys - j0);
-    float* dst = kt + j0 * dim_pad;
-    for (int64_t d0 = 0; d0 < dim_pad; d0 += kVec) {
-#if defined(__AVX512F__)
-      __m512 r[16], c[16];
-      for (int l = 0; l < 16; ++l) r[l] = l < cnt ? _mm512_loadu_ps(k.ptr + (j0 + l) * k.ld + d0) : _mm512_setzero_ps();
-      transpose16(r, c);
-      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (d0 + l) * kVec, c[l]);
-#else
-      for (int l = 0; l < 16; ++l)
-        for (int d = 0; d < 16; ++d) dst[(d0 + d) * kVec + l] = l < cnt ? k.ptr[(j0 + l) * k.ld + d0 + d] : 0.0f;
-#endif
+    vfloat acc[NQ];
+    for (int i = 0; i < NQ; ++i) acc[i] = vsplat(0.0f);
+    for (int64_t d0 = 0; d0 < dim; d0 += kVec) {
+      vfloat c[kVec];
+      transposed_block(k, j0, cnt, d0, c);
+      const int64_t dn = std::min<int64_t>(kVec, dim - d0);
+      for (int64_t l = 0; l < dn; ++l)
+        for (int i = 0; i < NQ; ++i) acc[i] = vfma(vbroadcast(q_t[(d0 + l) * kBlockQ + i_lo + i]), c[l], acc[i]);
     }
+    for (int i = 0; i < NQ; ++i) vstore(s + i * s_ld + j0, acc[i] * scale);
   }
 }
 
-// Scores of query `lane` of q_t against the keys of NG consecutive groups of kt (transpose_keys),
-// keys in the vector lanes: the same FMA chain per (query, key) over d ascending from +0 as
-// score_keys, so the same bits. For blocks of a few queries (decode), where one lane per query
-// would leave most of each vector idle. Writes the scores of the first n keys into p_tile.
-template <int NG>
-inline void score_keys_lanes(const float* q_t, int lane, const float* kt, int64_t j0, int64_t n, int64_t dim,
-                             int64_t dim_pad, float scale, float* p_tile) {
-  vfloat acc[NG];
-  for (int g = 0; g < NG; ++g) acc[g] = vsplat(0.0f);
-  const float* groups = kt + j0 * dim_pad;
-  for (int64_t d = 0; d < dim; ++d) {
-    const vfloat qd = vbroadcast(q_t[d * kBlockQ + lane]);
-    for (int g = 0; g < NG; ++g) acc[g] = vfma(qd, vload(groups + (g * dim_pad + d) * kVec), acc[g]);
+// The softmax statistics of one query over its first n_valid scores s[0 .. n_valid) (16 keys a
+// vector; the chunk's keys past n_valid are masked): m = the lane path's fold m = vmax_nan(m, s_j)
+// over the keys ascending from -inf, p_j = exp_f32(s_j - m) into p_col[j * kBlockQ] for all
+// n_keys keys (+0 when masked), l = sum of p_j ascending from +0. The same bits as the lane
+// path, with a sixteenth of its exp_f32 vectors. Max is order-free except for which of tied
+// +0/-0 scores wins (the fold keeps the last) and which NaN (the first): when the maximum is zero
+// or a NaN, the fold is replayed in order.
+inline void key_lane_softmax(const float* s, int64_t n_valid, int64_t n_keys, float* p_col, float* m_out, float* l_out) {
+  vfloat mv = vsplat(kNegInf);
+  for (int64_t j0 = 0; j0 < n_valid; j0 += kVec)
+    mv = vmax_nan(mv, vselect(first_lanes(n_valid - j0), vload(s + j0), vsplat(kNegInf)));
+  alignas(64) float lanes[kVec];
+  vstore(lanes, mv);
+  float m = kNegInf;
+  bool replay = false;
+  for (int t = 0; t < kVec; ++t) {
+    replay |= lanes[t] != lanes[t];
+    m = lanes[t] > m ? lanes[t] : m;
   }
-  for (int g = 0; g < NG; ++g) {
-    alignas(64) float sc[kVec];
-    vstore(sc, acc[g] * scale);
-    const int64_t cnt = std::min<int64_t>(kVec, n - g * kVec);
-    for (int64_t l = 0; l < cnt; ++l) p_tile[(j0 + g * kVec + l) * kBlockQ + lane] = sc[l];
+  if (replay || m == 0.0f) {
+    m = kNegInf;
+    for (int64_t j = 0; j < n_valid; ++j) m = (m > s[j]) || (m != m) ? m : s[j];
   }
+  float l = 0.0f;
+  alignas(64) float pj[kVec];
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kVec) {
+    vstore(pj, vselect(first_lanes(n_valid - j0), exp_f32(vload(s + j0) - m), vsplat(0.0f)));
+    const int64_t cnt = std::min<int64_t>(kVec, n_keys - j0);
+    for (int64_t t = 0; t < cnt; ++t) {
+      l = l + pj[t];
+      p_col[(j0 + t) * kBlockQ] = pj[t];
+    }
+  }
+  *m_out = m;
+  *l_out = l;
 }
 
 // acc_c = p @ v for NQ queries (lanes q0 ... of the P tile) and NE vectors of e starting at e0,
@@ -267,11 +303,11 @@ inline void pv_queries(const float* p_tile, int64_t n_keys, Rows v, int q0, int6
 }
 
 struct Scratch {
-  std::vector<float> q_t, k_buf, kt_buf, v_buf, p_tile, o;
+  std::vector<float> q_t, k_buf, s_keys, v_buf, p_tile, o;
   explicit Scratch(const Problem& p, int64_t max_keys)
       : q_t(p.dim * kBlockQ),
         k_buf(max_keys * p.dim_pad),
-        kt_buf((max_keys + kVec - 1) / kVec * kVec * p.dim_pad),
+        s_keys(kKeyLaneQueries * ((max_keys + kVec - 1) / kVec * kVec)),
         v_buf(max_keys * p.dim_pad),
         p_tile(max_keys * kBlockQ),
         o(kBlockQ * p.dim_pad) {}
@@ -341,19 +377,28 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
       m_c[g] = vmax_nan(m_c[g], sc);
       vstore(p_tile + jj * kBlockQ + g * kVec, sc);
     };
+    vfloat l_key_lanes = vsplat(0.0f);
     if (key_lanes) {
-      std::fill(p_tile, p_tile + n_keys * kBlockQ, 0.0f);
-      float* kt = s.kt_buf.data();
-      transpose_keys(kr, n_keys, p.dim_pad, kt);
-      for (int64_t i = std::max<int64_t>(0, start - pos0); i < n; ++i) {
-        const int lane = static_cast<int>(i);
-        for (j = 0; j + 4 * kVec <= n_keys; j += 4 * kVec)
-          score_keys_lanes<4>(s.q_t.data(), lane, kt, j, 4 * kVec, p.dim, p.dim_pad, p.scale, p_tile);
-        for (; j < n_keys; j += kVec)
-          score_keys_lanes<1>(s.q_t.data(), lane, kt, j, std::min<int64_t>(kVec, n_keys - j), p.dim, p.dim_pad,
-                              p.scale, p_tile);
+      // Lanes [i_lo, n) see this chunk; the others keep m_c = -inf, l_c = +0 (all masked).
+      const int i_lo = static_cast<int>(std::max<int64_t>(0, start - pos0));
+      const int64_t s_ld = (n_keys + kVec - 1) / kVec * kVec;
+      float* s_keys = s.s_keys.data();
+      if (n - i_lo == 2) {
+        score_keys_transposed<2>(s.q_t.data(), i_lo, kr, n_keys, p.dim, p.scale, s_keys, s_ld);
+      } else {
+        score_keys_transposed<1>(s.q_t.data(), i_lo, kr, n_keys, p.dim, p.scale, s_keys, s_ld);
       }
-      for (j = 0; j < n_keys; ++j) keep(0, j, vload(p_tile + j * kBlockQ));
+      alignas(64) float m_l[kVec], l_l[kVec];
+      for (int t = 0; t < kVec; ++t) {
+        m_l[t] = kNegInf;
+        l_l[t] = 0.0f;
+      }
+      for (int64_t i = i_lo; i < n; ++i) {
+        const int64_t n_valid = std::min(n_keys, pos0 + i - start + 1);  // query i sees keys <= its position
+        key_lane_softmax(s_keys + (i - i_lo) * s_ld, n_valid, n_keys, p_tile + i, &m_l[i], &l_l[i]);
+      }
+      m_c[0] = vload(m_l);
+      l_key_lanes = vload(l_l);
     } else {
       const float* q_t = s.q_t.data() + g_lo * kVec;
       const int ng = n_groups - g_lo;
@@ -372,7 +417,9 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
       const vfloat m_sub = vselect(sees[g], m_c[g], vsplat(0.0f));
       vfloat l_c = vsplat(0.0f);
       float* p_col = p_tile + g * kVec;
-      if (unmasked[g]) {
+      if (key_lanes) {
+        l_c = l_key_lanes;  // key_lane_softmax did it
+      } else if (unmasked[g]) {
         for (j = 0; j < n_keys; ++j) {
           const vfloat pj = exp_f32(vload(p_col + j * kBlockQ) - m_sub);
           vstore(p_col + j * kBlockQ, pj);
