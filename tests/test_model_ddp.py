@@ -7,6 +7,8 @@ same ranks without DDP, whose parameters then differ between ranks — the compa
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 
 import pytest
 import torch
@@ -37,8 +39,16 @@ def _train_rank(rank: int, world: int, init_file: str, out_dir: str, use_ddp: bo
             losses.append(loss.item())
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "losses": losses},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        dist.barrier()  # both ranks are past their last collective
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # Leave without tearing the process group down: ~ProcessGroupGloo joins its worker threads
+    # while the main thread holds the GIL, and a worker that needs the GIL to finish a job waits
+    # forever. A rank hung there in a CI run (gdb: main thread in ~ProcessGroupGloo ->
+    # std::thread::join, a pt_gloo_runloop thread in take_gil), and the test with it.
+    os._exit(0)
 
 
 def run_ranks(tmp_path, name: str, use_ddp: bool):
