@@ -36,8 +36,8 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kBlockQ = 32;  // queries per task: the lanes of two 16-lane score vectors
-constexpr int kGroups = kBlockQ / kVec;  // the score vectors per key: group g holds queries 16 g ...
+constexpr int kBlockQ = kLaneBlock;  // queries per task: the lanes of two 16-lane score vectors
+constexpr int kGroups = kLaneGroups;  // the score vectors per key: group g holds queries 16 g ...
 constexpr int kScoreKeys = 8;  // keys whose dot products are interleaved
 constexpr int kPvQueries = 4;  // P @ V tile: queries x vectors of the head dim
 constexpr int kPvVecs = 4;
@@ -116,43 +116,6 @@ Rows chunk_rows(const T* base, int64_t row_stride, int64_t n_rows, const Problem
   return {buffer, p.dim_pad};
 }
 
-// Scores of keys [j0, j0 + NK) for NG groups of 16 queries of q_t (dim rows of kBlockQ lanes, the
-// groups' lanes at its start): one FMA chain per (query, key) over d ascending from +0, then
-// * scale; out[g * NK + i] is key j0 + i for group g. Each broadcast k_j[d] feeds NG FMAs, so with
-// two groups the loop loads 10 vectors per 16 FMAs instead of 9 per 8. Not inlined: inside
-// attend_block the eight row pointers were spilled and reloaded on every d.
-template <int NK, int NG>
-__attribute__((noinline)) void score_keys(const float* q_t, Rows k, int64_t j0, int64_t dim, float scale,
-                                          vfloat* out) {
-  vfloat acc[NG][NK];
-  const float* rows[NK];
-  for (int i = 0; i < NK; ++i) {
-    for (int g = 0; g < NG; ++g) acc[g][i] = vsplat(0.0f);
-    rows[i] = k.ptr + (j0 + i) * k.ld;
-  }
-  for (int64_t d = 0; d < dim; ++d) {
-    vfloat qd[NG];
-    for (int g = 0; g < NG; ++g) qd[g] = vload(q_t + d * kBlockQ + g * kVec);
-    for (int i = 0; i < NK; ++i) {
-      const vfloat kd = vbroadcast(rows[i][d]);
-      for (int g = 0; g < NG; ++g) acc[g][i] = vfma(kd, qd[g], acc[g][i]);
-    }
-  }
-  for (int g = 0; g < NG; ++g)
-    for (int i = 0; i < NK; ++i) out[g * NK + i] = acc[g][i] * scale;
-}
-
-// score_keys for ng (1 or 2) groups. (Three groups, 48 queries a task, measured no faster.)
-template <int NK>
-inline void score_groups(int ng, const float* q_t, Rows k, int64_t j0, int64_t dim, float scale, vfloat* out) {
-  static_assert(kGroups == 2);
-  if (ng == 1) {
-    score_keys<NK, 1>(q_t, k, j0, dim, scale, out);
-  } else {
-    score_keys<NK, 2>(q_t, k, j0, dim, scale, out);
-  }
-}
-
 #if defined(__AVX512F__)
 // out[c] = column c of the 16 x 16 block whose rows are r[0 .. 15] (unpack, then 128-bit lane shuffles).
 inline void transpose16(const __m512 r[16], __m512 out[16]) {
@@ -200,7 +163,7 @@ inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat
 
 // Scores of queries [i_lo, i_lo + NQ) of q_t against keys [0, n_keys) of k, 16 keys in the
 // lanes of a vector: s[i * s_ld + j] = (FMA chain over d < dim ascending from +0 of
-// q_i[d] * k_j[d]) * scale, score_keys' chain, so the same bits. For decode, where a lane per
+// q_i[d] * k_j[d]) * scale, the chain of the lane path (lane_dots), so the same bits. For decode, where a lane per
 // query would leave most of each vector idle. Each 16 x 16 block of K is transposed in registers
 // and its columns go straight into the chains (storing a transposed copy of K and reading it
 // back took a quarter of a decode step).
@@ -402,14 +365,15 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
     } else {
       const float* q_t = s.q_t.data() + g_lo * kVec;
       const int ng = n_groups - g_lo;
+      // s = (FMA chain over d of q[d] k_j[d]) * scale, kScoreKeys keys at a time.
       for (; j + kScoreKeys <= n_keys; j += kScoreKeys) {
-        score_groups<kScoreKeys>(ng, q_t, kr, j, p.dim, p.scale, scores);
+        lane_dots_groups<kScoreKeys>(ng, q_t, kr.ptr + j * kr.ld, kr.ld, p.dim, scores);
         for (int g = 0; g < ng; ++g)
-          for (int i = 0; i < kScoreKeys; ++i) keep(g_lo + g, j + i, scores[g * kScoreKeys + i]);
+          for (int i = 0; i < kScoreKeys; ++i) keep(g_lo + g, j + i, scores[g * kScoreKeys + i] * p.scale);
       }
       for (; j < n_keys; ++j) {
-        score_groups<1>(ng, q_t, kr, j, p.dim, p.scale, scores);
-        for (int g = 0; g < ng; ++g) keep(g_lo + g, j, scores[g]);
+        lane_dots_groups<1>(ng, q_t, kr.ptr + j * kr.ld, kr.ld, p.dim, scores);
+        for (int g = 0; g < ng; ++g) keep(g_lo + g, j, scores[g] * p.scale);
       }
     }
     for (int g = g_lo; g < n_groups; ++g) {

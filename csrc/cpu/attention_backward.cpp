@@ -45,8 +45,8 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kBlock = 32;    // queries (pass 1) or keys (pass 2) per task: the lanes of two vectors
-constexpr int kGroups = kBlock / kVec;  // lane group g holds the block's rows 16 g ... 16 g + 15
+constexpr int kBlock = kLaneBlock;  // queries (pass 1) or keys (pass 2) per task: the lanes of two vectors
+constexpr int kGroups = kLaneGroups;  // lane group g holds the block's rows 16 g ... 16 g + 15
 constexpr int kDotRows = 8;   // dot products interleaved for ILP
 constexpr int kAxpyLanes = 4; // accumulation tile: lanes x vectors of the head dim
 constexpr int kAxpyVecs = 4;
@@ -71,40 +71,6 @@ struct Problem {
   float* d_row;        // (B, H, T): D_i, written by pass 1, read by pass 2
   OutView dq, dk, dv;
 };
-
-// out[g * N + r] (lanes) = FMA chain over d ascending from +0 of x[r][d] * xt[d][16 g + lanes],
-// for N rows of x and NG lane groups (xt: dim rows of kBlock lanes). Each broadcast x[r][d] feeds
-// NG FMAs: with two groups 10 vector loads per 16 FMAs instead of 9 per 8.
-template <int N, int NG>
-inline void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
-  vfloat acc[NG][N];
-  const float* rows[N];
-  for (int r = 0; r < N; ++r) {
-    for (int g = 0; g < NG; ++g) acc[g][r] = vsplat(0.0f);
-    rows[r] = x + r * ld;
-  }
-  for (int64_t d = 0; d < dim; ++d) {
-    vfloat xd[NG];
-    for (int g = 0; g < NG; ++g) xd[g] = vload(xt + d * kBlock + g * kVec);
-    for (int r = 0; r < N; ++r) {
-      const vfloat xr = vbroadcast(rows[r][d]);
-      for (int g = 0; g < NG; ++g) acc[g][r] = vfma(xr, xd[g], acc[g][r]);
-    }
-  }
-  for (int g = 0; g < NG; ++g)
-    for (int r = 0; r < N; ++r) out[g * N + r] = acc[g][r];
-}
-
-// lane_dots for ng (1 or 2) groups.
-template <int N>
-inline void lane_dots_groups(int ng, const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
-  static_assert(kGroups == 2);
-  if (ng == 1) {
-    lane_dots<N, 1>(xt, x, ld, dim, out);
-  } else {
-    lane_dots<N, 2>(xt, x, ld, dim, out);
-  }
-}
 
 // lane_dots for rows [0, n) of x and ng groups, the result for row j and group g stored at
 // out + j * kBlock + 16 g. Writing the results out (rather than keeping the vectors live across
