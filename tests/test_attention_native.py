@@ -135,6 +135,36 @@ def test_decode_row_max_of_signed_zeros_matches_full_pass(native, plus_key, minu
     assert_same(step, [x[:, :, -1:] for x in full], "decode vs full pass")
 
 
+def _fold_max(scores):
+    """The spec's in-order row max: m = s if not (m > s or m is NaN), from -inf."""
+    m = torch.tensor(float("-inf"))
+    for x in scores:
+        m = m if (m > x) or torch.isnan(m) else x
+    return m
+
+
+def _lanes_then_across_max(scores, later_lane_wins):
+    """A max taken 16 keys a vector (lane-wise, in key order) then across the lanes, picking
+    among equal lanes the earlier or the later one: what decode would do without the replay."""
+    lanes = [_fold_max(scores[t::16]) for t in range(16)]
+    best = lanes[0]
+    for x in lanes[1:]:
+        best = x if (x > best or (later_lane_wins and x == best)) else best
+    return best
+
+
+def test_negative_control_lane_order_max_differs_from_the_fold():
+    """The signed-zero placements above can tell the orders apart: for either lane preference,
+    some placement gives a max whose sign differs from the in-order fold's."""
+    for later_lane_wins in (False, True):
+        differs = []
+        for plus_key, minus_key in [(15, 20), (4, 15), (15, 4)]:
+            scores = -torch.rand(24, generator=torch.Generator().manual_seed(4)) - 0.5
+            scores[plus_key], scores[minus_key] = 0.0, -0.0
+            differs.append(bits(_fold_max(scores)) != bits(_lanes_then_across_max(scores, later_lane_wins)))
+        assert any(differs), f"later_lane_wins={later_lane_wins}: no placement distinguishes the orders"
+
+
 def test_strided_views(native):
     # (B, T, H, D) storage seen as (B, H, T, D): real strides, last dim contiguous.
     x = make((2, 37, 3, 3, 32), torch.float32, 7)  # q, k, v packed as in a fused QKV projection
