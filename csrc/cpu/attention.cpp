@@ -163,8 +163,8 @@ inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat
 
 // Scores of queries [i_lo, i_lo + NQ) of q_t against keys [0, n_keys) of k, 16 keys in the
 // lanes of a vector: s[i * s_ld + j] = (FMA chain over d < dim ascending from +0 of
-// q_i[d] * k_j[d]) * scale, the chain of the lane path (lane_dots), so the same bits. For decode, where a lane per
-// query would leave most of each vector idle. Each 16 x 16 block of K is transposed in registers
+// q_i[d] * k_j[d]) * scale, the lane path's chain (lane_dots), so the same bits. For decode,
+// where a lane per query would leave most of each vector idle. Each 16 x 16 block of K is transposed in registers
 // and its columns go straight into the chains (storing a transposed copy of K and reading it
 // back took a quarter of a decode step).
 template <int NQ>
@@ -377,21 +377,15 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
       }
     }
     for (int g = g_lo; g < n_groups; ++g) {
-      // p = exp_f32(s - m_c) (+0 where masked) and l_c, ascending over keys from +0.
-      const vfloat m_sub = vselect(sees[g], m_c[g], vsplat(0.0f));
-      vfloat l_c = vsplat(0.0f);
-      float* p_col = p_tile + g * kVec;
-      if (key_lanes) {
-        l_c = l_key_lanes;  // key_lane_softmax did it
-      } else if (unmasked[g]) {
+      // p = exp_f32(s - m_c) (+0 where masked) and l_c, ascending over keys from +0 (a decode
+      // block's came from key_lane_softmax; l_key_lanes is +0 otherwise).
+      vfloat l_c = l_key_lanes;
+      if (!key_lanes) {
+        const vfloat m_sub = vselect(sees[g], m_c[g], vsplat(0.0f));
+        float* p_col = p_tile + g * kVec;
         for (j = 0; j < n_keys; ++j) {
-          const vfloat pj = exp_f32(vload(p_col + j * kBlockQ) - m_sub);
-          vstore(p_col + j * kBlockQ, pj);
-          l_c = l_c + pj;
-        }
-      } else {
-        for (j = 0; j < n_keys; ++j) {
-          const vfloat pj = vselect(valid(g, j), exp_f32(vload(p_col + j * kBlockQ) - m_sub), vsplat(0.0f));
+          vfloat pj = exp_f32(vload(p_col + j * kBlockQ) - m_sub);
+          if (!unmasked[g]) pj = vselect(valid(g, j), pj, vsplat(0.0f));
           vstore(p_col + j * kBlockQ, pj);
           l_c = l_c + pj;
         }
