@@ -1,33 +1,33 @@
 """The functional API: fusedtx.softmax(...) and friends, for eager code and torch.compile.
 
 Each function resolves the backend (argument > use_backend / set_backend > FUSEDTX_BACKEND >
-per-device default, see fusedtx.backends), fills in defaults, and calls the registered op.
+per-device default, see fusedtx.backends), fills in defaults, and calls the registered op — or,
+in plain eager code, the same op's pieces without the dispatcher (see below).
 """
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from .ops import attention as _attention_op
 from .ops import layer_norm as _layer_norm_op
 from .ops import linear as _linear_op
 from .ops import softmax as _softmax_op
+from .ops._eager import is_plain_eager
 
 
 def _device_of(x) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
-def _eager_inference(x: torch.Tensor) -> bool:
-    """True when calling an op's implementation directly is indistinguishable from calling the
-    registered op: a plain tensor, no gradient to record, no tracing, no dispatch mode. The
-    dispatcher round trip through a Python custom op costs ~10 us, as much as the kernel on
-    small inputs, so eager inference skips it. Same function, same bits."""
-    return (type(x) is torch.Tensor
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
+# In plain eager code (is_plain_eager: no torch.compile, dispatch mode or torch.func transform)
+# every function below skips the registered op's dispatcher round trips: inference calls the op's
+# body, training the autograd.Function built from the op's own pieces (ops/_eager.py). Same
+# code, same bits; the registered op costs ~10 us a call without gradients and ~90 us with.
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
@@ -41,7 +41,9 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     """
     scale = 1.0 if scale is None else scale
     name = backends.resolve(backend, _device_of(x))
-    if _eager_inference(x):  # the implementation checks the arguments itself
+    if is_plain_eager(x):  # the implementation checks the arguments itself
+        if _needs_grad(x):
+            return _softmax_op.softmax_eager(x, dim, scale, causal, name)
         return _softmax_op.softmax_impl(x, dim, scale, causal, name)
     _softmax_op.check_args(x, dim, scale, causal)  # before the op's schema sees them
     return _softmax_op.softmax(x, dim, float(scale), causal, name)
@@ -57,16 +59,13 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     bias gradients are summed in a fixed order, so they are the same bits run after run.
     """
     name = backends.resolve(backend, _device_of(x))
-    if _eager_inference(x) and not (torch.is_grad_enabled() and any(
-            p is not None and p.requires_grad for p in (weight, bias))):
+    if is_plain_eager(x):  # the implementation checks the arguments itself
+        if _needs_grad(x, weight, bias):
+            return _layer_norm_op.layer_norm_eager(x, normalized_shape, weight, bias, eps, name)[0]
         return _layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, eps, name)[0]
     _layer_norm_op.check_args(x, normalized_shape, weight, bias, eps)  # before the op's schema sees them
     return _layer_norm_op.layer_norm(x, _layer_norm_op.normalize_shape(normalized_shape), weight, bias,
                                      float(eps), name)[0]
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -81,7 +80,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     name = backends.resolve(backend, _device_of(x))
     act = _linear_op.activation_code(activation)
     need_grad = _needs_grad(x, weight, bias)
-    if _eager_inference(x) and not need_grad:  # the implementation checks the arguments itself
+    if is_plain_eager(x):  # the implementation checks the arguments itself
+        if need_grad:
+            return _linear_op.linear_eager(x, weight, bias, act, act != 0, name)[0]
         return _linear_op.linear_impl(x, weight, bias, act, False, name)[0]
     _linear_op.check_args(x, weight, bias, name)  # before the op's schema sees them
     return _linear_op.linear(x, weight, bias, act, need_grad and act != 0, name)[0]
@@ -110,7 +111,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     name = backends.resolve(backend, _device_of(q))
     _attention_op.check_qkv(q, k, v, "causal_attention")  # before q's head dim sets the default scale
     scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "causal_attention")
-    if _eager_inference(q) and not _needs_grad(k, v):
+    if is_plain_eager(q):
+        if _needs_grad(q, k, v):
+            return _attention_op.causal_attention_eager(q, k, v, scale, split, name)[0]
         return _attention_op.causal_attention_impl(q, k, v, scale, split, name, checked=True)[0]
     return _attention_op.causal_attention(q, k, v, scale, split, name)[0]
 
@@ -130,7 +133,7 @@ def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError("attention_with_kv_cache is inference-only and has no gradient; run it under "
                          "torch.no_grad(), or use causal_attention for training")
     scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "attention_with_kv_cache")
-    if _eager_inference(q):
+    if is_plain_eager(q):
         return _attention_op.attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split, name)
     _attention_op.check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
     return _attention_op.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split, name)

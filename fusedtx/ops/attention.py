@@ -19,6 +19,7 @@ autograd keeps q, k, v, m, l and not o.
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
@@ -27,6 +28,7 @@ import torch
 from .. import _extension, reference
 from ..backends import BACKENDS, BackendUnavailableError
 from ..config import _check_split_size, get_split_size
+from ._eager import backward_op, eager_autograd
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -133,10 +135,8 @@ def _(q, k, v, scale, split_size, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fusedtx::causal_attention_backward", mutates_args=())
-def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int,
-                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def causal_attention_backward_impl(grad_o, q, k, v, m, l, scale, split_size, backend):
+    """The backward op's body."""
     _check_backend(backend, "causal_attention")
     grad_o = grad_o.to(q.dtype).contiguous()
     if backend == "reference":
@@ -146,6 +146,13 @@ def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Te
 
         return triton_attention_backward.attention_backward(grad_o, q, k, v, m, l, scale, split_size)
     return _native("attention_backward", q.device)(grad_o, q, k, v, m, l, scale, split_size)
+
+
+@torch.library.custom_op("fusedtx::causal_attention_backward", mutates_args=())
+def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int,
+                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return causal_attention_backward_impl(grad_o, q, k, v, m, l, scale, split_size, backend)
 
 
 @causal_attention_backward.register_fake
@@ -165,11 +172,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o, _grad_m, _grad_l):
     q, k, v, m, l = ctx.saved_tensors
-    dq, dk, dv = causal_attention_backward(grad_o, q, k, v, m, l, ctx.scale, ctx.split_size, ctx.backend)
+    run = backward_op(ctx, causal_attention_backward, causal_attention_backward_impl)
+    dq, dk, dv = run(grad_o, q, k, v, m, l, ctx.scale, ctx.split_size, ctx.backend)
     return dq, dk, dv, None, None, None
 
 
 causal_attention.register_autograd(_backward, setup_context=_setup_context)
+# fusedtx.functional has checked q, k and v before it calls this.
+causal_attention_eager = eager_autograd("causal_attention", functools.partial(causal_attention_impl, checked=True),
+                                        _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------

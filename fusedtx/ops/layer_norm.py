@@ -21,6 +21,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import BACKENDS
+from ._eager import backward_op, eager_autograd
 from .softmax import native_cuda_lanes
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -153,17 +154,27 @@ def _(x, normalized_shape, weight, bias, eps, backend):
             x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc))
 
 
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t as a contiguous (rows, n) tensor: t itself when it is one (a view costs ~2 us of Python)."""
+    return t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.contiguous().view(-1, n)
+
+
+def layer_norm_backward_impl(grad_y, x, mean, rstd, weight, need_param_grads, backend):
+    """The backward op's body."""
+    _check_backend(backend)
+    n = math.prod(x.shape[mean.dim():])
+    dx, dw, db = _backward_2d(backend, _as_rows(grad_y.to(x.dtype), n), _as_rows(x, n), _flat(mean), _flat(rstd),
+                              _flat(weight), need_param_grads)
+    if not need_param_grads:  # two distinct empty tensors: op outputs may not alias each other
+        dw, db = x.new_empty(0, dtype=mean.dtype), x.new_empty(0, dtype=mean.dtype)
+    return (dx if dx.shape == x.shape else dx.view(x.shape)), dw, db
+
+
 @torch.library.custom_op("fusedtx::layer_norm_backward", mutates_args=())
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                         weight: torch.Tensor | None, need_param_grads: bool,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_backend(backend)
-    n = math.prod(x.shape[mean.dim():])
-    dx, dw, db = _backward_2d(backend, grad_y.to(x.dtype).contiguous().view(-1, n), x.contiguous().view(-1, n),
-                              mean.contiguous().view(-1), rstd.contiguous().view(-1), _flat(weight), need_param_grads)
-    if not need_param_grads:  # two distinct empty tensors: op outputs may not alias each other
-        dw, db = x.new_empty(0, dtype=mean.dtype), x.new_empty(0, dtype=mean.dtype)
-    return dx.view(x.shape), dw, db
+    return layer_norm_backward_impl(grad_y, x, mean, rstd, weight, need_param_grads, backend)
 
 
 @layer_norm_backward.register_fake
@@ -186,10 +197,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     _, _, need_w, need_b, _, _ = ctx.needs_input_grad
-    dx, dw, db = layer_norm_backward(grad_y, x, mean, rstd, weight, bool(need_w or need_b), ctx.backend)
+    run = backward_op(ctx, layer_norm_backward, layer_norm_backward_impl)
+    dx, dw, db = run(grad_y, x, mean, rstd, weight, bool(need_w or need_b), ctx.backend)
     dweight = dw.to(weight.dtype).view(weight.shape) if need_w else None
     dbias = db.to(ctx.bias_dtype).view(x.shape[mean.dim():]) if need_b else None
     return dx, None, dweight, dbias, None, None
 
 
 layer_norm.register_autograd(_backward, setup_context=_setup_context)
+layer_norm_eager = eager_autograd("layer_norm", layer_norm_impl, _setup_context, _backward)

@@ -26,6 +26,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import BACKENDS
+from ._eager import backward_op, eager_autograd
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATION_NAMES = ("none", "gelu", "gelu_tanh")
@@ -133,10 +134,8 @@ def _(x, weight, bias, activation, save_preact, backend):
     return y, (x.new_empty(shape) if save_preact and activation else _empty(x))
 
 
-@torch.library.custom_op("fusedtx::linear_backward", mutates_args=())
-def linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
-                    activation: int, need_dx: bool, need_dweight: bool, need_dbias: bool,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_backward_impl(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
+    """The backward op's body."""
     _check_backend(backend)
     k, n = weight.shape[1], weight.shape[0]
     dy = grad_y.to(x.dtype).reshape(-1, n).contiguous()
@@ -146,6 +145,13 @@ def linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dw = _matmul(backend, g.t(), x.reshape(-1, k), None, 0, False)[0] if need_dweight else _empty(x)
     db = gb if need_dbias else _empty(x, reference.compute_dtype(x.dtype))
     return dx, dw, db
+
+
+@torch.library.custom_op("fusedtx::linear_backward", mutates_args=())
+def linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
+                    activation: int, need_dx: bool, need_dweight: bool, need_dbias: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_backward_impl(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend)
 
 
 @linear_backward.register_fake
@@ -171,10 +177,11 @@ def _backward(ctx, grad_y, _grad_preact):
     if ctx.activation and preact.numel() == 0 and grad_y.numel() != 0:
         raise RuntimeError("linear: the forward did not save the pre-activation (save_preact=False) "
                            "but a gradient is needed; call through fusedtx.linear, which decides it")
-    dx, dw, db = linear_backward(grad_y, x, weight, preact, ctx.activation, bool(need_x), bool(need_w),
-                                 bool(need_b), ctx.backend)
+    run = backward_op(ctx, linear_backward, linear_backward_impl)
+    dx, dw, db = run(grad_y, x, weight, preact, ctx.activation, bool(need_x), bool(need_w), bool(need_b), ctx.backend)
     return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
             None, None, None)
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+linear_eager = eager_autograd("linear", linear_impl, _setup_context, _backward)

@@ -16,6 +16,7 @@ import torch
 
 from .. import _extension, reference
 from ..backends import BACKENDS
+from ._eager import backward_op, eager_autograd
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NATIVE_CPU_LANES = reference.SOFTMAX_LANES
@@ -129,11 +130,16 @@ def _(x, dim, scale, causal, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fusedtx::softmax_backward", mutates_args=())
-def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, dim: int, scale: float, backend: str) -> torch.Tensor:
+def softmax_backward_impl(grad_y, y, dim, scale, backend):
+    """The backward op's body."""
     _check_backend(backend)
     dx = _backward_2d(backend, _as_rows(grad_y.to(y.dtype), dim), _as_rows(y, dim), float(scale))
     return _from_rows(dx, y, dim)
+
+
+@torch.library.custom_op("fusedtx::softmax_backward", mutates_args=())
+def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, dim: int, scale: float, backend: str) -> torch.Tensor:
+    return softmax_backward_impl(grad_y, y, dim, scale, backend)
 
 
 @softmax_backward.register_fake
@@ -150,7 +156,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     (y,) = ctx.saved_tensors
     # Masked positions have y == 0, so their gradient is 0 without knowing the mask.
-    return softmax_backward(grad_y, y, ctx.dim, ctx.scale, ctx.backend), None, None, None, None
+    run = backward_op(ctx, softmax_backward, softmax_backward_impl)
+    return run(grad_y, y, ctx.dim, ctx.scale, ctx.backend), None, None, None, None
 
 
 softmax.register_autograd(_backward, setup_context=_setup_context)
+softmax_eager = eager_autograd("softmax", softmax_impl, _setup_context, _backward)
