@@ -86,6 +86,7 @@ run_for 45 $PY benchmarks/bench_softmax.py "${lean[@]}" --providers fusedtx_trit
 run_for 75 $PY benchmarks/bench_gpt.py --device cuda --out "$OUT/results.csv" --skip-ceilings --no-plot \
     --no-compile --min-reps 3 --min-time 0.3 --providers fusedtx_triton,hf_sdpa,hf_eager \
     || echo "bench gpt FAILED or timed out"
+run_for 20 $PY benchmarks/bench_overhead.py "${lean[@]}" || echo "bench overhead FAILED or timed out"
 
 stage "5. python -m fusedtx check on CUDA"
 run_for 60 $PY -m fusedtx check --no-progress --json "$OUT/check.json" || echo "check FAILED or timed out"

@@ -83,3 +83,23 @@ def test_batch_chosen_split_depends_on_the_batch(monkeypatch):
     assert bench_attention.batch_chosen_split(1, 1, 20, cpu) == 16
     for s in splits.values():
         assert config._check_split_size(s, "test") == s
+
+
+def test_quick_overhead_run(tmp_path):
+    """bench_overhead.py: host microseconds per call for every op, provider and mode (each
+    output checked against float64 torch first), time-like percentiles (p20 <= p50 <= p80)."""
+    out = tmp_path / "results.csv"
+    cmd = [sys.executable, str(BENCH / "bench_overhead.py"), "--device", "cpu", "--quick", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ops = {"softmax", "layer_norm", "linear", "causal_attention"}
+    providers = {"fusedtx_native", "fusedtx_native_registered", "torch"}
+    assert {(r["kernel"], r["provider"], r["mode"]) for r in rows} == {
+        (f"overhead_{op}", p, m) for op in ops for p in providers for m in ("forward", "backward")}
+    for r in rows:
+        assert (r["metric"], r["unit"]) == ("latency", "us")
+        assert 0 < float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
+    device = common._slug(rows[0]["device"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"overhead_{op}_{device}.png" for op in ops)
