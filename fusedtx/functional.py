@@ -23,7 +23,8 @@ def _device_of(x) -> torch.device:
 # In plain eager code (is_plain_eager: no torch.compile, dispatch mode or torch.func transform)
 # every function below skips the registered op's dispatcher round trips: inference calls the op's
 # body, training the autograd.Function built from the op's own pieces (ops/_eager.py). Same
-# code, same bits; the registered op costs ~10 us a call without gradients and ~90 us with.
+# code, same bits; the registered op costs ~10 us more a call without gradients and ~40 us more
+# with, forward and backward alike (benchmarks/bench_overhead.py).
 
 
 def _needs_grad(*tensors) -> bool:
