@@ -27,9 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fusedtx  # noqa: E402
+from fusedtx.ops.linear import activation_code  # noqa: E402
 
 MODES = ("forward", "backward")
-GELU_TANH = 2  # fusedtx.ops.linear's activation code for "gelu_tanh"
+GELU_TANH = activation_code("gelu_tanh")
 
 # op -> (input shapes, functional call, registered-op call, torch call); calls take (*inputs, backend)
 OPS = {
@@ -65,10 +66,11 @@ def providers(device: torch.device) -> list[tuple[str, str | None, int]]:
     backends = ["native"] + (["triton"] if device.type == "cuda" else [])
     out = []
     for backend in backends:
-        if common.fusedtx_unavailable(f"fusedtx_{backend}", device) is None:
+        reason = common.fusedtx_unavailable(f"fusedtx_{backend}", device)
+        if reason is None:
             out += [(f"fusedtx_{backend}", backend, 1), (f"fusedtx_{backend}_registered", backend, 2)]
         else:
-            common.note(f"skipping fusedtx_{backend}: {common.fusedtx_unavailable(f'fusedtx_{backend}', device)}")
+            common.note(f"skipping fusedtx_{backend}: {reason}")
     return out + [("torch", None, 3)]
 
 
