@@ -202,7 +202,7 @@ def check_path(provider: str, fn) -> str:
         if torch_ops:
             raise Skip(f"torch kernels ran inside the fusedtx model: {torch_ops}")
         ours = sorted(n for n in names if n.startswith("fusedtx_native::"))
-        needed = {"fusedtx_native::matmul", "fusedtx_native::layer_norm_forward", "fusedtx_native::attention_forward"}
+        needed = {"fusedtx_native::linear_matmul", "fusedtx_native::layer_norm_forward", "fusedtx_native::causal_attention_forward"}
         if provider == "fusedtx_native" and not needed <= set(ours):
             raise Skip(f"the native kernels did not run (fusedtx ops seen: {ours})")
         if provider != "fusedtx_native" and ours:

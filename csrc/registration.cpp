@@ -31,34 +31,34 @@ TORCH_LIBRARY(fusedtx_native, m) {
       "layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool need_param_grads, int lanes, int groups) -> (Tensor, Tensor, Tensor)");
   // y = act(a @ b + bias) for 2-D a (M, K) and b (K, N) of any strides (the forward passes
-  // weight.t(), the backward weight and grad.t()), as reference.matmul: per element, an FMA
+  // weight.t(), the backward weight and grad.t()), as reference.linear_matmul: per element, an FMA
   // chain from +0 over each block of 128 k's in ascending order, the block sums added in order,
   // then + bias, then the activation
   // (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b and bias share a dtype (float32,
   // bfloat16, float16); y is contiguous in that dtype. The second output is the pre-activation
   // a @ b + bias when save_preact (the backward's input), else an empty tensor.
-  m.def("matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact) -> (Tensor, Tensor)");
+  m.def("linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact) -> (Tensor, Tensor)");
   // The elementwise part of the Linear backward on contiguous (M, N) tensors, as
-  // reference.bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an empty
+  // reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an empty
   // tensor when activation is 0: the caller uses grad_y), grad_bias = row_group_sum(grad_preact)
   // in float32 over `groups` fixed row groups (an empty tensor unless need_bias_grad).
   m.def(
-      "bias_act_backward(Tensor grad_y, Tensor? preact, int activation, bool need_bias_grad, int groups) "
+      "linear_bias_act_backward(Tensor grad_y, Tensor? preact, int activation, bool need_bias_grad, int groups) "
       "-> (Tensor, Tensor)");
-  // Causal attention with a fixed split size, as reference.attention_forward: q (B, H, Tq, D),
+  // Causal attention with a fixed split size, as reference.causal_attention_forward: q (B, H, Tq, D),
   // k and v (B, Hkv, Tmax, D) (H a multiple of Hkv; last dims contiguous), seqlens (B,) int64 on
   // the CPU: sequence b's queries sit at positions seqlens[b] - Tq ... seqlens[b] - 1 and it has
   // seqlens[b] valid keys (nothing beyond is read). Returns o (B, H, Tq, D) contiguous in q's
   // dtype and the float32 row statistics m, l (B, H, Tq) for the backward.
   m.def(
-      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor seqlens, float scale, int split_size) "
+      "causal_attention_forward(Tensor q, Tensor k, Tensor v, Tensor seqlens, float scale, int split_size) "
       "-> (Tensor, Tensor, Tensor)");
   // Its backward for a full causal pass (Tq = Tk = T for every sequence), as
-  // reference.attention_backward: from q, k, v, grad_o and the forward's m, l (not its output o:
+  // reference.causal_attention_backward: from q, k, v, grad_o and the forward's m, l (not its output o:
   // D_i is the row sum of P * dP), dq (B, H, T, D), dk and dv (B, Hkv, T, D), contiguous, in the
   // inputs' dtype; every sum in a fixed order (blocks of split_size), no atomics.
   m.def(
-      "attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l, "
+      "causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l, "
       "float scale, int split_size) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -17,8 +17,8 @@ CPU_SOURCES = [
     "cpu/softmax.cpp",
     "cpu/layer_norm.cpp",
     "cpu/linear.cpp",
-    "cpu/attention.cpp",
-    "cpu/attention_backward.cpp",
+    "cpu/causal_attention.cpp",
+    "cpu/causal_attention_backward.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",
@@ -27,10 +27,10 @@ CUDA_SOURCES = [
     "cuda/layer_norm_glue.cpp",
     "cuda/linear.cu",
     "cuda/linear_glue.cpp",
-    "cuda/attention.cu",
-    "cuda/attention_glue.cpp",
-    "cuda/attention_backward.cu",
-    "cuda/attention_backward_glue.cpp",
+    "cuda/causal_attention.cu",
+    "cuda/causal_attention_glue.cpp",
+    "cuda/causal_attention_backward.cu",
+    "cuda/causal_attention_backward_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so

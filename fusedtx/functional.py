@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .ops import attention as _attention_op
+from .ops import causal_attention as _causal_attention_op
 from .ops import layer_norm as _layer_norm_op
 from .ops import linear as _linear_op
 from .ops import softmax as _softmax_op
@@ -110,13 +110,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     output is the same bits as in a chunked prefill or a decode step (attention_with_kv_cache).
     Differentiable; the backward sums in fixed orders (deterministic)."""
     name = backends.resolve(backend, _device_of(q))
-    _attention_op.check_qkv(q, k, v, "causal_attention")  # before q's head dim sets the default scale
-    scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "causal_attention")
+    _causal_attention_op.check_qkv(q, k, v, "causal_attention")  # before q's head dim sets the default scale
+    scale, split = _causal_attention_op.resolve_scale_and_split(q, scale, split_size, "causal_attention")
     if is_plain_eager(q):
         if _needs_grad(q, k, v):
-            return _attention_op.causal_attention_eager(q, k, v, scale, split, name)[0]
-        return _attention_op.causal_attention_impl(q, k, v, scale, split, name, checked=True)[0]
-    return _attention_op.causal_attention(q, k, v, scale, split, name)[0]
+            return _causal_attention_op.causal_attention_eager(q, k, v, scale, split, name)[0]
+        return _causal_attention_op.causal_attention_impl(q, k, v, scale, split, name, checked=True)[0]
+    return _causal_attention_op.causal_attention(q, k, v, scale, split, name)[0]
 
 
 def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, *,
@@ -133,8 +133,8 @@ def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if _needs_grad(q, k_cache, v_cache):
         raise ValueError("attention_with_kv_cache is inference-only and has no gradient; run it under "
                          "torch.no_grad(), or use causal_attention for training")
-    scale, split = _attention_op.resolve_scale_and_split(q, scale, split_size, "attention_with_kv_cache")
+    scale, split = _causal_attention_op.resolve_scale_and_split(q, scale, split_size, "attention_with_kv_cache")
     if is_plain_eager(q):
-        return _attention_op.attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split, name)
-    _attention_op.check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
-    return _attention_op.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split, name)
+        return _causal_attention_op.attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split, name)
+    _causal_attention_op.check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
+    return _causal_attention_op.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split, name)

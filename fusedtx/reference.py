@@ -355,7 +355,7 @@ def fma_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = ACT_NONE):
+def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = ACT_NONE):
     """y = act(a @ b + bias) for a (M, K) and b (K, N), and the pre-activation h = a @ b + bias.
 
     K is cut into blocks of MATMUL_K_BLOCK from k = 0. In each block, every element's partial is
@@ -381,7 +381,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     return activation_forward(h, activation).to(a.dtype), h.to(a.dtype)
 
 
-def bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int,
+def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int,
                       need_bias_grad: bool, groups: int = BIAS_GRAD_ROW_GROUPS):
     """The elementwise part of the Linear backward, (M, N) -> (grad_preact, grad_bias):
         grad_preact = dy * act'(h) in float32, stored in dy's dtype   (dy itself when no activation)
@@ -399,21 +399,21 @@ def bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activat
 def linear_backward(grad_y, x, weight, preact, activation: int, need_dx: bool, need_dweight: bool,
                     need_dbias: bool):
     """Gradients of y = act(x @ weight.T + bias), x (M, K), weight (N, K), through matmul's order:
-        g  = bias_act_backward(dy, h)                                 (M, N)
-        dx = matmul(g, weight)          each element sums over N ascending
-        dweight = matmul(g.T, x)        each element sums over the M rows ascending
+        g  = linear_bias_act_backward(dy, h)                                 (M, N)
+        dx = linear_matmul(g, weight)          each element sums over N ascending
+        dweight = linear_matmul(g.T, x)        each element sums over the M rows ascending
         dbias   = row_group_sum(g)
     Returns (dx, dweight, dbias), None where not needed."""
-    g, gb = bias_act_backward(grad_y, preact, activation, need_dbias)
-    dx = matmul(g, weight)[0] if need_dx else None
-    dw = matmul(g.t(), x)[0] if need_dweight else None
+    g, gb = linear_bias_act_backward(grad_y, preact, activation, need_dbias)
+    dx = linear_matmul(g, weight)[0] if need_dx else None
+    dw = linear_matmul(g.t(), x)[0] if need_dweight else None
     return dx, dw, gb
 
 
 # ---------------------------------------------------------------------------------------------
 # causal attention with a fixed split size
 # ---------------------------------------------------------------------------------------------
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, scale: float,
+def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, scale: float,
                       split_size: int):
     """Causal attention of the last q.shape[2] tokens of each sequence, cut into fixed-size chunks.
 
@@ -476,7 +476,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
 
 def blocked_fma_matmul(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     """a @ b like fma_matmul, with the reduction cut into blocks of `block` from index 0: each
-    block an FMA chain from +0, the block sums added in ascending order (as reference.matmul)."""
+    block an FMA chain from +0, the block sums added in ascending order (as reference.linear_matmul)."""
     total = None
     for start in range(0, a.shape[-1], block):
         part = fma_matmul(a[..., start:start + block], b[..., start:start + block, :])
@@ -484,9 +484,9 @@ def blocked_fma_matmul(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Te
     return total
 
 
-def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int):
-    """Gradients of a full causal attention_forward (Tq = Tk = T, every sequence of length T).
+    """Gradients of a full causal causal_attention_forward (Tq = Tk = T, every sequence of length T).
 
     From the forward's final row statistics (m, l), in float32 with the forward's dot products:
         s_ij = fl(dotFMA(q_i, k_j) * scale),   P_ij = exp_f32(s_ij - m_i) / l_i   (j <= i, else 0)

@@ -167,12 +167,12 @@ LINEAR_WRAPPERS = """
 extern "C" int emu_matmul(const void* a, int64_t sam, int64_t sak, const void* b, int64_t sbk, int64_t sbn,
                           const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k, int activation,
                           int dtype) {
-  return (int)fusedtx::cuda::matmul(a, sam, sak, b, sbk, sbn, bias, y, preact, m, n, k, activation,
+  return (int)fusedtx::cuda::linear_matmul(a, sam, sak, b, sbk, sbn, bias, y, preact, m, n, k, activation,
                                     (fusedtx::cuda::DType)dtype, nullptr);
 }
 extern "C" int emu_bias_act_backward(const void* dy, const void* preact, void* dh, void* db, void* ws, int64_t rows,
                                      int64_t n, int activation, bool need_bias_grad, int groups, int dtype) {
-  return (int)fusedtx::cuda::bias_act_backward(dy, preact, dh, db, ws, rows, n, activation, need_bias_grad, groups,
+  return (int)fusedtx::cuda::linear_bias_act_backward(dy, preact, dh, db, ws, rows, n, activation, need_bias_grad, groups,
                                                (fusedtx::cuda::DType)dtype, nullptr);
 }
 """
@@ -242,7 +242,7 @@ def test_matmul_kernel_matches_reference(linear_lib, dtype, activation, m, k, n,
     b = laid_out(torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype), b_layout)
     bias_t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
     y, h = emu_matmul(linear_lib, a, b, bias_t, activation)
-    y_ref, h_ref = reference.matmul(a, b, bias_t, activation)
+    y_ref, h_ref = reference.linear_matmul(a, b, bias_t, activation)
     assert_bitwise_equal(y, y_ref, f"y ({m}x{k}x{n}, act {activation})")
     if activation:
         assert_bitwise_equal(h, h_ref, f"preact ({m}x{k}x{n}, act {activation})")
@@ -267,13 +267,13 @@ def test_activation_epilogue_and_derivative_on_every_branch(linear_lib, dtype, a
     values = EPILOGUE_VALUES.to(dtype)[None, :]  # (1, 300); fp16 turns +-1e4 into itself, fine
     a = torch.ones(1, 1, dtype=dtype)
     y, h = emu_matmul(linear_lib, a, values, None, activation)
-    y_ref, h_ref = reference.matmul(a, values, None, activation)
+    y_ref, h_ref = reference.linear_matmul(a, values, None, activation)
     assert torch.equal(h, values)  # h = +0 + 1 * b (so -0 becomes +0: the accumulator starts at +0)
     assert_bitwise_equal(h, h_ref, "preact")
     assert_bitwise_equal(y, y_ref, "activation forward")
     dy = torch.linspace(-2, 2, values.shape[1], dtype=torch.float64).to(dtype)[None, :]
     dh, db = emu_bias_act_backward(linear_lib, dy, h, activation, True, 1)
-    dh_ref, db_ref = reference.bias_act_backward(dy, h_ref, activation, True, 1)
+    dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, activation, True, 1)
     assert_bitwise_equal(dh, dh_ref, "grad_preact")
     assert_bitwise_equal(db, db_ref, "grad_bias")
 
@@ -310,7 +310,7 @@ def test_bias_act_backward_kernel_matches_reference(linear_lib, dtype, activatio
     dy = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
     h = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 4).to(dtype) if activation else None
     dh, db = emu_bias_act_backward(linear_lib, dy, h, activation, True, groups)
-    dh_ref, db_ref = reference.bias_act_backward(dy, h, activation, True, groups)
+    dh_ref, db_ref = reference.linear_bias_act_backward(dy, h, activation, True, groups)
     if activation:
         assert_bitwise_equal(dh, dh_ref, "grad_preact")
     assert_bitwise_equal(db, db_ref, f"grad_bias, {groups} groups")
@@ -342,16 +342,16 @@ def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
     a, w, bias = torch.randn(17, 37, generator=g), torch.randn(70, 37, generator=g), torch.randn(70, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), bias, 0)
     torch.testing.assert_close(y, a @ w.t() + bias)  # still a correct product...
-    assert not torch.equal(y, reference.matmul(a, w.t(), bias, 0)[0])  # ...with other roundings
+    assert not torch.equal(y, reference.linear_matmul(a, w.t(), bias, 0)[0])  # ...with other roundings
     dy = torch.randn(300, 40, generator=g)
     _, db = emu_bias_act_backward(lib, dy, None, 0, True, 128)
     torch.testing.assert_close(db, dy.sum(0))
-    assert not torch.equal(db, reference.bias_act_backward(dy, None, 0, True, 128)[1])
+    assert not torch.equal(db, reference.linear_bias_act_backward(dy, None, 0, True, 128)[1])
 
 
 def test_negative_control_unblocked_k_is_caught(tmp_path):
     """At K = 300 the comparison fails for a kernel that runs one FMA chain over all of K (the
-    order before the K blocks): its bits are the unblocked chain's, not reference.matmul's."""
+    order before the K blocks): its bits are the unblocked chain's, not reference.linear_matmul's."""
     blocks = "constexpr int kTilesPerKBlock = kKBlock / kBK;"
 
     def mutate(source):
@@ -363,4 +363,4 @@ def test_negative_control_unblocked_k_is_caught(tmp_path):
     a, w = torch.randn(3, 300, generator=g), torch.randn(20, 300, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), None, 0)
     assert_bitwise_equal(y, reference.fma_matmul(a, w.t()), "one chain over K")  # the unblocked order...
-    assert not torch.equal(y, reference.matmul(a, w.t())[0])  # ...is not the reference's
+    assert not torch.equal(y, reference.linear_matmul(a, w.t())[0])  # ...is not the reference's

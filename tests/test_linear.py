@@ -135,7 +135,7 @@ PARITY_CASES = [((17, 769), 50, True), ((3, 1), 7, False), ((2, 5, 40), 33, True
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=["none", "gelu", "gelu_tanh"])
 def test_bitwise_equal_to_reference(device, backend, dtype, activation):
-    """native (CPU and CUDA) computes reference.matmul's ascending FMA chain exactly. Triton's
+    """native (CPU and CUDA) computes reference.linear_matmul's ascending FMA chain exactly. Triton's
     tl.dot chooses its own order inside a K block (and the interpreter uses numpy's matmul): it
     is held to the accuracy bound instead, and the table reports what it gets."""
     require(device, backend)
@@ -150,7 +150,7 @@ def test_bitwise_equal_to_reference(device, backend, dtype, activation):
             dx, dw, db = torch.ops.fusedtx.linear_backward(dy, x, weight, h, act, True, True, has_bias, backend)
         x2, dy2 = x.reshape(-1, shape[-1]).cpu(), dy.reshape(-1, n).cpu()
         w, b = weight.cpu(), None if bias is None else bias.cpu()
-        y_ref, h_ref = reference.matmul(x2, w.t(), b, act)
+        y_ref, h_ref = reference.linear_matmul(x2, w.t(), b, act)
         dx_ref, dw_ref, db_ref = reference.linear_backward(dy2, x2, w, h_ref, act, True, True, has_bias)
         pairs = [(y.reshape(-1, n), y_ref), (dx.reshape(-1, shape[-1]), dx_ref), (dw, dw_ref)]
         pairs += [(h.reshape(-1, n), h_ref)] if act else []

@@ -1,5 +1,5 @@
 // Linear on CPU: y = act(a @ b + bias) with the bias + GELU epilogue fused, and the elementwise
-// part of its backward. The arithmetic is reference.matmul / reference.bias_act_backward, bit for
+// part of its backward. The arithmetic is reference.linear_matmul / reference.linear_bias_act_backward, bit for
 // bit: every output element is one float32 accumulator that starts at +0 and takes
 // fma(a[i, k], b[k, j], acc) for k ascending; then h = acc + bias[j]; then the activation,
 // written operation for operation as in the reference (the extension is compiled with
@@ -19,7 +19,7 @@
 // Whichever path or tile runs, an element's bits depend on a[i, :] and b[:, j] alone -- not on
 // M, the tiling or the thread count.
 //
-// bias_act_backward streams grad_y / preact row by row: grad_preact = grad_y * act'(preact),
+// linear_bias_act_backward streams grad_y / preact row by row: grad_preact = grad_y * act'(preact),
 // and each of the fixed row groups adds its rows (as stored) into its own float32 partial row;
 // the partials are then summed per column in group order.
 #include <ATen/Parallel.h>
@@ -415,7 +415,7 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
 }
 
 // The k's [k0, k0 + kc) of one packed K block, k0 a multiple of kKBlock: an MR x (NP * kNR)
-// tile. Per block of kKBlock k's (reference.matmul): acc from +0, acc = fma(a[k][r], b[k][j],
+// tile. Per block of kKBlock k's (reference.linear_matmul): acc from +0, acc = fma(a[k][r], b[k][j],
 // acc) for k ascending, then total = total + acc -- total read from cin (nullptr: +0) for the
 // first block and from cout after, and written to cout. a: a kMR-row panel (kMR floats per k);
 // b: NP consecutive kNR-column panels, b_stride floats apart. Short row panels take several
@@ -821,7 +821,7 @@ void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                                               int64_t activation, bool save_preact) {
   constexpr const char* op = "fusedtx matmul";
   check_cpu(a, op, "a");
@@ -872,7 +872,7 @@ std::tuple<at::Tensor, at::Tensor> matmul_cpu(const at::Tensor& a, const at::Ten
 }
 
 // ---------------------------------------------------------------------------------------------
-// bias_act_backward: grad_preact = grad_y * act'(preact), grad_bias = row_group_sum(grad_preact).
+// linear_bias_act_backward: grad_preact = grad_y * act'(preact), grad_bias = row_group_sum(grad_preact).
 // ---------------------------------------------------------------------------------------------
 // One row: grad_preact = grad_y * act'(preact) (when kAct) and, with part, part += grad_preact
 // as stored (grad_y when no activation). Rows are streamed whole: the partial row (N floats)
@@ -920,9 +920,9 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_act_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& preact,
+std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& preact,
                                                          int64_t activation, bool need_bias_grad, int64_t groups) {
-  constexpr const char* op = "fusedtx bias_act_backward";
+  constexpr const char* op = "fusedtx linear_bias_act_backward";
   check_cpu(grad_y, op, "grad_y");
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.is_contiguous(), op, ": grad_y must be a contiguous 2-D tensor, got sizes ",
               grad_y.sizes());
@@ -996,6 +996,6 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cpu(const at::Tensor& grad_
 }  // namespace fusedtx::cpu
 
 TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) {
-  m.impl("matmul", &fusedtx::cpu::matmul_cpu);
-  m.impl("bias_act_backward", &fusedtx::cpu::bias_act_backward_cpu);
+  m.impl("linear_matmul", &fusedtx::cpu::linear_matmul_cpu);
+  m.impl("linear_bias_act_backward", &fusedtx::cpu::linear_bias_act_backward_cpu);
 }

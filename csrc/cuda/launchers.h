@@ -45,7 +45,7 @@ cudaError_t layer_norm_backward(const void* grad_y, const void* x, const void* m
                                 DType param_dtype, cudaStream_t stream);
 
 
-// y = act(a @ b + bias) as reference.matmul: a (m, k) and b (k, n) with any strides (in
+// y = act(a @ b + bias) as reference.linear_matmul: a (m, k) and b (k, n) with any strides (in
 // elements), bias (n,) contiguous or nullptr, all of dtype `dtype` (float32, float16 or
 // bfloat16); y and preact contiguous (m, n) of that dtype. Every element is one float32
 // accumulator from +0 taking an FMA for k ascending; `activation` is reference.ACT_* (0 none,
@@ -55,17 +55,17 @@ cudaError_t matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const 
                    int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
                    int activation, DType dtype, cudaStream_t stream);
 
-// float32 elements of the workspace bias_act_backward needs when need_bias_grad: the (groups, n)
+// float32 elements of the workspace linear_bias_act_backward needs when need_bias_grad: the (groups, n)
 // partials of grad_bias.
-inline int64_t bias_act_backward_workspace_elems(int64_t n, int64_t groups) { return groups * n; }
+inline int64_t linear_bias_act_backward_workspace_elems(int64_t n, int64_t groups) { return groups * n; }
 
 // The elementwise part of the Linear backward on contiguous (rows, n) tensors, as
-// reference.bias_act_backward: grad_preact = grad_y * act'(preact) in `dtype` (written only when
+// reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in `dtype` (written only when
 // activation != 0; grad_preact and preact may be nullptr otherwise) and, when need_bias_grad,
 // grad_bias ((n,), float32) = row_group_sum over `groups` fixed row groups of grad_preact as
 // stored (of grad_y without an activation), through `workspace`
-// (bias_act_backward_workspace_elems floats). rows == 0 zero-fills grad_bias.
-cudaError_t bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
+// (linear_bias_act_backward_workspace_elems floats). rows == 0 zero-fills grad_bias.
+cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
                               void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
                               int groups, DType dtype, cudaStream_t stream);
 
@@ -73,10 +73,10 @@ cudaError_t bias_act_backward(const void* grad_y, const void* preact, void* grad
 
 namespace fusedtx::cuda {
 
-// The largest head dim attention_forward takes (its shared-memory tiles and registers are sized for it).
+// The largest head dim causal_attention_forward takes (its shared-memory tiles and registers are sized for it).
 constexpr int64_t kAttentionMaxHeadDim = 128;
 
-// Causal attention with a fixed split size, as reference.attention_forward: q (batch, heads,
+// Causal attention with a fixed split size, as reference.causal_attention_forward: q (batch, heads,
 // n_queries, dim), k and v (batch, kv_heads, t_max, dim), all of dtype `dtype` (float32, float16
 // or bfloat16), last dim contiguous, the other strides (batch, head, position; in elements) given
 // as 3-element arrays; query head h reads kv head h / (heads / kv_heads). seqlens (batch,) int64 on
@@ -84,7 +84,7 @@ constexpr int64_t kAttentionMaxHeadDim = 128;
 // keys at or beyond seqlens[b] are never read (a seqlens[b] outside [n_queries, t_max] gives NaN
 // rows). o (batch, heads, n_queries, dim) contiguous in `dtype`; m and l (batch, heads, n_queries)
 // float32. dim in [1, kAttentionMaxHeadDim]; split_size a power of two >= 16.
-cudaError_t attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
+cudaError_t causal_attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
                               const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
                               float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
                               int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
@@ -94,24 +94,24 @@ cudaError_t attention_forward(const void* q, const int64_t* q_strides, const voi
 
 namespace fusedtx::cuda {
 
-// float32 elements of the workspace attention_backward needs: D_i (batch, heads, length) and, for a
+// float32 elements of the workspace causal_attention_backward needs: D_i (batch, heads, length) and, for a
 // grouped-query (heads > kv_heads) backward in float16 / bfloat16, the float32 running sums of dk
 // and dv over a group's heads (2 x (batch, kv_heads, length, dim)).
-inline int64_t attention_backward_workspace_elems(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
+inline int64_t causal_attention_backward_workspace_elems(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
                                                   int64_t dim, DType dtype) {
   const bool head_sums = kv_heads > 0 && heads > kv_heads && dtype != DType::kFloat32;
   return batch * heads * length + (head_sums ? 2 * batch * kv_heads * length * dim : 0);
 }
 
-// Gradients of a full causal attention_forward (Tq = Tk = length), as reference.attention_backward:
+// Gradients of a full causal causal_attention_forward (Tq = Tk = length), as reference.causal_attention_backward:
 // grad_o and q (batch, heads, length, dim), k and v (batch, kv_heads, length, dim), all of dtype
 // `dtype` (float32, float16 or bfloat16), last dim contiguous, the other strides (batch, head,
 // position; in elements) given as 3-element arrays; m and l the forward's float32 row statistics,
 // contiguous (batch, heads, length). dq (batch, heads, length, dim), dk and dv (batch, kv_heads,
-// length, dim) contiguous in `dtype`; `workspace` has attention_backward_workspace_elems floats.
+// length, dim) contiguous in `dtype`; `workspace` has causal_attention_backward_workspace_elems floats.
 // dim in [1, kAttentionMaxHeadDim]; split_size a power of two >= 16. Two kernels on `stream`, no
 // atomics: the same bits run after run.
-cudaError_t attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
+cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
                                const void* k, const int64_t* k_strides, const void* v, const int64_t* v_strides,
                                const float* m, const float* l, void* dq, void* dk, void* dv, float* workspace,
                                int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,

@@ -1,8 +1,8 @@
 // Linear in CUDA: y = act(a @ b + bias) with the bias + GELU epilogue fused, and the elementwise
-// part of its backward: reference.matmul / reference.bias_act_backward, bit for bit.
+// part of its backward: reference.linear_matmul / reference.linear_bias_act_backward, bit for bit.
 //
 // Forward: a classic shared-memory tiled SGEMM. Each block computes one kBM x kBN tile of the
-// output, 256 threads each holding a kTM x kTN register tile. reference.matmul's order, K-blocked:
+// output, 256 threads each holding a kTM x kTN register tile. reference.linear_matmul's order, K-blocked:
 // K is cut into blocks of kKBlock = reference.MATMUL_K_BLOCK = 128 from k = 0 (k = 0..127,
 // 128..255, ...; the last block may be short). Within a block, each element's partial is one
 // float32 accumulator `acc` from +0 taking __fmaf_rn(a[i, k], b[k, j], acc) for k ascending
@@ -410,7 +410,7 @@ cudaError_t matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const 
   });
 }
 
-cudaError_t bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
+cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
                               void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
                               int groups, DType dtype, cudaStream_t stream) {
   if (rows < 0 || n < 0 || groups < 1 || activation < 0 || activation > 2) return cudaErrorInvalidValue;

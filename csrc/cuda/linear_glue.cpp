@@ -1,5 +1,5 @@
 // Torch glue for csrc/cuda/linear.cu: checks, allocation, stream, and the CUDA registrations of
-// fusedtx_native::matmul / bias_act_backward (schemas in csrc/registration.cpp).
+// fusedtx_native::matmul / linear_bias_act_backward (schemas in csrc/registration.cpp).
 //
 // matmul takes a and b with any strides (the kernel reads them through their strides: no copy
 // for weight.t() or grad.t()); y and the pre-activation are contiguous in the operands' dtype.
@@ -28,7 +28,7 @@ void check_operand(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got sizes ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> matmul_cuda(const at::Tensor& a, const at::Tensor& b,
+std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const at::Tensor& b,
                                                const std::optional<at::Tensor>& bias, int64_t activation,
                                                bool save_preact) {
   constexpr const char* op = "matmul";
@@ -67,10 +67,10 @@ std::tuple<at::Tensor, at::Tensor> matmul_cuda(const at::Tensor& a, const at::Te
   return {y, preact};
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_act_backward_cuda(const at::Tensor& grad_y,
+std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cuda(const at::Tensor& grad_y,
                                                           const std::optional<at::Tensor>& preact,
                                                           int64_t activation, bool need_bias_grad, int64_t groups) {
-  constexpr const char* op = "bias_act_backward";
+  constexpr const char* op = "linear_bias_act_backward";
   check_rows(grad_y, op, "grad_y");
   const DType dtype = dtype_of(grad_y, op);
   check_activation(activation, op);
@@ -96,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cuda(const at::Tensor& grad
   at::Tensor grad_bias = at::empty({need_bias_grad ? n : 0}, f32);
   // The (groups, N) partials: a fixed size, so a fixed summation order.
   at::Tensor workspace;
-  if (need_bias_grad && rows > 0) workspace = at::empty({bias_act_backward_workspace_elems(n, groups)}, f32);
-  check_launch(bias_act_backward(grad_y.const_data_ptr(), activation != 0 ? preact->const_data_ptr() : nullptr,
+  if (need_bias_grad && rows > 0) workspace = at::empty({linear_bias_act_backward_workspace_elems(n, groups)}, f32);
+  check_launch(linear_bias_act_backward(grad_y.const_data_ptr(), activation != 0 ? preact->const_data_ptr() : nullptr,
                                  activation != 0 ? grad_preact.mutable_data_ptr() : nullptr,
                                  need_bias_grad ? grad_bias.mutable_data_ptr() : nullptr,
                                  workspace.defined() ? workspace.mutable_data_ptr() : nullptr, rows, n,
@@ -111,6 +111,6 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cuda(const at::Tensor& grad
 }  // namespace fusedtx::cuda
 
 TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) {
-  m.impl("matmul", &fusedtx::cuda::matmul_cuda);
-  m.impl("bias_act_backward", &fusedtx::cuda::bias_act_backward_cuda);
+  m.impl("linear_matmul", &fusedtx::cuda::linear_matmul_cuda);
+  m.impl("linear_bias_act_backward", &fusedtx::cuda::linear_bias_act_backward_cuda);
 }

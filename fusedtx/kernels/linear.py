@@ -4,7 +4,7 @@ elementwise part of its backward (grad through the activation, bias gradient).
 `_matmul_fwd` computes y = act(a @ b + bias) (and optionally the pre-activation h) for a (M, K),
 b (K, N) of any strides — the op passes weight.t() in the forward, weight and grad.t() in the
 backward. One program per BLOCK_M x BLOCK_N output tile reduces K in ascending order (the K tail
-masked to +0, which adds nothing). float32 follows reference.matmul's blocks: per block of
+masked to +0, which adds nothing). float32 follows reference.linear_matmul's blocks: per block of
 MATMUL_K_BLOCK, a fresh accumulator takes `tl.dot(a_tile, b_tile, acc)` for its BLOCK_K tiles
 in order and is then added to the tile's total (one FMA chain over K = 3072 would be ~4x less
 accurate than a blocked sgemm); bfloat16/float16 keep one tensor-core accumulator over all of K
@@ -42,8 +42,8 @@ Under the interpreter (TRITON_INTERPRET=1) tl.dot is numpy's BLAS, whose bits de
 position inside the tile (measured: OpenBLAS sgemm on a fixed 64x64x64 shape), so the kernel
 takes another K loop there (SEQUENTIAL_SUM): the (BLOCK_M, BLOCK_K, BLOCK_N) products in float32
 with acc added to the k = 0 slice, summed over k by numpy, which reduces a middle axis element
-by element in ascending order, the K blocks added to the total as in reference.matmul. That is
-acc + p0 + p1 + ... — reference.matmul bit for bit when the products are exact
+by element in ascending order, the K blocks added to the total as in reference.linear_matmul. That is
+acc + p0 + p1 + ... — reference.linear_matmul bit for bit when the products are exact
 (bfloat16/float16 operands), an unfused multiply-add chain for float32 (accuracy only),
 batch-invariant either way. bf16 conversions are done by hand there
 (the interpreter's casts truncate and mangle subnormals: _common.py).
@@ -124,7 +124,7 @@ def _gpu_tile_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
 
 
 def k_blocking(k: int, block_k: int, dtype: torch.dtype) -> tuple[int, bool]:
-    """(K_STEPS, K_BLOCKED): reference.matmul sums K in blocks of MATMUL_K_BLOCK; a block is
+    """(K_STEPS, K_BLOCKED): reference.linear_matmul sums K in blocks of MATMUL_K_BLOCK; a block is
     K_STEPS tiles of BLOCK_K (all of K when K is shorter). Followed for float32 on GPUs and for
     every dtype under the interpreter; bf16/fp16 GPU tiles keep one accumulator (_matmul_fwd)."""
     span = min(reference.MATMUL_K_BLOCK, triton.next_power_of_2(max(k, 1)))
@@ -189,7 +189,7 @@ def _matmul_fwd(A, B, Bias, Y, H, M, N, K,
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # K in ascending order from k = 0, no split: the same sequence for every M.
     if not SEQUENTIAL_SUM and K_BLOCKED:
-        # float32: reference.matmul's blocks of K_STEPS * BLOCK_K (= MATMUL_K_BLOCK, or all of a
+        # float32: reference.linear_matmul's blocks of K_STEPS * BLOCK_K (= MATMUL_K_BLOCK, or all of a
         # shorter K), each from a fresh accumulator, added to the total in order (accuracy).
         for kb in range(0, K, K_STEPS * BLOCK_K):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -241,7 +241,7 @@ def _matmul_fwd(A, B, Bias, Y, H, M, N, K,
             b_ptrs += b_step
         total = total + acc
 
-    # Epilogue in registers, as reference.matmul: h = acc + bias (one rounding), then act(h).
+    # Epilogue in registers, as reference.linear_matmul: h = acc + bias (one rounding), then act(h).
     if EPILOGUE_HALVES:
         # GELU on the whole 128 x 128 tile spills registers on sm_80: do it a half at a time
         # (elementwise, so the same bits). acc[:, :BN/2] and acc[:, BN/2:]:
@@ -336,7 +336,7 @@ def _bias_grad_sum(Partial, DB, n_groups, n_cols, BLOCK_N: tl.constexpr):
     tl.store(DB + cols, total, mask=inside)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool):
+def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool):
     """y = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides, bias (N,) or None, all
     one dtype. Returns (y, preact or None): contiguous (M, N) in a's dtype; preact = a @ b + bias
     when save_preact and there is an activation."""
@@ -366,7 +366,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activati
     return y, h
 
 
-def bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int, need_bias_grad: bool):
+def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int, need_bias_grad: bool):
     """grad_y, preact: contiguous (M, N), one dtype (preact unused without an activation).
 
     Returns (grad_preact in grad_y's dtype, or None when activation is ACT_NONE — it would be

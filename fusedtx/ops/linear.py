@@ -7,15 +7,15 @@
                              -> (Tensor dx, Tensor dweight, Tensor dbias)
 
 x has any number of leading dims and is viewed as (M, K); weight is (N, K) like torch.nn.Linear.
-Every backend computes reference.matmul: one float32 accumulator per output element taking
+Every backend computes reference.linear_matmul: one float32 accumulator per output element taking
 x[i, k] * weight[j, k] with an FMA for k ascending, then + bias, then the activation (GELU erf
 or tanh) in the epilogue. No tile shape, split or thread count enters, so a row's bits depend
 on that row and on the weight alone.
 
 The backward runs three pieces through the same kernels:
     g       = dy * act'(h)          fused elementwise pass, also summing dbias in fixed row groups
-    dx      = matmul(g, weight)     the same M-invariant kernel: dx rows are batch-invariant too
-    dweight = matmul(g.T, x)        one accumulator per element over the M rows in ascending order
+    dx      = linear_matmul(g, weight)     the same M-invariant kernel: dx rows are batch-invariant too
+    dweight = linear_matmul(g.T, x)        one accumulator per element over the M rows in ascending order
 The pre-activation h (M, N) is SAVED by the forward when a gradient is needed and there is an
 activation, in x's dtype: as much memory as torch's own F.linear + F.gelu keeps for the GELU
 backward, and it saves recomputing a whole matmul. Without an activation nothing extra is kept.
@@ -85,26 +85,26 @@ def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool):
     m, n = a.shape[0], b.shape[1]
     if m == 0 or n == 0 or a.shape[1] == 0 or backend == "reference" or a.dtype == torch.float64:
         # Empty problems go to the spec: an empty sum is +0 whatever the kernel, and no launch.
-        y, h = reference.matmul(a, b, bias, activation)
+        y, h = reference.linear_matmul(a, b, bias, activation)
         return y.contiguous(), (h.contiguous() if save_preact and activation else None)
     if backend == "triton":
         from ..kernels import linear as triton_linear
 
-        return triton_linear.matmul(a, b, bias, activation, save_preact)
-    y, h = _extension.ops().matmul(a, b, bias, activation, save_preact)
+        return triton_linear.linear_matmul(a, b, bias, activation, save_preact)
+    y, h = _extension.ops().linear_matmul(a, b, bias, activation, save_preact)
     return y, (h if save_preact and activation else None)
 
 
 def _bias_act_backward(backend: str, grad_y, preact, activation: int, need_bias_grad: bool):
     """(grad_preact, grad_bias or None) for contiguous (M, N) grad_y and preact."""
     if backend == "reference" or grad_y.dtype == torch.float64 or grad_y.numel() == 0:
-        return reference.bias_act_backward(grad_y, preact, activation, need_bias_grad)
+        return reference.linear_bias_act_backward(grad_y, preact, activation, need_bias_grad)
     if backend == "triton":
         from ..kernels import linear as triton_linear
 
-        g, gb = triton_linear.bias_act_backward(grad_y, preact, activation, need_bias_grad)
+        g, gb = triton_linear.linear_bias_act_backward(grad_y, preact, activation, need_bias_grad)
     else:
-        g, gb = _extension.ops().bias_act_backward(grad_y, preact, activation, need_bias_grad,
+        g, gb = _extension.ops().linear_bias_act_backward(grad_y, preact, activation, need_bias_grad,
                                                    reference.BIAS_GRAD_ROW_GROUPS)
     return (g if activation else grad_y), (gb if need_bias_grad else None)
 

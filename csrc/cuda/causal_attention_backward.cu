@@ -1,4 +1,4 @@
-// Causal attention backward with a fixed split size in CUDA: reference.attention_backward, bit for bit.
+// Causal attention backward with a fixed split size in CUDA: reference.causal_attention_backward, bit for bit.
 //
 // Two kernels, each output element owned by one thread of one block (no atomics, fixed orders):
 //
@@ -544,7 +544,7 @@ cudaError_t launch(const void* grad_o, const int64_t* go_strides, const void* q,
 
 }  // namespace
 
-cudaError_t attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
+cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
                                const void* k, const int64_t* k_strides, const void* v, const int64_t* v_strides,
                                const float* m, const float* l, void* dq, void* dk, void* dv, float* workspace,
                                int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,

@@ -1,4 +1,4 @@
-"""The Triton attention backward (fusedtx.kernels.attention_backward), run by the interpreter on CPU.
+"""The Triton attention backward (fusedtx.kernels.causal_attention_backward), run by the interpreter on CPU.
 
 Accuracy of dq, dk, dv against float64 SDPA autograd (GQA expanded for SDPA), bitwise run-to-run
 determinism, batch invariance of dq, dk, dv (a sequence alone vs inside a batch of 3), bad input
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from fusedtx.kernels import INTERPRETED  # noqa: E402
-from fusedtx.kernels import attention as forward_kernels  # noqa: E402
-from fusedtx.kernels import attention_backward as kernels  # noqa: E402
+from fusedtx.kernels import causal_attention as forward_kernels  # noqa: E402
+from fusedtx.kernels import causal_attention_backward as kernels  # noqa: E402
 from helpers import assert_accuracy, assert_bitwise_equal, rel_error  # noqa: E402
-from test_attention import make, qkv  # noqa: E402
+from test_causal_attention import make, qkv  # noqa: E402
 
 # masked lanes compute exp(-inf - -inf) etc. before tl.where drops them: numpy warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -31,8 +31,8 @@ def forward_backward(q, k, v, grad_o, split_size=SPLIT):
     q, k, v, grad_o = (t.to(DEVICE) for t in (q, k, v, grad_o))
     scale = q.shape[-1] ** -0.5
     lengths = torch.full((q.shape[0],), q.shape[2], device=DEVICE)
-    _, m, l = forward_kernels.attention_forward(q, k, v, lengths, scale, split_size)
-    return [t.cpu() for t in kernels.attention_backward(grad_o, q, k, v, m, l, scale, split_size)]
+    _, m, l = forward_kernels.causal_attention_forward(q, k, v, lengths, scale, split_size)
+    return [t.cpu() for t in kernels.causal_attention_backward(grad_o, q, k, v, m, l, scale, split_size)]
 
 
 def sdpa_grads(q, k, v, grad_o, dtype):
@@ -98,10 +98,10 @@ def test_run_to_run_determinism(dtype):
     """The same inputs give the same bits, 5 runs (no atomics; fixed loop orders)."""
     q, k, v, grad_o = (t.to(DEVICE) for t in inputs(1, 2, 41, 16, dtype, kv_heads=1, seed=7))
     scale = 16 ** -0.5
-    _, m, l = forward_kernels.attention_forward(q, k, v, torch.full((1,), 41, device=DEVICE), scale, SPLIT)
-    first = kernels.attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
+    _, m, l = forward_kernels.causal_attention_forward(q, k, v, torch.full((1,), 41, device=DEVICE), scale, SPLIT)
+    first = kernels.causal_attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
     for run in range(5):
-        again = kernels.attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
+        again = kernels.causal_attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
         for name, a, b in zip(("dq", "dk", "dv"), again, first):
             assert_bitwise_equal(a, b, f"{name} {dtype} run {run + 1}")
 
@@ -133,7 +133,7 @@ def test_empty_and_strided_inputs():
     q, k, v, grad_o = inputs(1, 2, 0, 16, torch.float32, kv_heads=1)
     q, k, v, grad_o = (t.to(DEVICE) for t in (q, k, v, grad_o))
     m = torch.empty(1, 2, 0, device=DEVICE)
-    dq, dk, dv = kernels.attention_backward(grad_o, q, k, v, m, m, 0.25, SPLIT)
+    dq, dk, dv = kernels.causal_attention_backward(grad_o, q, k, v, m, m, 0.25, SPLIT)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     # (B, T, H, D) storage seen as (B, H, T, D): any strides are read as they are
     q, k, v, grad_o = inputs(1, 2, 19, 16, torch.float32, kv_heads=1, seed=2)
@@ -171,7 +171,7 @@ def test_bad_input_errors(change, error, match):
     args = _good()
     change(args)
     with pytest.raises(error, match=match):
-        kernels.attention_backward(**args)
+        kernels.causal_attention_backward(**args)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the device check is tested with the interpreter on CPU")
@@ -179,4 +179,4 @@ def test_device_mismatch_error():
     args = _good()
     args["m"] = args["m"].to("meta")
     with pytest.raises(ValueError, match="m is on meta"):
-        kernels.attention_backward(**args)
+        kernels.causal_attention_backward(**args)

@@ -1,5 +1,5 @@
-// Torch glue for csrc/cuda/attention.cu: checks, allocation, stream, and the CUDA registration of
-// fusedtx_native::attention_forward (schema in csrc/registration.cpp).
+// Torch glue for csrc/cuda/causal_attention.cu: checks, allocation, stream, and the CUDA registration of
+// fusedtx_native::causal_attention_forward (schema in csrc/registration.cpp).
 //
 // q, k and v may have any strides with a contiguous last dim (the kernel reads them through their
 // strides: no copy for a KV cache slice or a (B, T, H, D) -> (B, H, T, D) transpose). seqlens is
@@ -26,10 +26,10 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* op, const
               " must have a contiguous last dim (stride 1), got strides ", t.strides());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                                       const at::Tensor& v, const at::Tensor& seqlens,
                                                                       double scale, int64_t split_size) {
-  constexpr const char* op = "fusedtx attention_forward";
+  constexpr const char* op = "fusedtx causal_attention_forward";
   check_input(q, q, op, "q");
   check_input(k, q, op, "k");
   check_input(v, q, op, "v");
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(const at::
   const int64_t q_strides[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t k_strides[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_strides[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  check_launch(attention_forward(q.const_data_ptr(), q_strides, k.const_data_ptr(), k_strides, v.const_data_ptr(),
+  check_launch(causal_attention_forward(q.const_data_ptr(), q_strides, k.const_data_ptr(), k_strides, v.const_data_ptr(),
                                  v_strides, lengths.const_data_ptr<int64_t>(), out.mutable_data_ptr(),
                                  m_out.mutable_data_ptr<float>(), l_out.mutable_data_ptr<float>(), batch, heads,
                                  kv_heads, n_queries, t_max, dim, static_cast<float>(scale), split_size, dtype,
@@ -86,4 +86,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(const at::
 }  // namespace
 }  // namespace fusedtx::cuda
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) { m.impl("attention_forward", &fusedtx::cuda::attention_forward_cuda); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) { m.impl("causal_attention_forward", &fusedtx::cuda::causal_attention_forward_cuda); }

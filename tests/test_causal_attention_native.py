@@ -1,6 +1,6 @@
-"""The native CPU attention forward (csrc/cpu/attention.cpp) against its specification.
+"""The native CPU attention forward (csrc/cpu/causal_attention.cpp) against its specification.
 
-torch.ops.fusedtx_native.attention_forward must equal reference.attention_forward bit for bit
+torch.ops.fusedtx_native.causal_attention_forward must equal reference.causal_attention_forward bit for bit
 (o, m and l) for float32, bfloat16 and float16, any head dim, grouped-query heads and split
 sizes; a full causal pass, any chunked prefill and token-by-token decode against a KV cache
 with garbage beyond its length must agree bitwise; a sequence's bits must not depend on the
@@ -14,7 +14,7 @@ import torch
 
 from fusedtx import reference
 from helpers import assert_bitwise_equal, bits, bitwise_equal, garbage_like, poisoned_outputs, require, under_each_thread_count
-from test_attention import batch_failures, chunked, decode_cache, make, qkv, split_count_from_batch
+from test_causal_attention import batch_failures, chunked, decode_cache, make, qkv, split_count_from_batch
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -24,7 +24,7 @@ def native():
     require("cpu", "native")
     from fusedtx import _extension
 
-    return _extension.ops().attention_forward
+    return _extension.ops().causal_attention_forward
 
 
 def lengths_of(q, length=None):
@@ -47,7 +47,7 @@ def test_bitwise_equal_to_spec(native, dtype, dim, heads, kv_heads, split):
             continue  # keep the emulated reference fast
         q, k, v = qkv(1, heads, length, dim, dtype, kv_heads, seed=length)
         lens, scale = lengths_of(q), dim ** -0.5
-        ref = reference.attention_forward(q, k, v, lens, scale, split)
+        ref = reference.causal_attention_forward(q, k, v, lens, scale, split)
         ours = native(q, k, v, lens, scale, split)
         assert ours[0].dtype == dtype and ours[0].shape == q.shape and ours[0].is_contiguous()
         assert ours[1].dtype == torch.float32 and ours[1].shape == q.shape[:3]
@@ -70,7 +70,7 @@ def test_queries_at_the_end_of_a_longer_cache_with_garbage(native, dtype):
         ours = native(q, k_cache, v_cache, lens, 0.3, split)
     assert torch.isfinite(ours[0]).all()
     for b, n in enumerate(lens.tolist()):  # the reference on exactly the valid keys
-        ref = reference.attention_forward(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
+        ref = reference.causal_attention_forward(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
                                           lens[b:b + 1], 0.3, split)
         assert_same([t[b:b + 1] for t in ours], ref, f"sequence {b}")
 
@@ -92,7 +92,7 @@ def test_few_queries_against_a_long_cache(native, dtype, dim, split):
         qs = q[:, :, :n_queries]
         ours = native(qs, k_cache, v_cache, lens, dim ** -0.5, split)
         for b, n in enumerate(lens.tolist()):
-            ref = reference.attention_forward(qs[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
+            ref = reference.causal_attention_forward(qs[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
                                               lens[b:b + 1], dim ** -0.5, split)
             assert_same([t[b:b + 1] for t in ours], ref, f"Tq={n_queries} sequence {b} (length {n})")
 
@@ -171,7 +171,7 @@ def test_strided_views(native):
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
     lens = lengths_of(q)
     assert_same(native(q, k, v, lens, 0.2, 16),
-                reference.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), lens, 0.2, 16), "strided")
+                reference.causal_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), lens, 0.2, 16), "strided")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))

@@ -1,7 +1,7 @@
 """Causal attention backward in Triton: (dq, dk, dv) of a full causal pass, deterministically.
 
-The gradients are reference.attention_backward's (q (B, H, T, D), k, v (B, Hkv, T, D), GQA by
-h // (H / Hkv); m, l from kernels.attention.attention_forward, float32 (B, H, T); the forward's
+The gradients are reference.causal_attention_backward's (q (B, H, T, D), k, v (B, Hkv, T, D), GQA by
+h // (H / Hkv); m, l from kernels.causal_attention.causal_attention_forward, float32 (B, H, T); the forward's
 output o is not needed):
     P_ij = exp_f32(s_ij - m_i) / l_i,  s_ij = (q_i . k_j) * scale  (j <= i, else 0)
     dP = dO v^T,  D_i = sum_j P_ij dP_ij,  dS = P * (dP - D)
@@ -14,7 +14,7 @@ bound applies); what this module promises is determinism and batch invariance, b
     sums the very values dS subtracts it from — the softmax backward's row sum, not FlashAttention's
     shortcut dO_i . o_i, whose independent rounding left float32 dq, dk at T = 2, 3 up to 1.8x as
     far from float64 as PyTorch's eager backward, this form up to 1.1x (errors over 8 draws, under
-    the interpreter; see reference.attention_backward and tests/test_attention.py). As in the
+    the interpreter; see reference.causal_attention_backward and tests/test_causal_attention.py). As in the
     reference, the keys are summed in blocks of split_size from 0, the block sums added in
     ascending order; inside a block, each key tile's tl.sum is added in ascending tile order. It
     costs one more pass over the keys (two of the dq kernel's three dots).
@@ -46,7 +46,7 @@ import triton.language as tl
 from .. import config as _config
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
-from .attention import HEAD_DIMS, check_kv_layout, check_tensors
+from .causal_attention import HEAD_DIMS, check_kv_layout, check_tensors
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load", "_dot_d", "_p_dp_tile", "_mma_operand", "_store")
 
@@ -101,7 +101,7 @@ def _load(ptrs, mask, F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
 def _dot_d(a, bt, INPUT_PRECISION: tl.constexpr, F32_DOTS: tl.constexpr):
     """a (R, D) @ bt (D, C), a sum over the head dim (s = q.k, dP = dO.v). Under the interpreter
     it is the forward's own sum (a broadcast product summed over d in ascending order, see
-    kernels/attention.py): s, and with it P = exp(s - m) / l, then agrees bit for bit with the m
+    kernels/causal_attention.py): s, and with it P = exp(s - m) / l, then agrees bit for bit with the m
     and l the forward computed (P_00 = 1, so dS_00 = dP_00 - P_00 dP_00 is exactly 0), and every
     kernel's dP agrees with the others'. numpy picks its reduction order from the memory layout, so
     a and bt must be freshly loaded (row-major) tiles, never tl.trans views. On GPUs tl.dot, as
@@ -287,7 +287,7 @@ def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
 
 
 def _check_inputs(grad_o, q, k, v, m, l, scale, split_size):
-    what = "attention_backward"
+    what = "causal_attention_backward"
     tensors = (("grad_o", grad_o), ("q", q), ("k", k), ("v", v), ("m", m), ("l", l))
     check_tensors(what, tensors, (("grad_o", grad_o), ("q", q), ("k", k), ("v", v)))
     for name, t in (("grad_o", grad_o), ("k", k), ("v", v)):
@@ -314,9 +314,9 @@ def preprocess_block_n(cfg: TileConfig, split_size: int) -> int:
     return min(cfg.BLOCK_N2, split_size)
 
 
-def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int):
-    """reference.attention_backward in Triton: (dq, dk, dv), contiguous, in the inputs' dtype.
+    """reference.causal_attention_backward in Triton: (dq, dk, dv), contiguous, in the inputs' dtype.
     grad_o, q, k, v may have any strides; m, l are the forward's float32 (B, H, T) statistics."""
     _check_inputs(grad_o, q, k, v, m, l, scale, split_size)
     batch, heads, length, dim = q.shape

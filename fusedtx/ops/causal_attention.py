@@ -8,13 +8,13 @@ KV cache (chunked prefill, decode), with backend dispatch, fake and autograd reg
     fusedtx::attention_with_kv_cache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens,
         float scale, int split_size, str backend) -> Tensor o
 
-Every backend computes reference.attention_forward: keys cut at multiples of the split size S
+Every backend computes reference.causal_attention_forward: keys cut at multiples of the split size S
 counted from position 0, each chunk reduced on its own, chunk partials merged in ascending
 order — so a query's output is the same bits in a full pass, a chunked prefill or a decode step,
 whatever else is in the batch. m and l (float32 row max and sum) are saved for the backward,
-which follows reference.attention_backward's fixed summation orders (no atomics). The backward
+which follows reference.causal_attention_backward's fixed summation orders (no atomics). The backward
 does not read the output o: its D_i is the row sum of P * dP, recomputed from q, k, v, grad_o
-and m, l (more accurate than FlashAttention's dO_i . o_i, see reference.attention_backward), so
+and m, l (more accurate than FlashAttention's dO_i . o_i, see reference.causal_attention_backward), so
 autograd keeps q, k, v, m, l and not o.
 """
 from __future__ import annotations
@@ -94,12 +94,12 @@ def _native(op_name: str, device: torch.device):
 
 def _forward(backend, q, k, v, seqlens, scale, split_size):
     if backend == "reference":
-        return reference.attention_forward(q, k, v, seqlens.cpu(), scale, split_size)
+        return reference.causal_attention_forward(q, k, v, seqlens.cpu(), scale, split_size)
     if backend == "triton":
-        from ..kernels import attention as triton_attention
+        from ..kernels import causal_attention as triton_causal_attention
 
-        return triton_attention.attention_forward(q, k, v, seqlens, scale, split_size)
-    return _native("attention_forward", q.device)(q, k, v, seqlens.cpu(), scale, split_size)
+        return triton_causal_attention.causal_attention_forward(q, k, v, seqlens, scale, split_size)
+    return _native("causal_attention_forward", q.device)(q, k, v, seqlens.cpu(), scale, split_size)
 
 
 def _full_lengths(q: torch.Tensor) -> torch.Tensor:
@@ -140,12 +140,12 @@ def causal_attention_backward_impl(grad_o, q, k, v, m, l, scale, split_size, bac
     _check_backend(backend, "causal_attention")
     grad_o = grad_o.to(q.dtype).contiguous()
     if backend == "reference":
-        return reference.attention_backward(grad_o, q, k, v, m, l, scale, split_size)
+        return reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split_size)
     if backend == "triton":
-        from ..kernels import attention_backward as triton_attention_backward
+        from ..kernels import causal_attention_backward as triton_causal_attention_backward
 
-        return triton_attention_backward.attention_backward(grad_o, q, k, v, m, l, scale, split_size)
-    return _native("attention_backward", q.device)(grad_o, q, k, v, m, l, scale, split_size)
+        return triton_causal_attention_backward.causal_attention_backward(grad_o, q, k, v, m, l, scale, split_size)
+    return _native("causal_attention_backward", q.device)(grad_o, q, k, v, m, l, scale, split_size)
 
 
 @torch.library.custom_op("fusedtx::causal_attention_backward", mutates_args=())

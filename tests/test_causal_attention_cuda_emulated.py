@@ -1,6 +1,6 @@
-"""csrc/cuda/attention.cu (the native CUDA attention forward) run on the CPU under the
+"""csrc/cuda/causal_attention.cu (the native CUDA attention forward) run on the CPU under the
 thread-per-CUDA-thread emulator (tests/cuda_emu), compared bit for bit with
-reference.attention_forward: full causal passes, GQA, strided views, chunked prefill and decode
+reference.causal_attention_forward: full causal passes, GQA, strided views, chunked prefill and decode
 against a KV cache holding garbage beyond each sequence's length, and a negative control.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ extern "C" int emu_attention_forward(const void* q, const int64_t* qs, const voi
                                      const int64_t* vs, const int64_t* seqlens, void* o, float* m, float* l,
                                      int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries, int64_t t_max,
                                      int64_t dim, float scale, int64_t split, int dtype) {
-  return (int)fusedtx::cuda::attention_forward(q, qs, k, ks, v, vs, seqlens, o, m, l, batch, heads, kv_heads,
+  return (int)fusedtx::cuda::causal_attention_forward(q, qs, k, ks, v, vs, seqlens, o, m, l, batch, heads, kv_heads,
                                                n_queries, t_max, dim, scale, split, (fusedtx::cuda::DType)dtype,
                                                nullptr);
 }
@@ -35,7 +35,7 @@ def _argtypes(lib):
 
 @pytest.fixture(scope="module")
 def attention_lib(tmp_path_factory):
-    return _argtypes(build("attention.cu", ATTENTION_WRAPPERS, tmp_path_factory.mktemp("emu"), CUDA_INCLUDE))
+    return _argtypes(build("causal_attention.cu", ATTENTION_WRAPPERS, tmp_path_factory.mktemp("emu"), CUDA_INCLUDE))
 
 
 def emu_attention(lib, q, k, v, seqlens, scale, split):
@@ -54,7 +54,7 @@ def emu_attention(lib, q, k, v, seqlens, scale, split):
 
 
 def assert_matches_reference(got, q, k, v, seqlens, scale, split, what):
-    ref = reference.attention_forward(q, k, v, seqlens, scale, split)
+    ref = reference.causal_attention_forward(q, k, v, seqlens, scale, split)
     for ours, theirs, name in zip(got, ref, ("o", "m", "l")):
         assert_bitwise_equal(ours, theirs, f"{what}: {name}")
 
@@ -135,7 +135,7 @@ def test_out_of_range_lengths_give_nan_rows(attention_lib):
     seqlens = torch.tensor([1, 20, 21])
     o, m, l = emu_attention(attention_lib, q, k, v, seqlens, 0.25, 16)
     assert o[0].isnan().all() and m[0].isnan().all() and o[2].isnan().all() and l[2].isnan().all()
-    ref = reference.attention_forward(q[1:2], k[1:2], v[1:2], seqlens[1:2], 0.25, 16)
+    ref = reference.causal_attention_forward(q[1:2], k[1:2], v[1:2], seqlens[1:2], 0.25, 16)
     assert_bitwise_equal(o[1:2], ref[0], "the valid sequence")
 
 
@@ -148,7 +148,7 @@ def test_negative_control_fma_merge_and_descending_chunks_are_caught(tmp_path):
     q, k, v = strided_qkv(1, 2, 1, 53, 53, 16, torch.float32, g, "contiguous")
     q = q * 3  # spread the scores so that chunk maxima differ
     seqlens = torch.tensor([53])
-    ref = reference.attention_forward(q, k, v, seqlens, 0.25, 16)
+    ref = reference.causal_attention_forward(q, k, v, seqlens, 0.25, 16)
     exact = torch.softmax((q @ k.transpose(-1, -2) * 0.25).masked_fill(
         torch.ones(53, 53, dtype=torch.bool).triu(1), float("-inf")), -1) @ v
 
@@ -168,7 +168,7 @@ def test_negative_control_fma_merge_and_descending_chunks_are_caught(tmp_path):
         return source.replace("float m = 0.0f, l = 0.0f;", "float m = 0.0f, l = 0.0f;\n  bool first_done = false;")
 
     for mutate, what in ((fma_merge, "FMA merge"), (descending, "descending chunks")):
-        lib = _argtypes(build("attention.cu", ATTENTION_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+        lib = _argtypes(build("causal_attention.cu", ATTENTION_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
         o, _, _ = emu_attention(lib, q, k, v, seqlens, 0.25, 16)
         torch.testing.assert_close(o, exact, rtol=1e-5, atol=1e-5)  # still a correct attention...
         assert not torch.equal(o, ref[0]), what  # ...with other roundings

@@ -1,5 +1,5 @@
-// Torch glue for csrc/cuda/attention_backward.cu: checks, allocation, stream, and the CUDA
-// registration of fusedtx_native::attention_backward (schema in csrc/registration.cpp).
+// Torch glue for csrc/cuda/causal_attention_backward.cu: checks, allocation, stream, and the CUDA
+// registration of fusedtx_native::causal_attention_backward (schema in csrc/registration.cpp).
 //
 // grad_o, q, k and v may have any strides with a contiguous last dim (the kernels read them through
 // their strides: no copy for a (B, T, H, D) -> (B, H, T, D) transpose); m and l are made
@@ -19,7 +19,7 @@
 namespace fusedtx::cuda {
 namespace {
 
-constexpr const char* kOp = "fusedtx attention_backward";
+constexpr const char* kOp = "fusedtx causal_attention_backward";
 
 void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.is_cuda(), kOp, ": ", name, " must be a CUDA tensor, got one on ", t.device());
@@ -29,7 +29,7 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
               " must have a contiguous last dim (stride 1), got strides ", t.strides());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at::Tensor& grad_o, const at::Tensor& q,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(const at::Tensor& grad_o, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
                                                                        const at::Tensor& m, const at::Tensor& l,
                                                                        double scale, int64_t split_size) {
@@ -82,14 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at:
   }
   const at::Tensor mc = m.contiguous(), lc = l.contiguous();
   at::Tensor workspace =
-      at::empty({attention_backward_workspace_elems(batch, heads, kv_heads, length, dim, dtype)},
+      at::empty({causal_attention_backward_workspace_elems(batch, heads, kv_heads, length, dim, dtype)},
                 q.options().dtype(at::kFloat));
 
   const int64_t go_strides[3] = {grad_o.stride(0), grad_o.stride(1), grad_o.stride(2)};
   const int64_t q_strides[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t k_strides[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t v_strides[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  check_launch(attention_backward(grad_o.const_data_ptr(), go_strides, q.const_data_ptr(), q_strides,
+  check_launch(causal_attention_backward(grad_o.const_data_ptr(), go_strides, q.const_data_ptr(), q_strides,
                                   k.const_data_ptr(), k_strides, v.const_data_ptr(), v_strides,
                                   mc.const_data_ptr<float>(), lc.const_data_ptr<float>(), dq.mutable_data_ptr(),
                                   dk.mutable_data_ptr(), dv.mutable_data_ptr(), workspace.mutable_data_ptr<float>(),
@@ -102,4 +102,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at:
 }  // namespace
 }  // namespace fusedtx::cuda
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) { m.impl("attention_backward", &fusedtx::cuda::attention_backward_cuda); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) { m.impl("causal_attention_backward", &fusedtx::cuda::causal_attention_backward_cuda); }

@@ -1,4 +1,4 @@
-// Causal attention backward with a fixed split size on CPU: reference.attention_backward, bit for bit.
+// Causal attention backward with a fixed split size on CPU: reference.causal_attention_backward, bit for bit.
 //
 // FlashAttention-2 style, in two passes that each recompute the probabilities from the forward's
 // row statistics (m, l), so that every output is owned by exactly one task and nothing is reduced
@@ -319,7 +319,7 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
   }
 }
 
-constexpr const char* kOp = "fusedtx attention_backward";
+constexpr const char* kOp = "fusedtx causal_attention_backward";
 
 void check_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t.device());
@@ -340,7 +340,7 @@ View as_float_view(const at::Tensor& t, int64_t dim_pad, at::Tensor& keep) {
   return {keep.const_data_ptr<float>(), keep.stride(0), keep.stride(1), keep.stride(2)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_o, const at::Tensor& q,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad_o, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& m, const at::Tensor& l,
                                                                   double scale, int64_t split_size) {
@@ -444,4 +444,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
 }  // namespace
 }  // namespace fusedtx::cpu
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("attention_backward", &fusedtx::cpu::attention_backward); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("causal_attention_backward", &fusedtx::cpu::causal_attention_backward); }

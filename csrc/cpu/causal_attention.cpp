@@ -1,4 +1,4 @@
-// Causal attention forward with a fixed split size on CPU: reference.attention_forward, bit for bit.
+// Causal attention forward with a fixed split size on CPU: reference.causal_attention_forward, bit for bit.
 //
 // One task = (batch b, head h, block of up to 32 queries); tasks are spread over threads and
 // nothing inside a task is split, so neither the thread count nor the batch changes any bits.
@@ -429,17 +429,17 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
 }
 
 void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedtx attention_forward: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, "fusedtx attention_forward: ", name, " must be 4-D (batch, heads, positions, head_dim), got sizes ",
+  TORCH_CHECK(t.device().is_cpu(), "fusedtx causal_attention_forward: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, "fusedtx causal_attention_forward: ", name, " must be 4-D (batch, heads, positions, head_dim), got sizes ",
               t.sizes());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fusedtx attention_forward: ", name,
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fusedtx causal_attention_forward: ", name,
               " must have a contiguous last dim (stride 1), got strides ", t.strides());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v, const at::Tensor& seqlens,
                                                                  double scale, int64_t split_size) {
-  constexpr const char* op = "fusedtx attention_forward";
+  constexpr const char* op = "fusedtx causal_attention_forward";
   check_input(q, "q");
   check_input(k, "k");
   check_input(v, "v");
@@ -516,4 +516,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
 }  // namespace
 }  // namespace fusedtx::cpu
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("attention_forward", &fusedtx::cpu::attention_forward); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("causal_attention_forward", &fusedtx::cpu::causal_attention_forward); }

@@ -1,6 +1,6 @@
-"""csrc/cuda/attention_backward.cu (the native CUDA attention backward) run on the CPU under the
+"""csrc/cuda/causal_attention_backward.cu (the native CUDA attention backward) run on the CPU under the
 thread-per-CUDA-thread emulator (tests/cuda_emu), compared bit for bit with
-reference.attention_backward (m and l from reference.attention_forward): three dtypes, head dims
+reference.causal_attention_backward (m and l from reference.causal_attention_forward): three dtypes, head dims
 16 ... 128 (and one padded dim), lengths around the split size, grouped-query heads, strided views,
 split sizes past the kernel's 32-position tiles, and negative controls. On a GPU, the registered
 op is compared with the reference too.
@@ -24,13 +24,13 @@ extern "C" int emu_attention_backward(const void* go, const int64_t* gos, const 
                                       const float* m, const float* l, void* dq, void* dk, void* dv, float* ws,
                                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                                       float scale, int64_t split, int dtype) {
-  return (int)fusedtx::cuda::attention_backward(go, gos, q, qs, k, ks, v, vs, m, l, dq, dk, dv, ws, batch, heads,
+  return (int)fusedtx::cuda::causal_attention_backward(go, gos, q, qs, k, ks, v, vs, m, l, dq, dk, dv, ws, batch, heads,
                                                 kv_heads, length, dim, scale, split, (fusedtx::cuda::DType)dtype,
                                                 nullptr);
 }
 extern "C" int64_t emu_attention_backward_workspace(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
                                                     int64_t dim, int dtype) {
-  return fusedtx::cuda::attention_backward_workspace_elems(batch, heads, kv_heads, length, dim,
+  return fusedtx::cuda::causal_attention_backward_workspace_elems(batch, heads, kv_heads, length, dim,
                                                            (fusedtx::cuda::DType)dtype);
 }
 """
@@ -50,7 +50,7 @@ def _argtypes(lib):
 
 @pytest.fixture(scope="module")
 def backward_lib(tmp_path_factory):
-    return _argtypes(build("attention_backward.cu", BACKWARD_WRAPPERS, tmp_path_factory.mktemp("emu"), CUDA_INCLUDE))
+    return _argtypes(build("causal_attention_backward.cu", BACKWARD_WRAPPERS, tmp_path_factory.mktemp("emu"), CUDA_INCLUDE))
 
 
 def emu_backward(lib, grad_o, q, k, v, m, l, scale, split):
@@ -90,14 +90,14 @@ def make_problem(batch, heads, kv_heads, length, dim, dtype, seed, layout="conti
 
 def forward_stats(q, k, v, scale, split):
     seqlens = torch.full((q.shape[0],), q.shape[2], dtype=torch.int64)
-    _, m, l = reference.attention_forward(q, k, v, seqlens, scale, split)
+    _, m, l = reference.causal_attention_forward(q, k, v, seqlens, scale, split)
     return m, l
 
 
 def check(lib, grad_o, q, k, v, scale, split, what):
     m, l = forward_stats(q, k, v, scale, split)
     got = emu_backward(lib, grad_o, q, k, v, m, l, scale, split)
-    ref = reference.attention_backward(grad_o, q, k, v, m, l, scale, split)
+    ref = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
     for ours, theirs, name in zip(got, ref, ("dq", "dk", "dv")):
         assert_bitwise_equal(ours, theirs, f"{what}: {name}")
     return got
@@ -220,13 +220,13 @@ def test_negative_control_other_orders_are_caught(tmp_path, what):
         assert source.count(old) == 1, what
         return source.replace(old, new)
 
-    lib = _argtypes(build("attention_backward.cu", BACKWARD_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    lib = _argtypes(build("causal_attention_backward.cu", BACKWARD_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
     grad_o, q, k, v = make_problem(1, 2, 1, 70, 32, torch.float32, seed=17)
     q = q * 2  # spread the scores
     scale = 32 ** -0.5
     m, l = forward_stats(q, k, v, scale, SPLIT)
     got = emu_backward(lib, grad_o, q, k, v, m, l, scale, SPLIT)
-    ref = reference.attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
+    ref = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, SPLIT)
     for ours, exact in zip(got, _exact_grads(grad_o, q, k, v, scale)):
         torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-4)  # still correct gradients...
     assert not all(torch.equal(a, b) for a, b in zip(got, ref)), what  # ...with other roundings
@@ -241,7 +241,7 @@ def test_negative_control_other_orders_are_caught(tmp_path, what):
     (40, 3, 1, 50, 16, "strided"),
 ], ids=["D64-gqa", "D128-mqa-strided", "D16", "D40-strided"])
 def test_cuda_op_matches_reference(dtype, dim, heads, kv_heads, length, split, layout):
-    """On a GPU: torch.ops.fusedtx_native.attention_backward (this kernel, through its glue) equals
+    """On a GPU: torch.ops.fusedtx_native.causal_attention_backward (this kernel, through its glue) equals
     the reference bit for bit, run after run."""
     require("cuda", "native")
     from fusedtx import _extension
@@ -252,13 +252,13 @@ def test_cuda_op_matches_reference(dtype, dim, heads, kv_heads, length, split, l
     grad_o, q, k, v = (t.cpu() for t in inputs)
     scale = dim ** -0.5
     m, l = forward_stats(q, k, v, scale, split)
-    ref = reference.attention_backward(grad_o, q, k, v, m, l, scale, split)
+    ref = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
     args = [*inputs, m.cuda(), l.cuda()]
-    first = ops.attention_backward(*args, scale, split)
+    first = ops.causal_attention_backward(*args, scale, split)
     for ours, theirs, name in zip(first, ref, ("dq", "dk", "dv")):
         assert ours.is_cuda and ours.is_contiguous() and ours.dtype == dtype
         assert_bitwise_equal(ours.cpu(), theirs, f"{name}")
-    for ours, again in zip(first, ops.attention_backward(*args, scale, split)):
+    for ours, again in zip(first, ops.causal_attention_backward(*args, scale, split)):
         assert_bitwise_equal(ours, again, "rerun")
 
 
@@ -280,4 +280,4 @@ def test_cuda_op_rejects_bad_input():
     ]
     for args, message in bad:
         with pytest.raises(RuntimeError, match=re.escape(message)):
-            ops.attention_backward(*args)
+            ops.causal_attention_backward(*args)

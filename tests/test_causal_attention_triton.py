@@ -1,4 +1,4 @@
-"""The Triton attention forward (fusedtx.kernels.attention), run by the interpreter on CPU.
+"""The Triton attention forward (fusedtx.kernels.causal_attention), run by the interpreter on CPU.
 
 Accuracy against float64 SDPA; bitwise: full causal pass == chunked prefill == token-by-token
 decode against a KV cache with garbage beyond the length, on both schedules (in-kernel merge and
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from fusedtx.kernels import INTERPRETED  # noqa: E402
-from fusedtx.kernels import attention as kernels  # noqa: E402
+from fusedtx.kernels import causal_attention as kernels  # noqa: E402
 from helpers import assert_accuracy, assert_bitwise_equal, bitwise_equal  # noqa: E402
-from test_attention import batch_failures, chunked, decode_cache, qkv  # noqa: E402
+from test_causal_attention import batch_failures, chunked, decode_cache, qkv  # noqa: E402
 
 # masked lanes compute exp(-inf - -inf) etc. before tl.where drops them: numpy warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -30,10 +30,10 @@ def on_device(*tensors):
 
 
 def attend(schedule="auto"):
-    """kernels.attention_forward with the reference's signature (CPU tensors in, CPU tensors out)."""
+    """kernels.causal_attention_forward with the reference's signature (CPU tensors in, CPU tensors out)."""
     def run(q, k, v, seqlens, scale, split_size):
         q, k, v, seqlens = on_device(q, k, v, seqlens)
-        return [t.cpu() for t in kernels.attention_forward(q, k, v, seqlens, scale, split_size, schedule=schedule)]
+        return [t.cpu() for t in kernels.causal_attention_forward(q, k, v, seqlens, scale, split_size, schedule=schedule)]
     return run
 
 
@@ -143,18 +143,18 @@ def test_seqlens_on_the_cpu_give_the_same_bits():
     k_cache, v_cache = on_device(*decode_cache(k, v, 40, g))
     lengths = torch.tensor([30, 17, 1])
     q_last = on_device(q[:, :, -1:])[0]
-    on_host = kernels.attention_forward(q_last, k_cache, v_cache, lengths, 0.125, 16)
-    on_dev = kernels.attention_forward(q_last, k_cache, v_cache, lengths.to(DEVICE), 0.125, 16)
+    on_host = kernels.causal_attention_forward(q_last, k_cache, v_cache, lengths, 0.125, 16)
+    on_dev = kernels.causal_attention_forward(q_last, k_cache, v_cache, lengths.to(DEVICE), 0.125, 16)
     for a, b, name in zip(on_host, on_dev, ("o", "m", "l")):
         assert_bitwise_equal(a, b, f"{name}: CPU seqlens vs seqlens on {DEVICE}")
     with pytest.raises(ValueError, match=r"seqlens must lie in \[Tq, Tmax\]"):
-        kernels.attention_forward(q_last, k_cache, v_cache, torch.tensor([30, 41, 1]), 0.125, 16)
+        kernels.causal_attention_forward(q_last, k_cache, v_cache, torch.tensor([30, 41, 1]), 0.125, 16)
 
 
 def test_empty_query_block():
     q, k, v = on_device(*qkv(2, 2, 0, 16))
     k, v = on_device(*qkv(2, 2, 5, 16)[1:])
-    o, m, l = kernels.attention_forward(q, k, v, torch.tensor([3, 4], device=DEVICE), 0.25, 16)
+    o, m, l = kernels.causal_attention_forward(q, k, v, torch.tensor([3, 4], device=DEVICE), 0.25, 16)
     assert o.shape == (2, 2, 0, 16) and m.shape == l.shape == (2, 2, 0)
 
 
@@ -194,13 +194,13 @@ def test_bad_input_raises_a_clear_error(changes, error, match):
     args = _bad(**changes)
     args = {name: a.to(DEVICE) if isinstance(a, torch.Tensor) else a for name, a in args.items()}
     with pytest.raises(error, match=match):
-        kernels.attention_forward(**args)
+        kernels.causal_attention_forward(**args)
 
 
 def test_bad_schedule_and_wrong_device():
     args = {name: a.to(DEVICE) if isinstance(a, torch.Tensor) else a for name, a in _bad().items()}
     with pytest.raises(ValueError, match="schedule must be"):
-        kernels.attention_forward(**args, schedule="fast")
+        kernels.causal_attention_forward(**args, schedule="fast")
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="seqlens is on meta"):
-            kernels.attention_forward(**{**args, "seqlens": torch.tensor([8, 8], device="meta")})
+            kernels.causal_attention_forward(**{**args, "seqlens": torch.tensor([8, 8], device="meta")})

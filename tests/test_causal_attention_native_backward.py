@@ -1,6 +1,6 @@
-"""The native CPU attention backward (csrc/cpu/attention_backward.cpp) against its specification.
+"""The native CPU attention backward (csrc/cpu/causal_attention_backward.cpp) against its specification.
 
-torch.ops.fusedtx_native.attention_backward must equal reference.attention_backward bit for bit
+torch.ops.fusedtx_native.causal_attention_backward must equal reference.causal_attention_backward bit for bit
 (dq, dk and dv) for float32, bfloat16 and float16, any head dim, grouped-query heads and split
 sizes, given m, l from either forward (the native and the reference forward agree bitwise);
 it must give the same bits run after run and for any thread count, a sequence's gradients must
@@ -45,8 +45,8 @@ def lengths(q):
 
 def native_grads(ops, grad_o, q, k, v, split, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    _, m, l = ops.attention_forward(q, k, v, lengths(q), scale, split)
-    return ops.attention_backward(grad_o, q, k, v, m, l, scale, split)
+    _, m, l = ops.causal_attention_forward(q, k, v, lengths(q), scale, split)
+    return ops.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
 
 
 def assert_same(ours, ref, what):
@@ -62,9 +62,9 @@ def test_bitwise_equal_to_spec(ops, dtype, dim, heads, kv_heads, split):
     for length in (1, 2, split - 1, split, split + 1, 3 * split + 5):
         grad_o, q, k, v = problem(1, heads, kv_heads, length, dim, dtype, seed=length)
         scale = dim ** -0.5
-        _, m, l = ops.attention_forward(q, k, v, lengths(q), scale, split)
-        ours = ops.attention_backward(grad_o, q, k, v, m, l, scale, split)
-        ref = reference.attention_backward(grad_o, q, k, v, m, l, scale, split)
+        _, m, l = ops.causal_attention_forward(q, k, v, lengths(q), scale, split)
+        ours = ops.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
+        ref = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
         for t, like in zip(ours, (q, k, v)):
             assert t.dtype == dtype and t.shape == like.shape and t.is_contiguous()
         assert_same(ours, ref, f"{DTYPE_IDS[dtype]} D={dim} H={heads}/{kv_heads} S={split} T={length}")
@@ -77,11 +77,11 @@ def test_bitwise_equal_to_spec(ops, dtype, dim, heads, kv_heads, split):
 def test_with_the_reference_forward_statistics(ops, dtype, dim, heads, kv_heads, length, split):
     grad_o, q, k, v = problem(2, heads, kv_heads, length, dim, dtype, seed=7)
     scale = 0.3
-    o, m, l = reference.attention_forward(q, k, v, lengths(q), scale, split)
-    for name, a, b in zip("oml", ops.attention_forward(q, k, v, lengths(q), scale, split), (o, m, l)):
+    o, m, l = reference.causal_attention_forward(q, k, v, lengths(q), scale, split)
+    for name, a, b in zip("oml", ops.causal_attention_forward(q, k, v, lengths(q), scale, split), (o, m, l)):
         assert_bitwise_equal(a, b, f"native forward {name}")
-    ours = ops.attention_backward(grad_o, q, k, v, m, l, scale, split)
-    ref = reference.attention_backward(grad_o, q, k, v, m, l, scale, split)
+    ours = ops.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
+    ref = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
     assert_same(ours, ref, f"{DTYPE_IDS[dtype]} D={dim} H={heads}/{kv_heads} S={split} T={length}")
 
 
@@ -106,24 +106,24 @@ def test_batch_invariance(ops):
 def test_thread_count_invariance(ops, dtype):
     # Enough (batch, head, block) tasks for every thread count to split them differently.
     grad_o, q, k, v = problem(2, 4, 2, 150, 64, dtype, seed=11)
-    _, m, l = ops.attention_forward(q, k, v, lengths(q), 0.125, 32)
-    runs = under_each_thread_count(lambda: ops.attention_backward(grad_o, q, k, v, m, l, 0.125, 32))
+    _, m, l = ops.causal_attention_forward(q, k, v, lengths(q), 0.125, 32)
+    runs = under_each_thread_count(lambda: ops.causal_attention_backward(grad_o, q, k, v, m, l, 0.125, 32))
     for n_threads, run in zip((2, 3), runs[1:]):
         assert_same(run, runs[0], f"{n_threads} threads vs 1")
 
 
 def test_deterministic_run_to_run(ops):
     grad_o, q, k, v = problem(2, 4, 2, 150, 64, torch.float32, seed=5)
-    _, m, l = ops.attention_forward(q, k, v, lengths(q), 0.125, 32)
-    first = ops.attention_backward(grad_o, q, k, v, m, l, 0.125, 32)
+    _, m, l = ops.causal_attention_forward(q, k, v, lengths(q), 0.125, 32)
+    first = ops.causal_attention_backward(grad_o, q, k, v, m, l, 0.125, 32)
     for _ in range(20):
-        assert_same(ops.attention_backward(grad_o, q, k, v, m, l, 0.125, 32), first, "repeat")
+        assert_same(ops.causal_attention_backward(grad_o, q, k, v, m, l, 0.125, 32), first, "repeat")
 
 
 def test_empty_sequence(ops):
     grad_o, q, k, v = problem(1, 2, 1, 0, 16, torch.float32)
     m = l = torch.empty(1, 2, 0)
-    dq, dk, dv = ops.attention_backward(grad_o, q, k, v, m, l, 0.25, 16)
+    dq, dk, dv = ops.causal_attention_backward(grad_o, q, k, v, m, l, 0.25, 16)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -156,4 +156,4 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("what,change,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_a_clear_error(ops, what, change, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        ops.attention_backward(**_args(**change))
+        ops.causal_attention_backward(**_args(**change))

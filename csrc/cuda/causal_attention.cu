@@ -1,4 +1,4 @@
-// Causal attention forward with a fixed split size in CUDA: reference.attention_forward, bit for bit.
+// Causal attention forward with a fixed split size in CUDA: reference.causal_attention_forward, bit for bit.
 //
 // One thread block of kThreads = 128 threads per (batch b, head h, tile of kBlockQ = 16 queries);
 // a decode step (Tq = 1) runs the same block shape with the tile padded (the padding rows
@@ -252,7 +252,7 @@ cudaError_t launch(const void* q, const int64_t* q_strides, const void* k, const
 
 }  // namespace
 
-cudaError_t attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
+cudaError_t causal_attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
                               const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
                               float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
                               int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,

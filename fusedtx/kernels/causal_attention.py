@@ -1,7 +1,7 @@
 """Causal attention forward in Triton with a fixed split size S: prefill, chunked prefill, decode.
 
-The semantics are reference.attention_forward's (q (B, H, Tq, D), a KV cache k, v (B, Hkv, Tmax, D),
-per-sequence lengths; GQA by h // (H / Hkv)); `attention_forward` returns (o, m, l).
+The semantics are reference.causal_attention_forward's (q (B, H, Tq, D), a KV cache k, v (B, Hkv, Tmax, D),
+per-sequence lengths; GQA by h // (H / Hkv)); `causal_attention_forward` returns (o, m, l).
 
 Why a query's bits depend only on q_t, k_0..k_t, v_0..v_t (DESIGN.md point 3):
   * The keys are cut into chunks at multiples of S from position 0. Every chunk, in every kind of
@@ -152,7 +152,7 @@ def _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, chunk_sta
 
 @triton.jit
 def _merge(m, l, acc, m_c, l_c, acc_c, sees):
-    """reference.attention_forward's merge of a chunk's partial into the running (m, l, acc), for
+    """reference.causal_attention_forward's merge of a chunk's partial into the running (m, l, acc), for
     the rows that see the chunk."""
     m_new = tl.maximum(m, m_c)
     a = exp_f32(m - m_new)
@@ -315,7 +315,7 @@ def check_kv_layout(what: str, q, k, v) -> None:
 
 
 def _check_inputs(q, k, v, seqlens, scale, split_size):
-    what = "attention_forward"
+    what = "causal_attention_forward"
     check_tensors(what, (("q", q), ("k", k), ("v", v)), (("q", q), ("k", k), ("v", v)))
     if not isinstance(seqlens, torch.Tensor):
         raise TypeError(f"{what}: seqlens must be a torch.Tensor, got {type(seqlens).__name__}")
@@ -326,29 +326,29 @@ def _check_inputs(q, k, v, seqlens, scale, split_size):
     check_kv_layout(what, q, k, v)
     batch, _, n_queries, _ = q.shape
     if n_queries > k.shape[2]:
-        raise ValueError(f"attention_forward: q has {n_queries} queries, more than the cache's {k.shape[2]} slots")
+        raise ValueError(f"causal_attention_forward: q has {n_queries} queries, more than the cache's {k.shape[2]} slots")
     if seqlens.dim() != 1 or seqlens.shape[0] != batch:
-        raise ValueError(f"attention_forward: seqlens must have shape ({batch},), got {tuple(seqlens.shape)}")
+        raise ValueError(f"causal_attention_forward: seqlens must have shape ({batch},), got {tuple(seqlens.shape)}")
     if seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"attention_forward: seqlens must be int32 or int64, got {seqlens.dtype}")
+        raise TypeError(f"causal_attention_forward: seqlens must be int32 or int64, got {seqlens.dtype}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"attention_forward: scale must be a float, got {type(scale).__name__}")
-    _config._check_split_size(split_size, "attention_forward")
+        raise TypeError(f"causal_attention_forward: scale must be a float, got {type(scale).__name__}")
+    _config._check_split_size(split_size, "causal_attention_forward")
     if batch and n_queries:
         low, high = int(seqlens.min()), int(seqlens.max())  # a device sync unless seqlens is on the CPU
         if low < n_queries or high > k.shape[2]:
-            raise ValueError(f"attention_forward: seqlens must lie in [Tq, Tmax] = [{n_queries}, {k.shape[2]}], "
+            raise ValueError(f"causal_attention_forward: seqlens must lie in [Tq, Tmax] = [{n_queries}, {k.shape[2]}], "
                              f"got values in [{low}, {high}]")
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, scale: float,
+def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, scale: float,
                       split_size: int, schedule: str = "auto"):
-    """reference.attention_forward in Triton: returns (o (B, H, Tq, D) contiguous in q's dtype,
+    """reference.causal_attention_forward in Triton: returns (o (B, H, Tq, D) contiguous in q's dtype,
     m, l float32 (B, H, Tq)). q, k, v may have any strides. schedule: "auto" (split + merge when
     Tq fits one query tile, else the in-kernel merge), "prefill" or "split" — the same bits."""
     _check_inputs(q, k, v, seqlens, scale, split_size)
     if schedule not in ("auto", "prefill", "split"):
-        raise ValueError(f"attention_forward: schedule must be 'auto', 'prefill' or 'split', got {schedule!r}")
+        raise ValueError(f"causal_attention_forward: schedule must be 'auto', 'prefill' or 'split', got {schedule!r}")
     batch, heads, n_queries, dim = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     m = torch.empty(batch, heads, n_queries, dtype=torch.float32, device=q.device)

@@ -1,5 +1,5 @@
-"""Causal attention with a fixed split size: the specification (fusedtx.reference.attention_forward
-and attention_backward), then the ops on every backend.
+"""Causal attention with a fixed split size: the specification (fusedtx.reference.causal_attention_forward
+and causal_attention_backward), then the ops on every backend.
 
 What the kernels will be held to, checked on the spec first: accuracy of the output and of every
 gradient against float64 SDPA (every dtype, head dims 16 to 128, T from 1 to past three split
@@ -33,7 +33,7 @@ def qkv(batch, heads, length, dim, dtype=torch.float32, kv_heads=None, seed=0):
 
 def full_causal(q, k, v, split_size=S):
     lengths = torch.full((q.shape[0],), q.shape[2])
-    return reference.attention_forward(q, k, v, lengths, q.shape[-1] ** -0.5, split_size)[0]
+    return reference.causal_attention_forward(q, k, v, lengths, q.shape[-1] ** -0.5, split_size)[0]
 
 
 # Accuracy matrix of the spec: (head dim, KV heads of H = 2), multi-head and multi-query.
@@ -96,7 +96,7 @@ def decode_cache(k, v, tmax, generator):
     return k_cache, v_cache
 
 
-def chunked(q, k, v, chunk_sizes, tmax, split_size=S, attend=reference.attention_forward):
+def chunked(q, k, v, chunk_sizes, tmax, split_size=S, attend=reference.causal_attention_forward):
     """The outputs of a prefill in chunks of the given sizes (the last one repeats), each chunk
     attending to a cache filled up to its end, with garbage beyond."""
     g = torch.Generator().manual_seed(9)
@@ -145,7 +145,7 @@ def batch_failures(attend, split_size=S):
 
 
 def test_spec_batch_invariance_with_garbage_beyond_lengths():
-    assert batch_failures(reference.attention_forward) == []
+    assert batch_failures(reference.causal_attention_forward) == []
 
 
 def split_count_from_batch(q, k_cache, v_cache, seqlens, scale, split_size):
@@ -155,7 +155,7 @@ def split_count_from_batch(q, k_cache, v_cache, seqlens, scale, split_size):
     splits = max(1, 2 // q.shape[0])
     longest = int(seqlens.max())
     size = max(16, 1 << math.ceil(math.log2(max(1, math.ceil(longest / splits)))))
-    return reference.attention_forward(q, k_cache, v_cache, seqlens, scale, size)
+    return reference.causal_attention_forward(q, k_cache, v_cache, seqlens, scale, size)
 
 
 def test_negative_control_split_count_from_batch():
@@ -173,9 +173,9 @@ def test_spec_garbage_beyond_length_is_never_read():
     q, k, v = qkv(1, 2, S + 3, 16)
     g = torch.Generator().manual_seed(1)
     k_cache, v_cache = decode_cache(k, v, 3 * S, g)
-    out = reference.attention_forward(q[:, :, -2:], k_cache, v_cache, torch.tensor([S + 3]), 0.25, S)[0]
+    out = reference.causal_attention_forward(q[:, :, -2:], k_cache, v_cache, torch.tensor([S + 3]), 0.25, S)[0]
     assert torch.isfinite(out).all()
-    full = reference.attention_forward(q, k, v, torch.tensor([S + 3]), 0.25, S)[0]
+    full = reference.causal_attention_forward(q, k, v, torch.tensor([S + 3]), 0.25, S)[0]
     assert_bitwise_equal(out, full[:, :, -2:], "garbage beyond the length")
 
 
@@ -188,8 +188,8 @@ def test_spec_backward_accuracy_against_float64(dtype, length, dim, kv_heads):
         q, k, v = qkv(2, 2, length, dim, dtype, kv_heads, seed=seed)
         grad_o = make(q.shape, dtype, seed=seed + 7)
         scale = dim ** -0.5
-        _, m, l = reference.attention_forward(q, k, v, torch.full((2,), length), scale, S)
-        ours = reference.attention_backward(grad_o, q, k, v, m, l, scale, S)
+        _, m, l = reference.causal_attention_forward(q, k, v, torch.full((2,), length), scale, S)
+        ours = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, S)
         for name, a, like in zip(("dq", "dk", "dv"), ours, (q, k, v)):
             assert a.dtype == dtype and a.shape == like.shape, name
         eager, exact = sdpa_outputs(q, k, v, grad_o, lambda t: t), sdpa_outputs(q, k, v, grad_o, lambda t: t.double())
@@ -212,7 +212,7 @@ from helpers import DEVICE_BACKENDS, require  # noqa: E402
 
 
 def public_attend(backend):
-    """attention_with_kv_cache with reference.attention_forward's signature, for chunked()."""
+    """attention_with_kv_cache with reference.causal_attention_forward's signature, for chunked()."""
     def attend(q, k_cache, v_cache, seqlens, scale, split_size):
         return (fusedtx.attention_with_kv_cache(q, k_cache.to(q.device), v_cache.to(q.device), seqlens,
                                                 scale=scale, split_size=split_size, backend=backend),)
