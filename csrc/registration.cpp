@@ -37,7 +37,9 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b and bias share a dtype (float32,
   // bfloat16, float16); y is contiguous in that dtype. The second output is the pre-activation
   // a @ b + bias when save_preact (the backward's input), else an empty tensor.
-  m.def("linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact) -> (Tensor, Tensor)");
+  m.def(
+      "linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact, int k_block) "
+      "-> (Tensor, Tensor)");
   // The elementwise part of the Linear backward on contiguous (M, N) tensors, as
   // reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an empty
   // tensor when activation is 0: the caller uses grad_y), grad_bias = row_group_sum(grad_preact)

@@ -822,8 +822,9 @@ void check_cpu(const at::Tensor& t, const char* op, const char* name) {
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
-                                              int64_t activation, bool save_preact) {
-  constexpr const char* op = "fusedtx matmul";
+                                              int64_t activation, bool save_preact, int64_t k_block) {
+  constexpr const char* op = "linear_matmul";
+  TORCH_CHECK(k_block == kKBlock, op, ": the CPU kernel sums K in blocks of ", kKBlock, ", asked for ", k_block);
   check_cpu(a, op, "a");
   check_cpu(b, op, "b");
   TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D (M, K), got sizes ", a.sizes());

@@ -51,7 +51,10 @@ cudaError_t layer_norm_backward(const void* grad_y, const void* x, const void* m
 // accumulator from +0 taking an FMA for k ascending; `activation` is reference.ACT_* (0 none,
 // 1 gelu, 2 gelu_tanh). preact (the pre-activation h) is written when not nullptr and
 // activation != 0. m == 0 or n == 0 launches nothing.
-cudaError_t matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
+// K is summed in blocks of this many k's (reference.linear_matmul's k_block), compiled in.
+constexpr int64_t kLinearKBlock = 128;
+
+cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
                    int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
                    int activation, DType dtype, cudaStream_t stream);
 

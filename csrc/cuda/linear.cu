@@ -45,7 +45,7 @@ namespace {
 // fragments are two float4 reads per operand from shared memory, conflict-free.
 constexpr int kBM = 128, kBN = 128, kBK = 8;
 constexpr int kTM = 8, kTN = 8;
-constexpr int kKBlock = 128;                           // reference.MATMUL_K_BLOCK
+constexpr int kKBlock = static_cast<int>(kLinearKBlock);  // launchers.h
 constexpr int kTilesPerKBlock = kKBlock / kBK;         // 16 k-tiles per K block
 static_assert(kKBlock % kBK == 0, "a K block is a whole number of k-tiles");
 constexpr int kThreads = (kBM / kTM) * (kBN / kTN);  // 256
@@ -395,7 +395,7 @@ cudaError_t launch_bias_act_backward(const void* grad_y, const void* preact, voi
 
 }  // namespace
 
-cudaError_t matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
+cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
                    int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
                    int activation, DType dtype, cudaStream_t stream) {
   if (m < 0 || n < 0 || k < 0 || activation < 0 || activation > 2) return cudaErrorInvalidValue;

@@ -30,8 +30,9 @@ void check_operand(const at::Tensor& t, const char* op, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const at::Tensor& b,
                                                const std::optional<at::Tensor>& bias, int64_t activation,
-                                               bool save_preact) {
-  constexpr const char* op = "matmul";
+                                               bool save_preact, int64_t k_block) {
+  constexpr const char* op = "linear_matmul";
+  TORCH_CHECK(k_block == kLinearKBlock, op, ": the CUDA kernel sums K in blocks of ", kLinearKBlock, ", asked for ", k_block);
   check_operand(a, op, "a");
   check_operand(b, op, "b");
   const DType dtype = dtype_of(a, op);
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor y = at::empty({m, n}, a.options());
   at::Tensor preact = save_preact && activation != 0 ? at::empty({m, n}, a.options()) : at::empty({0}, a.options());
-  check_launch(matmul(a.const_data_ptr(), a.stride(0), a.stride(1), b.const_data_ptr(), b.stride(0), b.stride(1),
+  check_launch(linear_matmul(a.const_data_ptr(), a.stride(0), a.stride(1), b.const_data_ptr(), b.stride(0), b.stride(1),
                       bias_c.defined() ? bias_c.const_data_ptr() : nullptr, y.mutable_data_ptr(),
                       preact.numel() > 0 ? preact.mutable_data_ptr() : nullptr, m, n, k, static_cast<int>(activation),
                       dtype, c10::cuda::getCurrentCUDAStream()),

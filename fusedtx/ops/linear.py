@@ -91,7 +91,7 @@ def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool):
         from ..kernels import linear as triton_linear
 
         return triton_linear.linear_matmul(a, b, bias, activation, save_preact)
-    y, h = _extension.ops().linear_matmul(a, b, bias, activation, save_preact)
+    y, h = _extension.ops().linear_matmul(a, b, bias, activation, save_preact, reference.MATMUL_K_BLOCK)
     return y, (h if save_preact and activation else None)
 
 
