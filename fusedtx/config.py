@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_SPLIT_SIZE = 256
+from .policy import DEFAULT_SPLIT_SIZE
+
 _split_size: int | None = None
 
 

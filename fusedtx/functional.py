@@ -1,34 +1,27 @@
 """The functional API: fusedtx.softmax(...) and friends, for eager code and torch.compile.
 
 Each function resolves the backend (argument > use_backend / set_backend > FUSEDTX_BACKEND >
-per-device default, see fusedtx.backends), fills in defaults, and calls the registered op — or,
-in plain eager code, the same op's pieces without the dispatcher (see below).
+per-device default, see fusedtx.backends), fills in defaults and calls the op (fusedtx/ops),
+which checks the arguments and, in plain eager code, skips the registered op's dispatcher round
+trips (fusedtx/ops/_dispatch.py): same code, same bits.
 """
 from __future__ import annotations
 
 import torch
 
 from . import backends
-from .ops import causal_attention as _causal_attention_op
-from .ops import layer_norm as _layer_norm_op
-from .ops import linear as _linear_op
-from .ops import softmax as _softmax_op
-from .ops._eager import is_plain_eager
+from .ops import causal_attention as _causal_attention
+from .ops import layer_norm as _layer_norm
+from .ops import linear as _linear
+from .ops import softmax as _softmax
 
 
-def _device_of(x) -> torch.device:
-    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-
-
-# In plain eager code (is_plain_eager: no torch.compile, dispatch mode or torch.func transform)
-# every function below skips the registered op's dispatcher round trips: inference calls the op's
-# body, training the autograd.Function built from the op's own pieces (ops/_eager.py). Same
-# code, same bits; the registered op costs ~10 us more a call without gradients and ~40 us more
-# with, forward and backward alike (benchmarks/bench_overhead.py).
+def _backend(backend: str | None, x) -> str:
+    return backends.resolve(backend, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
@@ -41,13 +34,7 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     Every row's bits depend only on that row (and its position among the queries when causal).
     """
     scale = 1.0 if scale is None else scale
-    name = backends.resolve(backend, _device_of(x))
-    if is_plain_eager(x):  # the implementation checks the arguments itself
-        if _needs_grad(x):
-            return _softmax_op.softmax_eager(x, dim, scale, causal, name)
-        return _softmax_op.softmax_impl(x, dim, scale, causal, name)
-    _softmax_op.check_args(x, dim, scale, causal)  # before the op's schema sees them
-    return _softmax_op.softmax(x, dim, float(scale), causal, name)
+    return _softmax.softmax(x, dim, scale, causal, _backend(backend, x), grad=_needs_grad(x))
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -59,14 +46,8 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     has x's dtype. Each row's output and input gradient depend on that row alone; the weight and
     bias gradients are summed in a fixed order, so they are the same bits run after run.
     """
-    name = backends.resolve(backend, _device_of(x))
-    if is_plain_eager(x):  # the implementation checks the arguments itself
-        if _needs_grad(x, weight, bias):
-            return _layer_norm_op.layer_norm_eager(x, normalized_shape, weight, bias, eps, name)[0]
-        return _layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, eps, name)[0]
-    _layer_norm_op.check_args(x, normalized_shape, weight, bias, eps)  # before the op's schema sees them
-    return _layer_norm_op.layer_norm(x, _layer_norm_op.normalize_shape(normalized_shape), weight, bias,
-                                     float(eps), name)[0]
+    grad = _needs_grad(x, weight, bias)
+    return _layer_norm.layer_norm(x, normalized_shape, weight, bias, eps, _backend(backend, x), grad=grad)[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -78,15 +59,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     on its own row of x and on the weight alone — not on how many rows there are, where the row
     sits, or the thread count; the weight and bias gradients are summed in a fixed order.
     """
-    name = backends.resolve(backend, _device_of(x))
-    act = _linear_op.activation_code(activation)
-    need_grad = _needs_grad(x, weight, bias)
-    if is_plain_eager(x):  # the implementation checks the arguments itself
-        if need_grad:
-            return _linear_op.linear_eager(x, weight, bias, act, act != 0, name)[0]
-        return _linear_op.linear_impl(x, weight, bias, act, False, name)[0]
-    _linear_op.check_args(x, weight, bias, name)  # before the op's schema sees them
-    return _linear_op.linear(x, weight, bias, act, need_grad and act != 0, name)[0]
+    name = _backend(backend, x)
+    act = _linear.activation_code(activation)
+    grad = _needs_grad(x, weight, bias)
+    # The pre-activation is saved for the backward only when there is one to differentiate.
+    return _linear.linear(x, weight, bias, act, grad and act != 0, name, grad=grad)[0]
+
+
+def check_activation(activation) -> None:
+    """Raise ValueError unless `activation` is one linear() takes (None, "gelu", "gelu_tanh")."""
+    _linear.activation_code(activation)
 
 
 GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -109,14 +91,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     size (fusedtx.set_split_size, default 256) and the chunks merged in order, so each query's
     output is the same bits as in a chunked prefill or a decode step (attention_with_kv_cache).
     Differentiable; the backward sums in fixed orders (deterministic)."""
-    name = backends.resolve(backend, _device_of(q))
-    _causal_attention_op.check_qkv(q, k, v, "causal_attention")  # before q's head dim sets the default scale
-    scale, split = _causal_attention_op.resolve_scale_and_split(q, scale, split_size, "causal_attention")
-    if is_plain_eager(q):
-        if _needs_grad(q, k, v):
-            return _causal_attention_op.causal_attention_eager(q, k, v, scale, split, name)[0]
-        return _causal_attention_op.causal_attention_impl(q, k, v, scale, split, name, checked=True)[0]
-    return _causal_attention_op.causal_attention(q, k, v, scale, split, name)[0]
+    grad = _needs_grad(q, k, v)
+    return _causal_attention.causal_attention(q, k, v, scale, split_size, _backend(backend, q), grad=grad)[0]
 
 
 def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, *,
@@ -129,12 +105,8 @@ def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     causal among themselves. Sequences may have different lengths; nothing beyond seqlens[b] is
     read. Decode is Tq = 1. The same bits as causal_attention over the whole sequence.
     Inference only (no gradient)."""
-    name = backends.resolve(backend, _device_of(q))
+    name = _backend(backend, q)
     if _needs_grad(q, k_cache, v_cache):
         raise ValueError("attention_with_kv_cache is inference-only and has no gradient; run it under "
                          "torch.no_grad(), or use causal_attention for training")
-    scale, split = _causal_attention_op.resolve_scale_and_split(q, scale, split_size, "attention_with_kv_cache")
-    if is_plain_eager(q):
-        return _causal_attention_op.attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split, name)
-    _causal_attention_op.check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
-    return _causal_attention_op.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split, name)
+    return _causal_attention.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split_size, name)

@@ -42,7 +42,7 @@ class Linear(torch.nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  activation: str | None = None, backend: str | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        F._linear_op.activation_code(activation)  # reject an unknown activation now, not at the first call
+        F.check_activation(activation)  # reject an unknown activation now, not at the first call
         self.activation, self.backend = activation, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

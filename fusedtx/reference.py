@@ -13,8 +13,11 @@ Two building blocks carry the promise:
 * `lane_sum` — a reduction with a fixed order: `lanes` accumulators starting at +0,
   accumulator `l` adding elements `l, l + lanes, l + 2*lanes, ...` in ascending order (elements
   past the end count as +0), then the accumulators folded in
-  halves (`a[l] += a[l + w]` for w = lanes/2, lanes/4, ..., 1). The lane count is a property of a
-  backend (`lanes_for(...)` in each backend), fixed per row length, never per batch.
+  halves (`a[l] += a[l + w]` for w = lanes/2, lanes/4, ..., 1). The lane count is an argument:
+  fusedtx/policy.py chooses it per backend and device from the row length, never from the batch.
+
+Every such number (lanes, row groups, the matmul's K block, the attention split size) is an
+argument here; this file holds the algorithms only (docs/design.md, "Reduction orders").
 """
 from __future__ import annotations
 
@@ -123,9 +126,6 @@ def row_group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # softmax
 # ---------------------------------------------------------------------------------------------
-SOFTMAX_LANES = 64  # the native CPU backend's lane count, used when backend="reference"
-
-
 def causal_valid_counts(n_rows: int, n_cols: int, n_queries: int, device) -> torch.Tensor:
     """Keys visible to each row of a causal softmax over (..., Tq, Tk) flattened to rows.
 
@@ -136,8 +136,7 @@ def causal_valid_counts(n_rows: int, n_cols: int, n_queries: int, device) -> tor
     return (query + (n_cols - n_queries) + 1).clamp(0, n_cols)
 
 
-def softmax_forward(x: torch.Tensor, scale: float, causal: bool, n_queries: int,
-                    lanes: int = SOFTMAX_LANES) -> torch.Tensor:
+def softmax_forward(x: torch.Tensor, scale: float, causal: bool, n_queries: int, lanes: int) -> torch.Tensor:
     """softmax(scale * x) over the last dim of a 2-D (rows, cols) tensor, float32 math.
 
     causal: row r only sees its first `causal_valid_counts` columns; masked columns are 0, and a
@@ -158,8 +157,7 @@ def softmax_forward(x: torch.Tensor, scale: float, causal: bool, n_queries: int,
     return y.to(x.dtype)
 
 
-def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, scale: float,
-                     lanes: int = SOFTMAX_LANES) -> torch.Tensor:
+def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, scale: float, lanes: int) -> torch.Tensor:
     """dx = scale * y * (dy - sum(dy * y)) per row, float32 math, written in that order."""
     y32, dy32 = y.float(), grad_y.float()
     dot = lane_sum(dy32 * y32, lanes)[:, None]
@@ -170,17 +168,13 @@ def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, scale: float,
 # ---------------------------------------------------------------------------------------------
 # layer_norm
 # ---------------------------------------------------------------------------------------------
-LAYER_NORM_LANES = 64         # the native CPU backend's lane count, used when backend="reference"
-LAYER_NORM_ROW_GROUPS = 128   # row groups of the weight/bias gradient partials, on every backend
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and arithmetic: float64 for float64 tensors, float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                       lanes: int = LAYER_NORM_LANES):
+                       lanes: int):
     """LayerNorm of each row of a 2-D (rows, N) tensor, two-pass statistics.
 
     Returns (y in x's dtype, mean, rstd), mean and rstd in the compute dtype:
@@ -207,10 +201,10 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
 
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        weight: torch.Tensor | None, lanes: int = LAYER_NORM_LANES,
-                        groups: int = LAYER_NORM_ROW_GROUPS):
+                        weight: torch.Tensor | None, need_param_grads: bool, lanes: int, groups: int):
     """Gradients of layer_norm_forward. Returns (dx in x's dtype, dweight, dbias) with dweight and
-    dbias in the compute dtype (the caller casts them to the parameters' dtype):
+    dbias in the compute dtype (the caller casts them to the parameters' dtype), or None for both
+    unless need_param_grads:
         xhat = (x - mean) * rstd,   g = dy * weight (dy without weight)
         dx   = (g - (xhat * (lane_sum(g * xhat) / N) + lane_sum(g) / N)) * rstd
         dweight = row_group_sum(dy * xhat),   dbias = row_group_sum(dy)
@@ -223,6 +217,8 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     mean_g = lane_sum(g, lanes) / n
     mean_gx = lane_sum(g * xhat, lanes) / n
     dx = (g - (xhat * mean_gx[:, None] + mean_g[:, None])) * rstd[:, None]
+    if not need_param_grads:
+        return dx.to(x.dtype), None, None
     dweight = row_group_sum(dy * xhat, groups)
     dbias = row_group_sum(dy, groups)
     return dx.to(x.dtype), dweight, dbias
@@ -234,8 +230,6 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
 # Activation codes shared by every backend (the native schemas take the int).
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
 ACTIVATIONS = {None: ACT_NONE, "none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
-BIAS_GRAD_ROW_GROUPS = 128  # row groups of the bias gradient partials, on every backend
-MATMUL_K_BLOCK = 128        # matmul sums K in blocks of this many products, then adds the blocks
 
 # erf(t) = t + t * P(t^2) for |t| < ERF_SPLIT, else sign(t) * (1 - exp_f32(Q(min(|t|, 4)))).
 # Fitted for fusedtx (least squares reweighted towards minimax against math.erf); evaluated in
@@ -355,34 +349,37 @@ def fma_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = ACT_NONE):
-    """y = act(a @ b + bias) for a (M, K) and b (K, N), and the pre-activation h = a @ b + bias.
+def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool,
+                  k_block: int):
+    """y = act(a @ b + bias) for a (M, K) and b (K, N); also the pre-activation h = a @ b + bias
+    when save_preact (what the backward reads), else None.
 
-    K is cut into blocks of MATMUL_K_BLOCK from k = 0. In each block, every element's partial is
-    one float32 accumulator from +0 taking a[i, k] * b[k, j] with an FMA for k ascending; the
-    block partials are added to a float32 total (from +0) in ascending block order; then
+    K is cut into blocks of k_block from k = 0. In each block, every element's partial is one
+    float32 accumulator from +0 taking a[i, k] * b[k, j] with an FMA for k ascending; the block
+    partials are added to a float32 total (from +0) in ascending block order; then
     h = total + bias[j] (one rounding), then the activation on float32 h. Nothing else enters:
     the bits of row i depend on a[i, :] and b alone — for any M, any tile shape, any thread count.
     (One FMA chain over all of K would be simpler but is up to ~4x less accurate than MKL's
-    sgemm at K = 3072; the blocks bring it to ~0.85x, inside contract point 1.) bfloat16/float16 operands are converted to
-    float32 first (their products are exact in float32). Returns (y, h) in a's dtype.
-    float64 operands (for gradcheck) are multiplied by torch in float64.
+    sgemm at K = 3072; blocks of 128 bring it to ~0.85x, inside contract point 1.)
+    bfloat16/float16 operands are converted to float32 first (their products are exact in
+    float32). Returns (y, h) in a's dtype. float64 operands (for gradcheck) are multiplied by
+    torch in float64.
     """
     if a.dtype == torch.float64:
         h = a @ b
         if bias is not None:
             h = h + bias
-        return activation_forward(h, activation), h
+        return activation_forward(h, activation), (h if save_preact else None)
     a32, b32 = a.float(), b.float()
     acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
-    for start in range(0, a.shape[1], MATMUL_K_BLOCK):
-        acc = acc + fma_matmul(a32[:, start:start + MATMUL_K_BLOCK], b32[start:start + MATMUL_K_BLOCK])
+    for start in range(0, a.shape[1], k_block):
+        acc = acc + fma_matmul(a32[:, start:start + k_block], b32[start:start + k_block])
     h = acc + bias.float() if bias is not None else acc
-    return activation_forward(h, activation).to(a.dtype), h.to(a.dtype)
+    return activation_forward(h, activation).to(a.dtype), (h.to(a.dtype) if save_preact else None)
 
 
 def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int,
-                      need_bias_grad: bool, groups: int = BIAS_GRAD_ROW_GROUPS):
+                             need_bias_grad: bool, groups: int):
     """The elementwise part of the Linear backward, (M, N) -> (grad_preact, grad_bias):
         grad_preact = dy * act'(h) in float32, stored in dy's dtype   (dy itself when no activation)
         grad_bias   = row_group_sum(grad_preact as stored, in float32)  (None unless need_bias_grad)
@@ -397,16 +394,17 @@ def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, 
 
 
 def linear_backward(grad_y, x, weight, preact, activation: int, need_dx: bool, need_dweight: bool,
-                    need_dbias: bool):
-    """Gradients of y = act(x @ weight.T + bias), x (M, K), weight (N, K), through matmul's order:
-        g  = linear_bias_act_backward(dy, h)                                 (M, N)
-        dx = linear_matmul(g, weight)          each element sums over N ascending
-        dweight = linear_matmul(g.T, x)        each element sums over the M rows ascending
+                    need_dbias: bool, k_block: int, groups: int):
+    """Gradients of y = act(x @ weight.T + bias), x (M, K), weight (N, K), through linear_matmul's
+    order:
+        g  = linear_bias_act_backward(dy, h)                          (M, N)
+        dx = linear_matmul(g, weight)    each element sums over N ascending
+        dweight = linear_matmul(g.T, x)  each element sums over the M rows ascending
         dbias   = row_group_sum(g)
     Returns (dx, dweight, dbias), None where not needed."""
-    g, gb = linear_bias_act_backward(grad_y, preact, activation, need_dbias)
-    dx = linear_matmul(g, weight)[0] if need_dx else None
-    dw = linear_matmul(g.t(), x)[0] if need_dweight else None
+    g, gb = linear_bias_act_backward(grad_y, preact, activation, need_dbias, groups)
+    dx = linear_matmul(g, weight, None, ACT_NONE, False, k_block)[0] if need_dx else None
+    dw = linear_matmul(g.t(), x, None, ACT_NONE, False, k_block)[0] if need_dweight else None
     return dx, dw, gb
 
 

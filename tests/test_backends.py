@@ -68,8 +68,8 @@ def test_the_selected_backend_is_the_one_that_runs(monkeypatch):
     from fusedtx.ops import softmax as op
 
     calls = []
-    real = op._forward_2d
-    monkeypatch.setattr(op, "_forward_2d", lambda b, *a: calls.append(b) or real(b, *a))
+    real = op.forward_kernel
+    monkeypatch.setattr(op, "forward_kernel", lambda b, device: calls.append(b) or real(b, device))
     x = torch.randn(3, 5)
     fusedtx.softmax(x)
     with fusedtx.use_backend("reference"):

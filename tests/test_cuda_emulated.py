@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from fusedtx import reference
-from fusedtx.ops.softmax import native_cuda_lanes
+from fusedtx import policy, reference
+from fusedtx.policy import cuda_lanes
 from helpers import assert_bitwise_equal, garbage_like
 
 from cuda_emu.build import build
@@ -26,6 +26,7 @@ CUDA_INCLUDE = Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "include"
 pytestmark = pytest.mark.skipif(not (CUDA_INCLUDE / "cuda_fp16.h").exists() or not shutil.which("g++"),
                                 reason=f"needs g++ and the CUDA headers (looked in {CUDA_INCLUDE})")
 
+K_BLOCK = policy.MATMUL_K_BLOCK
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 P, I64, INT, F32, F64, BOOL = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double,
                                ctypes.c_bool)
@@ -93,7 +94,7 @@ def test_softmax_kernels_match_reference(softmax_lib, dtype, rows, cols, causal,
     g = torch.Generator().manual_seed(rows * cols)
     x = (torch.randn(rows, cols, generator=g) * 3).to(dtype)
     dy = torch.randn(rows, cols, generator=g).to(dtype)
-    lanes = native_cuda_lanes(cols)
+    lanes = cuda_lanes(cols)
     y, dx = nan_like((rows, cols), dtype), nan_like((rows, cols), dtype)
     assert softmax_lib.emu_softmax_forward(ptr(x), ptr(y), rows, cols, 0.5, causal, n_queries, lanes, DTYPE_CODE[dtype]) == 0
     assert_bitwise_equal(y, reference.softmax_forward(x, 0.5, causal, n_queries, lanes=lanes), f"forward, {lanes} lanes")
@@ -146,7 +147,7 @@ def test_layer_norm_kernels_match_reference(layer_norm_lib, dtype, pdtype, rows,
     w = torch.randn(n, generator=g, dtype=torch.float64).to(pdtype) if affine != "none" else None
     b = torch.randn(n, generator=g, dtype=torch.float64).to(pdtype) if affine == "both" else None
     acc = reference.compute_dtype(dtype)
-    lanes = native_cuda_lanes(n)
+    lanes = cuda_lanes(n)
     code, pcode = DTYPE_CODE[dtype], DTYPE_CODE[pdtype if affine != "none" else dtype]
     y, mean, rstd = nan_like((rows, n), dtype), nan_like((rows,), acc), nan_like((rows,), acc)
     assert layer_norm_lib.emu_layer_norm_forward(ptr(x), ptr(w), ptr(b), ptr(y), ptr(mean), ptr(rstd), rows, n, 1e-5,
@@ -158,7 +159,7 @@ def test_layer_norm_kernels_match_reference(layer_norm_lib, dtype, pdtype, rows,
     workspace = nan_like((2 * groups * n,), acc)
     assert layer_norm_lib.emu_layer_norm_backward(ptr(dy), ptr(x), ptr(mean), ptr(rstd), ptr(w), ptr(dx), ptr(dw), ptr(db),
                                                   ptr(workspace), rows, n, True, lanes, groups, code, pcode) == 0
-    dx_ref, dw_ref, db_ref = reference.layer_norm_backward(dy, x, mean_ref, rstd_ref, w, lanes, groups)
+    dx_ref, dw_ref, db_ref = reference.layer_norm_backward(dy, x, mean_ref, rstd_ref, w, True, lanes, groups)
     for ours, ref, name in ((dx, dx_ref, "dx"), (dw, dw_ref, "dweight"), (db, db_ref, "dbias")):
         assert_bitwise_equal(ours, ref, f"backward {name}, {lanes} lanes, {groups} groups")
 
@@ -231,7 +232,7 @@ def laid_out(t, layout):
     (17, 37, 70, False, "col", "row"),     # the backward's dweight = g.t() @ x
     (5, 9, 11, True, "sliced", "sliced"),  # neither stride is 1
     (129, 20, 130, True, "row", "col"),    # more than one tile along m and along n
-    (3, 128, 20, True, "row", "col"),      # K = one whole K block (reference.MATMUL_K_BLOCK)
+    (3, 128, 20, True, "row", "col"),      # K = one whole K block (policy.MATMUL_K_BLOCK)
     (4, 256, 9, False, "col", "row"),      # K = two whole K blocks
     (3, 300, 20, True, "row", "col"),      # K = 128 + 128 + 44: a short last K block
 ], ids=["1x1x1", "3x7x50", "17x37x70", "a-colmajor", "sliced", "2x2-tiles", "k128", "k256", "k300"])
@@ -242,7 +243,7 @@ def test_matmul_kernel_matches_reference(linear_lib, dtype, activation, m, k, n,
     b = laid_out(torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype), b_layout)
     bias_t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
     y, h = emu_matmul(linear_lib, a, b, bias_t, activation)
-    y_ref, h_ref = reference.linear_matmul(a, b, bias_t, activation)
+    y_ref, h_ref = reference.linear_matmul(a, b, bias_t, activation, True, K_BLOCK)
     assert_bitwise_equal(y, y_ref, f"y ({m}x{k}x{n}, act {activation})")
     if activation:
         assert_bitwise_equal(h, h_ref, f"preact ({m}x{k}x{n}, act {activation})")
@@ -267,7 +268,7 @@ def test_activation_epilogue_and_derivative_on_every_branch(linear_lib, dtype, a
     values = EPILOGUE_VALUES.to(dtype)[None, :]  # (1, 300); fp16 turns +-1e4 into itself, fine
     a = torch.ones(1, 1, dtype=dtype)
     y, h = emu_matmul(linear_lib, a, values, None, activation)
-    y_ref, h_ref = reference.linear_matmul(a, values, None, activation)
+    y_ref, h_ref = reference.linear_matmul(a, values, None, activation, True, K_BLOCK)
     assert torch.equal(h, values)  # h = +0 + 1 * b (so -0 becomes +0: the accumulator starts at +0)
     assert_bitwise_equal(h, h_ref, "preact")
     assert_bitwise_equal(y, y_ref, "activation forward")
@@ -342,7 +343,7 @@ def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
     a, w, bias = torch.randn(17, 37, generator=g), torch.randn(70, 37, generator=g), torch.randn(70, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), bias, 0)
     torch.testing.assert_close(y, a @ w.t() + bias)  # still a correct product...
-    assert not torch.equal(y, reference.linear_matmul(a, w.t(), bias, 0)[0])  # ...with other roundings
+    assert not torch.equal(y, reference.linear_matmul(a, w.t(), bias, 0, False, K_BLOCK)[0])  # ...with other roundings
     dy = torch.randn(300, 40, generator=g)
     _, db = emu_bias_act_backward(lib, dy, None, 0, True, 128)
     torch.testing.assert_close(db, dy.sum(0))
@@ -363,4 +364,4 @@ def test_negative_control_unblocked_k_is_caught(tmp_path):
     a, w = torch.randn(3, 300, generator=g), torch.randn(20, 300, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), None, 0)
     assert_bitwise_equal(y, reference.fma_matmul(a, w.t()), "one chain over K")  # the unblocked order...
-    assert not torch.equal(y, reference.linear_matmul(a, w.t())[0])  # ...is not the reference's
+    assert not torch.equal(y, reference.linear_matmul(a, w.t(), None, 0, False, K_BLOCK)[0])  # ...is not the reference's

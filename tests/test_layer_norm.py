@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusedtx import policy
 import fusedtx
 from fusedtx import reference
 from fusedtx.ops import layer_norm as layer_norm_op
@@ -108,12 +109,13 @@ def test_wide_rows(device, backend):
     n = 65537
     x, dy = make((3, n), torch.float32, device), make((3, n), torch.float32, device, seed=1)
     w, b = make_params((n,), "both", torch.float32, device)
-    y, mean, rstd = layer_norm_op.layer_norm_impl(x, (n,), w, b, 1e-5, backend)
+    y, mean, rstd = layer_norm_op.layer_norm.impl(x, (n,), w, b, 1e-5, backend)
     dx, dw, db = torch.ops.fusedtx.layer_norm_backward(dy, x, mean, rstd, w, True, backend)
-    lanes = layer_norm_op.lanes(backend, n, x.device)
+    lanes = policy.row_lanes(backend, n, x.device)
     y_ref, mean_ref, rstd_ref = reference.layer_norm_forward(x, w, b, 1e-5, lanes)
     for ours, ref in zip((y, mean, rstd, dx, dw, db),
-                         (y_ref, mean_ref, rstd_ref, *reference.layer_norm_backward(dy, x, mean_ref, rstd_ref, w, lanes))):
+                         (y_ref, mean_ref, rstd_ref, *reference.layer_norm_backward(dy, x, mean_ref, rstd_ref, w, True, lanes,
+                                                                         policy.ROW_GROUPS))):
         assert_bitwise_equal(ours, ref, f"N={n}")
     torch.testing.assert_close(y, F.layer_norm(x, (n,), w, b), rtol=1e-4, atol=1e-4)
 
@@ -135,14 +137,15 @@ def test_bitwise_equal_to_reference(device, backend, dtypes, shape, normalized_s
     dy = make(shape, x_dtype, device, seed=3, scale=1.0, shift=0.0)
     weight, bias = make_params(normalized_shape, affine, p_dtype, device)
     with poisoned_outputs():
-        y, mean, rstd = layer_norm_op.layer_norm_impl(x, normalized_shape, weight, bias, 1e-5, backend)
+        y, mean, rstd = layer_norm_op.layer_norm.impl(x, normalized_shape, weight, bias, 1e-5, backend)
         dx, dw, db = torch.ops.fusedtx.layer_norm_backward(dy, x, mean, rstd, weight, True, backend)
     n = torch.Size(normalized_shape).numel()
     rows = lambda t: t.reshape(-1, n)  # noqa: E731
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    lanes = layer_norm_op.lanes(backend, n, x.device)
+    lanes = policy.row_lanes(backend, n, x.device)
     y_ref, mean_ref, rstd_ref = reference.layer_norm_forward(rows(x), flat(weight), flat(bias), 1e-5, lanes)
-    dx_ref, dw_ref, db_ref = reference.layer_norm_backward(rows(dy), rows(x), mean_ref, rstd_ref, flat(weight), lanes)
+    dx_ref, dw_ref, db_ref = reference.layer_norm_backward(rows(dy), rows(x), mean_ref, rstd_ref, flat(weight), True,
+                                                           lanes, policy.ROW_GROUPS)
     pairs = [(y, y_ref.view(x.shape)), (mean.reshape(-1), mean_ref), (rstd.reshape(-1), rstd_ref),
              (dx, dx_ref.view(x.shape)), (dw, dw_ref), (db, db_ref)]
     record_bitexact("layer_norm", device, backend, x_dtype if x_dtype == p_dtype else f"{x_dtype}+f32",
@@ -340,7 +343,7 @@ def test_opcheck(device, backend):
     w, b = (t.requires_grad_() for t in make_params((24,), "both", torch.float32, device))
     torch.library.opcheck(torch.ops.fusedtx.layer_norm.default, (x, [24], w, b, 1e-5, backend))
     torch.library.opcheck(torch.ops.fusedtx.layer_norm.default, (x, [5, 24], None, None, 1e-3, backend))
-    y, mean, rstd = layer_norm_op.layer_norm_impl(x.detach(), (24,), w.detach(), None, 1e-5, backend)
+    y, mean, rstd = layer_norm_op.layer_norm.impl(x.detach(), (24,), w.detach(), None, 1e-5, backend)
     torch.library.opcheck(torch.ops.fusedtx.layer_norm_backward.default,
                           (torch.randn_like(y), x.detach(), mean, rstd, w.detach(), True, backend))
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusedtx import policy
 import fusedtx
 from fusedtx import reference
 from fusedtx.ops import linear as linear_op
@@ -146,12 +147,13 @@ def test_bitwise_equal_to_reference(device, backend, dtype, activation):
         weight, bias = make_layer(shape[-1], n, has_bias, dtype, device)
         dy = make((*shape[:-1], n), dtype, device, seed=4)
         with poisoned_outputs():
-            y, h = linear_op.linear_impl(x, weight, bias, act, True, backend)
+            y, h = linear_op.linear.impl(x, weight, bias, act, True, backend)
             dx, dw, db = torch.ops.fusedtx.linear_backward(dy, x, weight, h, act, True, True, has_bias, backend)
         x2, dy2 = x.reshape(-1, shape[-1]).cpu(), dy.reshape(-1, n).cpu()
         w, b = weight.cpu(), None if bias is None else bias.cpu()
-        y_ref, h_ref = reference.linear_matmul(x2, w.t(), b, act)
-        dx_ref, dw_ref, db_ref = reference.linear_backward(dy2, x2, w, h_ref, act, True, True, has_bias)
+        y_ref, h_ref = reference.linear_matmul(x2, w.t(), b, act, True, policy.MATMUL_K_BLOCK)
+        dx_ref, dw_ref, db_ref = reference.linear_backward(dy2, x2, w, h_ref, act, True, True, has_bias,
+                                                               policy.MATMUL_K_BLOCK, policy.ROW_GROUPS)
         pairs = [(y.reshape(-1, n), y_ref), (dx.reshape(-1, shape[-1]), dx_ref), (dw, dw_ref)]
         pairs += [(h.reshape(-1, n), h_ref)] if act else []
         pairs += [(db, db_ref)] if has_bias else []
@@ -358,7 +360,7 @@ def test_opcheck(device, backend):
     for act, save in ((0, False), (1, True), (2, True)):
         torch.library.opcheck(torch.ops.fusedtx.linear.default, (x, weight, bias, act, save, backend))
     torch.library.opcheck(torch.ops.fusedtx.linear.default, (x, weight, None, 0, False, backend))
-    y, h = linear_op.linear_impl(x.detach(), weight.detach(), bias.detach(), 2, True, backend)
+    y, h = linear_op.linear.impl(x.detach(), weight.detach(), bias.detach(), 2, True, backend)
     torch.library.opcheck(torch.ops.fusedtx.linear_backward.default,
                           (torch.randn_like(y), x.detach(), weight.detach(), h, 2, True, True, True, backend))
 

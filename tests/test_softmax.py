@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fusedtx import policy
 import fusedtx
 from fusedtx import reference
 from fusedtx.ops import softmax as softmax_op
@@ -102,14 +103,14 @@ def test_bitwise_equal_to_reference(device, backend, dtype, shape, dim, scale, c
         y = fusedtx.softmax(x, dim, scale=scale, causal=causal, backend=backend)
         dx = torch.ops.fusedtx.softmax_backward(dy, y, dim, 1.0 if scale is None else scale, backend)
 
-    rows_x = softmax_op._as_rows(x, dim)
+    rows_x = softmax_op.as_rows(x, dim)
     n_queries = shape[-2] if causal else 1
-    lanes = softmax_op.lanes(backend, rows_x.shape[1], x.device)
+    lanes = policy.row_lanes(backend, rows_x.shape[1], x.device)
     y_ref = reference.softmax_forward(rows_x, 1.0 if scale is None else scale, causal, n_queries, lanes=lanes)
-    y_ref = softmax_op._from_rows(y_ref, x, dim)
-    dx_ref = reference.softmax_backward(softmax_op._as_rows(dy, dim), softmax_op._as_rows(y, dim),
+    y_ref = softmax_op.from_rows(y_ref, x, dim)
+    dx_ref = reference.softmax_backward(softmax_op.as_rows(dy, dim), softmax_op.as_rows(y, dim),
                                         1.0 if scale is None else scale, lanes=lanes)
-    dx_ref = softmax_op._from_rows(dx_ref, x, dim)
+    dx_ref = softmax_op.from_rows(dx_ref, x, dim)
     exact = bitwise_equal(y, y_ref) and bitwise_equal(dx, dx_ref)
     record_bitexact("softmax", device, backend, dtype, exact)
     assert_bitwise_equal(y, y_ref, f"{backend} forward vs reference (lanes={lanes})")
@@ -128,7 +129,7 @@ def test_million_element_rows(device, backend):
     require(device, backend)
     x = make_input((2, 1_000_000), torch.float32, device)
     y = fusedtx.softmax(x, scale=0.5, backend=backend)
-    lanes = softmax_op.lanes(backend, x.shape[1], x.device)
+    lanes = policy.row_lanes(backend, x.shape[1], x.device)
     assert_bitwise_equal(y, reference.softmax_forward(x, 0.5, False, 1, lanes=lanes), "1M-element rows")
     torch.testing.assert_close(y, torch.softmax(x * 0.5, -1), rtol=1e-5, atol=1e-12)
 

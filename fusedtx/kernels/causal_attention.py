@@ -3,7 +3,7 @@
 The semantics are reference.causal_attention_forward's (q (B, H, Tq, D), a KV cache k, v (B, Hkv, Tmax, D),
 per-sequence lengths; GQA by h // (H / Hkv)); `causal_attention_forward` returns (o, m, l).
 
-Why a query's bits depend only on q_t, k_0..k_t, v_0..v_t (DESIGN.md point 3):
+Why a query's bits depend only on q_t, k_0..k_t, v_0..v_t (docs/design.md, "Attention split size"):
   * The keys are cut into chunks at multiples of S from position 0. Every chunk, in every kind of
     call, is reduced by ONE @jit function, `_attn_chunk`, with ONE tile configuration (a function
     of D, dtype and S only, never of B, Tq or the lengths): a query tile of BLOCK_M rows (decode pads
@@ -29,7 +29,7 @@ Two schedules of that same arithmetic:
     (query tiles x B * H, chunks), one chunk per program, so a decode step of a long sequence
     spreads over many programs; each writes its (m_c, l_c, acc_c) to a fixed float32 buffer
     (chunk slots up to Tmax / S; programs past a sequence's length return at once).
-    `_attn_merge`, grid (blocks of merge_block_m() rows, B * H), loads chunk 0 and merges chunks
+    `_attn_merge`, grid (blocks of policy.triton_attention_merge_rows rows, B * H), loads chunk 0 and merges chunks
     1, 2, ... in ascending order with the same `_merge`. float32 survives the store and the load
     exactly, so the merge sees the same values as the prefill kernel's registers: the same bits.
   Which schedule runs depends on Tq; the bits do not (tests force each schedule on every case).
@@ -44,53 +44,18 @@ the input dtype before p @ v (the tensor cores' path, as FlashAttention does).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import config as _config
+from .. import policy
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding
 
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = policy.TRITON_ATTENTION_HEAD_DIMS
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load_f32", "_attn_chunk", "_merge")
-MERGE_NUM_WARPS = 4
-
-
-class TileConfig(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    num_warps: int
-    num_stages: int
-
-
-def tile_config(head_dim: int, dtype: torch.dtype, split_size: int) -> TileConfig:
-    """The one tile configuration for (D, dtype, S) — NEVER a function of B, Tq or the lengths.
-
-    GPU (not timed here, no GPU; chosen as the fewest register spills in ptxas -v for sm_80 among
-    64x64/4, 64x64/8, 64x32/4, 64x32/8, 128x64/8, 32x64/4 (BLOCK_M x BLOCK_N / warps)):
-      * bf16/fp16, D <= 64: 64 x 32, 8 warps (0 spills);
-      * bf16/fp16, D = 128: 32 x 64, 4 warps (~16 bytes of spills);
-      * float32 (FMA units, "ieee"): 64 x 16, 8 warps (0 spills at D = 64, ~48 bytes at 128).
-    num_warps and the tile shapes decide tl.dot's layout and thus its order; the prefill and the
-    split kernel of a call always get the same ones. Interpreter: few, large programs; 16-key
-    sub-tiles so that S >= 32 exercises the sub-tile loop."""
-    if INTERPRETED:
-        return TileConfig(32, min(split_size, 16), 4, 1)
-    if dtype == torch.float32:
-        return TileConfig(64, min(split_size, 16), 8, 2)
-    if head_dim == 128:
-        return TileConfig(32, min(split_size, 64), 4, 2)
-    return TileConfig(64, min(split_size, 32), 8, 2)
-
-
-def merge_block_m() -> int:
-    """Rows per program of _attn_merge: the merge is elementwise per row, so any row grouping gives
-    the same bits; 16 keeps a decode step's padding (and registers) small on GPUs."""
-    return 32 if INTERPRETED else 16
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
@@ -357,7 +322,7 @@ def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return o, m, l
     # KVCache keeps its lengths on the CPU (checking them costs no device sync): copy them over.
     seqlens = seqlens.to(q.device, non_blocking=True).contiguous()
-    cfg = tile_config(dim, q.dtype, split_size)
+    cfg = policy.triton_attention_tiles(dim, q.dtype, split_size, INTERPRETED)
     n_tiles = triton.cdiv(n_queries, cfg.BLOCK_M)
     if schedule == "auto":
         schedule = "split" if n_tiles == 1 else "prefill"
@@ -377,43 +342,8 @@ def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pacc = torch.empty(batch * heads, n_slots, n_queries, dim, dtype=torch.float32, device=q.device)
     _attn_fwd_split[(batch * heads * n_tiles, n_slots)](q, k, v, pm, pl, pacc, seqlens, float(scale), n_queries,
                                                        heads, kv_group, n_tiles, n_slots, *strides, **common)
-    merge_m = merge_block_m()
+    merge_m = policy.triton_attention_merge_rows(INTERPRETED)
     _attn_merge[(triton.cdiv(n_queries, merge_m), batch * heads)](
         pm, pl, pacc, o, m, l, seqlens, n_queries, heads, n_slots, BLOCK_M=merge_m, SPLIT=split_size,
-        HEAD_DIM=dim, ROUND_BF16=needs_bf16_rounding(q.dtype), num_warps=MERGE_NUM_WARPS, **LAUNCH_OPTIONS)
+        HEAD_DIM=dim, ROUND_BF16=needs_bf16_rounding(q.dtype), num_warps=policy.TRITON_ATTENTION_MERGE_WARPS, **LAUNCH_OPTIONS)
     return o, m, l
-
-
-def compile_specs():
-    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the prefill,
-    split and merge kernels per dtype (float32, bfloat16, float16) and head dim (64, 128) at the
-    default split size, plus D = 16 / S = 16 (the smallest tiles) for bfloat16. The head-dim stride
-    is 1 (Triton's launch-time specialisation of unit strides)."""
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    stride_names = [f"stride_{t}{a}" for t in "qkv" for a in "bhtd"]
-    unit = {f"stride_{t}d" for t in "qkv"}
-    strides = {name: "constexpr" if name in unit else "i32" for name in stride_names}
-    tile_names = ("BLOCK_M", "BLOCK_N", "SPLIT", "HEAD_DIM", "INPUT_PRECISION", "SEQUENTIAL_SUM", "ROUND_BF16")
-    cases = [(dt, d, _config.DEFAULT_SPLIT_SIZE) for dt in names for d in (64, 128)] + [(torch.bfloat16, 16, 16)]
-    specs = []
-    for dtype, dim, split in cases:
-        dt = names[dtype]
-        cfg = tile_config(dim, dtype, split)
-        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        tiles = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "SPLIT": split, "HEAD_DIM": dim,
-                 "INPUT_PRECISION": input_precision(dtype), "SEQUENTIAL_SUM": False, "ROUND_BF16": False}
-        consts = {**{name: 1 for name in unit}, **tiles}
-        sizes = {"scale": "fp32", "n_queries": "i32", "n_heads": "i32", "kv_group": "i32"}
-        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
-               "Seqlens": "*i32", **sizes, **strides, **{name: "constexpr" for name in tile_names}}
-        specs.append((_attn_fwd, sig, consts, options))
-        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32",
-               "Seqlens": "*i64", **sizes, "n_tiles": "i32", "n_slots": "i32", **strides,
-               **{name: "constexpr" for name in tile_names}}
-        specs.append((_attn_fwd_split, sig, consts, options))
-        sig = {"Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
-               "Seqlens": "*i64", "n_queries": "i32", "n_heads": "i32", "n_slots": "i32",
-               "BLOCK_M": "constexpr", "SPLIT": "constexpr", "HEAD_DIM": "constexpr", "ROUND_BF16": "constexpr"}
-        specs.append((_attn_merge, sig, {"BLOCK_M": merge_block_m(), "SPLIT": split, "HEAD_DIM": dim,
-                                         "ROUND_BF16": False}, {"num_warps": MERGE_NUM_WARPS}))
-    return specs

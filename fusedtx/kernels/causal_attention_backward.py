@@ -37,49 +37,17 @@ so every dot operand is float32 there (F32_DOTS), P and dS rounded to the input 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import config as _config
+from .. import policy
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
 from .causal_attention import HEAD_DIMS, check_kv_layout, check_tensors
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load", "_dot_d", "_p_dp_tile", "_mma_operand", "_store")
-
-
-class TileConfig(NamedTuple):
-    BLOCK_M1: int  # _attn_bwd_dkdv: queries per inner step
-    BLOCK_N1: int  # _attn_bwd_dkdv: keys per program
-    num_warps1: int
-    BLOCK_M2: int  # _attn_bwd_dq and _attn_bwd_preprocess: queries per program
-    BLOCK_N2: int  # _attn_bwd_dq: keys per inner step (the preprocess: up to split_size of them)
-    num_warps2: int
-    num_stages: int
-
-
-def tile_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    """The one tile configuration for (D, dtype) — NEVER a function of B, H or T.
-
-    GPU (not timed: no GPU here): after the Triton fused-attention tutorial's backward, where
-    the program's own block (it holds dk, dv or dq in registers) is the large one and the streamed
-    block the small one; among 16x32/4, 16x64/8, 32x64/8, 16x64/4 (queries x keys / warps) for
-    _attn_bwd_dkdv the fewest spills in ptxas -v for sm_80: 0 bytes everywhere except float32
-    D = 128 (~116 bytes); _attn_bwd_dq: 0 spills except bf16/fp16 D = 128 (8 bytes).
-    Interpreter: few, large programs, the program's own block twice the streamed one so that the
-    tests run the loops' start-at-the-diagonal logic over several steps."""
-    if INTERPRETED:
-        return TileConfig(16, 32, 4, 32, 16, 4, 1)
-    if dtype == torch.float32:
-        if head_dim == 128:
-            return TileConfig(16, 32, 4, 32, 16, 4, 2)
-        return TileConfig(16, 64, 8, 64, 16, 4, 2)
-    if head_dim == 128:
-        return TileConfig(16, 32, 4, 64, 32, 8, 2)
-    return TileConfig(16, 64, 8, 64, 32, 4, 3)
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
@@ -308,7 +276,7 @@ def _check_inputs(grad_o, q, k, v, m, l, scale, split_size):
     _config._check_split_size(split_size, what)
 
 
-def preprocess_block_n(cfg: TileConfig, split_size: int) -> int:
+def preprocess_block_n(cfg: policy.AttentionBackwardTiles, split_size: int) -> int:
     """_attn_bwd_preprocess's key tile: the dq kernel's, capped at split_size (both are powers of
     two) so that no tile straddles two of D's split blocks."""
     return min(cfg.BLOCK_N2, split_size)
@@ -328,7 +296,7 @@ def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Te
         return dq, dk, dv
     m, l = m.contiguous(), l.contiguous()
     delta = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
-    cfg = tile_config(dim, q.dtype)
+    cfg = policy.triton_attention_backward_tiles(dim, q.dtype, INTERPRETED)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
     common = dict(HEAD_DIM=dim, INPUT_PRECISION=input_precision(q.dtype), F32_DOTS=INTERPRETED,
                   ROUND_BF16=needs_bf16_rounding(q.dtype), num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
@@ -343,37 +311,3 @@ def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Te
     _attn_bwd_dq[query_grid](
         *args, dq, *sizes, *strides, BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2, num_warps=cfg.num_warps2, **common)
     return dq, dk, dv
-
-
-def compile_specs():
-    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the three
-    kernels per dtype (float32, bfloat16, float16) and head dim (64, 128), plus D = 16 for
-    bfloat16 (the smallest tiles); the preprocess for each key tile it takes, at the smallest
-    (16) and the default split size. The head-dim strides are 1 (Triton's launch-time
-    specialisation of unit strides)."""
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    stride_names = [f"stride_{t}{a}" for t in "qkvg" for a in "bhtd"]
-    unit = {f"stride_{t}d" for t in "qkvg"}
-    strides = {name: "constexpr" if name in unit else "i32" for name in stride_names}
-    tile_names = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "INPUT_PRECISION", "F32_DOTS", "ROUND_BF16")
-    cases = [(dt, d) for dt in names for d in (64, 128)] + [(torch.bfloat16, 16)]
-    specs = []
-    for dtype, dim in cases:
-        dt = names[dtype]
-        cfg = tile_config(dim, dtype)
-        sizes = {"scale": "fp32", "n_ctx": "i32", "n_heads": "i32", "kv_group": "i32"}
-        ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DO": f"*{dt}", "M": "*fp32", "L": "*fp32",
-                "Delta": "*fp32"}
-        fixed = {"HEAD_DIM": dim, "INPUT_PRECISION": input_precision(dtype), "F32_DOTS": False, "ROUND_BF16": False}
-        sig = {**ptrs, "DK": f"*{dt}", "DV": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
-        consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M1, "BLOCK_N": cfg.BLOCK_N1, **fixed}
-        specs.append((_attn_bwd_dkdv, sig, consts, {"num_warps": cfg.num_warps1, "num_stages": cfg.num_stages}))
-        sig = {**ptrs, "DQ": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
-        consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": cfg.BLOCK_N2, **fixed}
-        specs.append((_attn_bwd_dq, sig, consts, {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
-        sig = {**ptrs, **sizes, "split_size": "i32", **strides, **{n: "constexpr" for n in tile_names}}
-        for block_n in sorted({preprocess_block_n(cfg, s) for s in (16, _config.DEFAULT_SPLIT_SIZE)}):
-            consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": block_n, **fixed}
-            specs.append((_attn_bwd_preprocess, sig, consts,
-                          {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
-    return specs

@@ -1,18 +1,18 @@
 """Fused LayerNorm in Triton: forward, and a backward that also reduces the weight/bias gradients.
 
-The arithmetic is reference.layer_norm_forward / layer_norm_backward with `lanes = lanes_for(N)`,
-bit for bit: every row sum accumulates whole blocks of BLOCK = lanes elements lane by lane, in
+The arithmetic is reference.layer_norm_forward / layer_norm_backward with the lane count the
+op passes (policy.triton_lanes), bit for bit: every row sum accumulates whole blocks of BLOCK = lanes elements lane by lane, in
 ascending block order from +0, then folds the block in halves (`fold_lanes`); divisions and the
 square root are correctly rounded (`div_rn`, `sqrt_rn`) and the kernels are launched without
-fused multiply-add. The block width depends on N only, so a row gets the same bits in any batch.
+fused multiply-add. The block width (= the lane count) depends on N only, so a row gets the same bits in any batch.
 
-Forward, one program per row. A row of up to MAX_BLOCK elements is held in registers (one read,
-one write); a longer row loops over blocks of MAX_BLOCK in three passes (sum for the mean, sum
+Forward, one program per row. A row that fits one block is held in registers (one read, one
+write); a longer row loops over blocks in three passes (sum for the mean, sum
 of squared deviations for the variance, normalise + store), the later passes mostly from L2.
 
 Backward, two kernels and no atomics:
   * `_layer_norm_bwd_dx_fused`: one program per row group (reference.row_group_sum: groups of
-    R = ceil(rows / LAYER_NORM_ROW_GROUPS) consecutive rows). It walks its rows in ascending
+    R = ceil(rows / groups) consecutive rows, policy.ROW_GROUPS groups). It walks its rows in ascending
     order, writes each row's dx, and adds dy * xhat and dy into its own float32 partial row of a
     (groups, N) buffer: kept in registers and written once when the row fits a block, else
     read-modify-written block by block (only this program touches that row, so the order is
@@ -21,7 +21,7 @@ Backward, two kernels and no atomics:
     ascending group order from +0.
 Only the non-empty groups (ceil(rows / R) of them) are launched and summed: an empty group's
 partial is +0, and adding +0 to a sum that started at +0 never changes it, so the result is
-the reference's 128-group sum exactly, without writing and reading 128 rows of zeros.
+the reference's group sum exactly, without writing and reading rows of zeros.
 """
 from __future__ import annotations
 
@@ -29,29 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from ..policy import triton_layer_norm_backward_warps, triton_row_warps
 from ._common import LAUNCH_OPTIONS, fold_lanes, log2, needs_bf16_rounding, round_to_bf16
 
-MAX_BLOCK = 16384
-ROW_GROUPS = reference.LAYER_NORM_ROW_GROUPS
 JIT_HELPERS = ("_bwd_block",)  # inlined into the kernels; not launched on its own
 DWDB_BLOCK = 128  # columns per program of the partial-sum kernel (one warp); any width gives the same bits
-
-
-def lanes_for(n_cols: int) -> int:
-    """Block width (= lane count of the row sums) for rows of n_cols elements."""
-    return min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
-def _num_warps_bwd(block: int) -> int:
-    # The backward keeps ~7 block-wide float32 vectors live (x, dy, w, xhat, g and the dw/db
-    # partials): 8 elements per thread stays within 128 registers up to 4096 columns (ptxas -v,
-    # sm_90); wider blocks spill some whatever the width, least with 1024 threads.
-    return min(max(block // 256, 4), 32)
 
 
 @triton.jit
@@ -215,7 +197,8 @@ def _layer_norm_bwd_dwdb(DW_partial, DB_partial, DW, DB, n_groups, n_cols, BLOCK
     tl.store(DB + cols, db, mask=inside)
 
 
-def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                       lanes: int):
     """x: contiguous (rows, N); weight, bias: None or contiguous (N,), float32 or x's dtype.
 
     Returns (y in x's dtype, mean float32 (rows,), rstd float32 (rows,))."""
@@ -225,18 +208,18 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, mean, rstd
-    block = lanes_for(cols)
+    block = lanes
     _layer_norm_fwd[(rows,)](
         x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, cols, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, LOOPED=cols > block,
         BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(x.dtype),
-        num_warps=_num_warps(block), **LAUNCH_OPTIONS,
+        num_warps=triton_row_warps(block), **LAUNCH_OPTIONS,
     )
     return y, mean, rstd
 
 
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        weight: torch.Tensor | None, need_param_grads: bool):
+                        weight: torch.Tensor | None, need_param_grads: bool, lanes: int, groups: int):
     """grad_y, x: contiguous (rows, N), same dtype; mean, rstd: float32 (rows,); weight: None or (N,).
 
     Returns (dx in x's dtype, dweight, dbias), the last two float32 (N,) — the caller casts them
@@ -249,9 +232,9 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
         db = torch.zeros(cols, dtype=torch.float32, device=x.device)
     if rows == 0:
         return dx, dw, db
-    block = lanes_for(cols)
+    block = lanes
     if need_param_grads:
-        rows_per_program = -(-rows // ROW_GROUPS)
+        rows_per_program = -(-rows // groups)
         n_groups = -(-rows // rows_per_program)  # the non-empty groups (module docstring)
         dw_partial = torch.empty(n_groups, cols, dtype=torch.float32, device=x.device)
         db_partial = torch.empty(n_groups, cols, dtype=torch.float32, device=x.device)
@@ -263,40 +246,10 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
         rows, cols, rows_per_program,
         HAS_WEIGHT=weight is not None, PARAM_GRADS=need_param_grads, LOOPED=cols > block,
         BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(x.dtype),
-        num_warps=_num_warps_bwd(block), **LAUNCH_OPTIONS,
+        num_warps=triton_layer_norm_backward_warps(block), **LAUNCH_OPTIONS,
     )
     if need_param_grads:
         _layer_norm_bwd_dwdb[(triton.cdiv(cols, DWDB_BLOCK),)](
             dw_partial, db_partial, dw, db, n_groups, cols, BLOCK_N=DWDB_BLOCK, num_warps=1, **LAUNCH_OPTIONS,
         )
     return dx, dw, db
-
-
-def compile_specs():
-    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles.
-
-    Per dtype: the single-block path at a small width without parameters, at the widest width
-    with them (float32 parameters: the mixed-precision case for bf16/fp16), and the looped path."""
-    specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
-        for w_dtype, block, looped, params in ((dtype, 1024, False, False), ("fp32", MAX_BLOCK, False, True),
-                                                (dtype, MAX_BLOCK, True, True)):
-            sig = {"X": f"*{dtype}", "W": f"*{w_dtype}", "B": f"*{w_dtype}", "Y": f"*{dtype}",
-                   "Mean": "*fp32", "Rstd": "*fp32", "n_cols": "i32", "eps": "fp32",
-                   "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "LOOPED": "constexpr",
-                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
-            specs.append((_layer_norm_fwd, sig,
-                          {"HAS_WEIGHT": params, "HAS_BIAS": params, "LOOPED": looped, "BLOCK": block,
-                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": _num_warps(block)}))
-            sig = {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{w_dtype}", "Mean": "*fp32", "Rstd": "*fp32",
-                   "DX": f"*{dtype}", "DW_partial": "*fp32", "DB_partial": "*fp32",
-                   "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
-                   "HAS_WEIGHT": "constexpr", "PARAM_GRADS": "constexpr", "LOOPED": "constexpr",
-                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
-            specs.append((_layer_norm_bwd_dx_fused, sig,
-                          {"HAS_WEIGHT": params, "PARAM_GRADS": params, "LOOPED": looped, "BLOCK": block,
-                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": _num_warps_bwd(block)}))
-    sig = {"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": "*fp32", "DB": "*fp32",
-           "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
-    specs.append((_layer_norm_bwd_dwdb, sig, {"BLOCK_N": DWDB_BLOCK}, {"num_warps": 1}))
-    return specs

@@ -5,7 +5,7 @@ elementwise part of its backward (grad through the activation, bias gradient).
 b (K, N) of any strides — the op passes weight.t() in the forward, weight and grad.t() in the
 backward. One program per BLOCK_M x BLOCK_N output tile reduces K in ascending order (the K tail
 masked to +0, which adds nothing). float32 follows reference.linear_matmul's blocks: per block of
-MATMUL_K_BLOCK, a fresh accumulator takes `tl.dot(a_tile, b_tile, acc)` for its BLOCK_K tiles
+the K block, a fresh accumulator takes `tl.dot(a_tile, b_tile, acc)` for its BLOCK_K tiles
 in order and is then added to the tile's total (one FMA chain over K = 3072 would be ~4x less
 accurate than a blocked sgemm); bfloat16/float16 keep one tensor-core accumulator over all of K
 (exact products, and the output's rounding dwarfs the sum's error). Then, in registers, h = total + bias and
@@ -15,8 +15,8 @@ With an activation the epilogue runs on the two column halves of the tile in tur
 elementwise bits; on sm_80 it cuts the erf-GELU epilogue's register spills from ~940 to ~250
 bytes per thread, ptxas -v).
 
-Why a row's bits never depend on the batch (DESIGN.md point 4):
-  * ONE tile configuration per (N, K, dtype) — `tile_config` never looks at M — and no split-K:
+Why a row's bits never depend on the batch (docs/design.md, "The contract", point 4):
+  * ONE tile configuration per (N, K, dtype) — `policy.triton_linear_tiles` never looks at M — and no split-K:
     every output element is reduced by the same sequence of tensor-core (or FMA) instructions
     over the same K blocks in the same order, whichever tile row it lands in and however many
     tiles there are. The order *inside* one tl.dot (how the hardware adds the BLOCK_K products)
@@ -49,86 +49,39 @@ batch-invariant either way. bf16 conversions are done by hand there
 (the interpreter's casts truncate and mangle subnormals: _common.py).
 
 `_bias_act_bwd`: one program per (row group, column block), with reference.row_group_sum's
-groups of R = ceil(M / BIAS_GRAD_ROW_GROUPS) consecutive rows. It walks its rows in ascending
+groups of R = ceil(M / groups) consecutive rows (policy.ROW_GROUPS groups). It walks its rows in ascending
 order, writes grad_preact = dy * act'(h) (float32 math, stored in dy's dtype) and adds the
 *stored* value, back in float32, to a float32 partial that starts at +0; the partial is written
 once to row `group` of a (groups, N) buffer that no other program touches. `_bias_grad_sum` then
 adds the partial rows in ascending group order from +0. No atomics. As in layer_norm.py, only
 the ceil(M / R) non-empty groups are launched and summed: an empty group's partial is +0, and
-adding +0 to a sum that started at +0 changes nothing, so this is the reference's 128-group sum.
+adding +0 to a sum that started at +0 changes nothing, so this is the reference's group sum.
 Without a bias gradient the kernel is purely elementwise and runs one row per program. Under
 the interpreter a program takes several groups as one (groups, rows, columns) tile and sums
 the rows axis with numpy — the same additions in the same order, in far fewer Python steps.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import policy, reference
 from . import INTERPRETED
 from ._common import (ACT_NONE, LAUNCH_OPTIONS, activation_derivative, activation_forward, bf16_to_f32,
                       f32_to_bf16_rn, needs_bf16_rounding)
 
-ROW_GROUPS = reference.BIAS_GRAD_ROW_GROUPS
-BWD_BLOCK_N = 512  # columns per program of the backward kernels; any width gives the same bits
-BWD_NUM_WARPS = 4
-INTERPRETER_BLOCK_N = 512  # interpreter: (rows x columns) tiles of the backward, few programs
-INTERPRETER_ROWS = 64
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_to_f32", "_from_f32", "_epilogue", "_grad_preact")
 
 
-class TileConfig(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    GROUP_M: int
-    num_warps: int
-    num_stages: int
-
-
-def _fit(n: int, block: int) -> int:
-    """The table's block, shrunk (to a power of two >= 16, tl.dot's minimum) for small dims."""
-    return max(16, min(block, triton.next_power_of_2(max(n, 1))))
-
-
-def tile_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
-    """The one tile configuration for an (M, K) x (K, N) product — a function of (N, K, dtype)
-    only, NEVER of M: this is the batch-invariance rule (float32 uses the same tiles with and
-    without TF32). GPU: `_gpu_tile_config`. Interpreter: every op costs Python time, so few
-    programs and few K steps: about 8192 outputs per tile (BLOCK_N up to 128, BLOCK_M 64..256)
-    and a (BLOCK_M, BLOCK_K, BLOCK_N) product of about 2**18 elements per K step."""
-    if INTERPRETED:
-        block_n = _fit(n, 128)
-        block_m = min(256, max(64, 8192 // block_n))
-        return TileConfig(block_m, block_n, _fit(k, min(128, 2 ** 18 // (block_m * block_n))), 8, 4, 1)
-    return _gpu_tile_config(n, k, dtype)
-
-
-def _gpu_tile_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
-    """GPU tiles (not timed: no GPU here; after the Triton matmul tutorial's best configs):
-      * bf16/fp16: 128 x 128 x 64, 8 warps, 4 stages: 32 KiB of a and b tiles per stage; the
-        compiled kernels use 96 KiB of shared memory on sm_80 and 128 KiB on sm_90 (fits A100's
-        164 and H100's 227 KiB), cp.async pipelined, mma.sync / wgmma; the float32 accumulator
-        is 64 registers per thread (~100-125 registers in all on sm_90, no spills).
-      * float32, TF32 or IEEE (the latter on FMA units, each thread owning an 8 x 8 block of
-        outputs): 128 x 128 x 32, 8 warps, 3 stages (64-96 KiB).
-    GROUP_M = 8 tile rows per L2 swizzle group. N or K below a block shrinks it (min 16)."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return TileConfig(128, _fit(n, 128), _fit(k, 64), 8, 8, 4)
-    return TileConfig(128, _fit(n, 128), _fit(k, 32), 8, 8, 3)
-
-
-def k_blocking(k: int, block_k: int, dtype: torch.dtype) -> tuple[int, bool]:
-    """(K_STEPS, K_BLOCKED): reference.linear_matmul sums K in blocks of MATMUL_K_BLOCK; a block is
+def k_blocking(k: int, block_k: int, k_block: int, dtype: torch.dtype) -> tuple[int, bool]:
+    """(K_STEPS, K_BLOCKED): reference.linear_matmul sums K in blocks of k_block; a block is
     K_STEPS tiles of BLOCK_K (all of K when K is shorter). Followed for float32 on GPUs and for
     every dtype under the interpreter; bf16/fp16 GPU tiles keep one accumulator (_matmul_fwd)."""
-    span = min(reference.MATMUL_K_BLOCK, triton.next_power_of_2(max(k, 1)))
-    assert reference.MATMUL_K_BLOCK % block_k == 0
+    span = min(k_block, triton.next_power_of_2(max(k, 1)))
+    if k_block % block_k:
+        raise ValueError(f"linear_matmul: the K block ({k_block}) must be a multiple of BLOCK_K ({block_k})")
     return max(1, span // block_k), INTERPRETED or dtype == torch.float32
 
 
@@ -336,7 +289,8 @@ def _bias_grad_sum(Partial, DB, n_groups, n_cols, BLOCK_N: tl.constexpr):
     tl.store(DB + cols, total, mask=inside)
 
 
-def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool):
+def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool,
+                  k_block: int):
     """y = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides, bias (N,) or None, all
     one dtype. Returns (y, preact or None): contiguous (M, N) in a's dtype; preact = a @ b + bias
     when save_preact and there is an activation."""
@@ -350,8 +304,8 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
     if bias is not None:
         bias = bias.contiguous()
     precision = input_precision(a.dtype)
-    cfg = tile_config(n, k, a.dtype)
-    k_steps, k_blocked = k_blocking(k, cfg.BLOCK_K, a.dtype)
+    cfg = policy.triton_linear_tiles(n, k, a.dtype, INTERPRETED)
+    k_steps, k_blocked = k_blocking(k, cfg.BLOCK_K, k_block, a.dtype)
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
     _matmul_fwd[grid](
         a, b, y if bias is None else bias, y, y if h is None else h, m, n, k,
@@ -366,7 +320,8 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
     return y, h
 
 
-def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int, need_bias_grad: bool):
+def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int, need_bias_grad: bool,
+                             groups: int):
     """grad_y, preact: contiguous (M, N), one dtype (preact unused without an activation).
 
     Returns (grad_preact in grad_y's dtype, or None when activation is ACT_NONE — it would be
@@ -379,90 +334,28 @@ def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, 
     if rows == 0 or cols == 0 or not (has_act or need_bias_grad):
         return grad_preact, grad_bias
     if need_bias_grad:
-        rows_per_group = -(-rows // ROW_GROUPS)
+        rows_per_group = -(-rows // groups)
         n_groups = -(-rows // rows_per_group)  # the non-empty groups (module docstring)
         partial = torch.empty(n_groups, cols, dtype=torch.float32, device=grad_y.device)
     else:  # purely elementwise: any grouping gives the same bits
-        rows_per_group = INTERPRETER_ROWS if INTERPRETED else 1
+        rows_per_group = policy.TRITON_LINEAR_INTERPRETER_ROWS if INTERPRETED else 1
         n_groups = -(-rows // rows_per_group)
         partial = grad_y  # never touched when BIAS_GRAD is False
     if INTERPRETED:
-        block_n = min(triton.next_power_of_2(cols), INTERPRETER_BLOCK_N)
-        row_chunk = min(triton.next_power_of_2(rows_per_group), INTERPRETER_ROWS)
-        groups_per_program = INTERPRETER_ROWS // row_chunk
+        block_n = min(triton.next_power_of_2(cols), policy.TRITON_LINEAR_INTERPRETER_BLOCK_N)
+        row_chunk = min(triton.next_power_of_2(rows_per_group), policy.TRITON_LINEAR_INTERPRETER_ROWS)
+        groups_per_program = policy.TRITON_LINEAR_INTERPRETER_ROWS // row_chunk
     else:
-        block_n, row_chunk, groups_per_program = BWD_BLOCK_N, 1, 1
+        block_n, row_chunk, groups_per_program = policy.TRITON_LINEAR_BACKWARD_BLOCK_N, 1, 1
     col_blocks = triton.cdiv(cols, block_n)
     _bias_act_bwd[(triton.cdiv(n_groups, groups_per_program), col_blocks)](
         grad_y, preact if has_act else grad_y, grad_preact if has_act else grad_y, partial,
         rows, cols, n_groups, rows_per_group,
         ACTIVATION=activation, BIAS_GRAD=need_bias_grad, BLOCK_N=block_n,
         ROUND_BF16=needs_bf16_rounding(grad_y.dtype), SEQUENTIAL_SUM=INTERPRETED,
-        GROUPS=groups_per_program, ROW_CHUNK=row_chunk, num_warps=BWD_NUM_WARPS, **LAUNCH_OPTIONS,
+        GROUPS=groups_per_program, ROW_CHUNK=row_chunk, num_warps=policy.TRITON_LINEAR_BACKWARD_WARPS, **LAUNCH_OPTIONS,
     )
     if need_bias_grad:
         _bias_grad_sum[(col_blocks,)](partial, grad_bias, n_groups, cols, BLOCK_N=block_n,
-                                      num_warps=BWD_NUM_WARPS, **LAUNCH_OPTIONS)
+                                      num_warps=policy.TRITON_LINEAR_BACKWARD_WARPS, **LAUNCH_OPTIONS)
     return grad_preact, grad_bias
-
-
-def compile_specs():
-    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles.
-
-    The matmul per dtype (and TF32) with the table's GPU config, for the op's three layouts
-    (unit strides are what Triton specialises to constexpr 1 at launch):
-      forward  a = x (row-major), b = weight.t(): no bias / bias + gelu + preact with a ragged K /
-               bias + gelu_tanh + preact;
-      dx       a = g (row-major), b = weight (row-major);
-      dweight  a = g.t() (column-major), b = x (row-major);
-    plus, for bf16, the shrunk tiles of tiny N and K with an activation. The backward kernels per
-    dtype and activation. (Real launches also get Triton's divisible-by-16 specialisation of the
-    pointers, N, K and strides — not expressible here — which is what enables cp.async
-    pipelining; compiled with it, see _gpu_tile_config.)"""
-    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    specs = []
-    variants = [  # (unit strides, HAS_BIAS, ACTIVATION, SAVE_PREACT, EVEN_K)
-        (("stride_ak", "stride_bk"), False, reference.ACT_NONE, False, True),
-        (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False),
-        (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, True, True),
-        (("stride_ak", "stride_bn"), False, reference.ACT_NONE, False, True),
-        (("stride_am", "stride_bn"), False, reference.ACT_NONE, False, False),
-    ]
-    small = [  # the shrunk tiles of small N and K (BLOCK_N 16 / 64, BLOCK_K 16), with the epilogue halves
-        ((1, 1), (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False)),
-        ((50, 7), (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, False, False)),
-    ]
-    for dtype, precisions in (("fp32", ("ieee", "tf32")), ("bf16", (None,)), ("fp16", (None,))):
-        for precision in precisions:
-            shapes = [((4096, 4096), v) for v in variants] + (small if dtype == "bf16" else [])
-            for (n, k), (unit, has_bias, act, save, even_k) in shapes:
-                cfg = _gpu_tile_config(n, k, torch_dtypes[dtype])
-                sig = {"A": f"*{dtype}", "B": f"*{dtype}", "Bias": f"*{dtype}", "Y": f"*{dtype}", "H": f"*{dtype}",
-                       "M": "i32", "N": "i32", "K": "i32",
-                       **{name: "constexpr" if name in unit else "i32"
-                          for name in ("stride_am", "stride_ak", "stride_bk", "stride_bn")},
-                       **{name: "constexpr" for name in (
-                           "HAS_BIAS", "ACTIVATION", "SAVE_PREACT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
-                           "EVEN_K", "INPUT_PRECISION", "SEQUENTIAL_SUM", "ROUND_BF16", "EPILOGUE_HALVES",
-                           "K_BLOCKED", "K_STEPS")}}
-                k_steps, k_blocked = k_blocking(k, cfg.BLOCK_K, torch_dtypes[dtype])
-                specs.append((_matmul_fwd, sig,
-                              {**{name: 1 for name in unit}, "HAS_BIAS": has_bias, "ACTIVATION": act,
-                               "SAVE_PREACT": save, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N,
-                               "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M, "EVEN_K": even_k,
-                               "INPUT_PRECISION": precision, "SEQUENTIAL_SUM": False, "ROUND_BF16": False,
-                               "EPILOGUE_HALVES": act != reference.ACT_NONE, "K_BLOCKED": k_blocked,
-                               "K_STEPS": k_steps},
-                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-        for act in (reference.ACT_NONE, reference.ACT_GELU, reference.ACT_GELU_TANH):
-            sig = {"DY": f"*{dtype}", "Hp": f"*{dtype}", "DH": f"*{dtype}", "Partial": "*fp32",
-                   "n_rows": "i32", "n_cols": "i32", "n_groups": "i32", "rows_per_group": "i32",
-                   "ACTIVATION": "constexpr", "BIAS_GRAD": "constexpr", "BLOCK_N": "constexpr",
-                   "ROUND_BF16": "constexpr", "SEQUENTIAL_SUM": "constexpr", "GROUPS": "constexpr",
-                   "ROW_CHUNK": "constexpr"}
-            specs.append((_bias_act_bwd, sig, {"ACTIVATION": act, "BIAS_GRAD": act != reference.ACT_GELU,
-                                               "BLOCK_N": BWD_BLOCK_N, "ROUND_BF16": False, "SEQUENTIAL_SUM": False,
-                                               "GROUPS": 1, "ROW_CHUNK": 1}, {"num_warps": BWD_NUM_WARPS}))
-    sig = {"Partial": "*fp32", "DB": "*fp32", "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
-    specs.append((_bias_grad_sum, sig, {"BLOCK_N": BWD_BLOCK_N}, {"num_warps": BWD_NUM_WARPS}))
-    return specs

@@ -1,9 +1,10 @@
 """Fused softmax in Triton: softmax(scale * x) over rows, optional causal mask, float32 math.
 
-One program per row. A row of up to MAX_BLOCK elements is held in registers (one read, one
-write); a longer row loops over blocks of MAX_BLOCK in three passes (max, exp + lane sums,
-divide + store), the later passes mostly served from L2. Either way the arithmetic is
-reference.softmax_forward / softmax_backward with `lanes = lanes_for(n_cols)`: the block width
+One program per row. The block width is the lane count of the row sums (policy.triton_lanes:
+the row length rounded up to a power of two, at most policy.TRITON_MAX_BLOCK). A row that fits
+one block is held in registers (one read, one write); a longer row loops over blocks in three
+passes (max, exp + lane sums, divide + store), the later passes mostly served from L2. Either
+way the arithmetic is reference.softmax_forward / softmax_backward with that lane count, which
 depends on the row length only, never on the number of rows, so every row gets the same bits
 whatever batch it is in.
 """
@@ -13,18 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..policy import triton_row_warps
 from ._common import LAUNCH_OPTIONS, exp_f32, fold_lanes, log2, needs_bf16_rounding, round_to_bf16
-
-MAX_BLOCK = 16384
-
-
-def lanes_for(n_cols: int) -> int:
-    """Block width (= lane count of the row sums) for rows of n_cols elements."""
-    return min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
 @triton.jit
@@ -107,49 +98,32 @@ def _softmax_bwd(DY, Y, DX, n_cols, scale,
             tl.store(dx_row + start + cols, dx.to(DX.dtype.element_ty), mask=inside)
 
 
-def softmax_forward(x: torch.Tensor, scale: float, causal: bool, n_queries: int) -> torch.Tensor:
-    """x: contiguous (rows, cols). Returns softmax(scale * x) over cols, same dtype."""
+def softmax_forward(x: torch.Tensor, scale: float, causal: bool, n_queries: int, lanes: int) -> torch.Tensor:
+    """x: contiguous (rows, cols). Returns softmax(scale * x) over cols, same dtype; the block
+    width is the lane count (a power of two; policy.triton_lanes)."""
     rows, cols = x.shape
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    block = lanes_for(cols)
+    block = lanes
     _softmax_fwd[(rows,)](
         x, y, cols, scale, max(n_queries, 1),
         CAUSAL=causal, BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(x.dtype),
-        num_warps=_num_warps(block), **LAUNCH_OPTIONS,
+        num_warps=triton_row_warps(block), **LAUNCH_OPTIONS,
     )
     return y
 
 
-def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, scale: float, lanes: int) -> torch.Tensor:
     """grad_y, y: contiguous (rows, cols), same dtype. Returns dx."""
     rows, cols = y.shape
     dx = torch.empty_like(y)
     if y.numel() == 0:
         return dx
-    block = lanes_for(cols)
+    block = lanes
     _softmax_bwd[(rows,)](
         grad_y, y, dx, cols, scale,
         BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(y.dtype),
-        num_warps=_num_warps(block), **LAUNCH_OPTIONS,
+        num_warps=triton_row_warps(block), **LAUNCH_OPTIONS,
     )
     return dx
-
-
-def compile_specs():
-    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles."""
-    specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
-        for block in (1024, MAX_BLOCK):
-            for causal in (False, True):
-                sig = {"X": f"*{dtype}", "Y": f"*{dtype}", "n_cols": "i32", "scale": "fp32", "n_queries": "i32",
-                       "CAUSAL": "constexpr", "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
-                # n_cols=block+1 would be runtime; constexprs cover both branches via BLOCK >= n_cols at runtime
-                specs.append((_softmax_fwd, sig, {"CAUSAL": causal, "BLOCK": block, "LOG2_BLOCK": log2(block),
-                                                  "ROUND_BF16": False}, {"num_warps": _num_warps(block)}))
-            sig = {"DY": f"*{dtype}", "Y": f"*{dtype}", "DX": f"*{dtype}", "n_cols": "i32", "scale": "fp32",
-                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
-            specs.append((_softmax_bwd, sig, {"BLOCK": block, "LOG2_BLOCK": log2(block), "ROUND_BF16": False},
-                          {"num_warps": _num_warps(block)}))
-    return specs

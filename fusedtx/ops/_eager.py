@@ -2,17 +2,16 @@
 
 Each op is registered with torch.library (custom_op + register_fake + register_autograd): that
 is what torch.compile, opcheck, dispatch modes, tensor subclasses and torch.func transforms see.
-In plain eager training, though, a Python custom op pays for its generality on every call —
+In plain eager training, though, a Python custom op pays for its generality on every call:
 dispatcher to Python to dispatcher to Python, inspect-based argument binding, and the same again
-for the backward op inside the backward: fusedtx.layer_norm of a (4, 768) input with gradients
-cost ~99 us forward and ~134 us backward against F.layer_norm's ~6 and ~45 us, as long as the
-kernel itself on small inputs, and far longer than a GPU kernel.
+for the backward op inside the backward — as long as the kernel itself on small inputs, and
+far longer than a GPU kernel (benchmarks/bench_overhead.py measures both paths).
 
 `eager_autograd` assembles a torch.autograd.Function from the op's own pieces — its body, its
 setup_context and its backward formula — so that the two paths share every line that computes
-anything: the same bits (tests compare them). fusedtx.functional takes it only for plain tensors
-outside torch.compile, dispatch modes and torch.func transforms (`is_plain_eager`); everything
-else goes through the registered op.
+anything: the same bits (tests/test_eager.py compares them). fusedtx.ops._dispatch.Op takes it
+only for plain tensors outside torch.compile, dispatch modes and torch.func transforms
+(`is_plain_eager`); everything else goes through the registered op.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ def eager_autograd(name: str, body: Callable, setup_context: Callable, backward:
     body(*inputs) -> outputs is the op's implementation; setup_context(ctx, inputs, outputs) and
     backward(ctx, *grads) are what the op registers with register_autograd. The forward is
     written in the ctx-first style rather than with a separate setup_context because
-    Function.apply binds the arguments of the latter through inspect.signature (~40 us a call);
+    Function.apply binds the arguments of the latter through inspect.signature, as slow as a small kernel;
     torch.func transforms, which need the separate style, take the registered op instead."""
 
     def forward(ctx, *inputs):
@@ -64,13 +63,3 @@ def eager_autograd(name: str, body: Callable, setup_context: Callable, backward:
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_materialized)})
     return function.apply
 
-
-def backward_op(ctx, op: Callable, body: Callable) -> Callable:
-    """What a backward formula calls for its inner op (e.g. fusedtx::layer_norm_backward): the
-    op's body when the formula runs under eager_autograd, else the registered op (which
-    torch.compile traces). With create_graph=True, grad mode is on inside the backward and the
-    registered op runs in both paths, so a second backward raises the op's clear error ("no
-    autograd formula was registered") instead of silently differentiating nothing."""
-    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
-        return body
-    return op

@@ -1,36 +1,38 @@
-"""The attention ops: fixed-split-size causal attention (training/prefill) and attention against a
-KV cache (chunked prefill, decode), with backend dispatch, fake and autograd registrations.
+"""The causal attention ops: fixed-split-size causal attention (training, prefill) and the same
+kernel against a KV cache (chunked prefill, decode), with backend dispatch, fake and autograd.
 
-    fusedtx::causal_attention(Tensor q, Tensor k, Tensor v, float scale, int split_size, str backend)
-        -> (Tensor o, Tensor m, Tensor l)
-    fusedtx::causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l,
-        float scale, int split_size, str backend) -> (Tensor dq, Tensor dk, Tensor dv)
-    fusedtx::attention_with_kv_cache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens,
-        float scale, int split_size, str backend) -> Tensor o
+    fusedtx::causal_attention(q, k, v, scale, split_size, backend) -> (o, m, l)
+    fusedtx::causal_attention_backward(grad_o, q, k, v, m, l, scale, split_size, backend) -> (dq, dk, dv)
+    fusedtx::attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split_size, backend) -> o
 
-Every backend computes reference.causal_attention_forward: keys cut at multiples of the split size S
-counted from position 0, each chunk reduced on its own, chunk partials merged in ascending
-order — so a query's output is the same bits in a full pass, a chunked prefill or a decode step,
-whatever else is in the batch. m and l (float32 row max and sum) are saved for the backward,
-which follows reference.causal_attention_backward's fixed summation orders (no atomics). The backward
+attention_with_kv_cache is causal_attention's decode face, not another algorithm: both run
+the causal_attention_forward kernel, one with every sequence's full length, the other with
+the cache's lengths, which is why they share this file. Every backend computes
+reference.causal_attention_forward: keys cut at multiples of the split size S counted from
+position 0, each chunk reduced on its own, chunk partials merged in ascending order — so a
+query's output is the same bits in a full pass, a chunked prefill or a decode step, whatever
+else is in the batch. m and l (float32 row max and sum) are saved for the backward, which
+follows reference.causal_attention_backward's fixed summation orders (no atomics). The backward
 does not read the output o: its D_i is the row sum of P * dP, recomputed from q, k, v, grad_o
-and m, l (more accurate than FlashAttention's dO_i . o_i, see reference.causal_attention_backward), so
-autograd keeps q, k, v, m, l and not o.
+and m, l (more accurate than FlashAttention's dO_i . o_i, see reference.causal_attention_backward),
+so autograd keeps q, k, v, m, l and not o.
 """
 from __future__ import annotations
 
-import functools
 import math
 from numbers import Real
 
 import torch
 
-from .. import _extension, reference
-from ..backends import BACKENDS, BackendUnavailableError
 from ..config import _check_split_size, get_split_size
-from ._eager import backward_op, eager_autograd
+from ._dispatch import Kernel, check_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# (q, k, v, seqlens, scale, split_size) -> (o, m, l)
+forward_kernel = Kernel("causal_attention_forward", "causal_attention")
+# (grad_o, q, k, v, m, l, scale, split_size) -> (dq, dk, dv)
+backward_kernel = Kernel("causal_attention_backward", "causal_attention_backward")
 
 
 def check_qkv(q, k, v, name: str, k_name: str = "k", v_name: str = "v") -> None:
@@ -58,6 +60,7 @@ def check_qkv(q, k, v, name: str, k_name: str = "k", v_name: str = "v") -> None:
 
 
 def resolve_scale_and_split(q, scale, split_size, name: str) -> tuple[float, int]:
+    """scale (default 1/sqrt(head dim)) and split size (default fusedtx.get_split_size()), checked."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     # A float needs no isinstance check against the Real ABC (slow: a decode step calls this per layer).
@@ -68,98 +71,55 @@ def resolve_scale_and_split(q, scale, split_size, name: str) -> tuple[float, int
     return float(scale), split
 
 
-def _check_backend(backend: str, name: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
-
-
-_native_ops: dict[tuple[str, str], object] = {}  # (op name, dispatch key) -> the op, once found
-
-
-def _native(op_name: str, device: torch.device):
-    """torch.ops.fusedtx_native.<op_name>, or a clear error where it has no kernel for device.
-    Found once per (op, device type): the lookup costs a few microseconds, a decode step's
-    kernel little more, and the extension's kernels do not change once it is loaded."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    op = _native_ops.get((op_name, key))
-    if op is not None:
-        return op
-    ops = _extension.ops()
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtx_native::{op_name}", key):
-        raise BackendUnavailableError(f"the native backend has no {key} kernel for {op_name} yet; "
-                                      f"use backend='triton' or 'reference' on {device.type}")
-    op = _native_ops[(op_name, key)] = getattr(ops, op_name)
-    return op
-
-
-def _forward(backend, q, k, v, seqlens, scale, split_size):
-    if backend == "reference":
-        return reference.causal_attention_forward(q, k, v, seqlens.cpu(), scale, split_size)
-    if backend == "triton":
-        from ..kernels import causal_attention as triton_causal_attention
-
-        return triton_causal_attention.causal_attention_forward(q, k, v, seqlens, scale, split_size)
-    return _native("causal_attention_forward", q.device)(q, k, v, seqlens.cpu(), scale, split_size)
-
-
-def _full_lengths(q: torch.Tensor) -> torch.Tensor:
-    return torch.full((q.shape[0],), q.shape[2], dtype=torch.int64, device=q.device)
+def _lengths(backend: str, seqlens: torch.Tensor) -> torch.Tensor:
+    """seqlens as the kernels take them: int64, on the host for the native and reference kernels
+    (they read the lengths to plan their work), where they are for Triton (its kernels read them)."""
+    seqlens = seqlens if seqlens.dtype == torch.int64 else seqlens.to(torch.int64)
+    return seqlens if backend == "triton" else seqlens.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
 # causal attention (training / full prefill)
 # ---------------------------------------------------------------------------------------------
-def causal_attention_impl(q, k, v, scale, split_size, backend, checked: bool = False):
-    """The op's body; fusedtx.functional calls it directly in eager inference, with q, k, v
-    already checked (checked=True)."""
-    if not checked:
-        check_qkv(q, k, v, "causal_attention")
+def check_args(q, k, v, scale, split_size, backend):
+    check_qkv(q, k, v, "causal_attention")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"causal_attention: k must have q's {q.shape[2]} tokens, got {k.shape[2]} "
                          "(for queries against a longer cache use attention_with_kv_cache)")
-    _check_backend(backend, "causal_attention")
-    return _forward(backend, q, k, v, _full_lengths(q), scale, split_size)
+    scale, split = resolve_scale_and_split(q, scale, split_size, "causal_attention")
+    return q, k, v, scale, split, check_backend(backend, "causal_attention")
 
 
-@torch.library.custom_op("fusedtx::causal_attention", mutates_args=())
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, split_size: int,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, m, l = causal_attention_impl(q, k, v, scale, split_size, backend)
-    return o, m, l
+def _forward(q, k, v, scale, split_size, backend):
+    lengths = torch.full((q.shape[0],), q.shape[2], dtype=torch.int64,
+                         device=q.device if backend == "triton" else "cpu")
+    return forward_kernel(backend, q.device)(q, k, v, lengths, scale, split_size)
 
 
-@causal_attention.register_fake
-def _(q, k, v, scale, split_size, backend):
-    check_qkv(q, k, v, "causal_attention")
+def _fake(q, k, v, scale, split_size, backend):
     stats = q.new_empty(q.shape[:3], dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-def causal_attention_backward_impl(grad_o, q, k, v, m, l, scale, split_size, backend):
-    """The backward op's body."""
-    _check_backend(backend, "causal_attention")
-    grad_o = grad_o.to(q.dtype).contiguous()
-    if backend == "reference":
-        return reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split_size)
-    if backend == "triton":
-        from ..kernels import causal_attention_backward as triton_causal_attention_backward
-
-        return triton_causal_attention_backward.causal_attention_backward(grad_o, q, k, v, m, l, scale, split_size)
-    return _native("causal_attention_backward", q.device)(grad_o, q, k, v, m, l, scale, split_size)
+def _check_backward(grad_o, q, k, v, m, l, scale, split_size, backend):
+    return grad_o, q, k, v, m, l, scale, split_size, check_backend(backend, "causal_attention_backward")
 
 
-@torch.library.custom_op("fusedtx::causal_attention_backward", mutates_args=())
-def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              m: torch.Tensor, l: torch.Tensor, scale: float, split_size: int,
-                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return causal_attention_backward_impl(grad_o, q, k, v, m, l, scale, split_size, backend)
+def _backward_body(grad_o, q, k, v, m, l, scale, split_size, backend):
+    return backward_kernel(backend, q.device)(grad_o.to(q.dtype).contiguous(), q, k, v, m, l, scale, split_size)
 
 
-@causal_attention_backward.register_fake
-def _(grad_o, q, k, v, m, l, scale, split_size, backend):
+def _backward_fake(grad_o, q, k, v, m, l, scale, split_size, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+causal_attention_backward = register(
+    "causal_attention_backward",
+    "(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l, float scale, SymInt split_size, "
+    "str backend) -> (Tensor, Tensor, Tensor)",
+    check=_check_backward, body=_backward_body, fake=_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -172,30 +132,38 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o, _grad_m, _grad_l):
     q, k, v, m, l = ctx.saved_tensors
-    run = backward_op(ctx, causal_attention_backward, causal_attention_backward_impl)
+    run = causal_attention_backward.in_backward(ctx)
     dq, dk, dv = run(grad_o, q, k, v, m, l, ctx.scale, ctx.split_size, ctx.backend)
     return dq, dk, dv, None, None, None
 
 
-causal_attention.register_autograd(_backward, setup_context=_setup_context)
-# fusedtx.functional has checked q, k and v before it calls this.
-causal_attention_eager = eager_autograd("causal_attention", functools.partial(causal_attention_impl, checked=True),
-                                        _setup_context, _backward)
+causal_attention = register(
+    "causal_attention",
+    "(Tensor q, Tensor k, Tensor v, float scale, SymInt split_size, str backend) -> (Tensor, Tensor, Tensor)",
+    check=check_args, body=_forward, fake=_fake, setup_context=_setup_context, backward=_backward)
 
 
 # ---------------------------------------------------------------------------------------------
 # attention against a KV cache (chunked prefill, decode): inference only
 # ---------------------------------------------------------------------------------------------
-def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") -> None:
+def check_kv_cache_args(q, k_cache, v_cache, seqlens, scale, split_size, backend):
+    name = "attention_with_kv_cache"
+    check_qkv(q, k_cache, v_cache, name, "k_cache", "v_cache")
     if not isinstance(seqlens, torch.Tensor) or seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: seqlens must be an int32/int64 tensor, got "
                         f"{seqlens.dtype if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}")
     if tuple(seqlens.shape) != (q.shape[0],):
         raise ValueError(f"{name}: seqlens must have shape [{q.shape[0]}] (one length per sequence), "
                          f"got {list(seqlens.shape)}")
+    scale, split = resolve_scale_and_split(q, scale, split_size, name)
+    return q, k_cache, v_cache, seqlens, scale, split, check_backend(backend, name)
+
+
+def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") -> None:
+    """Every sequence holds its Tq queries and fits the cache (values: read back from a GPU)."""
     if q.shape[0] == 0:
         return
-    # On the CPU (where KVCache keeps them) a list is ~10x cheaper than two reductions; on a GPU
+    # On the CPU (where KVCache keeps them) a list is far cheaper than two reductions; on a GPU
     # one reduction, read back once.
     if seqlens.device.type == "cpu":
         lengths = seqlens.tolist()
@@ -210,21 +178,16 @@ def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") ->
                          f"got max {hi}")
 
 
-def attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split_size, backend):
-    check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
+def _kv_cache_forward(q, k_cache, v_cache, seqlens, scale, split_size, backend):
     check_seqlens(q, k_cache, seqlens)
-    _check_backend(backend, "attention_with_kv_cache")
-    lengths = seqlens if seqlens.dtype == torch.int64 else seqlens.to(torch.int64)
-    return _forward(backend, q, k_cache, v_cache, lengths, scale, split_size)[0]
+    lengths = _lengths(backend, seqlens)
+    return forward_kernel(backend, q.device)(q, k_cache, v_cache, lengths, scale, split_size)[0]
 
 
-@torch.library.custom_op("fusedtx::attention_with_kv_cache", mutates_args=())
-def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
-                            scale: float, split_size: int, backend: str) -> torch.Tensor:
-    return attention_with_kv_cache_impl(q, k_cache, v_cache, seqlens, scale, split_size, backend)
-
-
-@attention_with_kv_cache.register_fake
-def _(q, k_cache, v_cache, seqlens, scale, split_size, backend):
-    check_qkv(q, k_cache, v_cache, "attention_with_kv_cache", "k_cache", "v_cache")
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+attention_with_kv_cache = register(
+    "attention_with_kv_cache",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, SymInt split_size, str backend) "
+    "-> Tensor",
+    check=check_kv_cache_args, body=_kv_cache_forward,
+    fake=lambda q, k_cache, v_cache, seqlens, scale, split_size, backend:
+        torch.empty_like(q, memory_format=torch.contiguous_format))

@@ -8,8 +8,8 @@
 The semantics of torch.nn.functional.layer_norm: normalise over the trailing dims given by
 normalized_shape. Every backend works on x viewed as (rows, N); mean and rstd (float32, or
 float64 for float64 x) are saved for the backward, which computes dx per row and the weight and
-bias gradients through the fixed row groups of reference.row_group_sum: no atomics, the same
-bits for any thread count or GPU.
+bias gradients through the fixed row groups of reference.row_group_sum (policy.ROW_GROUPS): no
+atomics, the same bits for any thread count or GPU. Row sums use policy.row_lanes lanes.
 """
 from __future__ import annotations
 
@@ -19,24 +19,16 @@ from typing import Sequence
 
 import torch
 
-from .. import _extension, reference
-from ..backends import BACKENDS
-from ._eager import backward_op, eager_autograd
-from .softmax import native_cuda_lanes
+from .. import policy, reference
+from ._dispatch import Kernel, check_backend, register
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
 
-
-def lanes(backend: str, n: int, device: torch.device) -> int:
-    """Lane count of the row sums (reference.lane_sum) a backend uses for rows of n elements."""
-    if backend == "triton":
-        from ..kernels import layer_norm as triton_layer_norm
-
-        return triton_layer_norm.lanes_for(n)
-    if backend == "native" and device.type == "cuda":
-        return native_cuda_lanes(n)
-    return reference.LAYER_NORM_LANES
+# (x, weight, bias, eps, lanes) -> (y, mean, rstd)
+forward_kernel = Kernel("layer_norm_forward", "layer_norm")
+# (grad_y, x, mean, rstd, weight, need_param_grads, lanes, groups) -> (dx, dweight, dbias)
+backward_kernel = Kernel("layer_norm_backward", "layer_norm")
 
 
 def normalize_shape(normalized_shape) -> tuple[int, ...]:
@@ -48,12 +40,13 @@ def normalize_shape(normalized_shape) -> tuple[int, ...]:
     raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 
-def check_args(x, normalized_shape, weight, bias, eps, backend: str | None = None) -> tuple[int, ...]:
+def check_args(x, normalized_shape, weight, bias, eps, backend):
     """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"layer_norm: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_backend(backend, "layer_norm")
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("layer_norm: the triton backend computes in float32 and does not take float64 x; "
                         "use backend='native' or 'reference' for float64")
@@ -83,12 +76,7 @@ def check_args(x, normalized_shape, weight, bias, eps, backend: str | None = Non
         raise TypeError(f"layer_norm: eps must be a real number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"layer_norm: eps must be a finite number > 0, got {eps}")
-    return shape
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"layer_norm: backend must be one of {BACKENDS}, got {backend!r}")
+    return x, shape, weight, bias, float(eps), backend
 
 
 def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -97,92 +85,58 @@ def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
     return p.contiguous().view(-1)
 
 
-def _forward_2d(backend, x, weight, bias, eps):
-    if backend == "triton":
-        from ..kernels import layer_norm as triton_layer_norm
-
-        return triton_layer_norm.layer_norm_forward(x, weight, bias, eps)
-    if backend == "native":
-        return _extension.ops().layer_norm_forward(x, weight, bias, eps, lanes(backend, x.shape[1], x.device))
-    return reference.layer_norm_forward(x, weight, bias, eps)
-
-
-def _backward_2d(backend, grad_y, x, mean, rstd, weight, need_param_grads):
-    if backend == "triton":
-        from ..kernels import layer_norm as triton_layer_norm
-
-        return triton_layer_norm.layer_norm_backward(grad_y, x, mean, rstd, weight, need_param_grads)
-    if backend == "native":
-        return _extension.ops().layer_norm_backward(grad_y, x, mean, rstd, weight, need_param_grads,
-                                                    lanes(backend, x.shape[1], x.device),
-                                                    reference.LAYER_NORM_ROW_GROUPS)
-    dx, dw, db = reference.layer_norm_backward(grad_y, x, mean, rstd, weight)
-    return (dx, dw, db) if need_param_grads else (dx, None, None)
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t as a contiguous (rows, n) tensor: t itself when it is one (a view costs Python time)."""
+    return t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.contiguous().view(-1, n)
 
 
 def _stats_shape(x: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x.shape[: x.dim() - len(shape)])
 
 
-def layer_norm_impl(x, normalized_shape, weight, bias, eps, backend):
-    """The op's body. fusedtx.functional calls it directly in eager inference."""
-    shape = check_args(x, normalized_shape, weight, bias, eps, backend)
-    _check_backend(backend)
+def _forward(x, shape, weight, bias, eps, backend):
     n = math.prod(shape)
-    flat = x.dim() == 2 and len(shape) == 1 and x.is_contiguous()  # already (rows, N): no views
-    y, mean, rstd = _forward_2d(backend, x if flat else x.contiguous().view(-1, n), _flat(weight), _flat(bias),
-                                float(eps))
-    if flat:
+    lanes = policy.row_lanes(backend, n, x.device)
+    y, mean, rstd = forward_kernel(backend, x.device)(_as_rows(x, n), _flat(weight), _flat(bias), eps, lanes)
+    if y.shape == x.shape:  # x was (rows, N) already: no views
         return y, mean, rstd
     stats = _stats_shape(x, shape)
     return y.view(x.shape), mean.view(stats), rstd.view(stats)
 
 
-@torch.library.custom_op("fusedtx::layer_norm", mutates_args=())
-def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None,
-               bias: torch.Tensor | None, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_impl(x, normalized_shape, weight, bias, eps, backend)
-
-
-@layer_norm.register_fake
-def _(x, normalized_shape, weight, bias, eps, backend):
-    shape = check_args(x, normalized_shape, weight, bias, eps, backend)
-    _check_backend(backend)
+def _fake(x, shape, weight, bias, eps, backend):
     stats = _stats_shape(x, shape)
     acc = reference.compute_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc))
 
 
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """t as a contiguous (rows, n) tensor: t itself when it is one (a view costs ~2 us of Python)."""
-    return t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.contiguous().view(-1, n)
+def _check_backward(grad_y, x, mean, rstd, weight, need_param_grads, backend):
+    return grad_y, x, mean, rstd, weight, need_param_grads, check_backend(backend, "layer_norm_backward")
 
 
-def layer_norm_backward_impl(grad_y, x, mean, rstd, weight, need_param_grads, backend):
-    """The backward op's body."""
-    _check_backend(backend)
+def _backward_body(grad_y, x, mean, rstd, weight, need_param_grads, backend):
     n = math.prod(x.shape[mean.dim():])
-    dx, dw, db = _backward_2d(backend, _as_rows(grad_y.to(x.dtype), n), _as_rows(x, n), _flat(mean), _flat(rstd),
-                              _flat(weight), need_param_grads)
+    lanes = policy.row_lanes(backend, n, x.device)
+    dx, dw, db = backward_kernel(backend, x.device)(_as_rows(grad_y.to(x.dtype), n), _as_rows(x, n), _flat(mean),
+                                                    _flat(rstd), _flat(weight), need_param_grads, lanes,
+                                                    policy.ROW_GROUPS)
     if not need_param_grads:  # two distinct empty tensors: op outputs may not alias each other
         dw, db = x.new_empty(0, dtype=mean.dtype), x.new_empty(0, dtype=mean.dtype)
     return (dx if dx.shape == x.shape else dx.view(x.shape)), dw, db
 
 
-@torch.library.custom_op("fusedtx::layer_norm_backward", mutates_args=())
-def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        weight: torch.Tensor | None, need_param_grads: bool,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_backward_impl(grad_y, x, mean, rstd, weight, need_param_grads, backend)
-
-
-@layer_norm_backward.register_fake
-def _(grad_y, x, mean, rstd, weight, need_param_grads, backend):
-    n = math.prod(x.shape[mean.dim():])
-    size = n if need_param_grads else 0
+def _backward_fake(grad_y, x, mean, rstd, weight, need_param_grads, backend):
+    size = math.prod(x.shape[mean.dim():]) if need_param_grads else 0
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(size, dtype=mean.dtype), x.new_empty(size, dtype=mean.dtype))
+
+
+layer_norm_backward = register(
+    "layer_norm_backward",
+    "(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool need_param_grads, str backend) "
+    "-> (Tensor, Tensor, Tensor)",
+    check=_check_backward, body=_backward_body, fake=_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -197,12 +151,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     _, _, need_w, need_b, _, _ = ctx.needs_input_grad
-    run = backward_op(ctx, layer_norm_backward, layer_norm_backward_impl)
+    run = layer_norm_backward.in_backward(ctx)
     dx, dw, db = run(grad_y, x, mean, rstd, weight, bool(need_w or need_b), ctx.backend)
     dweight = dw.to(weight.dtype).view(weight.shape) if need_w else None
     dbias = db.to(ctx.bias_dtype).view(x.shape[mean.dim():]) if need_b else None
     return dx, None, dweight, dbias, None, None
 
 
-layer_norm.register_autograd(_backward, setup_context=_setup_context)
-layer_norm_eager = eager_autograd("layer_norm", layer_norm_impl, _setup_context, _backward)
+layer_norm = register(
+    "layer_norm",
+    "(Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps, str backend) "
+    "-> (Tensor, Tensor, Tensor)",
+    check=check_args, body=_forward, fake=_fake, setup_context=_setup_context, backward=_backward)

@@ -7,15 +7,16 @@
                              -> (Tensor dx, Tensor dweight, Tensor dbias)
 
 x has any number of leading dims and is viewed as (M, K); weight is (N, K) like torch.nn.Linear.
-Every backend computes reference.linear_matmul: one float32 accumulator per output element taking
-x[i, k] * weight[j, k] with an FMA for k ascending, then + bias, then the activation (GELU erf
+Every backend computes reference.linear_matmul: per block of policy.MATMUL_K_BLOCK k's one float32
+accumulator per output element taking x[i, k] * weight[j, k] with an FMA for k ascending, the
+blocks added in order, then + bias, then the activation (GELU erf
 or tanh) in the epilogue. No tile shape, split or thread count enters, so a row's bits depend
 on that row and on the weight alone.
 
 The backward runs three pieces through the same kernels:
     g       = dy * act'(h)          fused elementwise pass, also summing dbias in fixed row groups
-    dx      = linear_matmul(g, weight)     the same M-invariant kernel: dx rows are batch-invariant too
-    dweight = linear_matmul(g.T, x)        one accumulator per element over the M rows in ascending order
+    dx      = linear_matmul(g, weight)   the same M-invariant kernel: dx rows are batch-invariant too
+    dweight = linear_matmul(g.T, x)      one accumulator per element over the M rows in ascending order
 The pre-activation h (M, N) is SAVED by the forward when a gradient is needed and there is an
 activation, in x's dtype: as much memory as torch's own F.linear + F.gelu keeps for the GELU
 backward, and it saves recomputing a whole matmul. Without an activation nothing extra is kept.
@@ -24,12 +25,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension, reference
-from ..backends import BACKENDS
-from ._eager import backward_op, eager_autograd
+from .. import policy, reference
+from ._dispatch import Kernel, check_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ACTIVATION_NAMES = ("none", "gelu", "gelu_tanh")
+
+# (a, b, bias, activation, save_preact, k_block) -> (y, preact)
+matmul_kernel = Kernel("linear_matmul", "linear")
+# (grad_y, preact, activation, need_bias_grad, groups) -> (grad_preact, grad_bias)
+bias_act_backward_kernel = Kernel("linear_bias_act_backward", "linear")
 
 
 def activation_code(activation) -> int:
@@ -41,13 +45,14 @@ def activation_code(activation) -> int:
     raise ValueError(f"linear: activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
 
 
-def check_args(x, weight, bias, backend: str | None = None, name: str = "linear") -> None:
+def check_args(x, weight, bias, activation, save_preact, backend, name: str = "linear"):
     """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    allowed = SUPPORTED_DTYPES + ((torch.float64,) if backend in (None, "reference") else ())
+    check_backend(backend, name)
+    allowed = SUPPORTED_DTYPES + ((torch.float64,) if backend == "reference" else ())
     if x.dtype not in allowed:
         extra = " (float64 only with backend='reference')" if x.dtype == torch.float64 else ""
         raise TypeError(f"{name}: x must be float32, bfloat16 or float16{extra}, got {x.dtype}")
@@ -69,11 +74,7 @@ def check_args(x, weight, bias, backend: str | None = None, name: str = "linear"
             raise TypeError(f"{name}: {arg_name} must have x's dtype {x.dtype}, got {t.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{name}: bias must have shape [{weight.shape[0]}] (out_features), got {list(bias.shape)}")
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"linear: backend must be one of {BACKENDS}, got {backend!r}")
+    return x, weight, bias, activation, save_preact, backend
 
 
 def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -82,61 +83,39 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool):
     """(y, preact or None) = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides."""
-    m, n = a.shape[0], b.shape[1]
-    if m == 0 or n == 0 or a.shape[1] == 0 or backend == "reference" or a.dtype == torch.float64:
-        # Empty problems go to the spec: an empty sum is +0 whatever the kernel, and no launch.
-        y, h = reference.linear_matmul(a, b, bias, activation)
-        return y.contiguous(), (h.contiguous() if save_preact and activation else None)
-    if backend == "triton":
-        from ..kernels import linear as triton_linear
-
-        return triton_linear.linear_matmul(a, b, bias, activation, save_preact)
-    y, h = _extension.ops().linear_matmul(a, b, bias, activation, save_preact, reference.MATMUL_K_BLOCK)
-    return y, (h if save_preact and activation else None)
+    if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0 or a.dtype == torch.float64:
+        backend = "reference"  # an empty sum is +0 whatever the kernel, and no launch; float64: gradcheck
+    y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK)
+    return y.contiguous(), (h.contiguous() if save_preact and activation else None)
 
 
 def _bias_act_backward(backend: str, grad_y, preact, activation: int, need_bias_grad: bool):
     """(grad_preact, grad_bias or None) for contiguous (M, N) grad_y and preact."""
-    if backend == "reference" or grad_y.dtype == torch.float64 or grad_y.numel() == 0:
-        return reference.linear_bias_act_backward(grad_y, preact, activation, need_bias_grad)
-    if backend == "triton":
-        from ..kernels import linear as triton_linear
-
-        g, gb = triton_linear.linear_bias_act_backward(grad_y, preact, activation, need_bias_grad)
-    else:
-        g, gb = _extension.ops().linear_bias_act_backward(grad_y, preact, activation, need_bias_grad,
-                                                   reference.BIAS_GRAD_ROW_GROUPS)
+    if grad_y.dtype == torch.float64 or grad_y.numel() == 0:
+        backend = "reference"
+    g, gb = bias_act_backward_kernel(backend, grad_y.device)(grad_y, preact, activation, need_bias_grad,
+                                                             policy.ROW_GROUPS)
     return (g if activation else grad_y), (gb if need_bias_grad else None)
 
 
-def linear_impl(x, weight, bias, activation: int, save_preact: bool, backend: str):
-    """The op's body. fusedtx.functional calls it directly in eager inference."""
-    check_args(x, weight, bias, backend)
-    _check_backend(backend)
+def _forward(x, weight, bias, activation, save_preact, backend):
     lead, k, n = x.shape[:-1], x.shape[-1], weight.shape[0]
     y, h = _matmul(backend, x.reshape(-1, k), weight.t(), bias, activation, save_preact)
     preact = h.view(*lead, n) if h is not None else _empty(x)
     return y.view(*lead, n), preact
 
 
-@torch.library.custom_op("fusedtx::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int,
-           save_preact: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return linear_impl(x, weight, bias, activation, save_preact, backend)
-
-
-@linear.register_fake
-def _(x, weight, bias, activation, save_preact, backend):
-    check_args(x, weight, bias, backend)
-    _check_backend(backend)
+def _fake(x, weight, bias, activation, save_preact, backend):
     shape = (*x.shape[:-1], weight.shape[0])
-    y = x.new_empty(shape)
-    return y, (x.new_empty(shape) if save_preact and activation else _empty(x))
+    return x.new_empty(shape), (x.new_empty(shape) if save_preact and activation else _empty(x))
 
 
-def linear_backward_impl(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
-    """The backward op's body."""
-    _check_backend(backend)
+def _check_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
+    return (grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias,
+            check_backend(backend, "linear_backward"))
+
+
+def _backward_body(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
     k, n = weight.shape[1], weight.shape[0]
     dy = grad_y.to(x.dtype).reshape(-1, n).contiguous()
     h = preact.reshape(-1, n).contiguous() if activation else None
@@ -147,19 +126,18 @@ def linear_backward_impl(grad_y, x, weight, preact, activation, need_dx, need_dw
     return dx, dw, db
 
 
-@torch.library.custom_op("fusedtx::linear_backward", mutates_args=())
-def linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
-                    activation: int, need_dx: bool, need_dweight: bool, need_dbias: bool,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_backward_impl(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend)
-
-
-@linear_backward.register_fake
-def _(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
+def _backward_fake(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
     acc = reference.compute_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else _empty(x),
             x.new_empty(weight.shape) if need_dweight else _empty(x),
             x.new_empty(weight.shape[0], dtype=acc) if need_dbias else _empty(x, acc))
+
+
+linear_backward = register(
+    "linear_backward",
+    "(Tensor grad_y, Tensor x, Tensor weight, Tensor preact, SymInt activation, bool need_dx, bool need_dweight, "
+    "bool need_dbias, str backend) -> (Tensor, Tensor, Tensor)",
+    check=_check_backward, body=_backward_body, fake=_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,11 +155,13 @@ def _backward(ctx, grad_y, _grad_preact):
     if ctx.activation and preact.numel() == 0 and grad_y.numel() != 0:
         raise RuntimeError("linear: the forward did not save the pre-activation (save_preact=False) "
                            "but a gradient is needed; call through fusedtx.linear, which decides it")
-    run = backward_op(ctx, linear_backward, linear_backward_impl)
+    run = linear_backward.in_backward(ctx)
     dx, dw, db = run(grad_y, x, weight, preact, ctx.activation, bool(need_x), bool(need_w), bool(need_b), ctx.backend)
     return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
             None, None, None)
 
 
-linear.register_autograd(_backward, setup_context=_setup_context)
-linear_eager = eager_autograd("linear", linear_impl, _setup_context, _backward)
+linear = register(
+    "linear",
+    "(Tensor x, Tensor weight, Tensor? bias, SymInt activation, bool save_preact, str backend) -> (Tensor, Tensor)",
+    check=check_args, body=_forward, fake=_fake, setup_context=_setup_context, backward=_backward)

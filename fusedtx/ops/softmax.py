@@ -1,11 +1,12 @@
-"""The `fusedtx::softmax` op: schema, argument checks, fake and autograd, backend dispatch.
+"""The `fusedtx::softmax` op: argument checks, backend dispatch, fake and autograd.
 
     fusedtx::softmax(Tensor x, int dim, float scale, bool causal, str backend) -> Tensor
     fusedtx::softmax_backward(Tensor grad_y, Tensor y, int dim, float scale, str backend) -> Tensor
 
 The backend arrives already resolved (fusedtx.functional does that), so a traced graph records
 which implementation it calls. Every backend works on a contiguous (rows, cols) view with `dim`
-moved last; the output is returned contiguous in x's shape.
+moved last and sums each row with policy.row_lanes lanes; the output is returned contiguous in
+x's shape.
 """
 from __future__ import annotations
 
@@ -14,35 +15,16 @@ from numbers import Real
 
 import torch
 
-from .. import _extension, reference
-from ..backends import BACKENDS
-from ._eager import backward_op, eager_autograd
+from .. import policy
+from ._dispatch import Kernel, check_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NATIVE_CPU_LANES = reference.SOFTMAX_LANES
+
+forward_kernel = Kernel("softmax_forward", "softmax")    # (x, scale, causal, n_queries, lanes) -> y
+backward_kernel = Kernel("softmax_backward", "softmax")  # (grad_y, y, scale, lanes) -> dx
 
 
-def lanes(backend: str, n_cols: int, device: torch.device) -> int:
-    """Lane count of the row sums (reference.lane_sum) a backend uses for rows of n_cols."""
-    if backend == "triton":
-        from ..kernels import softmax as triton_softmax
-
-        return triton_softmax.lanes_for(n_cols)
-    if backend == "native" and device.type == "cuda":
-        return native_cuda_lanes(n_cols)
-    return NATIVE_CPU_LANES
-
-
-def native_cuda_lanes(n_cols: int) -> int:
-    """The CUDA kernel runs one thread block per row, one lane per thread: ~8 elements per
-    thread, 32 to 1024 threads. Depends on the row length only."""
-    threads = 32
-    while threads < 1024 and threads * 8 < n_cols:
-        threads *= 2
-    return threads
-
-
-def check_args(x, dim, scale, causal, name: str = "softmax") -> None:
+def check_args(x, dim, scale, causal, backend, name: str = "softmax"):
     """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -61,38 +43,14 @@ def check_args(x, dim, scale, causal, name: str = "softmax") -> None:
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if causal and dim % ndim != ndim - 1:
         raise ValueError(f"{name}: causal masks the last two dims (queries, keys), so dim must be -1, got {dim}")
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"softmax: backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _forward_2d(backend: str, x: torch.Tensor, scale: float, causal: bool, n_queries: int) -> torch.Tensor:
-    if backend == "triton":
-        from ..kernels import softmax as triton_softmax
-
-        return triton_softmax.softmax_forward(x, scale, causal, n_queries)
-    if backend == "native":
-        return _extension.ops().softmax_forward(x, scale, causal, n_queries, lanes(backend, x.shape[1], x.device))
-    return reference.softmax_forward(x, scale, causal, n_queries)
-
-
-def _backward_2d(backend: str, grad_y: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    if backend == "triton":
-        from ..kernels import softmax as triton_softmax
-
-        return triton_softmax.softmax_backward(grad_y, y, scale)
-    if backend == "native":
-        return _extension.ops().softmax_backward(grad_y, y, scale, lanes(backend, y.shape[1], y.device))
-    return reference.softmax_backward(grad_y, y, scale)
+    return x, dim, float(scale), causal, check_backend(backend, name)
 
 
 def _is_last(t: torch.Tensor, dim: int) -> bool:
     return t.dim() > 0 and dim % t.dim() == t.dim() - 1
 
 
-def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+def as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """(rows, cols) contiguous view of t with `dim` last (a copy only when t is not laid out so)."""
     t = t.reshape(1) if t.dim() == 0 else t
     if not _is_last(t, dim) or not t.is_contiguous():
@@ -100,8 +58,8 @@ def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.view(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inverse of _as_rows: rows back to like's shape, contiguous."""
+def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of as_rows: rows back to like's shape, contiguous."""
     if like.dim() == 0 or _is_last(like, dim):
         return rows.view(like.shape)
     moved = list(like.shape)
@@ -109,42 +67,32 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor
     return rows.view(moved).movedim(-1, dim).contiguous()
 
 
-def softmax_impl(x: torch.Tensor, dim: int, scale: float, causal: bool, backend: str) -> torch.Tensor:
-    """The op's body. fusedtx.functional calls it directly in eager inference (see there)."""
-    check_args(x, dim, scale, causal)
-    _check_backend(backend)
+def _forward(x, dim, scale, causal, backend):
+    rows = as_rows(x, dim)
     n_queries = x.shape[-2] if causal and x.dim() >= 2 else 1
-    y = _forward_2d(backend, _as_rows(x, dim), float(scale), causal, n_queries)
-    return _from_rows(y, x, dim)
+    lanes = policy.row_lanes(backend, rows.shape[1], x.device)
+    return from_rows(forward_kernel(backend, x.device)(rows, scale, causal, n_queries, lanes), x, dim)
 
 
-@torch.library.custom_op("fusedtx::softmax", mutates_args=())
-def softmax(x: torch.Tensor, dim: int, scale: float, causal: bool, backend: str) -> torch.Tensor:
-    return softmax_impl(x, dim, scale, causal, backend)
-
-
-@softmax.register_fake
-def _(x, dim, scale, causal, backend):
-    check_args(x, dim, scale, causal)
-    _check_backend(backend)
+def _fake(x, dim, scale, causal, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def softmax_backward_impl(grad_y, y, dim, scale, backend):
-    """The backward op's body."""
-    _check_backend(backend)
-    dx = _backward_2d(backend, _as_rows(grad_y.to(y.dtype), dim), _as_rows(y, dim), float(scale))
-    return _from_rows(dx, y, dim)
+def _check_backward(grad_y, y, dim, scale, backend):
+    return grad_y, y, dim, scale, check_backend(backend, "softmax_backward")
 
 
-@torch.library.custom_op("fusedtx::softmax_backward", mutates_args=())
-def softmax_backward(grad_y: torch.Tensor, y: torch.Tensor, dim: int, scale: float, backend: str) -> torch.Tensor:
-    return softmax_backward_impl(grad_y, y, dim, scale, backend)
+def _backward_body(grad_y, y, dim, scale, backend):
+    rows = as_rows(y, dim)
+    lanes = policy.row_lanes(backend, rows.shape[1], y.device)
+    dx = backward_kernel(backend, y.device)(as_rows(grad_y.to(y.dtype), dim), rows, float(scale), lanes)
+    return from_rows(dx, y, dim)
 
 
-@softmax_backward.register_fake
-def _(grad_y, y, dim, scale, backend):
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
+softmax_backward = register(
+    "softmax_backward", "(Tensor grad_y, Tensor y, SymInt dim, float scale, str backend) -> Tensor",
+    check=_check_backward, body=_backward_body,
+    fake=lambda grad_y, y, dim, scale, backend: torch.empty_like(y, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,9 +104,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     (y,) = ctx.saved_tensors
     # Masked positions have y == 0, so their gradient is 0 without knowing the mask.
-    run = backward_op(ctx, softmax_backward, softmax_backward_impl)
-    return run(grad_y, y, ctx.dim, ctx.scale, ctx.backend), None, None, None, None
+    dx = softmax_backward.in_backward(ctx)(grad_y, y, ctx.dim, ctx.scale, ctx.backend)
+    return dx, None, None, None, None
 
 
-softmax.register_autograd(_backward, setup_context=_setup_context)
-softmax_eager = eager_autograd("softmax", softmax_impl, _setup_context, _backward)
+softmax = register("softmax", "(Tensor x, SymInt dim, float scale, bool causal, str backend) -> Tensor",
+                   check=check_args, body=_forward, fake=_fake, setup_context=_setup_context, backward=_backward)

@@ -1,0 +1,126 @@
+"""The op pattern, written once: from a public call to the kernel of the chosen backend.
+
+Every op file in fusedtx/ops is the same four pieces (docs/design.md, "Adding an op"):
+
+  * `Kernel`s: one name and ONE signature per kernel entry point on every backend, e.g.
+    Kernel("softmax_forward", "softmax") is reference.softmax_forward,
+    fusedtx.kernels.softmax.softmax_forward (Triton) and torch.ops.fusedtx_native.softmax_forward
+    (C++ / CUDA), all called as (x, scale, causal, n_queries, lanes);
+  * a `check` that validates the arguments (TypeError / ValueError naming the argument,
+    expected vs actual) and returns them normalised to the schema's types;
+  * a `body` that reshapes, asks fusedtx.policy for lanes, groups or tiles, and calls the
+    kernels of the backend it is given;
+  * one `register(...)` call: the torch.library op (schema, fake, autograd formula) and the
+    eager autograd.Function, both made from those pieces.
+
+`register` returns an `Op`. fusedtx.functional resolves the backend and calls the Op, which
+checks the arguments once and takes the cheapest path with the registered op's results: the
+body (inference) or the eager Function (training) in plain eager code, the registered op
+everywhere else (torch.compile, dispatch modes, tensor subclasses, torch.func).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from .. import _extension, reference
+from ..backends import BACKENDS, BackendUnavailableError
+from ._eager import eager_autograd, is_plain_eager
+
+
+def check_backend(backend, op: str) -> str:
+    """The backend a registered op is called with (resolved already by fusedtx.functional)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+class Kernel:
+    """One kernel entry point, found on each backend under one name:
+
+        reference  fusedtx.reference.<name>
+        triton     fusedtx.kernels.<module>.<name>  (imported on first use: it imports triton)
+        native     torch.ops.fusedtx_native.<name>  (C++ on CPU, CUDA on GPUs)
+
+    kernel(backend, device) is the callable, found once per (backend, device type): the lookup
+    costs a few microseconds, as much as a small kernel, and what is loaded never changes."""
+
+    def __init__(self, name: str, triton_module: str):
+        self.name, self.triton_module = name, triton_module
+        self._found: dict[tuple[str, str], Callable] = {}
+
+    def __call__(self, backend: str, device: torch.device) -> Callable:
+        fn = self._found.get((backend, device.type))
+        if fn is None:
+            fn = self._found[(backend, device.type)] = self._find(backend, device)
+        return fn
+
+    def _find(self, backend: str, device: torch.device) -> Callable:
+        if backend == "reference":
+            return getattr(reference, self.name)
+        if backend == "triton":
+            return getattr(importlib.import_module(f"fusedtx.kernels.{self.triton_module}"), self.name)
+        status = _extension.status()
+        if not status.loaded:
+            raise BackendUnavailableError(f"the native backend cannot run {self.name}: the C++ extension "
+                                          f"fusedtx._C could not be built or loaded: {status.error}")
+        key = "CUDA" if device.type == "cuda" else "CPU"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtx_native::{self.name}", key):
+            raise BackendUnavailableError(f"the native backend has no {key} kernel for {self.name}; "
+                                          f"use backend='triton' or 'reference' on {device.type}")
+        return getattr(torch.ops.fusedtx_native, self.name)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name!r})"
+
+
+class Op:
+    """A registered op ("fusedtx::<name>") and the plain-eager paths made from the same pieces."""
+
+    def __init__(self, name: str, registered, check: Callable, body: Callable, eager: Callable | None):
+        self.name, self.registered, self.check, self.body, self.eager = name, registered, check, body, eager
+
+    def impl(self, *args):
+        """What the registered op runs: the arguments checked, then the body."""
+        return self.body(*self.check(*args))
+
+    def __call__(self, *args, grad: bool = False):
+        """What fusedtx.functional calls, with the backend resolved: the arguments are checked
+        once, then the body (grad False) or the eager autograd Function (grad True) runs in plain
+        eager code, the registered op everywhere else. Same code, same bits on every path."""
+        args = self.check(*args)
+        if is_plain_eager(args[0]):
+            return self.eager(*args) if grad else self.body(*args)
+        return self.registered(*args)
+
+    def in_backward(self, ctx) -> Callable:
+        """What an autograd formula calls for this (backward) op: its body under the eager
+        Function, else the registered op, which torch.compile traces. With create_graph=True grad
+        mode is on inside the backward and the registered op runs on both paths, so a second
+        backward raises the op's clear error ("no autograd formula was registered") rather than
+        silently differentiating nothing."""
+        if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
+            return self.body
+        return self.registered
+
+    def __repr__(self) -> str:
+        return f"Op(fusedtx::{self.name})"
+
+
+def register(name: str, schema: str, *, check: Callable, body: Callable, fake: Callable,
+             setup_context: Callable | None = None, backward: Callable | None = None) -> Op:
+    """Make the op "fusedtx::<name>" with this schema and return its Op.
+
+    check(*args) -> args validates and normalises; body(*args) computes; fake(*args) makes empty
+    outputs of the right shapes and dtypes for torch.compile. The registered op checks, then
+    runs the body (or fake). setup_context(ctx, inputs, output) and backward(ctx, *grads) are
+    the autograd formula, registered with the op and assembled into the eager Function."""
+    op = Op(name, None, check, body, None)
+    op.registered = torch.library.custom_op(f"fusedtx::{name}", op.impl, mutates_args=(), schema=schema)
+    op.registered.register_fake(lambda *args: fake(*check(*args)))
+    if backward is not None:
+        op.registered.register_autograd(backward, setup_context=setup_context)
+        op.eager = eager_autograd(name, body, setup_context, backward)
+    return op

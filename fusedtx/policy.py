@@ -1,0 +1,192 @@
+"""Every per-backend, per-device choice that decides a reduction order or a tile shape, in one place.
+
+fusedtx/reference.py holds the algorithms with these numbers as arguments; the ops pass the
+numbers chosen here to whichever backend runs, and each kernel either follows them (Triton) or
+checks them against the values it was compiled for (the C++ and CUDA kernels refuse others).
+The rule every function here obeys: it may depend on a row's length, the feature sizes (N, K,
+head dim), the dtype, the split size and the backend/device — NEVER on the number of rows,
+tokens or sequences in the batch (docs/design.md, "Backends and policy").
+
+Changing a number here changes bits (the committed output hashes, tests/output_hashes.json,
+say which), never invariance.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Row sums (reference.lane_sum): softmax, layer_norm
+# ---------------------------------------------------------------------------------------------
+CPU_LANES = 64             # native CPU kernels: four 16-float AVX-512 vectors (compiled in)
+CUDA_MIN_LANES = 32        # native CUDA kernels: one thread block per row, one lane per thread
+CUDA_MAX_LANES = 1024
+CUDA_ELEMENTS_PER_LANE = 8
+TRITON_MAX_BLOCK = 16384   # Triton kernels: the lane count is the block width, at most this
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cuda_lanes(n: int) -> int:
+    """Threads per row of the native CUDA row kernels: ~8 elements a thread, 32 to 1024."""
+    threads = CUDA_MIN_LANES
+    while threads < CUDA_MAX_LANES and threads * CUDA_ELEMENTS_PER_LANE < n:
+        threads *= 2
+    return threads
+
+
+def triton_lanes(n: int) -> int:
+    """The Triton row kernels' block width: the whole row in one block up to TRITON_MAX_BLOCK."""
+    return min(next_power_of_2(max(n, 1)), TRITON_MAX_BLOCK)
+
+
+def row_lanes(backend: str, n: int, device: torch.device | str) -> int:
+    """Lane count of a softmax or layer_norm row sum over n elements on this backend and device.
+    The reference backend uses the native CPU count, so that the two agree bit for bit on CPU."""
+    if backend == "triton":
+        return triton_lanes(n)
+    if backend == "native" and torch.device(device).type == "cuda":
+        return cuda_lanes(n)
+    return CPU_LANES
+
+
+def triton_row_warps(block: int) -> int:
+    """Warps of the Triton softmax and layer_norm forward kernels (and the softmax backward)."""
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def triton_layer_norm_backward_warps(block: int) -> int:
+    """The layer_norm backward keeps ~7 block-wide float32 vectors live (x, dy, w, xhat, g and the
+    dw/db partials): 8 elements per thread fit 128 registers up to 4096 columns (ptxas -v, sm_90);
+    wider blocks spill some at any width, least with 1024 threads."""
+    return min(max(block // 256, 4), 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums over rows (reference.row_group_sum): LayerNorm dweight/dbias, Linear dbias
+# ---------------------------------------------------------------------------------------------
+ROW_GROUPS = 128  # on every backend and device: a constant, never the thread or SM count
+
+# ---------------------------------------------------------------------------------------------
+# Matmul (reference.linear_matmul)
+# ---------------------------------------------------------------------------------------------
+MATMUL_K_BLOCK = 128  # K summed in FMA chains of this many k's, the chains added in order
+
+
+class LinearTiles(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+def _fit(n: int, block: int) -> int:
+    """The table's block, shrunk (to a power of two >= 16, tl.dot's minimum) for small dims."""
+    return max(16, min(block, next_power_of_2(max(n, 1))))
+
+
+def triton_linear_tiles(n: int, k: int, dtype: torch.dtype, interpreted: bool) -> LinearTiles:
+    """The one tile configuration of the Triton matmul for an (M, K) x (K, N) product: a function
+    of (N, K, dtype) only, never of M (float32 uses the same tiles with and without TF32).
+
+    GPU (not timed yet; after the Triton matmul tutorial's best configs):
+      * bf16/fp16: 128 x 128 x 64, 8 warps, 4 stages: 32 KiB of a and b tiles a stage; 96 KiB of
+        shared memory on sm_80 and 128 KiB on sm_90 (A100 has 164, H100 227), the float32
+        accumulator 64 registers a thread, no spills;
+      * float32 (TF32 or IEEE, the latter on the FMA units): 128 x 128 x 32, 8 warps, 3 stages.
+    GROUP_M = 8 tile rows per L2 swizzle group. N or K below a block shrinks it (min 16).
+    Interpreter: every operation costs Python time, so few programs and few K steps: about 8192
+    outputs a tile and a (BLOCK_M, BLOCK_K, BLOCK_N) product of about 2**18 elements a K step."""
+    if interpreted:
+        block_n = _fit(n, 128)
+        block_m = min(256, max(64, 8192 // block_n))
+        return LinearTiles(block_m, block_n, _fit(k, min(128, 2 ** 18 // (block_m * block_n))), 8, 4, 1)
+    if dtype in (torch.bfloat16, torch.float16):
+        return LinearTiles(128, _fit(n, 128), _fit(k, 64), 8, 8, 4)
+    return LinearTiles(128, _fit(n, 128), _fit(k, 32), 8, 8, 3)
+
+
+TRITON_LINEAR_BACKWARD_BLOCK_N = 512  # columns a program of the backward's elementwise kernels
+TRITON_LINEAR_BACKWARD_WARPS = 4
+TRITON_LINEAR_INTERPRETER_BLOCK_N = 512  # interpreter: (rows x columns) tiles, few programs
+TRITON_LINEAR_INTERPRETER_ROWS = 64
+
+# ---------------------------------------------------------------------------------------------
+# Causal attention (reference.causal_attention_forward / _backward)
+# ---------------------------------------------------------------------------------------------
+DEFAULT_SPLIT_SIZE = 256  # keys are cut at multiples of S from position 0 (fusedtx.config)
+TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
+
+
+class AttentionTiles(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+def triton_attention_tiles(head_dim: int, dtype: torch.dtype, split_size: int, interpreted: bool) -> AttentionTiles:
+    """The one tile configuration of the Triton attention forward for (D, dtype, S): never a
+    function of B, Tq or the sequence lengths.
+
+    GPU (not timed yet; the fewest register spills in ptxas -v for sm_80 among 64x64/4, 64x64/8,
+    64x32/4, 64x32/8, 128x64/8, 32x64/4 as BLOCK_M x BLOCK_N / warps):
+      * bf16/fp16, D <= 64: 64 x 32, 8 warps (no spills);
+      * bf16/fp16, D = 128: 32 x 64, 4 warps (~16 bytes of spills);
+      * float32 (FMA units, "ieee"): 64 x 16, 8 warps (no spills at D = 64, ~48 bytes at 128).
+    num_warps and the tile shapes decide tl.dot's layout and so its order; the prefill and the
+    split kernel of a call always get the same ones. Interpreter: few, large programs; 16-key
+    sub-tiles so that S >= 32 runs the sub-tile loop."""
+    if interpreted:
+        return AttentionTiles(32, min(split_size, 16), 4, 1)
+    if dtype == torch.float32:
+        return AttentionTiles(64, min(split_size, 16), 8, 2)
+    if head_dim == 128:
+        return AttentionTiles(32, min(split_size, 64), 4, 2)
+    return AttentionTiles(64, min(split_size, 32), 8, 2)
+
+
+def triton_attention_merge_rows(interpreted: bool) -> int:
+    """Rows a program of the split kernels' merge: elementwise per row, so any grouping gives the
+    same bits; 16 keeps a decode step's padding (and registers) small on GPUs."""
+    return 32 if interpreted else 16
+
+
+TRITON_ATTENTION_MERGE_WARPS = 4
+
+
+class AttentionBackwardTiles(NamedTuple):
+    BLOCK_M1: int  # dk/dv kernel: queries per inner step
+    BLOCK_N1: int  # dk/dv kernel: keys per program
+    num_warps1: int
+    BLOCK_M2: int  # dq kernel and the D_i preprocess: queries per program
+    BLOCK_N2: int  # dq kernel: keys per inner step (the preprocess: up to split_size of them)
+    num_warps2: int
+    num_stages: int
+
+
+def triton_attention_backward_tiles(head_dim: int, dtype: torch.dtype, interpreted: bool) -> AttentionBackwardTiles:
+    """The one tile configuration of the Triton attention backward for (D, dtype): never a
+    function of B, H or T.
+
+    GPU (not timed yet): after the Triton fused-attention tutorial's backward, where the
+    program's own block (it holds dk, dv or dq in registers) is the large one and the streamed
+    block the small one; among 16x32/4, 16x64/8, 32x64/8, 16x64/4 (queries x keys / warps) for
+    the dk/dv kernel the fewest spills in ptxas -v for sm_80: none except float32 D = 128 (~116
+    bytes); the dq kernel: none except bf16/fp16 D = 128 (8 bytes). Interpreter: few, large
+    programs, the program's own block twice the streamed one, so that the loops' start at the
+    diagonal runs over several steps."""
+    if interpreted:
+        return AttentionBackwardTiles(16, 32, 4, 32, 16, 4, 1)
+    if dtype == torch.float32:
+        if head_dim == 128:
+            return AttentionBackwardTiles(16, 32, 4, 32, 16, 4, 2)
+        return AttentionBackwardTiles(16, 64, 8, 64, 16, 4, 2)
+    if head_dim == 128:
+        return AttentionBackwardTiles(16, 32, 4, 64, 32, 8, 2)
+    return AttentionBackwardTiles(16, 64, 8, 64, 32, 4, 3)

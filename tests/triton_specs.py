@@ -1,0 +1,195 @@
+"""The specialisations of every Triton kernel that tests/_lower_triton.py lowers to PTX.
+
+One function per fusedtx/kernels/<op>.py module, returning (kernel, signature, constexprs,
+options) tuples with the GPU tile configurations of fusedtx/policy.py; every @triton.jit
+kernel of a module must appear (the helpers kernels call are listed in the module's
+JIT_HELPERS). Test-side only: the kernel modules hold kernels and launchers.
+"""
+import torch
+
+from fusedtx import policy, reference
+from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, softmax
+from fusedtx.kernels._common import log2
+
+
+def softmax_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for block in (1024, policy.TRITON_MAX_BLOCK):
+            for causal in (False, True):
+                sig = {"X": f"*{dtype}", "Y": f"*{dtype}", "n_cols": "i32", "scale": "fp32", "n_queries": "i32",
+                       "CAUSAL": "constexpr", "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+                # n_cols=block+1 would be runtime; constexprs cover both branches via BLOCK >= n_cols at runtime
+                specs.append((softmax._softmax_fwd, sig, {"CAUSAL": causal, "BLOCK": block, "LOG2_BLOCK": log2(block),
+                                                  "ROUND_BF16": False}, {"num_warps": policy.triton_row_warps(block)}))
+            sig = {"DY": f"*{dtype}", "Y": f"*{dtype}", "DX": f"*{dtype}", "n_cols": "i32", "scale": "fp32",
+                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((softmax._softmax_bwd, sig, {"BLOCK": block, "LOG2_BLOCK": log2(block), "ROUND_BF16": False},
+                          {"num_warps": policy.triton_row_warps(block)}))
+    return specs
+
+
+def layer_norm_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles.
+
+    Per dtype: the single-block path at a small width without parameters, at the widest width
+    with them (float32 parameters: the mixed-precision case for bf16/fp16), and the looped path."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for w_dtype, block, looped, params in ((dtype, 1024, False, False), ("fp32", policy.TRITON_MAX_BLOCK, False, True),
+                                                (dtype, policy.TRITON_MAX_BLOCK, True, True)):
+            sig = {"X": f"*{dtype}", "W": f"*{w_dtype}", "B": f"*{w_dtype}", "Y": f"*{dtype}",
+                   "Mean": "*fp32", "Rstd": "*fp32", "n_cols": "i32", "eps": "fp32",
+                   "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "LOOPED": "constexpr",
+                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((layer_norm._layer_norm_fwd, sig,
+                          {"HAS_WEIGHT": params, "HAS_BIAS": params, "LOOPED": looped, "BLOCK": block,
+                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": policy.triton_row_warps(block)}))
+            sig = {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{w_dtype}", "Mean": "*fp32", "Rstd": "*fp32",
+                   "DX": f"*{dtype}", "DW_partial": "*fp32", "DB_partial": "*fp32",
+                   "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
+                   "HAS_WEIGHT": "constexpr", "PARAM_GRADS": "constexpr", "LOOPED": "constexpr",
+                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((layer_norm._layer_norm_bwd_dx_fused, sig,
+                          {"HAS_WEIGHT": params, "PARAM_GRADS": params, "LOOPED": looped, "BLOCK": block,
+                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": policy.triton_layer_norm_backward_warps(block)}))
+    sig = {"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": "*fp32", "DB": "*fp32",
+           "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
+    specs.append((layer_norm._layer_norm_bwd_dwdb, sig, {"BLOCK_N": layer_norm.DWDB_BLOCK}, {"num_warps": 1}))
+    return specs
+
+
+def linear_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles.
+
+    The matmul per dtype (and TF32) with the table's GPU config, for the op's three layouts
+    (unit strides are what Triton specialises to constexpr 1 at launch):
+      forward  a = x (row-major), b = weight.t(): no bias / bias + gelu + preact with a ragged K /
+               bias + gelu_tanh + preact;
+      dx       a = g (row-major), b = weight (row-major);
+      dweight  a = g.t() (column-major), b = x (row-major);
+    plus, for bf16, the shrunk tiles of tiny N and K with an activation. The backward kernels per
+    dtype and activation. (Real launches also get Triton's divisible-by-16 specialisation of the
+    pointers, N, K and strides — not expressible here — which is what enables cp.async
+    pipelining; compiled with it, see policy.triton_linear_tiles.)"""
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    specs = []
+    variants = [  # (unit strides, HAS_BIAS, ACTIVATION, SAVE_PREACT, EVEN_K)
+        (("stride_ak", "stride_bk"), False, reference.ACT_NONE, False, True),
+        (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False),
+        (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, True, True),
+        (("stride_ak", "stride_bn"), False, reference.ACT_NONE, False, True),
+        (("stride_am", "stride_bn"), False, reference.ACT_NONE, False, False),
+    ]
+    small = [  # the shrunk tiles of small N and K (BLOCK_N 16 / 64, BLOCK_K 16), with the epilogue halves
+        ((1, 1), (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False)),
+        ((50, 7), (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, False, False)),
+    ]
+    for dtype, precisions in (("fp32", ("ieee", "tf32")), ("bf16", (None,)), ("fp16", (None,))):
+        for precision in precisions:
+            shapes = [((4096, 4096), v) for v in variants] + (small if dtype == "bf16" else [])
+            for (n, k), (unit, has_bias, act, save, even_k) in shapes:
+                cfg = policy.triton_linear_tiles(n, k, torch_dtypes[dtype], interpreted=False)
+                sig = {"A": f"*{dtype}", "B": f"*{dtype}", "Bias": f"*{dtype}", "Y": f"*{dtype}", "H": f"*{dtype}",
+                       "M": "i32", "N": "i32", "K": "i32",
+                       **{name: "constexpr" if name in unit else "i32"
+                          for name in ("stride_am", "stride_ak", "stride_bk", "stride_bn")},
+                       **{name: "constexpr" for name in (
+                           "HAS_BIAS", "ACTIVATION", "SAVE_PREACT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                           "EVEN_K", "INPUT_PRECISION", "SEQUENTIAL_SUM", "ROUND_BF16", "EPILOGUE_HALVES",
+                           "K_BLOCKED", "K_STEPS")}}
+                k_steps, k_blocked = linear.k_blocking(k, cfg.BLOCK_K, policy.MATMUL_K_BLOCK, torch_dtypes[dtype])
+                specs.append((linear._matmul_fwd, sig,
+                              {**{name: 1 for name in unit}, "HAS_BIAS": has_bias, "ACTIVATION": act,
+                               "SAVE_PREACT": save, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N,
+                               "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M, "EVEN_K": even_k,
+                               "INPUT_PRECISION": precision, "SEQUENTIAL_SUM": False, "ROUND_BF16": False,
+                               "EPILOGUE_HALVES": act != reference.ACT_NONE, "K_BLOCKED": k_blocked,
+                               "K_STEPS": k_steps},
+                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+        for act in (reference.ACT_NONE, reference.ACT_GELU, reference.ACT_GELU_TANH):
+            sig = {"DY": f"*{dtype}", "Hp": f"*{dtype}", "DH": f"*{dtype}", "Partial": "*fp32",
+                   "n_rows": "i32", "n_cols": "i32", "n_groups": "i32", "rows_per_group": "i32",
+                   "ACTIVATION": "constexpr", "BIAS_GRAD": "constexpr", "BLOCK_N": "constexpr",
+                   "ROUND_BF16": "constexpr", "SEQUENTIAL_SUM": "constexpr", "GROUPS": "constexpr",
+                   "ROW_CHUNK": "constexpr"}
+            specs.append((linear._bias_act_bwd, sig, {"ACTIVATION": act, "BIAS_GRAD": act != reference.ACT_GELU,
+                                               "BLOCK_N": policy.TRITON_LINEAR_BACKWARD_BLOCK_N, "ROUND_BF16": False, "SEQUENTIAL_SUM": False,
+                                               "GROUPS": 1, "ROW_CHUNK": 1}, {"num_warps": policy.TRITON_LINEAR_BACKWARD_WARPS}))
+    sig = {"Partial": "*fp32", "DB": "*fp32", "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
+    specs.append((linear._bias_grad_sum, sig, {"BLOCK_N": policy.TRITON_LINEAR_BACKWARD_BLOCK_N}, {"num_warps": policy.TRITON_LINEAR_BACKWARD_WARPS}))
+    return specs
+
+
+def causal_attention_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the prefill,
+    split and merge kernels per dtype (float32, bfloat16, float16) and head dim (64, 128) at the
+    default split size, plus D = 16 / S = 16 (the smallest tiles) for bfloat16. The head-dim stride
+    is 1 (Triton's launch-time specialisation of unit strides)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    stride_names = [f"stride_{t}{a}" for t in "qkv" for a in "bhtd"]
+    unit = {f"stride_{t}d" for t in "qkv"}
+    strides = {name: "constexpr" if name in unit else "i32" for name in stride_names}
+    tile_names = ("BLOCK_M", "BLOCK_N", "SPLIT", "HEAD_DIM", "INPUT_PRECISION", "SEQUENTIAL_SUM", "ROUND_BF16")
+    cases = [(dt, d, policy.DEFAULT_SPLIT_SIZE) for dt in names for d in (64, 128)] + [(torch.bfloat16, 16, 16)]
+    specs = []
+    for dtype, dim, split in cases:
+        dt = names[dtype]
+        cfg = policy.triton_attention_tiles(dim, dtype, split, interpreted=False)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        tiles = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "SPLIT": split, "HEAD_DIM": dim,
+                 "INPUT_PRECISION": causal_attention.input_precision(dtype), "SEQUENTIAL_SUM": False, "ROUND_BF16": False}
+        consts = {**{name: 1 for name in unit}, **tiles}
+        sizes = {"scale": "fp32", "n_queries": "i32", "n_heads": "i32", "kv_group": "i32"}
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
+               "Seqlens": "*i32", **sizes, **strides, **{name: "constexpr" for name in tile_names}}
+        specs.append((causal_attention._attn_fwd, sig, consts, options))
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32",
+               "Seqlens": "*i64", **sizes, "n_tiles": "i32", "n_slots": "i32", **strides,
+               **{name: "constexpr" for name in tile_names}}
+        specs.append((causal_attention._attn_fwd_split, sig, consts, options))
+        sig = {"Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
+               "Seqlens": "*i64", "n_queries": "i32", "n_heads": "i32", "n_slots": "i32",
+               "BLOCK_M": "constexpr", "SPLIT": "constexpr", "HEAD_DIM": "constexpr", "ROUND_BF16": "constexpr"}
+        specs.append((causal_attention._attn_merge, sig, {"BLOCK_M": policy.triton_attention_merge_rows(interpreted=False), "SPLIT": split, "HEAD_DIM": dim,
+                                         "ROUND_BF16": False}, {"num_warps": policy.TRITON_ATTENTION_MERGE_WARPS}))
+    return specs
+
+
+def causal_attention_backward_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the three
+    kernels per dtype (float32, bfloat16, float16) and head dim (64, 128), plus D = 16 for
+    bfloat16 (the smallest tiles); the preprocess for each key tile it takes, at the smallest
+    (16) and the default split size. The head-dim strides are 1 (Triton's launch-time
+    specialisation of unit strides)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    stride_names = [f"stride_{t}{a}" for t in "qkvg" for a in "bhtd"]
+    unit = {f"stride_{t}d" for t in "qkvg"}
+    strides = {name: "constexpr" if name in unit else "i32" for name in stride_names}
+    tile_names = ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "INPUT_PRECISION", "F32_DOTS", "ROUND_BF16")
+    cases = [(dt, d) for dt in names for d in (64, 128)] + [(torch.bfloat16, 16)]
+    specs = []
+    for dtype, dim in cases:
+        dt = names[dtype]
+        cfg = policy.triton_attention_backward_tiles(dim, dtype, interpreted=False)
+        sizes = {"scale": "fp32", "n_ctx": "i32", "n_heads": "i32", "kv_group": "i32"}
+        ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DO": f"*{dt}", "M": "*fp32", "L": "*fp32",
+                "Delta": "*fp32"}
+        fixed = {"HEAD_DIM": dim, "INPUT_PRECISION": causal_attention_backward.input_precision(dtype), "F32_DOTS": False, "ROUND_BF16": False}
+        sig = {**ptrs, "DK": f"*{dt}", "DV": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
+        consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M1, "BLOCK_N": cfg.BLOCK_N1, **fixed}
+        specs.append((causal_attention_backward._attn_bwd_dkdv, sig, consts, {"num_warps": cfg.num_warps1, "num_stages": cfg.num_stages}))
+        sig = {**ptrs, "DQ": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
+        consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": cfg.BLOCK_N2, **fixed}
+        specs.append((causal_attention_backward._attn_bwd_dq, sig, consts, {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
+        sig = {**ptrs, **sizes, "split_size": "i32", **strides, **{n: "constexpr" for n in tile_names}}
+        for block_n in sorted({causal_attention_backward.preprocess_block_n(cfg, s) for s in (16, policy.DEFAULT_SPLIT_SIZE)}):
+            consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": block_n, **fixed}
+            specs.append((causal_attention_backward._attn_bwd_preprocess, sig, consts,
+                          {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
+    return specs
+
+
+SPECS = {f"fusedtx.kernels.{fn.__name__[:-len('_specs')]}": fn for fn in (
+    softmax_specs, layer_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs)}
