@@ -1,9 +1,7 @@
-"""The `fusedtx::layer_norm` op: schema, argument checks, fake and autograd, backend dispatch.
+"""The `fusedtx::layer_norm` op: argument checks, backend dispatch, fake and autograd.
 
-    fusedtx::layer_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps,
-                        str backend) -> (Tensor y, Tensor mean, Tensor rstd)
-    fusedtx::layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,
-                                 bool need_param_grads, str backend) -> (Tensor dx, Tensor dw, Tensor db)
+    fusedtx::layer_norm(x, normalized_shape, weight, bias, eps, backend) -> (y, mean, rstd)
+    fusedtx::layer_norm_backward(grad_y, x, mean, rstd, weight, need_param_grads, backend) -> (dx, dw, db)
 
 The semantics of torch.nn.functional.layer_norm: normalise over the trailing dims given by
 normalized_shape. Every backend works on x viewed as (rows, N); mean and rstd (float32, or

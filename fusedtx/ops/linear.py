@@ -1,22 +1,20 @@
 """The `fusedtx::linear` op: y = act(x @ weight.T + bias), batch-invariant, with autograd.
 
-    fusedtx::linear(Tensor x, Tensor weight, Tensor? bias, int activation, bool save_preact,
-                    str backend) -> (Tensor y, Tensor preact)
-    fusedtx::linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor preact, int activation,
-                             bool need_dx, bool need_dweight, bool need_dbias, str backend)
-                             -> (Tensor dx, Tensor dweight, Tensor dbias)
+    fusedtx::linear(x, weight, bias, activation, save_preact, backend) -> (y, preact)
+    fusedtx::linear_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias,
+                             backend) -> (dx, dweight, dbias)
 
 x has any number of leading dims and is viewed as (M, K); weight is (N, K) like torch.nn.Linear.
-Every backend computes reference.linear_matmul: per block of policy.MATMUL_K_BLOCK k's one float32
-accumulator per output element taking x[i, k] * weight[j, k] with an FMA for k ascending, the
-blocks added in order, then + bias, then the activation (GELU erf
-or tanh) in the epilogue. No tile shape, split or thread count enters, so a row's bits depend
-on that row and on the weight alone.
+Every backend computes reference.linear_matmul: per block of policy.MATMUL_K_BLOCK k's one
+float32 accumulator per output element taking x[i, k] * weight[j, k] with an FMA for k
+ascending, the blocks added in order, then + bias, then the activation (GELU erf or tanh) in the
+epilogue. No tile shape, split or thread count enters, so a row's bits depend on that row and
+on the weight alone.
 
 The backward runs three pieces through the same kernels:
-    g       = dy * act'(h)          fused elementwise pass, also summing dbias in fixed row groups
-    dx      = linear_matmul(g, weight)   the same M-invariant kernel: dx rows are batch-invariant too
-    dweight = linear_matmul(g.T, x)      one accumulator per element over the M rows in ascending order
+    g       = dy * act'(h)              fused elementwise pass, also summing dbias in row groups
+    dx      = linear_matmul(g, weight)  the same M-invariant kernel: dx rows are batch-invariant too
+    dweight = linear_matmul(g.T, x)     one accumulator per element over the M rows in order
 The pre-activation h (M, N) is SAVED by the forward when a gradient is needed and there is an
 activation, in x's dtype: as much memory as torch's own F.linear + F.gelu keeps for the GELU
 backward, and it saves recomputing a whole matmul. Without an activation nothing extra is kept.

@@ -1,7 +1,7 @@
 """The `fusedtx::softmax` op: argument checks, backend dispatch, fake and autograd.
 
-    fusedtx::softmax(Tensor x, int dim, float scale, bool causal, str backend) -> Tensor
-    fusedtx::softmax_backward(Tensor grad_y, Tensor y, int dim, float scale, str backend) -> Tensor
+    fusedtx::softmax(x, dim, scale, causal, backend) -> y
+    fusedtx::softmax_backward(grad_y, y, dim, scale, backend) -> dx
 
 The backend arrives already resolved (fusedtx.functional does that), so a traced graph records
 which implementation it calls. Every backend works on a contiguous (rows, cols) view with `dim`
