@@ -34,7 +34,7 @@ CUDA_SOURCES = [
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so
-# contraction would break bitwise parity with fusedtx/reference.py. -march=native is safe
+# contraction would break bitwise parity with fusedtx/reference/. -march=native is safe
 # because the extension is always compiled on the machine that runs it.
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-march=native", "-fno-math-errno"]
 LD_FLAGS = ["-fopenmp"]

@@ -1,6 +1,6 @@
 """Every per-backend, per-device choice that decides a reduction order or a tile shape, in one place.
 
-fusedtx/reference.py holds the algorithms with these numbers as arguments; the ops pass the
+fusedtx/reference/ holds the algorithms with these numbers as arguments; the ops pass the
 numbers chosen here to whichever backend runs, and each kernel either follows them (Triton) or
 checks them against the values it was compiled for (the C++ and CUDA kernels refuse others).
 The rule every function here obeys: it may depend on a row's length, the feature sizes (N, K,

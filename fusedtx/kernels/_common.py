@@ -1,4 +1,4 @@
-"""@triton.jit building blocks shared by the kernels, each the twin of a reference.py function.
+"""@triton.jit building blocks shared by the kernels, each the twin of a fusedtx.reference function.
 
 Kernels are launched with LAUNCH_OPTIONS (no fused multiply-add) so that `a * b + c` rounds
 twice, as in the reference; the sums use reference.lane_sum's order with the block width as the
@@ -9,7 +9,7 @@ import triton.language as tl
 
 from . import INTERPRETED
 
-# enable_fp_fusion=False: keep a*b+c as two roundings (bitwise parity with reference.py).
+# enable_fp_fusion=False: keep a*b+c as two roundings (bitwise parity with fusedtx.reference).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 

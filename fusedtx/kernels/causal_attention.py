@@ -53,7 +53,6 @@ from .. import policy
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding
 
-HEAD_DIMS = policy.TRITON_ATTENTION_HEAD_DIMS
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load_f32", "_attn_chunk", "_merge")
 
@@ -272,8 +271,8 @@ def check_kv_layout(what: str, q, k, v) -> None:
         raise ValueError(f"{what}: k has batch {k.shape[0]}, expected q's batch {batch}")
     if k.shape[3] != dim:
         raise ValueError(f"{what}: k has head dim {k.shape[3]}, expected q's head dim {dim}")
-    if dim not in HEAD_DIMS:
-        raise ValueError(f"{what}: head dim must be one of {HEAD_DIMS}, got {dim}")
+    if dim not in policy.TRITON_ATTENTION_HEAD_DIMS:
+        raise ValueError(f"{what}: head dim must be one of {policy.TRITON_ATTENTION_HEAD_DIMS}, got {dim}")
     kv_heads = k.shape[1]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"{what}: q's heads ({heads}) must be a multiple of k's heads ({kv_heads})")

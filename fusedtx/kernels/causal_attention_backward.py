@@ -45,7 +45,7 @@ from .. import config as _config
 from .. import policy
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
-from .causal_attention import HEAD_DIMS, check_kv_layout, check_tensors
+from .causal_attention import check_kv_layout, check_tensors
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load", "_dot_d", "_p_dp_tile", "_mma_operand", "_store")
 

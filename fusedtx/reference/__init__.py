@@ -1,0 +1,38 @@
+"""The specification: readable pure-PyTorch implementations of every fusedtx algorithm.
+
+Each kernel in fusedtx (Triton, C++ CPU, CUDA) performs the arithmetic written here, in the
+same order, so that its results can be compared with this file bit for bit. Everything is
+float32 and uses only correctly rounded elementary operations (+, -, *, /, max, compare), so
+the bits do not depend on the device, the thread count, or how PyTorch vectorises them.
+
+Two building blocks carry the promise:
+
+* `exp_f32` — fusedtx's own exponential (Cody-Waite range reduction and a degree-6 polynomial,
+  no fused multiply-add). Library `exp` functions differ between CPU, CUDA and Triton in the
+  last bit; this one is the same formula everywhere.
+* `lane_sum` — a reduction with a fixed order: `lanes` accumulators starting at +0,
+  accumulator `l` adding elements `l, l + lanes, l + 2*lanes, ...` in ascending order (elements
+  past the end count as +0), then the accumulators folded in
+  halves (`a[l] += a[l + w]` for w = lanes/2, lanes/4, ..., 1). The lane count is an argument:
+  fusedtx/policy.py chooses it per backend and device from the row length, never from the batch.
+
+Every such number (lanes, row groups, the matmul's K block, the attention split size) is an
+argument here; this package holds the algorithms only, one file per op
+beside common.py's building blocks (docs/design.md, "Reduction orders").
+"""
+from .causal_attention import causal_attention_backward, causal_attention_forward
+from .common import (blocked_fma_matmul, compute_dtype, exp_f32, fma_f32, fma_matmul, lane_sum, row_group_sum,
+                     sqrt_rn)
+from .layer_norm import layer_norm_backward, layer_norm_forward
+from .linear import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACTIVATIONS, activation_derivative, activation_forward,
+                     erf_f32, linear_backward, linear_bias_act_backward, linear_matmul)
+from .softmax import causal_valid_counts, softmax_backward, softmax_forward
+
+__all__ = [
+    "exp_f32", "lane_sum", "sqrt_rn", "row_group_sum", "compute_dtype", "fma_f32", "fma_matmul", "blocked_fma_matmul",
+    "causal_valid_counts", "softmax_forward", "softmax_backward",
+    "layer_norm_forward", "layer_norm_backward",
+    "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACTIVATIONS", "erf_f32", "activation_forward",
+    "activation_derivative", "linear_matmul", "linear_bias_act_backward", "linear_backward",
+    "causal_attention_forward", "causal_attention_backward",
+]

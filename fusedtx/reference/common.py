@@ -1,0 +1,149 @@
+"""The building blocks every algorithm shares: fusedtx's exp, the lane sum, the row-group sum,
+correctly rounded square root and fused multiply-add, and FMA-chain matmuls.
+"""
+from __future__ import annotations
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# exp: the same bits on every backend
+# ---------------------------------------------------------------------------------------------
+LOG2E = 1.44269504088896341
+LN2_HI = 0.693359375  # few mantissa bits, so n * LN2_HI is exact for |n| < 2**12
+LN2_LO = -2.12194440e-4
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (t + M) - M rounds t to the nearest integer, ties to even
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+# Below this the result would leave the normal range: it is returned as +0 (exp(-87) ~ 1.6e-38).
+EXP_MIN_ARG = -87.0
+
+
+def exp_f32(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for float32 x <= 0 (the only arguments softmax-style code produces), ~1 ulp.
+
+    Returns +0 below EXP_MIN_ARG (and for -inf), NaN for NaN. Positive arguments up to ~88 also
+    work; larger ones are outside the contract of every caller.
+    """
+    assert x.dtype == torch.float32
+    f32 = lambda c: torch.tensor(c, dtype=torch.float32, device=x.device)  # noqa: E731
+    t = x * f32(LOG2E)
+    shifted = t + f32(ROUND_MAGIC)
+    n = shifted - f32(ROUND_MAGIC)
+    r = x - n * f32(LN2_HI)
+    r = r - n * f32(LN2_LO)
+    p = f32(EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = p * r + f32(c)
+    y = (p * (r * r) + r) + f32(1.0)
+    # 2**n from the integer hidden in the low mantissa bits of `shifted` (no float->int cast,
+    # which is undefined for NaN in C++).
+    n_int = shifted.view(torch.int32) - 0x4B400000
+    pow2n = ((n_int + 127).to(torch.int64) << 23).to(torch.int32).view(torch.float32)
+    y = y * pow2n
+    return torch.where(x < f32(EXP_MIN_ARG), f32(0.0), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# lane_sum: a reduction order that every kernel can reproduce
+# ---------------------------------------------------------------------------------------------
+def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Sum float32 (or float64) `x` over its last dim in fusedtx's fixed order (module docstring)."""
+    assert x.dtype in (torch.float32, torch.float64)
+    if lanes < 1 or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two, got {lanes}")
+    n = x.shape[-1]
+    n_blocks = max(1, -(-n // lanes))
+    padded = torch.zeros(*x.shape[:-1], n_blocks * lanes, dtype=x.dtype, device=x.device)
+    padded[..., :n] = x
+    blocks = padded.view(*x.shape[:-1], n_blocks, lanes)
+    acc = torch.zeros(*x.shape[:-1], lanes, dtype=x.dtype, device=x.device)
+    for b in range(n_blocks):
+        acc = acc + blocks[..., b, :]
+    width = lanes
+    while width > 1:
+        width //= 2
+        acc = acc[..., :width] + acc[..., width : 2 * width]
+    return acc[..., 0]
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root (IEEE 754), as the kernels' sqrt instructions give.
+
+    torch.sqrt on CPU is not: measured on torch 2.13, it is off by one ulp for ~17 % of float32
+    and ~1 % of float64 inputs. A float64 square root rounded to float32 is correctly rounded
+    (53 >= 2 * 24 + 2 bits); for float64 on CPU, numpy's sqrt is the hardware instruction.
+    """
+    if x.dtype == torch.float32:
+        return torch.sqrt(x.double()).float()
+    assert x.dtype == torch.float64
+    if x.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.sqrt(x.numpy()))
+    return torch.sqrt(x)  # CUDA's double sqrt is correctly rounded
+
+
+def row_group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum a (rows, N) tensor over its rows in fusedtx's fixed order for weight gradients.
+
+    The rows are cut into `groups` consecutive groups of ceil(rows / groups) rows (the last
+    ones may be short or empty); each group's partial starts at +0 and adds its rows in
+    ascending order; then the partials are added in ascending group order, starting at +0. The
+    group count is a constant, never the thread count or the GPU's SM count, so the result is
+    the same on any machine; it is one fixed-size buffer of partials, no atomics.
+    """
+    rows, n = x.shape
+    per_group = max(1, -(-rows // groups))
+    padded = torch.zeros(groups * per_group, n, dtype=x.dtype, device=x.device)
+    padded[:rows] = x
+    blocks = padded.view(groups, per_group, n)
+    partial = torch.zeros(groups, n, dtype=x.dtype, device=x.device)
+    for r in range(per_group):
+        partial = partial + blocks[:, r, :]
+    total = torch.zeros(n, dtype=x.dtype, device=x.device)
+    for g in range(groups):
+        total = total + partial[g]
+    return total
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and arithmetic: float64 for float64 tensors, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c for float32 tensors with one rounding, as the kernels' FMA instructions do.
+
+    The product of two float32 is exact in float64; the float64 sum is rounded to odd (a sticky
+    last bit, restored from the exact TwoSum error), and rounding a round-to-odd value with
+    53 >= 24 + 2 bits to float32 is correct rounding (Boldo & Melquiond)."""
+    p = a.double() * b.double()
+    c64 = c.double()
+    s = p + c64
+    bv = s - p
+    err = (p - (s - bv)) + (c64 - bv)              # s + err == p + c exactly (finite s)
+    inexact = (err != 0) & torch.isfinite(err) & ((s.view(torch.int64) & 1) == 0)
+    toward = torch.where(err > 0, torch.tensor(float("inf"), dtype=torch.float64, device=s.device),
+                         torch.tensor(float("-inf"), dtype=torch.float64, device=s.device))
+    s = torch.where(inexact, torch.nextafter(s, toward), s)
+    return s.float()
+
+
+def fma_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for float32 (..., M, K) @ (..., K, N), batch dims broadcast: each element one
+    accumulator from +0 taking fma(a[.., i, k], b[.., k, j], acc) for k ascending."""
+    acc = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                      dtype=torch.float32, device=a.device)
+    for k in range(a.shape[-1]):
+        acc = fma_f32(a[..., :, k:k + 1], b[..., k:k + 1, :], acc)
+    return acc
+
+
+def blocked_fma_matmul(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """a @ b like fma_matmul, with the reduction cut into blocks of `block` from index 0: each
+    block an FMA chain from +0, the block sums added in ascending order (as reference.linear_matmul)."""
+    total = None
+    for start in range(0, a.shape[-1], block):
+        part = fma_matmul(a[..., start:start + block], b[..., start:start + block, :])
+        total = part if total is None else total + part
+    return total
