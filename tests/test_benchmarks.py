@@ -10,7 +10,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import common  # noqa: E402
+from plot import slug  # noqa: E402
+from results_csv import CSV_COLUMNS  # noqa: E402
 
 # script -> (providers to run, kernels it writes)
 SCRIPTS = {
@@ -31,12 +32,12 @@ def quick_run(script, providers, kernels, tmp_path, *flags) -> tuple[list[dict],
     assert "Headline targets" in run.stdout
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert rows and tuple(rows[0].keys()) == common.CSV_COLUMNS
+    assert rows and tuple(rows[0].keys()) == CSV_COLUMNS
     assert {r["kernel"] for r in rows} == kernels | {"ceiling"}
     assert {r["provider"] for r in rows if r["kernel"] != "ceiling"} == set(providers.split(",")), run.stderr[-3000:]
     for r in rows:
         assert float(r["p50"]) > 0 and r["device"] and r["fusedtx_version"] and r["timestamp"]
-    device = common._slug(rows[0]["device"])
+    device = slug(rows[0]["device"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{k}_{device}.png" for k in kernels)
     return rows, run.stdout
 
@@ -101,5 +102,5 @@ def test_quick_overhead_run(tmp_path):
     for r in rows:
         assert (r["metric"], r["unit"]) == ("latency", "us")
         assert 0 < float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
-    device = common._slug(rows[0]["device"])
+    device = slug(rows[0]["device"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"overhead_{op}_{device}.png" for op in ops)
