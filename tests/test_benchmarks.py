@@ -18,7 +18,7 @@ SCRIPTS = {
     "bench_softmax.py": ("fusedtx_native,torch,torch_unfused", {"softmax", "softmax_causal"}),
     "bench_layer_norm.py": ("fusedtx_native,torch", {"layer_norm"}),
     "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),
-    "bench_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
+    "bench_causal_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
 }
 
 
@@ -68,20 +68,20 @@ def test_quick_gpt_run(tmp_path):
 
 
 def test_batch_chosen_split_depends_on_the_batch(monkeypatch):
-    """The `_batchsplit` providers of bench_attention.py (the cost of invariance on a GPU) model
-    a split-KV heuristic: on 132 multiprocessors a lone sequence gets small chunks and a full
-    batch large ones — the batch dependence fusedtx refuses — always a power of two >= 16 that
-    fusedtx accepts, never more chunks than 16-key pieces."""
+    """The `_batchsplit` providers of bench_causal_attention.py (the cost of invariance on a GPU)
+    model a split-KV heuristic: on 132 multiprocessors a lone sequence gets small chunks and a
+    full batch large ones — the batch dependence fusedtx refuses — always a power of two >= 16
+    that fusedtx accepts, never more chunks than 16-key pieces."""
     import torch
 
-    import bench_attention
+    import bench_causal_attention
     from fusedtx import config
 
-    monkeypatch.setattr(bench_attention, "parallel_workers", lambda device: 132)
+    monkeypatch.setattr(bench_causal_attention, "parallel_workers", lambda device: 132)
     cpu = torch.device("cpu")
-    splits = {b: bench_attention.batch_chosen_split(b, 12, 4096, cpu) for b in (1, 4, 16, 64)}
+    splits = {b: bench_causal_attention.batch_chosen_split(b, 12, 4096, cpu) for b in (1, 4, 16, 64)}
     assert splits == {1: 256, 4: 1024, 16: 2048, 64: 4096}
-    assert bench_attention.batch_chosen_split(1, 1, 20, cpu) == 16
+    assert bench_causal_attention.batch_chosen_split(1, 1, 20, cpu) == 16
     for s in splits.values():
         assert config._check_split_size(s, "test") == s
 

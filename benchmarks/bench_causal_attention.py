@@ -1,9 +1,9 @@
 """Benchmark fusedtx causal attention against PyTorch's scaled_dot_product_attention.
 
-    python benchmarks/bench_attention.py                  # full sweep on cuda (or cpu)
-    python benchmarks/bench_attention.py --device cpu --quick --out /tmp/bench_test.csv
+    python benchmarks/bench_causal_attention.py           # full sweep on cuda (or cpu)
+    python benchmarks/bench_causal_attention.py --device cpu --quick --out /tmp/bench_test.csv
 
-Kernels:
+Kernels (the CSV's `kernel` column, and the names of the plots):
   * `attention_prefill`: causal attention over q, k, v (B, H, T, D), T swept (CSV shape
     B x H x T x D). Modes forward, backward (dq, dk, dv), full. TFLOP/s counting the causal half:
     2 B H T^2 D flops forward (two matmuls over half the scores), 2.5x that backward.
@@ -88,8 +88,8 @@ def batch_chosen_split(batch: int, heads: int, length: int, device: torch.device
     return split_covering(math.ceil(length / chunks))
 
 
-class AttentionBench(OpBench):
-    name = "attention"
+class CausalAttentionBench(OpBench):
+    name = "causal_attention"
     metric, unit = "throughput", "TFLOP/s"
 
     def make_inputs(self, case, device, requires_grad):
@@ -163,7 +163,7 @@ class AttentionBench(OpBench):
         return 4 * b * h * t * d * case.dtype.itemsize * (1 if mode == "forward" else 2)
 
 
-class DecodeBench(AttentionBench):
+class DecodeBench(CausalAttentionBench):
     metric, unit = "bandwidth", "GB/s"
 
 
@@ -208,7 +208,7 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
     cases = make_cases(args.device, args.quick)
-    rec, ceilings = run_benchmark(AttentionBench(), [c for c in cases if c.kernel == "attention_prefill"], args)
+    rec, ceilings = run_benchmark(CausalAttentionBench(), [c for c in cases if c.kernel == "attention_prefill"], args)
     args.skip_ceilings = True
     decode_rec, _ = run_benchmark(DecodeBench(), [c for c in cases if c.kernel == "attention_decode"], args)
     summarize(rec.rows + decode_rec.rows, ceilings, args)
