@@ -37,7 +37,6 @@ emulation of every fused multiply-add) gets a reduced workload too.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -51,6 +50,7 @@ import torch
 
 from . import __version__, backends
 from .models import GPT, GPTConfig, PlainGPT
+from .serving import Request, serve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,95 +316,10 @@ def check_training(make, work: Workload, seed: int, device: torch.device) -> dic
     return cells
 
 
-# ---------------------------------------------------------------------------------------------
-# Property 6: a small continuous-batching server
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Request:
-    id: int
-    prompt: torch.Tensor           # (T,) int64
-    max_new_tokens: int
-    arrival: int = 0               # the decode step at which it arrives
-    tokens: list = field(default_factory=list)
-    logits: list = field(default_factory=list)
-
-
-def _rows(cache, rows: torch.Tensor):
-    """A KVCache holding copies of the given slots' rows of `cache` (one layer)."""
-    sub = copy.copy(cache)
-    sub.k, sub.v, sub.lengths = cache.k[rows], cache.v[rows], cache.lengths[rows]
-    return sub
-
-
-def _write_back(cache, sub, rows: torch.Tensor) -> None:
-    cache.k[rows], cache.v[rows] = sub.k, sub.v
-    lengths = cache.lengths.clone()
-    lengths[rows] = sub.lengths
-    cache.lengths = lengths
-
-
-@torch.no_grad()
-def _step(model, cache, rows: list[int], idx: torch.Tensor, lengths: list[int], fresh: bool = False) -> torch.Tensor:
-    """Run tokens idx (len(rows), T) of the requests in these slots through the model against
-    their cached keys (none if fresh: new requests); keep each slot's first lengths[i] new tokens
-    in the cache (the rest is padding); return the logits after each slot's last kept token
-    (len(rows), vocab)."""
-    index = torch.tensor(rows)
-    view = [_rows(layer, index) for layer in cache]   # only these slots: the batch is theirs alone
-    if fresh:
-        for sub in view:
-            sub.truncate(torch.zeros_like(sub.lengths))
-    before = view[0].lengths.clone()
-    hidden = model.hidden_states(idx.to(_device(model)), view)
-    for layer, sub in zip(cache, view):
-        sub.truncate(before + torch.tensor(lengths))
-        _write_back(layer, sub, index)
-    last = (torch.tensor(lengths) - 1).to(hidden.device)
-    return model.lm_head(hidden[torch.arange(len(rows), device=hidden.device), last])
-
-
-def serve(model, requests: list[Request], slots: int, garbage: torch.Generator) -> list[Request]:
-    """Continuous batching at temperature 0. At every step the requests that have arrived join
-    free slots (their prompts prefilled together, right-padded with garbage), then every running
-    request decodes one token in one batch, and those that have all their tokens leave, freeing
-    their slot. So each request is decoded among a changing set of others."""
-    vocab, longest = model.config.vocab_size, max(len(r.prompt) + r.max_new_tokens for r in requests)
-    cache = model.new_kv_cache(slots, longest)                  # one KVCache per layer, a row per slot
-    waiting = sorted(requests, key=lambda r: r.arrival)         # stable: ties keep the shuffled order
-    running: dict[int, Request] = {}                            # slot -> request
-    step = 0
-    while waiting or running:
-        # arrivals take free slots and are prefilled together
-        joining = []
-        while waiting and waiting[0].arrival <= step and len(running) + len(joining) < slots:
-            joining.append(waiting.pop(0))
-        if joining:
-            rows = [s for s in range(slots) if s not in running][:len(joining)]
-            idx = _tokens(garbage, vocab, len(joining), max(len(r.prompt) for r in joining))
-            for i, r in enumerate(joining):
-                idx[i, :len(r.prompt)] = r.prompt
-            logits = _step(model, cache, rows, idx, [len(r.prompt) for r in joining], fresh=True)
-            for slot, r, row in zip(rows, joining, logits):
-                running[slot] = r
-                r.tokens.append(int(row.argmax()))
-                r.logits.append(row)
-        # everyone still short of tokens decodes one, together
-        rows = [s for s, r in sorted(running.items()) if len(r.tokens) < r.max_new_tokens]
-        if rows:
-            idx = torch.tensor([[running[s].tokens[-1]] for s in rows])
-            logits = _step(model, cache, rows, idx, [1] * len(rows))
-            for slot, row in zip(rows, logits):
-                running[slot].tokens.append(int(row.argmax()))
-                running[slot].logits.append(row)
-        for slot in [s for s, r in running.items() if len(r.tokens) >= r.max_new_tokens]:
-            del running[slot]                                   # finished: leaves the batch
-        step += 1
-    return requests
-
-
 def check_serving(make, work: Workload, seed: int) -> Cell:
-    """Serve the same requests `serves` times — first each alone (one slot, in order), then with
-    random arrival times, orders and slot counts — and count the unique completions per prompt."""
+    """Serve the same requests `serves` times with fusedtx.serving.serve — first each alone (one
+    slot, in order), then with random arrival times, orders and slot counts — and count the
+    unique completions per prompt."""
     model = make()
     rng, vocab = torch.Generator().manual_seed(seed), model.config.vocab_size
     low, high = work.serve_new_tokens
