@@ -45,7 +45,8 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
         sweeps = [(torch.bfloat16, GPU_BATCH_ROWS, LAYER_SHAPES), (torch.float32, (128, 4096), LAYER_SHAPES)]
     else:
         sweeps = [(torch.float32, BATCH_ROWS, LAYER_SHAPES)]
-    # On CUDA torch.compile (minutes of compiling per sweep) runs at the headline sizes only.
+    # On CUDA torch.compile runs at the headline sizes only: compiling every size would take the
+    # lent GPU's time.
     return [Case(kernel, (m, k, n), dtype, "M", m,
                  providers if device.type != "cuda" or m >= 1024 else providers[:-1])
             for kernel in KERNELS for dtype, rows, layers in sweeps for k, n in layers for m in rows]

@@ -3,7 +3,7 @@
     python benchmarks/bench_overhead.py                  # on cuda (or cpu)
     python benchmarks/bench_overhead.py --device cpu --quick --out /tmp/bench_test.csv
 
-On inputs this small the kernels take a few microseconds, so what a call costs is the host's
+On inputs this small the kernels have almost nothing to do, so what a call costs is the host's
 work around them — which on a GPU decides whether the kernels are fed fast enough, and on a
 CPU is added to every layer of every step. Kernels `overhead_<op>` (softmax 4x256, layer_norm
 4x768 with weight and bias, linear 4x768 -> 768 with bias and the tanh GELU, causal_attention

@@ -65,11 +65,11 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
 
 
 # glibc returns every freed block larger than 32 MB to the OS, and the next allocation of the
-# same size is mapped again page by page: a 4096x4096 float32 softmax then spends ~80% of its
-# time in page faults, and whether a given size hits that path depends on the allocation
-# history (glibc adapts its threshold), which made CPU figures swing 5x between runs. Like
-# PyTorch's CUDA caching allocator, keep freed memory: every provider then pays for its
-# kernel, not for the kernel's page faults. --fresh-pages measures the other regime.
+# same size is mapped again page by page, so a large output's page faults can cost more than the
+# kernel that writes it; whether a given size takes that path depends on the allocation history
+# (glibc adapts its threshold), so CPU figures would depend on what ran before. Like PyTorch's
+# CUDA caching allocator, keep freed memory: every provider then pays for its kernel, not for
+# the kernel's page faults. --fresh-pages measures the other regime.
 KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 
 

@@ -23,14 +23,13 @@ error — it is what the comparison is for.
 
 What to expect from plain PyTorch on a CPU: its logits change in the 7th digit with the batch,
 the cache path and the thread count (✗ ~1e-7), but a greedy completion changes only where the
-top two logits are that close, and a small random model is rarely so unsure (its top-two gaps
-are ~0.1; a longer generation, a bigger vocabulary or bfloat16 did not change that here). So its
-serving row usually still shows one completion per prompt: the divergence the classic
-experiment shows takes a trained model, long generations and a GPU's batch-dependent kernels.
+top two logits are that close, and a small random model is rarely so unsure. So its serving row
+usually still shows one completion per prompt: the divergence the classic experiment shows
+takes a trained model, long generations and a GPU's batch-dependent kernels.
 
 Without a GPU, the Triton backend can only run under the Triton interpreter, a Python loop over
-every program instance: even the reduced workload it gets here takes about two minutes, so it
-runs only when asked for, and the interpreter must be chosen before triton is imported:
+every program instance: slow even on the reduced workload it gets here, so it runs only when
+asked for, and the interpreter must be chosen before triton is imported:
 `TRITON_INTERPRET=1 python -m fusedtx check --backends triton`. The reference backend (float64
 emulation of every fused multiply-add) gets a reduced workload too.
 
@@ -63,14 +62,14 @@ from .models import GPT, GPTConfig, PlainGPT
 # ---------------------------------------------------------------------------------------------
 WORKLOADS = {
     "default": Workload(),
-    # --quick: the same code paths, seconds in all
+    # --quick: the same code paths on smaller sizes
     "quick": Workload(max_len=24, compositions=2, max_others=5, prompts=3, new_tokens=8, prefill_len=20,
                       train_steps=2, train_batch=(2, 16), requests=6, serves=3, max_slots=4,
                       serve_new_tokens=(4, 10)),
-    # the pure-PyTorch spec emulates every fused multiply-add in float64: ~50x slower than native
+    # the pure-PyTorch spec emulates every fused multiply-add in float64, far slower than native
     "reference": Workload(max_len=32, compositions=3, prompts=3, new_tokens=20, prefill_len=32,
                           requests=8, serves=3, max_slots=6, serve_new_tokens=(8, 16)),
-    # the Triton interpreter on CPU: ~0.3 s per decode step of the tiny model
+    # the Triton interpreter on CPU runs every program instance in Python: the smallest sizes
     "interpreter": Workload(max_len=20, compositions=2, max_others=4, prompts=2, new_tokens=6, prefill_len=18,
                             train_steps=2, train_batch=(2, 12), requests=4, serves=2, max_slots=3,
                             serve_new_tokens=(3, 6)),

@@ -25,7 +25,7 @@ from fusedtx.models import GPT, GPTConfig, PlainGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = GPTConfig.preset("tiny")
-# every property's code path, in about a second on the native backend
+# every property's code path, on the smallest sizes that reach it
 SMALL = Workload(max_len=12, compositions=2, max_others=3, prompts=2, new_tokens=4, prefill_len=10,
                        train_steps=1, train_batch=(2, 8), requests=4, serves=2, max_slots=3, serve_new_tokens=(2, 5))
 CPU_BACKENDS = [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else []) for b in fusedtx.BACKENDS]
