@@ -1,6 +1,6 @@
 """Benchmark GPT-2 (124M) end to end: fusedtx.models.GPT against HuggingFace transformers' GPT-2.
 
-    python benchmarks/bench_gpt.py                        # GPT-2 124M on cuda (or cpu): ~8 min on 2 CPU cores
+    python benchmarks/bench_gpt.py                        # GPT-2 124M on cuda (or cpu)
     python benchmarks/bench_gpt.py --device cpu --no-compile --kernels gpt2_prefill,gpt2_generate
     python benchmarks/bench_gpt.py --device cpu --quick --out /tmp/bench_test.csv
 
@@ -35,9 +35,7 @@ Providers:
   * hf_sdpa_compile: torch.compile(hf_sdpa model, dynamic=False), prefill and training only (a
     compiled forward under HF generate's DynamicCache would recompile at every new length; HF's
     compiled decoding needs its static cache, not benchmarked here). --no-compile skips it.
-    Compiling is cheap enough to be on by default: on an idle 2-core AMD EPYC, 2-6 s per prefill
-    shape and 3-23 s per training shape (less when earlier shapes of the run compiled the same
-    kernels; several times more when other processes share the CPU).
+    It runs by default, its compile cost recorded apart (compile_time, above).
 
 Correctness guard, before any figure is recorded: every provider's output is compared with a
 float64 copy of the HF model (eager attention). Prefill: the logits of the last positions
@@ -46,12 +44,12 @@ argmax given the same prefix, up to ties within the tolerance. Training: the fir
 and the gradients of a few weights (embedding, first c_attn, last mlp c_proj, ln_f).
 A provider that fails the guard or errors is skipped for that shape, with the reason.
 
-Timing: benchmarks/common.time_fn, wall clock per call (on CUDA too: host overhead and syncs
-are part of a model's cost). Median with 20th/80th percentiles over repetitions (CPU: at least
+Timing: timing.time_fn, wall clock per call (on CUDA too: host overhead and syncs are part of
+a model's cost). Median with 20th/80th percentiles over repetitions (CPU: at least
 5 and 3 s of them; --min-reps / --min-time override). Each timing also measures the CPU time
 other processes took meanwhile (/proc/stat): above 5% of the machine the figure is flagged
-UNRELIABLE in the summary (on a shared 2-core machine every parallel region then waits for a
-descheduled thread, and a model call runs several times slower).
+UNRELIABLE in the summary (on a shared machine every parallel region then waits for a
+descheduled thread, so the figure is the other processes' as much as the model's).
 """
 from __future__ import annotations
 
@@ -71,8 +69,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import fusedtx  # noqa: E402,F401  (puts the repo's fusedtx on the path if needed)
+from ceilings import get_ceilings  # noqa: E402
+from cli import finish, parse_args  # noqa: E402
+from results_csv import Recorder, device_name, dtype_str, fusedtx, shape_str  # noqa: E402,F401
+from runner import first_line, fusedtx_unavailable, note  # noqa: E402
+from summary import fmt_num, fmt_ratio, print_target  # noqa: E402
+from timing import peak_memory_mb, rate, same, synchronize, time_fn  # noqa: E402
 
 KERNELS = ("gpt2_prefill", "gpt2_generate", "gpt2_train")
 MODE = {"gpt2_prefill": "forward", "gpt2_generate": "forward", "gpt2_train": "full"}
@@ -184,7 +186,7 @@ def unavailable_reason(provider: str, kernel: str, args) -> str | None:
         if kernel == "gpt2_generate":
             return ("HF generate with a DynamicCache changes shapes at every step (a compiled forward "
                     "recompiles); its compiled decoding (static cache) is not benchmarked")
-    return common.fusedtx_unavailable(provider, args.device)
+    return fusedtx_unavailable(provider, args.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,14 +446,14 @@ def flops_per_call(config, kernel: str, shape: tuple) -> float | None:
     return forward * (3 if kernel == "gpt2_train" else 1)
 
 
-def run(args) -> tuple[common.Recorder, dict, Models]:
+def run(args) -> tuple[Recorder, dict, Models]:
     known = set(PROVIDERS)
     if args.providers and not set(args.providers) <= known:
         raise SystemExit(f"--providers: unknown {sorted(set(args.providers) - known)}; known: {sorted(known)}")
     providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
-    rec = common.Recorder(args.out, args.device)
+    rec = Recorder(args.out, args.device)
     args.contended = []
-    ceilings = common.get_ceilings(args, rec)
+    ceilings = get_ceilings(args, rec)
     print(f"building GPT-2 ({'tiny config, --quick' if args.quick else '124M'}) with seed {args.seed} ...", flush=True)
     models = Models(args)
     size = sizes(args.device, args.quick)
@@ -460,39 +462,39 @@ def run(args) -> tuple[common.Recorder, dict, Models]:
     skipped: set = set()
     for kernel, shape in cases:
         case = WORKLOADS[kernel](models, shape)
-        what = f"{kernel} {common.shape_str(shape)}"
+        what = f"{kernel} {shape_str(shape)}"
         for provider in providers:
             if (kernel, provider) in skipped:
                 continue
             reason = unavailable_reason(provider, kernel, args)
             if reason is not None:
                 skipped.add((kernel, provider))
-                common.note(f"skipping {provider} for {kernel}: {reason}")
+                note(f"skipping {provider} for {kernel}: {reason}")
                 continue
             torch._dynamo.reset()  # each compiled case compiles afresh: a comparable compile_time
             torch._dynamo.utils.counters.clear()
             try:
                 row, notes = measure(rec, models, case, provider, args)
             except Skip as exc:
-                common.note(f"skipping {provider} for {what}: {exc}")
+                note(f"skipping {provider} for {what}: {exc}")
                 continue
             except Exception as exc:  # out of memory, a compile error, ...: go on with the others
-                common.note(f"skipping {provider} for {what}: {common._first_line(exc)}")
+                note(f"skipping {provider} for {what}: {first_line(exc)}")
                 if args.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            common.note(f"{what:22s} {provider:16s} {float(row['p50']):10.1f} tokens/s  [{notes}]")
+            note(f"{what:22s} {provider:16s} {float(row['p50']):10.1f} tokens/s  [{notes}]")
         rec.flush()
     return rec, ceilings, models
 
 
-def measure(rec: common.Recorder, models: Models, case, provider: str, args) -> tuple[dict, str]:
+def measure(rec: Recorder, models: Models, case, provider: str, args) -> tuple[dict, str]:
     model = models.get(provider, fresh=case.fresh_model)
     fn = case.make_fn(provider, model)
-    common.synchronize(args.device)
+    synchronize(args.device)
     t0 = time.perf_counter()
     out = case.first_call(provider, model, fn)  # the first call: compiles (torch.compile), and is the one checked
-    common.synchronize(args.device)
+    synchronize(args.device)
     first_s = time.perf_counter() - t0
     notes = [case.check(out)]
     if provider == "hf_sdpa_compile":
@@ -501,20 +503,20 @@ def measure(rec: common.Recorder, models: Models, case, provider: str, args) -> 
     else:
         notes.append(check_path(provider, fn))
     with OtherLoad() as others:
-        timing = common.time_fn(fn, device=args.device, config=args.timing, hide_launch_overhead=False)
+        timing = time_fn(fn, device=args.device, config=args.timing, hide_launch_overhead=False)
     if others.share is not None:
         notes.append(f"other processes {others.share:.0%} of the CPU")
         if others.share > BUSY_SHARE:
-            args.contended.append(f"{case.kernel} {common.shape_str(case.shape)} {provider} ({others.share:.0%})")
+            args.contended.append(f"{case.kernel} {shape_str(case.shape)} {provider} ({others.share:.0%})")
     mode, kernel = MODE[case.kernel], case.kernel
     row = rec.add(kernel, provider, mode, "throughput", "tokens/s", case.x_name, case.x_value,
-                  common.rate(case.tokens, timing), models.dtype, case.shape)
+                  rate(case.tokens, timing), models.dtype, case.shape)
     if provider == "hf_sdpa_compile":
-        rec.add(kernel, provider, mode, "compile_time", "s", case.x_name, case.x_value, common.same(first_s),
+        rec.add(kernel, provider, mode, "compile_time", "s", case.x_name, case.x_value, same(first_s),
                 models.dtype, case.shape)
-    peak = common.peak_memory_mb(fn, args.device)
+    peak = peak_memory_mb(fn, args.device)
     if peak is not None:
-        rec.add(kernel, provider, mode, "peak_memory", "MB", case.x_name, case.x_value, common.same(peak),
+        rec.add(kernel, provider, mode, "peak_memory", "MB", case.x_name, case.x_value, same(peak),
                 models.dtype, case.shape)
     return row, "; ".join(notes)
 
@@ -525,46 +527,46 @@ def measure(rec: common.Recorder, models: Models, case, provider: str, args) -> 
 def summarize(rows: list[dict], ceilings: dict, models: Models, args) -> None:
     cpu = args.device.type == "cpu"
     ours = "fusedtx_native" if cpu else "fusedtx_triton"
-    rate = {(r["kernel"], r["shape"], r["provider"]): float(r["p50"]) for r in rows if r["metric"] == "throughput"}
+    rates = {(r["kernel"], r["shape"], r["provider"]): float(r["p50"]) for r in rows if r["metric"] == "throughput"}
     compile_s = {(r["kernel"], r["shape"]): float(r["p50"]) for r in rows if r["metric"] == "compile_time"}
     mm = ceilings.get("matmul")
     print()
-    print(f"Summary: p50 tokens/s on {common.device_name(args.device)}, {common.dtype_str(models.dtype)}"
+    print(f"Summary: p50 tokens/s on {device_name(args.device)}, {dtype_str(models.dtype)}"
           + (f"; matmul ceiling (torch.mm) {mm:.3f} TFLOP/s" if mm else ""))
     print("  nat = fusedtx_native, tri = fusedtx_triton, eager = hf_eager, sdpa = hf_sdpa (HF's default), "
           "comp = hf_sdpa_compile; ratios of " + ours)
     short = {"fusedtx_native": "nat", "fusedtx_triton": "tri", "hf_eager": "eager", "hf_sdpa": "sdpa",
              "hf_sdpa_compile": "comp"}
     for kernel in KERNELS:
-        shapes = sorted({k[1] for k in rate if k[0] == kernel}, key=lambda s: [int(v) for v in s.split("x")])
+        shapes = sorted({k[1] for k in rates if k[0] == kernel}, key=lambda s: [int(v) for v in s.split("x")])
         if not shapes:
             continue
         print(f"\n{kernel} ({'new tokens/s, shape B x prompt x new' if kernel == 'gpt2_generate' else 'tokens/s, shape B x T'})")
         print(f"  {'shape':>10s} " + " ".join(f"{short[p]:>8s}" for p in PROVIDERS)
               + f" {'/eager':>7s} {'/sdpa':>7s} {'/comp':>7s} {'compile':>8s} {'TFLOP/s':>8s} {'of mm':>6s}")
         for shape in shapes:
-            get = lambda p: rate.get((kernel, shape, p))  # noqa: E731
+            get = lambda p: rates.get((kernel, shape, p))  # noqa: E731
             mine = get(ours)
             dims = tuple(int(v) for v in shape.split("x"))
             flops = flops_per_call(models.config, kernel, dims)
             tflops = mine * flops / (dims[0] * dims[1]) / 1e12 if mine and flops else None
             comp = compile_s.get((kernel, shape))
-            print(f"  {shape:>10s} " + " ".join(f"{common._num(get(p)):>8s}" for p in PROVIDERS)
-                  + f" {common._ratio(mine, get('hf_eager')):>7s} {common._ratio(mine, get('hf_sdpa')):>7s}"
-                  + f" {common._ratio(mine, get('hf_sdpa_compile')):>7s} {(f'{comp:.0f} s' if comp else '-'):>8s}"
+            print(f"  {shape:>10s} " + " ".join(f"{fmt_num(get(p)):>8s}" for p in PROVIDERS)
+                  + f" {fmt_ratio(mine, get('hf_eager')):>7s} {fmt_ratio(mine, get('hf_sdpa')):>7s}"
+                  + f" {fmt_ratio(mine, get('hf_sdpa_compile')):>7s} {(f'{comp:.0f} s' if comp else '-'):>8s}"
                   + f" {(f'{tflops:.3f}' if tflops else '-'):>8s} {(f'{tflops / mm:.0%}' if tflops and mm else '-'):>6s}")
     print()
     print("Headline targets (printed, not asserted):")
     for kernel in ("gpt2_prefill", "gpt2_generate"):
-        for (kern, shape, provider), value in sorted(rate.items()):
+        for (kern, shape, provider), value in sorted(rates.items()):
             if kern != kernel or provider != ours:
                 continue
             if cpu:
-                common.print_target(f"CPU {kernel} float32 {shape:>9s}: fusedtx_native >= 1.0x hf_eager", value,
-                                    rate.get((kern, shape, "hf_eager")), 1.0)
+                print_target(f"CPU {kernel} float32 {shape:>9s}: fusedtx_native >= 1.0x hf_eager", value,
+                             rates.get((kern, shape, "hf_eager")), 1.0)
             else:
-                common.print_target(f"GPU {kernel} bf16 {shape:>9s}: fusedtx_triton vs hf_sdpa (no target set)", value,
-                                    rate.get((kern, shape, "hf_sdpa")), 1.0)
+                print_target(f"GPU {kernel} bf16 {shape:>9s}: fusedtx_triton vs hf_sdpa (no target set)", value,
+                             rates.get((kern, shape, "hf_sdpa")), 1.0)
     if args.quick:
         print("  (--quick: a tiny model, so the headline sizes were not measured)")
     if args.contended:
@@ -579,23 +581,23 @@ def extra_args(parser) -> None:
 
 
 def main(argv=None) -> None:
-    args = common.parse_args(__doc__.splitlines()[0], argv, extra_args)
+    args = parse_args(__doc__.splitlines()[0], argv, extra_args)
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     if not args.kernels or not set(args.kernels) <= set(KERNELS):
         raise SystemExit(f"--kernels: expected a subset of {list(KERNELS)}, got {args.kernels}")
     if args.device.type == "cpu" and not args.quick:
-        # Model calls take 0.1-5 s on CPU: at least 5 of them and 3 s, however long that takes.
+        # A model call is long on CPU: at least 5 of them and 3 s, however long that takes.
         args.timing = dataclasses.replace(args.timing, min_reps=args.min_reps or 5, min_time=args.min_time or 3.0,
                                           max_time=120.0)
     if not args.no_compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # compile_time of a cold compile: inductor's on-disk caches from earlier runs would make
-        # it anything from seconds to minutes.
+        # compile_time of a cold compile: with inductor's on-disk caches it would depend on what
+        # earlier runs left there.
         cache = tempfile.mkdtemp(prefix="bench_gpt_inductor_")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
     rec, ceilings, models = run(args)
     summarize(rec.rows, ceilings, models, args)
-    common.finish(args, kernels=KERNELS)
+    finish(args, kernels=KERNELS)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Case, fusedtx  # noqa: E402
+from cli import finish, parse_args  # noqa: E402
+from results_csv import fusedtx, shape_str  # noqa: E402
+from runner import Case, OpBench, run_benchmark  # noqa: E402
+from summary import print_bandwidth_targets, print_ratio_table, print_summary_header, print_target  # noqa: E402
 
 KERNEL = "layer_norm"
 CPU_HEADLINE_SHAPES = ((4096, 768), (4096, 4096))
@@ -43,7 +45,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
     return [Case(KERNEL, s, dtype, "N", s[-1], providers) for dtype in dtypes for s in shapes]
 
 
-class LayerNormBench(common.OpBench):
+class LayerNormBench(OpBench):
     name = "layer_norm"
 
     def make_inputs(self, case, device, requires_grad):
@@ -79,29 +81,29 @@ class LayerNormBench(common.OpBench):
 
 def summarize(rows: list[dict], ceilings: dict, args) -> None:
     copy_bw = ceilings.get("copy_bandwidth")
-    common.print_summary_header(ceilings, args)
-    bw = common.print_ratio_table(rows, KERNEL, "torch", "torch_compile")
+    print_summary_header(ceilings, args)
+    bw = print_ratio_table(rows, KERNEL, "torch", "torch_compile")
     print()
     print("Headline targets (printed, not asserted):")
     if args.device.type == "cpu":
         for shape in CPU_HEADLINE_SHAPES:
-            shape_s = common.shape_str(shape)
+            shape_s = shape_str(shape)
             for mode in ("forward", "backward"):
-                common.print_target(f"CPU {KERNEL} float32 {shape_s} {mode:8s}: fusedtx_native >= "
-                                    f"{CPU_HEADLINE_RATIO:.1f}x torch eager",
-                                    bw.get((KERNEL, "float32", shape_s, mode, "fusedtx_native")),
-                                    bw.get((KERNEL, "float32", shape_s, mode, "torch")), CPU_HEADLINE_RATIO)
+                print_target(f"CPU {KERNEL} float32 {shape_s} {mode:8s}: fusedtx_native >= "
+                             f"{CPU_HEADLINE_RATIO:.1f}x torch eager",
+                             bw.get((KERNEL, "float32", shape_s, mode, "fusedtx_native")),
+                             bw.get((KERNEL, "float32", shape_s, mode, "torch")), CPU_HEADLINE_RATIO)
     else:
-        common.print_bandwidth_targets(bw, KERNEL, GPU_FRACTIONS, copy_bw)
+        print_bandwidth_targets(bw, KERNEL, GPU_FRACTIONS, copy_bw)
     if args.quick:
         print("  (--quick: tiny sizes, so the headline shapes were not measured)")
 
 
 def main(argv=None) -> None:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rec, ceilings = common.run_benchmark(LayerNormBench(), make_cases(args.device, args.quick), args)
+    args = parse_args(__doc__.splitlines()[0], argv)
+    rec, ceilings = run_benchmark(LayerNormBench(), make_cases(args.device, args.quick), args)
     summarize(rec.rows, ceilings, args)
-    common.finish(args, kernels=(KERNEL,))
+    finish(args, kernels=(KERNEL,))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Case, fusedtx  # noqa: E402
+from cli import finish, parse_args  # noqa: E402
+from results_csv import device_name, fusedtx  # noqa: E402
+from runner import Case, OpBench, run_benchmark  # noqa: E402
+from summary import print_ratio_table, print_target  # noqa: E402
 
 KERNELS = ("linear", "linear_gelu")
 LAYER_SHAPES = ((768, 768), (768, 3072), (3072, 768))  # (K, N)
@@ -43,13 +45,14 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
         sweeps = [(torch.bfloat16, GPU_BATCH_ROWS, LAYER_SHAPES), (torch.float32, (128, 4096), LAYER_SHAPES)]
     else:
         sweeps = [(torch.float32, BATCH_ROWS, LAYER_SHAPES)]
-    # On CUDA torch.compile (minutes of compiling per sweep) runs at the headline sizes only.
+    # On CUDA torch.compile runs at the headline sizes only: compiling every size would take the
+    # lent GPU's time.
     return [Case(kernel, (m, k, n), dtype, "M", m,
                  providers if device.type != "cuda" or m >= 1024 else providers[:-1])
             for kernel in KERNELS for dtype, rows, layers in sweeps for k, n in layers for m in rows]
 
 
-class LinearBench(common.OpBench):
+class LinearBench(OpBench):
     name = "linear"
     metric, unit = "throughput", "TFLOP/s"
 
@@ -98,11 +101,11 @@ class LinearBench(common.OpBench):
 def summarize(rows: list[dict], ceilings: dict, args) -> None:
     mm = ceilings.get("matmul")
     print()
-    print(f"Summary: p50 TFLOP/s on {common.device_name(args.device)}"
+    print(f"Summary: p50 TFLOP/s on {device_name(args.device)}"
           + (f"; matmul ceiling (torch.mm) {mm:.3f} TFLOP/s" if mm else ""))
     rates = {}
     for kernel in KERNELS:
-        rates.update(common.print_ratio_table(rows, kernel, "torch", "torch_compile", metric="throughput"))
+        rates.update(print_ratio_table(rows, kernel, "torch", "torch_compile", metric="throughput"))
     print()
     print("Headline targets (printed, not asserted):")
     cpu = args.device.type == "cpu"
@@ -114,17 +117,17 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
             m = int(shape.split("x")[0])
             if (kern, dt, prov) != (kernel, dtype, provider) or m < min_rows:
                 continue
-            common.print_target(f"{'CPU' if cpu else 'GPU'} {kernel} {dtype} {shape:>14s} {mode:8s}: {provider} >= "
-                                f"{target:.1f}x torch", ours, rates.get((kern, dt, shape, mode, "torch")), target)
+            print_target(f"{'CPU' if cpu else 'GPU'} {kernel} {dtype} {shape:>14s} {mode:8s}: {provider} >= "
+                         f"{target:.1f}x torch", ours, rates.get((kern, dt, shape, mode, "torch")), target)
     if args.quick:
         print("  (--quick: tiny sizes, so the headline shapes were not measured)")
 
 
 def main(argv=None) -> None:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rec, ceilings = common.run_benchmark(LinearBench(), make_cases(args.device, args.quick), args)
+    args = parse_args(__doc__.splitlines()[0], argv)
+    rec, ceilings = run_benchmark(LinearBench(), make_cases(args.device, args.quick), args)
     summarize(rec.rows, ceilings, args)
-    common.finish(args, kernels=KERNELS)
+    finish(args, kernels=KERNELS)
 
 
 if __name__ == "__main__":

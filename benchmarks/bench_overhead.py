@@ -3,7 +3,7 @@
     python benchmarks/bench_overhead.py                  # on cuda (or cpu)
     python benchmarks/bench_overhead.py --device cpu --quick --out /tmp/bench_test.csv
 
-On inputs this small the kernels take a few microseconds, so what a call costs is the host's
+On inputs this small the kernels have almost nothing to do, so what a call costs is the host's
 work around them — which on a GPU decides whether the kernels are fed fast enough, and on a
 CPU is added to every layer of every step. Kernels `overhead_<op>` (softmax 4x256, layer_norm
 4x768 with weight and bias, linear 4x768 -> 768 with bias and the tanh GELU, causal_attention
@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import fusedtx  # noqa: E402
+from cli import finish, parse_args  # noqa: E402
+from results_csv import Recorder, device_name, fusedtx  # noqa: E402
+from runner import fusedtx_unavailable, note  # noqa: E402
+from timing import TimingConfig  # noqa: E402
 from fusedtx.ops.linear import activation_code  # noqa: E402
 
 MODES = ("forward", "backward")
@@ -66,15 +68,15 @@ def providers(device: torch.device) -> list[tuple[str, str | None, int]]:
     backends = ["native"] + (["triton"] if device.type == "cuda" else [])
     out = []
     for backend in backends:
-        reason = common.fusedtx_unavailable(f"fusedtx_{backend}", device)
+        reason = fusedtx_unavailable(f"fusedtx_{backend}", device)
         if reason is None:
             out += [(f"fusedtx_{backend}", backend, 1), (f"fusedtx_{backend}_registered", backend, 2)]
         else:
-            common.note(f"skipping fusedtx_{backend}: {reason}")
+            note(f"skipping fusedtx_{backend}: {reason}")
     return out + [("torch", None, 3)]
 
 
-def host_time_us(call, config: common.TimingConfig) -> tuple[float, float, float]:
+def host_time_us(call, config: TimingConfig) -> tuple[float, float, float]:
     """(p50, p20, p80) microseconds of call(), timed one call at a time after a warm-up."""
     for _ in range(20):
         call()
@@ -89,8 +91,8 @@ def host_time_us(call, config: common.TimingConfig) -> tuple[float, float, float
 
 
 def main(argv=None) -> None:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rec = common.Recorder(args.out, args.device)
+    args = parse_args(__doc__.splitlines()[0], argv)
+    rec = Recorder(args.out, args.device)
     config = args.timing
     rows = {}
     chosen = [p for p in providers(args.device) if not args.providers or p[0] in args.providers]
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
             fn = calls[which - 1]
             out = fn(*inputs, backend)
             if not torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4):  # never time a wrong result
-                common.note(f"skipping {provider} for {op}: max error {(out.double() - expected).abs().max():.2e}")
+                note(f"skipping {provider} for {op}: max error {(out.double() - expected).abs().max():.2e}")
                 continue
             grad_out = torch.randn_like(out)
             for mode in MODES:
@@ -112,15 +114,15 @@ def main(argv=None) -> None:
                 rec.add(f"overhead_{op}", provider, mode, "latency", "us", "rows", shapes[0][0], values,
                         torch.float32, tuple(shapes[0]))
                 rows[op, mode, provider] = values[0]
-                common.note(f"overhead_{op:17s} {provider:26s} {mode:8s} {values[0]:8.1f} us")
+                note(f"overhead_{op:17s} {provider:26s} {mode:8s} {values[0]:8.1f} us")
     rec.flush()
-    print(f"\nHost time per call on {common.device_name(args.device)}, p50 microseconds (lower is better)")
+    print(f"\nHost time per call on {device_name(args.device)}, p50 microseconds (lower is better)")
     names = [p for p, _, _ in chosen]
     print(f"  {'op':17s} {'mode':8s} " + " ".join(f"{p:>26s}" for p in names))
     for op in OPS:
         for mode in MODES:
             print(f"  {op:17s} {mode:8s} " + " ".join(f"{rows.get((op, mode, p), float('nan')):26.1f}" for p in names))
-    common.finish(args, kernels=[f"overhead_{op}" for op in OPS])
+    finish(args, kernels=[f"overhead_{op}" for op in OPS])
 
 
 if __name__ == "__main__":

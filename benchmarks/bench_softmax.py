@@ -41,8 +41,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Case, fusedtx  # noqa: E402
+from cli import finish, parse_args  # noqa: E402
+from results_csv import MODES, fusedtx, shape_str  # noqa: E402
+from runner import Case, OpBench, run_benchmark  # noqa: E402
+from summary import print_bandwidth_targets, print_ratio_table, print_summary_header, print_target  # noqa: E402
 
 KERNEL_PLAIN = "softmax"
 KERNEL_CAUSAL = "softmax_causal"
@@ -97,7 +99,7 @@ def torch_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, -1)
 
 
-class SoftmaxBench(common.OpBench):
+class SoftmaxBench(OpBench):
     name = "softmax"
 
     def make_inputs(self, case, device, requires_grad):
@@ -140,30 +142,30 @@ class SoftmaxBench(common.OpBench):
 def summarize(rows: list[dict], ceilings: dict, args) -> None:
     """Print p50 GB/s per case with fusedtx's ratios to its peers, then the headlines."""
     copy_bw = ceilings.get("copy_bandwidth")
-    common.print_summary_header(ceilings, args)
-    bw = common.print_ratio_table(rows, KERNEL_PLAIN, "torch", "torch_compile")
-    bw.update(common.print_ratio_table(rows, KERNEL_CAUSAL, "torch_unfused", "torch_compile_unfused"))
+    print_summary_header(ceilings, args)
+    bw = print_ratio_table(rows, KERNEL_PLAIN, "torch", "torch_compile")
+    bw.update(print_ratio_table(rows, KERNEL_CAUSAL, "torch_unfused", "torch_compile_unfused"))
     print()
     print("Headline targets (printed, not asserted):")
     if args.device.type == "cpu":
         for kernel, dtype, shape, peer, target in (CPU_PLAIN_HEADLINE, CPU_CAUSAL_HEADLINE):
-            shape_s = common.shape_str(shape)
-            for mode in common.MODES:
-                common.print_target(f"CPU {kernel} {dtype} {shape_s} {mode:8s}: fusedtx_native >= {target:.1f}x {peer}",
-                                    bw.get((kernel, dtype, shape_s, mode, "fusedtx_native")),
-                                    bw.get((kernel, dtype, shape_s, mode, peer)), target)
+            shape_s = shape_str(shape)
+            for mode in MODES:
+                print_target(f"CPU {kernel} {dtype} {shape_s} {mode:8s}: fusedtx_native >= {target:.1f}x {peer}",
+                             bw.get((kernel, dtype, shape_s, mode, "fusedtx_native")),
+                             bw.get((kernel, dtype, shape_s, mode, peer)), target)
     else:
-        common.print_bandwidth_targets(bw, KERNEL_PLAIN, {mode: GPU_COPY_FRACTION for mode in common.MODES},
-                                       copy_bw, GPU_HEADLINE_COLS)
+        print_bandwidth_targets(bw, KERNEL_PLAIN, {mode: GPU_COPY_FRACTION for mode in MODES},
+                                copy_bw, GPU_HEADLINE_COLS)
     if args.quick:
         print("  (--quick: tiny sizes, so the headline shapes were not measured)")
 
 
 def main(argv=None) -> None:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rec, ceilings = common.run_benchmark(SoftmaxBench(), make_cases(args.device, args.quick), args)
+    args = parse_args(__doc__.splitlines()[0], argv)
+    rec, ceilings = run_benchmark(SoftmaxBench(), make_cases(args.device, args.quick), args)
     summarize(rec.rows, ceilings, args)
-    common.finish(args, kernels=(KERNEL_PLAIN, KERNEL_CAUSAL))
+    finish(args, kernels=(KERNEL_PLAIN, KERNEL_CAUSAL))
 
 
 if __name__ == "__main__":

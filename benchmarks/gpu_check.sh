@@ -75,9 +75,9 @@ run_for 170 $PY -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" "${tmo[@]}" 
 
 stage "4. benchmarks on CUDA"
 lean=(--device cuda --out "$OUT/results.csv" --skip-ceilings --no-plot --min-time 0.1 --min-reps 10)
-run_for 90 $PY benchmarks/bench_attention.py "${lean[@]}" \
+run_for 90 $PY benchmarks/bench_causal_attention.py "${lean[@]}" \
     --providers fusedtx_triton,fusedtx_triton_batchsplit,fusedtx_native,torch,sdpa_flash,flash_attn \
-    || echo "bench attention FAILED or timed out"
+    || echo "bench causal_attention FAILED or timed out"
 run_for 60 $PY benchmarks/bench_linear.py "${lean[@]}" --providers fusedtx_triton,fusedtx_native,torch \
     || echo "bench linear FAILED or timed out"
 run_for 45 $PY benchmarks/bench_layer_norm.py "${lean[@]}" || echo "bench layer_norm FAILED or timed out"

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from ceilings import get_ceilings  # noqa: E402
+from cli import add_common_args, check_args, finish, forward_args  # noqa: E402
+from results_csv import BENCH_DIR, Recorder  # noqa: E402
 
 
 def discover(only: list[str] | None) -> list[Path]:
-    scripts = sorted(common.BENCH_DIR.glob("bench_*.py"))
+    scripts = sorted(BENCH_DIR.glob("bench_*.py"))
     if only:
         names = {p.stem.removeprefix("bench_"): p for p in scripts}
         unknown = [o for o in only if o not in names]
@@ -33,17 +35,17 @@ def discover(only: list[str] | None) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--only", default=None, help="comma-separated bench names (e.g. softmax), default all")
-    args = common.check_args(parser, parser.parse_args(argv))
+    args = check_args(parser, parser.parse_args(argv))
     scripts = discover([o.strip() for o in args.only.split(",") if o.strip()] if args.only else None)
 
     if not args.skip_ceilings:
-        rec = common.Recorder(args.out, args.device)
-        common.get_ceilings(args, rec)
+        rec = Recorder(args.out, args.device)
+        get_ceilings(args, rec)
 
     # Children re-measure nothing shared and draw nothing: plots are drawn once, at the end.
-    child_args = common.forward_args(args)
+    child_args = forward_args(args)
     child_args = [a for a in child_args if a not in ("--no-plot", "--skip-ceilings")] + ["--no-plot", "--skip-ceilings"]
     failed = []
     for script in scripts:
@@ -55,9 +57,7 @@ def main(argv=None) -> int:
         if rc != 0:
             failed.append(script.name)
 
-    if not args.no_plot and Path(args.out).exists():
-        for path in common.plot_results(args.out, Path(args.out).resolve().parent):
-            print(f"wrote {path}")
+    finish(args)  # every kernel's plots
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

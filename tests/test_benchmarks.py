@@ -10,14 +10,15 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import common  # noqa: E402
+from plot import slug  # noqa: E402
+from results_csv import CSV_COLUMNS  # noqa: E402
 
 # script -> (providers to run, kernels it writes)
 SCRIPTS = {
     "bench_softmax.py": ("fusedtx_native,torch,torch_unfused", {"softmax", "softmax_causal"}),
     "bench_layer_norm.py": ("fusedtx_native,torch", {"layer_norm"}),
     "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),
-    "bench_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
+    "bench_causal_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
 }
 
 
@@ -31,12 +32,12 @@ def quick_run(script, providers, kernels, tmp_path, *flags) -> tuple[list[dict],
     assert "Headline targets" in run.stdout
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert rows and tuple(rows[0].keys()) == common.CSV_COLUMNS
+    assert rows and tuple(rows[0].keys()) == CSV_COLUMNS
     assert {r["kernel"] for r in rows} == kernels | {"ceiling"}
     assert {r["provider"] for r in rows if r["kernel"] != "ceiling"} == set(providers.split(",")), run.stderr[-3000:]
     for r in rows:
         assert float(r["p50"]) > 0 and r["device"] and r["fusedtx_version"] and r["timestamp"]
-    device = common._slug(rows[0]["device"])
+    device = slug(rows[0]["device"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{k}_{device}.png" for k in kernels)
     return rows, run.stdout
 
@@ -67,20 +68,20 @@ def test_quick_gpt_run(tmp_path):
 
 
 def test_batch_chosen_split_depends_on_the_batch(monkeypatch):
-    """The `_batchsplit` providers of bench_attention.py (the cost of invariance on a GPU) model
-    a split-KV heuristic: on 132 multiprocessors a lone sequence gets small chunks and a full
-    batch large ones — the batch dependence fusedtx refuses — always a power of two >= 16 that
-    fusedtx accepts, never more chunks than 16-key pieces."""
+    """The `_batchsplit` providers of bench_causal_attention.py (the cost of invariance on a GPU)
+    model a split-KV heuristic: on 132 multiprocessors a lone sequence gets small chunks and a
+    full batch large ones — the batch dependence fusedtx refuses — always a power of two >= 16
+    that fusedtx accepts, never more chunks than 16-key pieces."""
     import torch
 
-    import bench_attention
+    import bench_causal_attention
     from fusedtx import config
 
-    monkeypatch.setattr(bench_attention, "parallel_workers", lambda device: 132)
+    monkeypatch.setattr(bench_causal_attention, "parallel_workers", lambda device: 132)
     cpu = torch.device("cpu")
-    splits = {b: bench_attention.batch_chosen_split(b, 12, 4096, cpu) for b in (1, 4, 16, 64)}
+    splits = {b: bench_causal_attention.batch_chosen_split(b, 12, 4096, cpu) for b in (1, 4, 16, 64)}
     assert splits == {1: 256, 4: 1024, 16: 2048, 64: 4096}
-    assert bench_attention.batch_chosen_split(1, 1, 20, cpu) == 16
+    assert bench_causal_attention.batch_chosen_split(1, 1, 20, cpu) == 16
     for s in splits.values():
         assert config._check_split_size(s, "test") == s
 
@@ -101,5 +102,5 @@ def test_quick_overhead_run(tmp_path):
     for r in rows:
         assert (r["metric"], r["unit"]) == ("latency", "us")
         assert 0 < float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
-    device = common._slug(rows[0]["device"])
+    device = slug(rows[0]["device"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"overhead_{op}_{device}.png" for op in ops)

@@ -1,10 +1,10 @@
 """`python -m fusedtx check` and `python -m fusedtx demo`.
 
-The check's property functions run in-process on a workload small enough for a few seconds:
-fusedtx passes them on every CPU backend here; a model with batch-dependent noise fails them (the
-negative control: the check can fail, and then the exit code says so); the continuous-batching
-server completes each request as generate() does alone; the JSON has its schema. The command
-line (check --help, the demo with a few seconds of training) runs end to end in a subprocess.
+The check's property functions (fusedtx/check_properties.py) run in-process on a small
+workload: fusedtx passes them on every CPU backend here; a model with batch-dependent noise
+fails them (the negative control: the check can fail, and then the exit code says so); the JSON
+has its schema. The command line (check --help, the demo with a few seconds of training) runs
+end to end in a subprocess. The continuous-batching server itself is tested in test_serving.py.
 """
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ import pytest
 import torch
 
 import fusedtx
-from fusedtx import check
+from fusedtx import check, check_properties
+from fusedtx.check_properties import Workload
 from fusedtx.models import GPT, GPTConfig, PlainGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = GPTConfig.preset("tiny")
-# every property's code path, in about a second on the native backend
-SMALL = check.Workload(max_len=12, compositions=2, max_others=3, prompts=2, new_tokens=4, prefill_len=10,
+# every property's code path, on the smallest sizes that reach it
+SMALL = Workload(max_len=12, compositions=2, max_others=3, prompts=2, new_tokens=4, prefill_len=10,
                        train_steps=1, train_batch=(2, 8), requests=4, serves=2, max_slots=3, serve_new_tokens=(2, 5))
 CPU_BACKENDS = [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else []) for b in fusedtx.BACKENDS]
 
@@ -87,23 +88,9 @@ def test_every_property_holds(backend):
     assert cells["on_policy"]["extra"]["kl"] == 0.0
 
 
-def test_server_completes_requests_as_generate_alone():
-    """The continuous-batching loop is a correct server: with any schedule, each request's
-    completion is generate()'s for its prompt alone (on fusedtx, bit for bit)."""
-    model = maker(backend="native")()
-    g = torch.Generator().manual_seed(3)
-    requests = [check.Request(i, torch.randint(0, CONFIG.vocab_size, (n,), generator=g), m, arrival=a)
-                for i, (n, m, a) in enumerate([(5, 6, 0), (1, 3, 0), (9, 7, 2), (3, 2, 2), (12, 5, 3)])]
-    check.serve(model, requests, slots=2, garbage=torch.Generator().manual_seed(0))
-    for r in requests:
-        alone = model.generate([r.prompt], r.max_new_tokens, return_logits=True)
-        assert r.tokens == alone.tokens[0].tolist()
-        assert torch.equal(torch.stack(r.logits), alone.logits[0])
-
-
 def test_training_restores_thread_count():
     before = torch.get_num_threads()
-    cells = check.check_training(maker(backend="native"), SMALL, 0, torch.device("cpu"))
+    cells = check_properties.check_training(maker(backend="native"), SMALL, 0, torch.device("cpu"))
     assert torch.get_num_threads() == before
     assert cells["training_repeat"].status == cells["training_threads"].status == "pass"
 
@@ -113,11 +100,11 @@ def test_training_restores_thread_count():
 # ---------------------------------------------------------------------------------------------
 def test_negative_control_batch_dependent_model_fails():
     make = maker(NoisyGPT, backend="native")
-    for prop in (check.check_batch_invariance, check.check_generate_vs_forward, check.check_chunked_prefill,
-                 check.check_on_policy):
+    for prop in (check_properties.check_batch_invariance, check_properties.check_generate_vs_forward,
+                 check_properties.check_chunked_prefill, check_properties.check_on_policy):
         cell = prop(make, SMALL, 0)
         assert cell.status == "fail" and cell.max_abs_diff > 0, prop.__name__
-    assert check.check_serving(make, SMALL, 0).status == "fail"
+    assert check_properties.check_serving(make, SMALL, 0).status == "fail"
 
 
 def test_exit_code_is_nonzero_when_a_fusedtx_property_fails(monkeypatch, small_workloads, tmp_path, capsys):
@@ -141,7 +128,7 @@ def test_plain_pytorch_failing_is_not_an_error():
 def test_a_crashing_property_is_a_failure(monkeypatch, small_workloads):
     def crash(*a, **k):
         raise RuntimeError("boom")
-    monkeypatch.setattr(check, "check_chunked_prefill", crash)
+    monkeypatch.setattr(check_properties, "check_chunked_prefill", crash)
     report = check.run_check(check.columns_for(["native"], True, torch.device("cpu")), check.Options(), progress=False)
     cell = report["results"]["native"]["cells"]["chunked_prefill"]
     assert cell["status"] == "error" and "boom" in cell["detail"] and not report["passed"]

@@ -1,9 +1,9 @@
 """Benchmark fusedtx causal attention against PyTorch's scaled_dot_product_attention.
 
-    python benchmarks/bench_attention.py                  # full sweep on cuda (or cpu)
-    python benchmarks/bench_attention.py --device cpu --quick --out /tmp/bench_test.csv
+    python benchmarks/bench_causal_attention.py           # full sweep on cuda (or cpu)
+    python benchmarks/bench_causal_attention.py --device cpu --quick --out /tmp/bench_test.csv
 
-Kernels:
+Kernels (the CSV's `kernel` column, and the names of the plots):
   * `attention_prefill`: causal attention over q, k, v (B, H, T, D), T swept (CSV shape
     B x H x T x D). Modes forward, backward (dq, dk, dv), full. TFLOP/s counting the causal half:
     2 B H T^2 D flops forward (two matmuls over half the scores), 2.5x that backward.
@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Case, fusedtx  # noqa: E402
+from cli import finish, parse_args  # noqa: E402
+from results_csv import device_name, fusedtx  # noqa: E402
+from runner import Case, OpBench, run_benchmark  # noqa: E402
+from summary import print_ratio_table, print_target  # noqa: E402
 
 KERNELS = ("attention_prefill", "attention_decode")
 FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "full": 3.5}
@@ -86,8 +88,8 @@ def batch_chosen_split(batch: int, heads: int, length: int, device: torch.device
     return split_covering(math.ceil(length / chunks))
 
 
-class AttentionBench(common.OpBench):
-    name = "attention"
+class CausalAttentionBench(OpBench):
+    name = "causal_attention"
     metric, unit = "throughput", "TFLOP/s"
 
     def make_inputs(self, case, device, requires_grad):
@@ -161,15 +163,15 @@ class AttentionBench(common.OpBench):
         return 4 * b * h * t * d * case.dtype.itemsize * (1 if mode == "forward" else 2)
 
 
-class DecodeBench(AttentionBench):
+class DecodeBench(CausalAttentionBench):
     metric, unit = "bandwidth", "GB/s"
 
 
 def summarize(rows: list[dict], ceilings: dict, args) -> None:
     print()
-    print(f"Summary on {common.device_name(args.device)} (prefill TFLOP/s, decode GB/s)")
-    rates = common.print_ratio_table(rows, "attention_prefill", "torch", "torch_compile", metric="throughput")
-    decode = common.print_ratio_table(rows, "attention_decode", "torch", "torch_compile", metric="bandwidth")
+    print(f"Summary on {device_name(args.device)} (prefill TFLOP/s, decode GB/s)")
+    rates = print_ratio_table(rows, "attention_prefill", "torch", "torch_compile", metric="throughput")
+    decode = print_ratio_table(rows, "attention_decode", "torch", "torch_compile", metric="bandwidth")
     both = {**rates, **decode}
     print("\nCost of invariance: fusedtx with the default split size / the same kernel with one chunk per "
           "sequence (unsplit) or with the split a batch-dependent heuristic picks (batchsplit); < 1 = slower")
@@ -184,33 +186,33 @@ def summarize(rows: list[dict], ceilings: dict, args) -> None:
     if args.device.type == "cpu":
         for (kernel, dtype, shape, mode, provider), ours in sorted(rates.items()):
             if provider == "fusedtx_native" and mode == "forward" and int(shape.split("x")[2]) >= 1024:
-                common.print_target(f"CPU {kernel} {dtype} {shape} forward: fusedtx_native >= 1.0x SDPA", ours,
-                                    rates.get((kernel, dtype, shape, mode, "torch")), 1.0)
+                print_target(f"CPU {kernel} {dtype} {shape} forward: fusedtx_native >= 1.0x SDPA", ours,
+                             rates.get((kernel, dtype, shape, mode, "torch")), 1.0)
     else:
         for (kernel, dtype, shape, mode, provider), ours in sorted(rates.items()):
             if provider == "fusedtx_triton" and dtype == "bfloat16":
                 flash = max((rates.get((kernel, dtype, shape, mode, p)) or 0.0) for p in ("sdpa_flash", "flash_attn"))
-                common.print_target(f"GPU {kernel} {shape} {mode}: fusedtx_triton >= 0.9x FlashAttention-2", ours,
-                                    flash, 0.9)
+                print_target(f"GPU {kernel} {shape} {mode}: fusedtx_triton >= 0.9x FlashAttention-2", ours,
+                             flash, 0.9)
         copy_bw = ceilings.get("copy_bandwidth")
         for (kernel, dtype, shape, mode, provider), ours in sorted(decode.items()):
             if provider == "fusedtx_triton":
-                common.print_target(f"GPU {kernel} {shape}: fusedtx_triton >= 80% of copy bandwidth", ours, copy_bw,
-                                    0.8, unit="%")
-                common.print_target(f"GPU {kernel} {shape}: cost of invariance <= 10% (vs batchsplit)", ours * 1.1,
-                                    decode.get((kernel, dtype, shape, mode, "fusedtx_triton_batchsplit")), 1.0)
+                print_target(f"GPU {kernel} {shape}: fusedtx_triton >= 80% of copy bandwidth", ours, copy_bw,
+                             0.8, unit="%")
+                print_target(f"GPU {kernel} {shape}: cost of invariance <= 10% (vs batchsplit)", ours * 1.1,
+                             decode.get((kernel, dtype, shape, mode, "fusedtx_triton_batchsplit")), 1.0)
     if args.quick:
         print("  (--quick: tiny sizes)")
 
 
 def main(argv=None) -> None:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv)
     cases = make_cases(args.device, args.quick)
-    rec, ceilings = common.run_benchmark(AttentionBench(), [c for c in cases if c.kernel == "attention_prefill"], args)
+    rec, ceilings = run_benchmark(CausalAttentionBench(), [c for c in cases if c.kernel == "attention_prefill"], args)
     args.skip_ceilings = True
-    decode_rec, _ = common.run_benchmark(DecodeBench(), [c for c in cases if c.kernel == "attention_decode"], args)
+    decode_rec, _ = run_benchmark(DecodeBench(), [c for c in cases if c.kernel == "attention_decode"], args)
     summarize(rec.rows + decode_rec.rows, ceilings, args)
-    common.finish(args, kernels=KERNELS)
+    finish(args, kernels=KERNELS)
 
 
 if __name__ == "__main__":
