@@ -43,12 +43,12 @@ def triton_lanes(n: int) -> int:
     return min(next_power_of_2(max(n, 1)), TRITON_MAX_BLOCK)
 
 
-def row_lanes(backend: str, n: int, device: torch.device | str) -> int:
+def row_lanes(backend: str, n: int, device: torch.device) -> int:
     """Lane count of a softmax or layer_norm row sum over n elements on this backend and device.
     The reference backend uses the native CPU count, so that the two agree bit for bit on CPU."""
     if backend == "triton":
         return triton_lanes(n)
-    if backend == "native" and torch.device(device).type == "cuda":
+    if backend == "native" and device.type == "cuda":
         return cuda_lanes(n)
     return CPU_LANES
 
