@@ -1,4 +1,5 @@
-// Causal attention forward with a fixed split size on CPU: reference.causal_attention_forward, bit for bit.
+// Causal attention forward with a fixed split size on CPU: reference.causal_attention_forward, bit
+// for bit (docs/design.md, "Attention split size").
 //
 // One task = (batch b, head h, block of up to 32 queries); tasks are spread over threads and
 // nothing inside a task is split, so neither the thread count nor the batch changes any bits.
@@ -19,8 +20,7 @@
 //            as acc * a + acc_c * b (separate roundings: the file is built with -ffp-contract=off).
 // Why 32 queries a task: each key broadcast then feeds two FMAs, and every K/V chunk is read
 // once per 32 queries instead of per 16, which halves the traffic from L2/L3 once a head's K
-// and V outgrow L2 (T = 8192, D = 64: 0.196 -> 0.237 TFLOP/s on 2 threads; T = 1024 ... 4096:
-// 8-12 % faster).
+// and V outgrow L2.
 // Every lane computes exactly the scalar sequence of the reference, so a query's bits do not
 // depend on which block (prefill, chunked prefill, decode) it sits in. Keys at or beyond
 // seqlens[b] are never loaded: a block reads keys up to the position of its last query only.
@@ -46,8 +46,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // max(a, b) lane-wise that keeps a NaN from either side, as torch.amax / torch.maximum do in the
 // reference. vmax (a > b ? a : b) drops a NaN in a as soon as a later operand is compared, so a
-// query whose last visible key scored NaN got m = -inf from the masked keys after it in a full
-// pass but m = NaN in decode, which stops at its last key: different bits for m and l.
+// query whose last visible key scored NaN would get m = -inf from the masked keys after it in a
+// full pass but m = NaN in decode, which stops at its last key: different bits for m and l.
 inline vfloat vmax_nan(vfloat a, vfloat b) { return (a > b) | (a != a) ? a : b; }
 
 // n (<= 16) elements of T at p as floats (exact conversions); lanes >= n are +0 and nothing
@@ -164,9 +164,9 @@ inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat
 // Scores of queries [i_lo, i_lo + NQ) of q_t against keys [0, n_keys) of k, 16 keys in the
 // lanes of a vector: s[i * s_ld + j] = (FMA chain over d < dim ascending from +0 of
 // q_i[d] * k_j[d]) * scale, the lane path's chain (lane_dots), so the same bits. For decode,
-// where a lane per query would leave most of each vector idle. Each 16 x 16 block of K is transposed in registers
-// and its columns go straight into the chains (storing a transposed copy of K and reading it
-// back took a quarter of a decode step).
+// where a lane per query would leave most of each vector idle. Each 16 x 16 block of K is
+// transposed in registers and its columns go straight into the chains, rather than through a
+// stored transposed copy of K that would be read back.
 template <int NQ>
 void score_keys_transposed(const float* q_t, int i_lo, Rows k, int64_t n_keys, int64_t dim, float scale, float* s,
                            int64_t s_ld) {

@@ -1,4 +1,5 @@
-// Causal attention backward with a fixed split size on CPU: reference.causal_attention_backward, bit for bit.
+// Causal attention backward with a fixed split size on CPU: reference.causal_attention_backward, bit
+// for bit (docs/design.md, "Attention split size").
 //
 // FlashAttention-2 style, in two passes that each recompute the probabilities from the forward's
 // row statistics (m, l), so that every output is owned by exactly one task and nothing is reduced
@@ -28,9 +29,8 @@
 // Keeping P and dP (2 x 128 bytes per key in pass 1, a thread's scratch ~256 T bytes) instead of
 // recomputing them for the second sweep spares two of pass 1's three dot products per pair.
 // Why blocks of 32 (two groups of 16 lanes): each broadcast element feeds two FMAs, and the rows
-// a block streams (K and V in pass 1, Q and dO in pass 2) are read once per 32 rows instead of 16
-// (1x12x4096x64: 381-387 -> 337-349 ms; 1024x128: 47-48 -> 42 ms). In pass 1 a group walks only
-// the chunks up to its own last query, as it would in a block of 16.
+// a block streams (K and V in pass 1, Q and dO in pass 2) are read once per 32 rows instead of 16.
+// In pass 1 a group walks only the chunks up to its own last query, as it would in a block of 16.
 // Inputs in bfloat16/float16, or with a head dim that is not a multiple of 16, are first
 // converted (exactly) to zero-padded float32 copies; the outputs are rounded to the dtype at the end.
 #include <ATen/Parallel.h>
@@ -74,8 +74,8 @@ struct Problem {
 
 // lane_dots for rows [0, n) of x and ng groups, the result for row j and group g stored at
 // out + j * kBlock + 16 g. Writing the results out (rather than keeping the vectors live across
-// the caller's next steps) keeps the accumulators in registers: GCC spilled one of them inside
-// the d loop otherwise.
+// the caller's next steps) keeps the accumulators in registers: otherwise GCC spills one of them
+// inside the d loop.
 inline void lane_dots_to(const float* xt, const float* x, int64_t ld, int64_t n, int64_t dim, int ng, float* out) {
   vfloat r[kGroups * kDotRows];
   int64_t j = 0;

@@ -48,9 +48,10 @@ template <typename A>
 inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
-// reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits.
-// F is float or vfloat; both compute the same bits. Always inlined: once the attention forward's
-// task grew, GCC made it an out-of-line call through the PLT (10 % of the forward's time).
+// reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits
+// (docs/design.md, "exp and erf"). F is float or vfloat; both compute the same bits. Always
+// inlined: it sits in the innermost loops, and in a large caller (the attention forward's task)
+// GCC would otherwise make it an out-of-line call through the PLT.
 template <typename F>
 [[gnu::always_inline]] inline F exp_f32(F x) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -139,8 +140,8 @@ inline vfloat load_vec(const T* p) { return load_as<float>(p); }
 template <typename T>
 inline void store_vec(T* p, vfloat v) { store_as<T, float>(p, v); }
 
-// The accumulators of reference.lane_sum: kLanes lanes of A, lane l of a block of kLanes
-// consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
+// The accumulators of reference.lane_sum (docs/design.md, "Lane sums"): kLanes lanes of A, lane l
+// of a block of kLanes consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
 template <typename A, int kLanes = 64>
 struct LaneSum {
   static constexpr int kVecs = kLanes / kVecLen<A>;
@@ -160,8 +161,8 @@ struct LaneSum {
   }
   // Halves fold: whole vectors first (a[l] += a[l + w] for w >= one vector), then within the
   // last vector, in registers: lane l < w of x + lanes_from<w>(x) is a[l] + a[l + w], the same
-  // adds as a scalar loop over a stored copy (which, by storing halves and reloading whole
-  // vectors, stalled on store forwarding: a sixth of the LayerNorm forward at 1024 columns).
+  // adds as a scalar loop over a stored copy, which would stall on store forwarding (it stores
+  // halves and reloads whole vectors).
   A fold() const {
     Vec<A> v[kVecs];
     for (int i = 0; i < kVecs; ++i) v[i] = acc[i];
@@ -247,8 +248,8 @@ constexpr int kLaneGroups = kLaneBlock / kVec;
 // out[g * N + r] (lanes) = FMA chain over d < dim ascending from +0 of x[r][d] * xt[d][16 g + lane],
 // for N rows of x (row stride ld) and NG lane groups of xt (dim rows of kLaneBlock lanes; pass
 // xt + 16 g0 to start at group g0). Each broadcast x[r][d] feeds NG FMAs: with two groups 10
-// vector loads per 16 FMAs instead of 9 per 8. Not inlined: inside the attention forward's task
-// the N row pointers were spilled and reloaded on every d.
+// vector loads per 16 FMAs instead of 9 per 8. Not inlined: inlined into the attention
+// forward's task, the N row pointers get spilled and reloaded on every d.
 template <int N, int NG>
 [[gnu::noinline]] void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
   vfloat acc[NG][N];
@@ -269,7 +270,7 @@ template <int N, int NG>
     for (int r = 0; r < N; ++r) out[g * N + r] = acc[g][r];
 }
 
-// lane_dots for ng (1 or 2) groups. (Three groups, 48 rows a task, measured no faster in the forward.)
+// lane_dots for ng (1 or 2) groups.
 template <int N>
 inline void lane_dots_groups(int ng, const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
   static_assert(kLaneGroups == 2);
