@@ -165,11 +165,6 @@ void dispatch_x_and_params(at::ScalarType x_type, at::ScalarType p_type, const c
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), op, ": ", name, " must be a contiguous 2-D tensor, got sizes ", t.sizes());
-}
-
 const at::Tensor* check_param(const std::optional<at::Tensor>& p, int64_t n, const char* op, const char* name) {
   if (!p.has_value()) return nullptr;
   TORCH_CHECK(p->device().is_cpu() && p->dim() == 1 && p->size(0) == n && p->is_contiguous(), op, ": ", name,
@@ -182,7 +177,7 @@ const P* param_ptr(const at::Tensor* p) { return p ? p->const_data_ptr<P>() : nu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                                      const std::optional<at::Tensor>& bias, double eps, int64_t lanes) {
-  check_rows(x, "layer_norm_forward", "x");
+  check_rows(x, at::kCPU, "layer_norm_forward", "x");
   TORCH_CHECK(lanes == kLanes, "layer_norm_forward: the CPU kernel sums with ", kLanes, " lanes, asked for ", lanes);
   const int64_t rows = x.size(0), n = x.size(1);
   TORCH_CHECK(n > 0, "layer_norm_forward: rows must have at least one element");
@@ -217,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool need_param_grads, int64_t lanes, int64_t groups) {
-  check_rows(grad_y, "layer_norm_backward", "grad_y");
-  check_rows(x, "layer_norm_backward", "x");
+  check_rows(grad_y, at::kCPU, "layer_norm_backward", "grad_y");
+  check_rows(x, at::kCPU, "layer_norm_backward", "x");
   TORCH_CHECK(lanes == kLanes, "layer_norm_backward: the CPU kernel sums with ", kLanes, " lanes, asked for ", lanes);
   TORCH_CHECK(groups > 0, "layer_norm_backward: groups must be positive");
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
