@@ -7,7 +7,8 @@
 // in cache (sum, sum of squared deviations, normalise). Backward: the rows are cut into a fixed
 // number of row groups (reference.LAYER_NORM_ROW_GROUPS); threads take whole groups, each group
 // computes its rows' dx and adds dy * xhat and dy into its own row of a partial buffer; the
-// partials are then summed per column in group order. Nothing depends on the thread count.
+// partials are then summed per column in group order. Nothing depends on the thread count
+// (docs/design.md, "Lane sums" and "Row groups").
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -3,8 +3,9 @@
 // One row at a time, rows spread over threads (never a row split between threads, so the
 // thread count cannot change bits). Each row makes three passes over data that stays in cache:
 // scale + max, exp + lane sums (exponentials kept in the output row), divide. Written with
-// 16-float vectors (common.h), lane-wise IEEE arithmetic: the same bits as the scalar spec. The arithmetic is reference.softmax_forward /
-// softmax_backward with 64 lanes, operation for operation.
+// 16-float vectors (common.h), lane-wise IEEE arithmetic: the same bits as the scalar spec. The
+// arithmetic is reference.softmax_forward / softmax_backward with 64 lanes, operation for
+// operation (docs/design.md, "Lane sums").
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

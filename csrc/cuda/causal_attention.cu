@@ -1,4 +1,5 @@
-// Causal attention forward with a fixed split size in CUDA: reference.causal_attention_forward, bit for bit.
+// Causal attention forward with a fixed split size in CUDA: reference.causal_attention_forward, bit
+// for bit (docs/design.md, "Attention split size").
 //
 // One thread block of kThreads = 128 threads per (batch b, head h, tile of kBlockQ = 16 queries);
 // a decode step (Tq = 1) runs the same block shape with the tile padded (the padding rows
@@ -27,9 +28,9 @@
 //
 // Shared memory: q tile 16 x (D + 1), k tile 32 x (D + 1) (padded rows: the 8 threads of a query
 // read 8 different keys in the dot products), v tile 32 x D, score/probability tile 16 x 33:
-// 43 KB at D = 128, under the 48 KB default. Registers: acc and acc_c, 2 x 16 floats; at
-// __launch_bounds__(128, 4) ~126 registers on sm_80 / sm_90, no spills (with (128) alone ptxas
-// aimed at 80 and spilled 4 bytes on sm_80).
+// 43 KB at D = 128, under the 48 KB default. Registers: acc and acc_c, 2 x 16 floats; the kernel
+// is bounded for 4 blocks of 128 threads per SM (__launch_bounds__(128, 4)): with (128) alone
+// ptxas aims at fewer registers and spills on sm_80 (tests/test_build.py checks for spills).
 #include "common.cuh"
 
 namespace fusedtx::cuda {

@@ -1,4 +1,5 @@
-// Causal attention backward with a fixed split size in CUDA: reference.causal_attention_backward, bit for bit.
+// Causal attention backward with a fixed split size in CUDA: reference.causal_attention_backward,
+// bit for bit (docs/design.md, "Attention split size").
 //
 // Two kernels, each output element owned by one thread of one block (no atomics, fixed orders):
 //
@@ -46,9 +47,8 @@
 // sm_89), 43 KiB at 64, 27 KiB at 32. Dot products: each thread computes a 2 x 4 (dq) or 2 x 2
 // (dkdv) tile of pairs from float4 reads. Accumulation: each thread owns a register tile of
 // (queries | keys) x columns of the outputs, partial and total (dq: 4 queries x 8 columns at
-// dim_pad 128; dkdv: 4 keys x 4 columns of both dk and dv). ptxas (nvcc 13, sm_80 / sm_90): dq
-// 168 registers at dim_pad 128, <= 130 below; dkdv <= 128 (its bound for two blocks per SM);
-// no spills.
+// dim_pad 128; dkdv: 4 keys x 4 columns of both dk and dv). Both kernels are bounded for two
+// blocks per SM (__launch_bounds__(threads, 2)) and fit without spills (tests/test_build.py).
 #include <type_traits>
 
 #include "common.cuh"

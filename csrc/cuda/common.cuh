@@ -78,10 +78,10 @@ __device__ __forceinline__ void store_rn(__half* p, float v) { *p = __float2half
 __device__ __forceinline__ void store_rn(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store_rn(double* p, double v) { *p = v; }
 
-// reference.lane_sum's last step across the block: thread t holds lane t of blockDim.x (a power
-// of two >= 32) lanes; fold in halves (a[l] += a[l + w], w = lanes/2 ... 1) through shared
-// memory, then warp shuffles for the last 32. Every thread gets the total. `scratch` has
-// blockDim.x elements. T is float or double.
+// reference.lane_sum's last step across the block (docs/design.md, "Lane sums"): thread t holds
+// lane t of blockDim.x (a power of two >= 32) lanes; fold in halves (a[l] += a[l + w], w = lanes/2
+// ... 1) through shared memory, then warp shuffles for the last 32. Every thread gets the total.
+// `scratch` has blockDim.x elements. T is float or double.
 template <typename T>
 __device__ __forceinline__ T block_fold_lanes(T v, T* scratch) {
   const int t = threadIdx.x;

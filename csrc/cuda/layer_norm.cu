@@ -9,11 +9,11 @@
 // on the batch. When a row fits in kPerThread elements per thread it is kept in registers (one
 // read of x); otherwise each pass re-reads x, mostly from L2.
 //
-// Backward: dx needs two row sums per row (of g and of g*xhat), computed exactly as in the
-// forward. dweight and dbias are sums over rows, which must not depend on the number of blocks
-// that happen to run: as reference.row_group_sum, the rows are cut into `groups` (a constant,
-// reference.LAYER_NORM_ROW_GROUPS) consecutive groups; block g walks its group's rows in
-// ascending order and adds each row's dy*xhat and dy into per-column partials (registers for the
+// Backward: dx needs two row sums per row (of g and of g*xhat), computed exactly as in the forward.
+// dweight and dbias are sums over rows, which must not depend on the number of blocks that happen
+// to run: as reference.row_group_sum (docs/design.md, "Row groups"), the rows are cut into `groups`
+// (a constant, reference.LAYER_NORM_ROW_GROUPS) consecutive groups; block g walks its group's rows
+// in ascending order and adds each row's dy*xhat and dy into per-column partials (registers for the
 // thread's own columns, or the block's private row of a global (groups, n) buffer when they do not
 // fit); a second kernel adds the partials in ascending group order, one thread per column. No
 // atomics: every sum has one fixed order. Without parameter gradients, dx is per row, so the

@@ -2,7 +2,8 @@
 // part of its backward: reference.linear_matmul / reference.linear_bias_act_backward, bit for bit.
 //
 // Forward: a classic shared-memory tiled SGEMM. Each block computes one kBM x kBN tile of the
-// output, 256 threads each holding a kTM x kTN register tile. reference.linear_matmul's order, K-blocked:
+// output, 256 threads each holding a kTM x kTN register tile. reference.linear_matmul's order,
+// K-blocked (docs/design.md, "Matmul K blocks"):
 // K is cut into blocks of kKBlock = reference.MATMUL_K_BLOCK = 128 from k = 0 (k = 0..127,
 // 128..255, ...; the last block may be short). Within a block, each element's partial is one
 // float32 accumulator `acc` from +0 taking __fmaf_rn(a[i, k], b[k, j], acc) for k ascending
@@ -19,11 +20,11 @@
 // writes it (_rn intrinsics, no FMA contraction), and stores y and, when asked, the
 // pre-activation h in the operands' dtype.
 //
-// Both acc and total live in registers (2 x 64 floats per thread). With __launch_bounds__(256) a
-// thread may use up to 255 registers; the kernel takes ~240 on sm_80 / sm_90 with no spills, and
-// one 256-thread block per SM as before (at 144 registers two blocks did not fit either). Totals in
-// shared memory would need 64 KB per block on top of the 16.5 KB of tiles (past the 48 KB default);
-// an 8x4 thread tile would cut the FMAs per shared-memory load from 4 to 2.7.
+// Both acc and total live in registers (2 x 64 floats per thread): __launch_bounds__(256) lets a
+// thread use up to 255 registers, so one 256-thread block runs per SM, without spills
+// (tests/test_build.py checks ptxas). Totals in shared memory would need 64 KB per block on top of
+// the 16.5 KB of tiles (past the 48 KB default); an 8x4 thread tile would cut the FMAs per
+// shared-memory load from 4 to 2.7.
 //
 // a and b have any strides (the forward passes weight.t(), the backward weight and grad.t()):
 // each thread loads its share of a k-tile along whichever of the tile's axes is contiguous in
