@@ -47,15 +47,8 @@ constexpr int kPStride = kKeyTile + 1;
 static_assert(kThreads % kBlockQ == 0 && kKeyTile % kThreadsPerQuery == 0, "tile shape");
 static_assert(kThreadsPerQuery <= 32 && 32 % kThreadsPerQuery == 0, "a query's threads share a warp");
 
-__device__ __forceinline__ float* shared_floats() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<float*>(smem);
-}
-
 // torch.maximum / amax: NaN if either is NaN.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 size_t smem_bytes(int64_t dim) {
   return static_cast<size_t>(kBlockQ * (dim + 1) + kKeyTile * (dim + 1) + kKeyTile * dim + kBlockQ * kPStride) *
@@ -80,7 +73,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) attention_forward_kernel(const Params<T> p) {
   const int dim = static_cast<int>(p.dim);
   const int row = dim + 1;
-  float* q_s = shared_floats();          // kBlockQ x row
+  float* q_s = shared_memory();          // kBlockQ x row
   float* k_s = q_s + kBlockQ * row;      // kKeyTile x row
   float* v_s = k_s + kKeyTile * row;     // kKeyTile x dim
   float* p_s = v_s + kKeyTile * dim;     // kBlockQ x kPStride: scores, then probabilities
@@ -254,10 +247,10 @@ cudaError_t launch(const void* q, const int64_t* q_strides, const void* k, const
 }  // namespace
 
 cudaError_t causal_attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
-                              const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
-                              float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
-                              int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
-                              cudaStream_t stream) {
+                                     const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
+                                     float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
+                                     int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
+                                     cudaStream_t stream) {
   if (batch < 0 || heads < 0 || n_queries < 0 || t_max < 0 || kv_heads <= 0 || heads % kv_heads != 0)
     return cudaErrorInvalidValue;
   if (dim < 1 || dim > kAttentionMaxHeadDim || split_size < 16 || (split_size & (split_size - 1)) != 0)

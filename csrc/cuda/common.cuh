@@ -13,7 +13,17 @@
 
 namespace fusedtx::cuda {
 
-// reference.exp_f32
+// The block's dynamic shared memory as an array of C. One untyped declaration serves every
+// kernel: `extern __shared__` arrays of different element types in one translation unit clash.
+template <typename C = float>
+__device__ __forceinline__ C* shared_memory() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return reinterpret_cast<C*>(smem);
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// reference.exp_f32 (docs/design.md, "exp and erf")
 __device__ __forceinline__ float exp_f32(float x) {
   const float t = __fmul_rn(x, 1.44269504088896341f);
   const float shifted = __fadd_rn(t, 12582912.0f);

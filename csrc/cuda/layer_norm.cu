@@ -39,22 +39,13 @@ constexpr int kFinalizeThreads = 256;   // threads per block of the partial-sum 
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// The block's dynamic shared memory as an array of C (float or double). One untyped
-// declaration serves every instantiation: `extern __shared__` arrays of different element
-// types in one translation unit would clash.
-template <typename C>
-__device__ __forceinline__ C* shared_scratch() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<C*>(smem);
-}
-
 // __launch_bounds__(kMaxLanes): any lanes up to 1024 must launch, which caps registers at 64 a
 // thread (ptxas -v must report no spills).
 template <typename T, typename W, typename C, bool kCached>
 __global__ void __launch_bounds__(kMaxLanes)
     layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
                           T* __restrict__ y, C* __restrict__ mean, C* __restrict__ rstd, int64_t n, C eps) {
-  C* scratch = shared_scratch<C>();
+  C* scratch = shared_memory<C>();
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x, lanes = blockDim.x;
   const T* x_row = x + row * n;
@@ -129,7 +120,7 @@ __global__ void __launch_bounds__(kMaxLanes)
                           const C* __restrict__ rstd, const W* __restrict__ weight, T* __restrict__ grad_x,
                           C* __restrict__ part_dw, C* __restrict__ part_db, int64_t rows, int64_t n,
                           int64_t rows_per_block) {
-  C* scratch = shared_scratch<C>();
+  C* scratch = shared_memory<C>();
   const int t = threadIdx.x, lanes = blockDim.x;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;

@@ -63,11 +63,6 @@ static_assert(kBM == kBN && kThreads == 256 && kLoads * kThreads == kBK * kBN, "
 // (double -> float, round to nearest): a float literal could round differently from the decimal.
 constexpr float f32(double c) { return static_cast<float>(c); }
 
-__device__ __forceinline__ float* shared_floats() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<float*>(smem);
-}
-
 // p * x + c with two roundings: one step of reference._horner.
 __device__ __forceinline__ float horner_step(float p, float x, double c) { return __fadd_rn(__fmul_rn(p, x), f32(c)); }
 
@@ -164,7 +159,7 @@ __global__ void __launch_bounds__(kThreads)
     matmul_kernel(const T* __restrict__ a, int64_t sam, int64_t sak, const T* __restrict__ b, int64_t sbk,
                   int64_t sbn, const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ preact, int64_t m,
                   int64_t n, int64_t k, int64_t tiles_n, bool a_m_fast, bool b_k_fast) {
-  float* smem = shared_floats();  // [buffer][A tile, B tile], each kBK rows of kSmemStride
+  float* smem = shared_memory();  // [buffer][A tile, B tile], each kBK rows of kSmemStride
   const int tid = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) / tiles_n * kBM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) % tiles_n * kBN;
@@ -397,8 +392,8 @@ cudaError_t launch_bias_act_backward(const void* grad_y, const void* preact, voi
 }  // namespace
 
 cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
-                   int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
-                   int activation, DType dtype, cudaStream_t stream) {
+                          int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
+                          int activation, DType dtype, cudaStream_t stream) {
   if (m < 0 || n < 0 || k < 0 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
   if (m == 0 || n == 0) return cudaSuccess;  // no element to write
   const int64_t tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
@@ -412,8 +407,8 @@ cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k,
 }
 
 cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
-                              void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
-                              int groups, DType dtype, cudaStream_t stream) {
+                                     void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
+                                     int groups, DType dtype, cudaStream_t stream) {
   if (rows < 0 || n < 0 || groups < 1 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;  // no element to write anywhere
   if (need_bias_grad && grad_bias == nullptr) return cudaErrorInvalidValue;
