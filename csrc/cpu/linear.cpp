@@ -195,8 +195,9 @@ void gemm(const Problem<T>& p) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
-                                              int64_t activation, bool save_preact, int64_t k_block) {
+std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                     const std::optional<at::Tensor>& bias, int64_t activation,
+                                                     bool save_preact, int64_t k_block) {
   constexpr const char* op = "linear_matmul";
   TORCH_CHECK(k_block == kKBlock, op, ": the CPU kernel sums K in blocks of ", kKBlock, ", asked for ", k_block);
   check_device(a, at::kCPU, op, "a");
