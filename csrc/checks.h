@@ -51,6 +51,17 @@ inline void check_attention_shapes(const at::Tensor& q, const at::Tensor& k, con
               ": split_size must be a power of two >= 16, got ", split_size);
 }
 
+// The attention forward's q, k and v: operands on one device, of one dtype, with matching shapes.
+inline void check_attention_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         int64_t split_size, at::DeviceType device, const char* op) {
+  check_attention_operand(q, q, device, op, "q");
+  check_attention_operand(k, q, device, op, "k");
+  check_attention_operand(v, q, device, op, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
+  check_attention_shapes(q, k, v, split_size, op);
+}
+
 // seqlens of the attention forward, on the CPU (contiguous int64, one per sequence): sequence b
 // has its n_queries queries at the end of its seqlens[b] valid keys, within the cache's t_max.
 inline void check_seqlens_values(const at::Tensor& seqlens, int64_t n_queries, int64_t t_max, const char* op) {

@@ -393,12 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward_cpu(cons
                                                                      const at::Tensor& v, const at::Tensor& seqlens,
                                                                      double scale, int64_t split_size) {
   constexpr const char* op = "causal_attention_forward";
-  check_attention_operand(q, q, at::kCPU, op, "q");
-  check_attention_operand(k, q, at::kCPU, op, "k");
-  check_attention_operand(v, q, at::kCPU, op, "v");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
-  check_attention_shapes(q, k, v, split_size, op);
+  check_attention_forward_args(q, k, v, split_size, at::kCPU, op);
   const int64_t batch = q.size(0), heads = q.size(1), n_queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), t_max = k.size(2);
   TORCH_CHECK(seqlens.device().is_cpu(), op, ": seqlens must be a CPU tensor, got ", seqlens.device());
@@ -459,4 +454,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward_cpu(cons
 }  // namespace
 }  // namespace fusedtx::cpu
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("causal_attention_forward", &fusedtx::cpu::causal_attention_forward_cpu); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) {
+  m.impl("causal_attention_forward", &fusedtx::cpu::causal_attention_forward_cpu);
+}

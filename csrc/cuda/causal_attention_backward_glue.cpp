@@ -66,4 +66,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(co
 }  // namespace
 }  // namespace fusedtx::cuda
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) { m.impl("causal_attention_backward", &fusedtx::cuda::causal_attention_backward_cuda); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) {
+  m.impl("causal_attention_backward", &fusedtx::cuda::causal_attention_backward_cuda);
+}

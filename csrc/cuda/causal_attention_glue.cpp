@@ -22,13 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward_cuda(con
                                                                       const at::Tensor& v, const at::Tensor& seqlens,
                                                                       double scale, int64_t split_size) {
   constexpr const char* op = "causal_attention_forward";
-  check_attention_operand(q, q, at::kCUDA, op, "q");
-  check_attention_operand(k, q, at::kCUDA, op, "k");
-  check_attention_operand(v, q, at::kCUDA, op, "v");
   const DType dtype = dtype_of(q, op);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
-  check_attention_shapes(q, k, v, split_size, op);
+  check_attention_forward_args(q, k, v, split_size, at::kCUDA, op);
   const int64_t batch = q.size(0), heads = q.size(1), n_queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), t_max = k.size(2);
   TORCH_CHECK(dim <= kAttentionMaxHeadDim, op, ": the CUDA kernel takes head dims 1 ... ", kAttentionMaxHeadDim,
@@ -65,4 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward_cuda(con
 }  // namespace
 }  // namespace fusedtx::cuda
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) { m.impl("causal_attention_forward", &fusedtx::cuda::causal_attention_forward_cuda); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CUDA, m) {
+  m.impl("causal_attention_forward", &fusedtx::cuda::causal_attention_forward_cuda);
+}
