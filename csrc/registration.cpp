@@ -1,8 +1,11 @@
 // The schemas of every native op, in one place, and the Python module stub of fusedtx._C.
 //
-// Native kernels live in the `fusedtx_native` namespace: csrc/cpu/<op>.cpp registers CPU
-// implementations, csrc/cuda/<op>_glue.cpp CUDA ones. fusedtx/ops/<op>.py wraps them (with the
-// Triton and reference backends) into the public `fusedtx::<op>` ops with autograd.
+// Native kernels live in the `fusedtx_native` namespace, one op per part: <op>_<part>
+// (softmax_forward, linear_bias_act_backward, ...). csrc/cpu/<op>*.cpp registers the CPU
+// implementations, fusedtx::cpu::<op>_<part>_cpu; csrc/cuda/<op>*_glue.cpp the CUDA ones,
+// fusedtx::cuda::<op>_<part>_cuda, which call the raw-pointer launchers fusedtx::cuda::<op>_<part>
+// of csrc/cuda/launchers.h. fusedtx/ops/<op>.py wraps them (with the Triton and reference
+// backends) into the public `fusedtx::<op>` ops with autograd.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -32,18 +35,19 @@ TORCH_LIBRARY(fusedtx_native, m) {
       "bool need_param_grads, int lanes, int groups) -> (Tensor, Tensor, Tensor)");
   // y = act(a @ b + bias) for 2-D a (M, K) and b (K, N) of any strides (the forward passes
   // weight.t(), the backward weight and grad.t()), as reference.linear_matmul: per element, an FMA
-  // chain from +0 over each block of 128 k's in ascending order, the block sums added in order,
-  // then + bias, then the activation
-  // (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b and bias share a dtype (float32,
-  // bfloat16, float16); y is contiguous in that dtype. The second output is the pre-activation
-  // a @ b + bias when save_preact (the backward's input), else an empty tensor.
+  // chain from +0 over each block of k_block (128) k's in ascending order, the block sums added in
+  // order, then + bias, then the activation (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b
+  // and bias share a dtype (float32, bfloat16, float16); y is contiguous in that dtype. The second
+  // output is the pre-activation a @ b + bias when save_preact (the backward's input), else an
+  // empty tensor.
   m.def(
       "linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact, int k_block) "
       "-> (Tensor, Tensor)");
   // The elementwise part of the Linear backward on contiguous (M, N) tensors, as
-  // reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an empty
-  // tensor when activation is 0: the caller uses grad_y), grad_bias = row_group_sum(grad_preact)
-  // in float32 over `groups` fixed row groups (an empty tensor unless need_bias_grad).
+  // reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an
+  // empty tensor when activation is 0: the caller uses grad_y), grad_bias =
+  // row_group_sum(grad_preact) in float32 over `groups` fixed row groups (an empty tensor unless
+  // need_bias_grad).
   m.def(
       "linear_bias_act_backward(Tensor grad_y, Tensor? preact, int activation, bool need_bias_grad, int groups) "
       "-> (Tensor, Tensor)");
@@ -56,9 +60,10 @@ TORCH_LIBRARY(fusedtx_native, m) {
       "causal_attention_forward(Tensor q, Tensor k, Tensor v, Tensor seqlens, float scale, int split_size) "
       "-> (Tensor, Tensor, Tensor)");
   // Its backward for a full causal pass (Tq = Tk = T for every sequence), as
-  // reference.causal_attention_backward: from q, k, v, grad_o and the forward's m, l (not its output o:
-  // D_i is the row sum of P * dP), dq (B, H, T, D), dk and dv (B, Hkv, T, D), contiguous, in the
-  // inputs' dtype; every sum in a fixed order (blocks of split_size), no atomics.
+  // reference.causal_attention_backward: from q, k, v, grad_o and the forward's m, l (not its
+  // output o: D_i is the row sum of P * dP), dq (B, H, T, D), dk and dv (B, Hkv, T, D),
+  // contiguous, in the inputs' dtype; every sum in a fixed order (blocks of split_size), no
+  // atomics.
   m.def(
       "causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l, "
       "float scale, int split_size) -> (Tensor, Tensor, Tensor)");

@@ -1,4 +1,5 @@
-// Causal attention forward with a fixed split size on CPU: reference.causal_attention_forward, bit for bit.
+// Causal attention forward with a fixed split size on CPU: reference.causal_attention_forward, bit
+// for bit (docs/design.md, "Attention split size").
 //
 // One task = (batch b, head h, block of up to 32 queries); tasks are spread over threads and
 // nothing inside a task is split, so neither the thread count nor the batch changes any bits.
@@ -19,8 +20,7 @@
 //            as acc * a + acc_c * b (separate roundings: the file is built with -ffp-contract=off).
 // Why 32 queries a task: each key broadcast then feeds two FMAs, and every K/V chunk is read
 // once per 32 queries instead of per 16, which halves the traffic from L2/L3 once a head's K
-// and V outgrow L2 (T = 8192, D = 64: 0.196 -> 0.237 TFLOP/s on 2 threads; T = 1024 ... 4096:
-// 8-12 % faster).
+// and V outgrow L2.
 // Every lane computes exactly the scalar sequence of the reference, so a query's bits do not
 // depend on which block (prefill, chunked prefill, decode) it sits in. Keys at or beyond
 // seqlens[b] are never loaded: a block reads keys up to the position of its last query only.
@@ -42,29 +42,19 @@ constexpr int kScoreKeys = 8;  // keys whose dot products are interleaved
 constexpr int kPvQueries = 4;  // P @ V tile: queries x vectors of the head dim
 constexpr int kPvVecs = 4;
 constexpr int kKeyLaneQueries = 2;  // blocks of at most this many queries put keys in the score lanes
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // max(a, b) lane-wise that keeps a NaN from either side, as torch.amax / torch.maximum do in the
 // reference. vmax (a > b ? a : b) drops a NaN in a as soon as a later operand is compared, so a
-// query whose last visible key scored NaN got m = -inf from the masked keys after it in a full
-// pass but m = NaN in decode, which stops at its last key: different bits for m and l.
+// query whose last visible key scored NaN would get m = -inf from the masked keys after it in a
+// full pass but m = NaN in decode, which stops at its last key: different bits for m and l.
 inline vfloat vmax_nan(vfloat a, vfloat b) { return (a > b) | (a != a) ? a : b; }
 
 // n (<= 16) elements of T at p as floats (exact conversions); lanes >= n are +0 and nothing
 // past p + n is read.
 template <typename T>
 inline vfloat load_partial(const T* p, int64_t n) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  const __mmask16 mask = first_lanes(n);
-  if constexpr (std::is_same_v<T, float>) {
-    return reinterpret_cast<vfloat>(_mm512_maskz_loadu_ps(mask, p));
-  } else if constexpr (std::is_same_v<T, at::Half>) {
-    return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
-  } else {
-    static_assert(std::is_same_v<T, at::BFloat16>);
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-    return reinterpret_cast<vfloat>(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-  }
+#if defined(FUSEDTX_AVX512)
+  return reinterpret_cast<vfloat>(load16(p, first_lanes(n)));
 #else
   alignas(64) T tmp[kVec] = {};
   for (int64_t l = 0; l < n; ++l) tmp[l] = p[l];
@@ -116,43 +106,14 @@ Rows chunk_rows(const T* base, int64_t row_stride, int64_t n_rows, const Problem
   return {buffer, p.dim_pad};
 }
 
-#if defined(__AVX512F__)
-// out[c] = column c of the 16 x 16 block whose rows are r[0 .. 15] (unpack, then 128-bit lane shuffles).
-inline void transpose16(const __m512 r[16], __m512 out[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4g + c], 128-bit lane L: column 4L + c of rows 4g ... 4g + 3.
-  for (int g = 0; g < 4; ++g) {
-    const __m512d lo = _mm512_castps_pd(t[4 * g]), hi = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d lo2 = _mm512_castps_pd(t[4 * g + 2]), hi2 = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v02 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v13 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
-    const __m512 w02 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 w13 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
-    out[c] = _mm512_shuffle_f32x4(v02, w02, 0x88);
-    out[8 + c] = _mm512_shuffle_f32x4(v02, w02, 0xdd);
-    out[4 + c] = _mm512_shuffle_f32x4(v13, w13, 0x88);
-    out[12 + c] = _mm512_shuffle_f32x4(v13, w13, 0xdd);
-  }
-}
-#endif
-
 // c[l] = column d0 + l of the 16 x 16 block of K at keys [j0, j0 + 16): lane t holds
 // k[j0 + t][d0 + l], +0 for the keys t >= cnt (which are not read). k's rows hold dim_pad readable floats.
 inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat c[kVec]) {
 #if defined(__AVX512F__)
-  __m512 r[16], t[16];
+  __m512 r[16];
   for (int l = 0; l < 16; ++l) r[l] = l < cnt ? _mm512_loadu_ps(k.ptr + (j0 + l) * k.ld + d0) : _mm512_setzero_ps();
-  transpose16(r, t);
-  for (int l = 0; l < 16; ++l) c[l] = reinterpret_cast<vfloat>(t[l]);
+  transpose16(r);
+  for (int l = 0; l < 16; ++l) c[l] = reinterpret_cast<vfloat>(r[l]);
 #else
   alignas(64) float tmp[kVec][kVec];
   for (int l = 0; l < kVec; ++l)
@@ -164,9 +125,9 @@ inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat
 // Scores of queries [i_lo, i_lo + NQ) of q_t against keys [0, n_keys) of k, 16 keys in the
 // lanes of a vector: s[i * s_ld + j] = (FMA chain over d < dim ascending from +0 of
 // q_i[d] * k_j[d]) * scale, the lane path's chain (lane_dots), so the same bits. For decode,
-// where a lane per query would leave most of each vector idle. Each 16 x 16 block of K is transposed in registers
-// and its columns go straight into the chains (storing a transposed copy of K and reading it
-// back took a quarter of a decode step).
+// where a lane per query would leave most of each vector idle. Each 16 x 16 block of K is
+// transposed in registers and its columns go straight into the chains, rather than through a
+// stored transposed copy of K that would be read back.
 template <int NQ>
 void score_keys_transposed(const float* q_t, int i_lo, Rows k, int64_t n_keys, int64_t dim, float scale, float* s,
                            int64_t s_ld) {
@@ -428,43 +389,20 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
   }
 }
 
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedtx causal_attention_forward: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, "fusedtx causal_attention_forward: ", name, " must be 4-D (batch, heads, positions, head_dim), got sizes ",
-              t.sizes());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fusedtx causal_attention_forward: ", name,
-              " must have a contiguous last dim (stride 1), got strides ", t.strides());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                                 const at::Tensor& v, const at::Tensor& seqlens,
-                                                                 double scale, int64_t split_size) {
-  constexpr const char* op = "fusedtx causal_attention_forward";
-  check_input(q, "q");
-  check_input(k, "k");
-  check_input(v, "v");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v, const at::Tensor& seqlens,
+                                                                     double scale, int64_t split_size) {
+  constexpr const char* op = "causal_attention_forward";
+  check_attention_forward_args(q, k, v, split_size, at::kCPU, op);
   const int64_t batch = q.size(0), heads = q.size(1), n_queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), t_max = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == batch, op, ": k and v must have q's batch size ", batch, ", got ", k.size(0));
-  TORCH_CHECK(k.size(3) == dim, op, ": k and v must have q's head dim ", dim, ", got ", k.size(3));
-  TORCH_CHECK(dim > 0, op, ": the head dim must be positive, got ", dim);
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": q's head count ", heads,
-              " must be a multiple of k and v's head count ", kv_heads);
-  TORCH_CHECK(split_size >= 16 && (split_size & (split_size - 1)) == 0, op,
-              ": split_size must be a power of two >= 16, got ", split_size);
   TORCH_CHECK(seqlens.device().is_cpu(), op, ": seqlens must be a CPU tensor, got ", seqlens.device());
   TORCH_CHECK(seqlens.scalar_type() == at::kLong, op, ": seqlens must be int64, got ", seqlens.scalar_type());
   TORCH_CHECK(seqlens.dim() == 1 && seqlens.size(0) == batch, op, ": seqlens must have shape (", batch, "), got ",
               seqlens.sizes());
   const at::Tensor lengths = seqlens.contiguous();
+  check_seqlens_values(lengths, n_queries, t_max, op);
   const int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(len[b] >= n_queries && len[b] <= t_max, op, ": seqlens[", b, "] = ", len[b],
-                " must lie between the query count ", n_queries, " and the cache length ", t_max);
-  }
 
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto m_out = at::empty({batch, heads, n_queries}, q.options().dtype(at::kFloat));
@@ -516,4 +454,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_forward(const at
 }  // namespace
 }  // namespace fusedtx::cpu
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("causal_attention_forward", &fusedtx::cpu::causal_attention_forward); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) {
+  m.impl("causal_attention_forward", &fusedtx::cpu::causal_attention_forward_cpu);
+}

@@ -1,4 +1,5 @@
-// Causal attention backward with a fixed split size on CPU: reference.causal_attention_backward, bit for bit.
+// Causal attention backward with a fixed split size on CPU: reference.causal_attention_backward, bit
+// for bit (docs/design.md, "Attention split size").
 //
 // FlashAttention-2 style, in two passes that each recompute the probabilities from the forward's
 // row statistics (m, l), so that every output is owned by exactly one task and nothing is reduced
@@ -28,9 +29,8 @@
 // Keeping P and dP (2 x 128 bytes per key in pass 1, a thread's scratch ~256 T bytes) instead of
 // recomputing them for the second sweep spares two of pass 1's three dot products per pair.
 // Why blocks of 32 (two groups of 16 lanes): each broadcast element feeds two FMAs, and the rows
-// a block streams (K and V in pass 1, Q and dO in pass 2) are read once per 32 rows instead of 16
-// (1x12x4096x64: 381-387 -> 337-349 ms; 1024x128: 47-48 -> 42 ms). In pass 1 a group walks only
-// the chunks up to its own last query, as it would in a block of 16.
+// a block streams (K and V in pass 1, Q and dO in pass 2) are read once per 32 rows instead of 16.
+// In pass 1 a group walks only the chunks up to its own last query, as it would in a block of 16.
 // Inputs in bfloat16/float16, or with a head dim that is not a multiple of 16, are first
 // converted (exactly) to zero-padded float32 copies; the outputs are rounded to the dtype at the end.
 #include <ATen/Parallel.h>
@@ -74,8 +74,8 @@ struct Problem {
 
 // lane_dots for rows [0, n) of x and ng groups, the result for row j and group g stored at
 // out + j * kBlock + 16 g. Writing the results out (rather than keeping the vectors live across
-// the caller's next steps) keeps the accumulators in registers: GCC spilled one of them inside
-// the d loop otherwise.
+// the caller's next steps) keeps the accumulators in registers: otherwise GCC spills one of them
+// inside the d loop.
 inline void lane_dots_to(const float* xt, const float* x, int64_t ld, int64_t n, int64_t dim, int ng, float* out) {
   vfloat r[kGroups * kDotRows];
   int64_t j = 0;
@@ -319,15 +319,6 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
   }
 }
 
-constexpr const char* kOp = "fusedtx causal_attention_backward";
-
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, kOp, ": ", name, " must be 4-D (batch, heads, positions, head_dim), got sizes ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, kOp, ": ", name,
-              " must have a contiguous last dim (stride 1), got strides ", t.strides());
-}
-
 // t as a float32 (B, H, T, dim_pad) view whose rows hold dim_pad readable floats: t itself when
 // it is float32 with dim == dim_pad, else an exact zero-padded float32 copy (kept alive in `keep`).
 View as_float_view(const at::Tensor& t, int64_t dim_pad, at::Tensor& keep) {
@@ -340,41 +331,16 @@ View as_float_view(const at::Tensor& t, int64_t dim_pad, at::Tensor& keep) {
   return {keep.const_data_ptr<float>(), keep.stride(0), keep.stride(1), keep.stride(2)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad_o, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& m, const at::Tensor& l,
-                                                                  double scale, int64_t split_size) {
-  check_input(grad_o, "grad_o");
-  check_input(q, "q");
-  check_input(k, "k");
-  check_input(v, "v");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m,
+    const at::Tensor& l, double scale, int64_t split_size) {
+  constexpr const char* op = "causal_attention_backward";
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp, ": unsupported dtype ", dtype,
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": unsupported dtype ", dtype,
               " (expected float32, float16 or bfloat16)");
-  using Named = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
-  for (auto [t, name] : Named{{&grad_o, "grad_o"}, {&k, "k"}, {&v, "v"}}) {
-    TORCH_CHECK(t->scalar_type() == dtype, kOp, ": ", name, " must have q's dtype ", dtype, ", got ",
-                t->scalar_type());
-  }
+  check_attention_backward_args(grad_o, q, k, v, m, l, split_size, at::kCPU, op);
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1);
-  TORCH_CHECK(grad_o.sizes() == q.sizes(), kOp, ": grad_o must have q's shape ", q.sizes(), ", got ", grad_o.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == batch, kOp, ": k and v must have q's batch size ", batch, ", got ", k.size(0));
-  TORCH_CHECK(k.size(2) == length, kOp, ": k and v must have q's length ", length,
-              " (the backward is for a full causal pass), got ", k.size(2));
-  TORCH_CHECK(k.size(3) == dim, kOp, ": k and v must have q's head dim ", dim, ", got ", k.size(3));
-  TORCH_CHECK(dim > 0, kOp, ": the head dim must be positive, got ", dim);
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, kOp, ": q's head count ", heads,
-              " must be a multiple of k and v's head count ", kv_heads);
-  TORCH_CHECK(split_size >= 16 && (split_size & (split_size - 1)) == 0, kOp,
-              ": split_size must be a power of two >= 16, got ", split_size);
-  for (auto [t, name] : Named{{&m, "m"}, {&l, "l"}}) {
-    TORCH_CHECK(t->device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == heads && t->size(2) == length, kOp, ": ", name,
-                " must have shape (", batch, ", ", heads, ", ", length, "), got ", t->sizes());
-  }
 
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   if (q.numel() == 0 || k.numel() == 0) {
@@ -444,4 +410,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
 }  // namespace
 }  // namespace fusedtx::cpu
 
-TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) { m.impl("causal_attention_backward", &fusedtx::cpu::causal_attention_backward); }
+TORCH_LIBRARY_IMPL(fusedtx_native, CPU, m) {
+  m.impl("causal_attention_backward", &fusedtx::cpu::causal_attention_backward_cpu);
+}

@@ -1,6 +1,8 @@
-// Building blocks shared by the CPU kernels: 64-byte vectors, fusedtx's exp, the fixed-order lane
-// sum, dtype conversion and dispatch. Each mirrors a function of fusedtx/reference.py operation for operation; the
-// extension is compiled with -ffp-contract=off so no multiply-add is fused behind our back.
+// Building blocks shared by the CPU kernels: 64-byte vectors, fusedtx's exp, dtype conversions,
+// the fixed-order lane sum, dispatch (argument checks: ../checks.h) and the lane-dot kernels of
+// attention. Each arithmetic helper mirrors a function of fusedtx/reference.py operation for
+// operation; the extension is compiled with -ffp-contract=off, so no multiply-add is fused
+// behind our back.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +15,14 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+
+#include "../checks.h"
+
+// The 16-lane AVX-512 helpers below (masked loads and stores of 16-bit types) need BW and VL;
+// without them the kernels take their portable paths, which compute the same bits.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
+#define FUSEDTX_AVX512 1
+#endif
 
 namespace fusedtx::cpu {
 
@@ -28,11 +38,21 @@ template <typename A>
 constexpr int kVecLen = 64 / sizeof(A);
 
 constexpr int kVec = kVecLen<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using vfloat = Vec<float>;
 typedef uint32_t vuint __attribute__((vector_size(64)));
 
 template <typename A = float>
 inline Vec<A> vsplat(A v) { return Vec<A>{} + v; }
+// c as an F, for code written once for float and vfloat (F = vfloat: vsplat).
+template <typename F>
+inline F splat(float c) {
+  if constexpr (std::is_same_v<F, float>) {
+    return c;
+  } else {
+    return vsplat(c);
+  }
+}
 // x in every lane, -0 kept. vsplat(x) is 0 + x: an add per use (the compiler must turn -0 into
 // +0) and a register broadcast, where this one lets an FMA take its broadcast operand straight
 // from memory. Use it for factors entering FMA chains that start at +0: such a chain never holds
@@ -48,9 +68,10 @@ template <typename A>
 inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
-// reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits.
-// F is float or vfloat; both compute the same bits. Always inlined: once the attention forward's
-// task grew, GCC made it an out-of-line call through the PLT (10 % of the forward's time).
+// reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits
+// (docs/design.md, "exp and erf"). F is float or vfloat; both compute the same bits. Always
+// inlined: it sits in the innermost loops, and in a large caller (the attention forward's task)
+// GCC would otherwise make it an out-of-line call through the PLT.
 template <typename F>
 [[gnu::always_inline]] inline F exp_f32(F x) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -80,10 +101,134 @@ template <typename F>
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Conversions. float16/bfloat16 -> float32 is exact. float32 -> T rounds to nearest even; the
+// two families differ only in the bfloat16 NaN they write: from_float and store_as cast as c10
+// does (0x7FC0), store1, store16 and narrow16 write what torch's vectorised CPU .to(dtype) does
+// (0xFFFF), which the Linear kernels reproduce.
+// ---------------------------------------------------------------------------------------------
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }  // c10::Half/BFloat16 round to nearest even
+
+inline uint16_t float_to_bf16_bits(float v) {
+  if (v != v) return 0xFFFF;
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename T>
+inline void store1(T* p, float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    *p = v;
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    p->x = float_to_bf16_bits(v);
+  } else {
+#if defined(__F16C__)
+    p->x = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    p->x = c10::detail::fp16_ieee_from_fp32_value(v);
+#endif
+  }
+}
+
+// The first n lanes (n clamped to 0 ... 16).
+inline __mmask16 first_lanes(int64_t n) {
+  if (n <= 0) return 0;
+  if (n >= kVec) return 0xFFFF;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+#if defined(__AVX512F__)
+// 16 floats of T (float16/bfloat16 bits in a __m256i) as float32, and back.
+template <typename T>
+inline __m512 widen16(__m256i raw) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm512_cvtph_ps(raw);
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+}
+template <typename T>
+inline __m256i narrow16(__m512 v) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0xFFFF), r);
+    return _mm512_cvtepi32_epi16(r);
+  }
+}
+
+// 16 elements of T as float32.
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    return widen16<T>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+
+// r[i] (i < 16) <- column i of the 16 x 16 matrix whose rows are r[0..15].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+#endif  // __AVX512F__
+
+#if defined(FUSEDTX_AVX512)
+// 16 elements of T (lanes off the mask read nothing and are +0) as float32.
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    return widen16<T>(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+template <typename T>
+inline void store16(T* p, __m512 v, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, m, v);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, narrow16<T>(v));
+  }
+}
+// v rounded to T and back (what a store then a load would give).
+template <typename T>
+inline __m512 round_trip(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return widen16<T>(narrow16<T>(v));
+  }
+}
+#endif  // FUSEDTX_AVX512
 
 // float16 <-> float32 for a whole vector with the F16C/AVX-512 conversion instructions
 // (round to nearest even, as c10::Half). Besides being faster, they sidestep GCC 12 -O3
@@ -91,7 +236,7 @@ inline T from_float(float v) { return static_cast<T>(v); }  // c10::Half/BFloat1
 // (wrong dx in the LayerNorm backward; right at -O2 or with -fno-tree-vectorize).
 inline vfloat half_to_float(const at::Half* p) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return reinterpret_cast<vfloat>(load16(p));
 #else
   alignas(64) float tmp[kVec];
   for (int l = 0; l < kVec; ++l) tmp[l] = c10::detail::fp16_ieee_to_fp32_value(p[l].x);
@@ -100,8 +245,7 @@ inline vfloat half_to_float(const at::Half* p) {
 }
 inline void float_to_half(at::Half* p, vfloat v) {
 #if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16<at::Half>(reinterpret_cast<__m512>(v)));
 #else
   alignas(64) float tmp[kVec];
   vstore(tmp, v);
@@ -139,8 +283,8 @@ inline vfloat load_vec(const T* p) { return load_as<float>(p); }
 template <typename T>
 inline void store_vec(T* p, vfloat v) { store_as<T, float>(p, v); }
 
-// The accumulators of reference.lane_sum: kLanes lanes of A, lane l of a block of kLanes
-// consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
+// The accumulators of reference.lane_sum (docs/design.md, "Lane sums"): kLanes lanes of A, lane l
+// of a block of kLanes consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
 template <typename A, int kLanes = 64>
 struct LaneSum {
   static constexpr int kVecs = kLanes / kVecLen<A>;
@@ -160,8 +304,8 @@ struct LaneSum {
   }
   // Halves fold: whole vectors first (a[l] += a[l + w] for w >= one vector), then within the
   // last vector, in registers: lane l < w of x + lanes_from<w>(x) is a[l] + a[l + w], the same
-  // adds as a scalar loop over a stored copy (which, by storing halves and reloading whole
-  // vectors, stalled on store forwarding: a sixth of the LayerNorm forward at 1024 columns).
+  // adds as a scalar loop over a stored copy, which would stall on store forwarding (it stores
+  // halves and reloads whole vectors).
   A fold() const {
     Vec<A> v[kVecs];
     for (int i = 0; i < kVecs; ++i) v[i] = acc[i];
@@ -203,8 +347,11 @@ void dispatch_float_types(at::ScalarType dtype, const char* op, Fn&& fn) {
 // are never split, so the thread count cannot change any row's arithmetic.
 inline int64_t row_grain(int64_t n_cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_cols)); }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
 // 16-lane helpers of the attention kernels: an explicit fused multiply-add (the one place
-// where the spec fuses), a masked select, and the mask of the first n lanes.
+// where the spec fuses) and a masked select.
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #if defined(__AVX512F__)
   return reinterpret_cast<vfloat>(
@@ -232,13 +379,6 @@ inline vfloat vselect(__mmask16 mask, vfloat a, vfloat b) {
 #endif
 }
 
-// The first n lanes (n clamped to 0 ... 16).
-inline __mmask16 first_lanes(int64_t n) {
-  if (n <= 0) return 0;
-  if (n >= kVec) return 0xFFFF;
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
-
 // The attention kernels' tasks: kLaneBlock rows (queries, or keys in the backward's second
 // pass) in the lanes of kLaneGroups 16-lane vectors, group g holding rows 16 g ... 16 g + 15.
 constexpr int kLaneBlock = 32;
@@ -247,8 +387,8 @@ constexpr int kLaneGroups = kLaneBlock / kVec;
 // out[g * N + r] (lanes) = FMA chain over d < dim ascending from +0 of x[r][d] * xt[d][16 g + lane],
 // for N rows of x (row stride ld) and NG lane groups of xt (dim rows of kLaneBlock lanes; pass
 // xt + 16 g0 to start at group g0). Each broadcast x[r][d] feeds NG FMAs: with two groups 10
-// vector loads per 16 FMAs instead of 9 per 8. Not inlined: inside the attention forward's task
-// the N row pointers were spilled and reloaded on every d.
+// vector loads per 16 FMAs instead of 9 per 8. Not inlined: inlined into the attention
+// forward's task, the N row pointers get spilled and reloaded on every d.
 template <int N, int NG>
 [[gnu::noinline]] void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
   vfloat acc[NG][N];
@@ -269,7 +409,7 @@ template <int N, int NG>
     for (int r = 0; r < N; ++r) out[g * N + r] = acc[g][r];
 }
 
-// lane_dots for ng (1 or 2) groups. (Three groups, 48 rows a task, measured no faster in the forward.)
+// lane_dots for ng (1 or 2) groups.
 template <int N>
 inline void lane_dots_groups(int ng, const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
   static_assert(kLaneGroups == 2);

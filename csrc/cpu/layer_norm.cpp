@@ -7,7 +7,8 @@
 // in cache (sum, sum of squared deviations, normalise). Backward: the rows are cut into a fixed
 // number of row groups (reference.LAYER_NORM_ROW_GROUPS); threads take whole groups, each group
 // computes its rows' dx and adds dy * xhat and dy into its own row of a partial buffer; the
-// partials are then summed per column in group order. Nothing depends on the thread count.
+// partials are then summed per column in group order. Nothing depends on the thread count
+// (docs/design.md, "Lane sums" and "Row groups").
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -165,11 +166,6 @@ void dispatch_x_and_params(at::ScalarType x_type, at::ScalarType p_type, const c
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), op, ": ", name, " must be a contiguous 2-D tensor, got sizes ", t.sizes());
-}
-
 const at::Tensor* check_param(const std::optional<at::Tensor>& p, int64_t n, const char* op, const char* name) {
   if (!p.has_value()) return nullptr;
   TORCH_CHECK(p->device().is_cpu() && p->dim() == 1 && p->size(0) == n && p->is_contiguous(), op, ": ", name,
@@ -182,7 +178,7 @@ const P* param_ptr(const at::Tensor* p) { return p ? p->const_data_ptr<P>() : nu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                                      const std::optional<at::Tensor>& bias, double eps, int64_t lanes) {
-  check_rows(x, "layer_norm_forward", "x");
+  check_rows(x, at::kCPU, "layer_norm_forward", "x");
   TORCH_CHECK(lanes == kLanes, "layer_norm_forward: the CPU kernel sums with ", kLanes, " lanes, asked for ", lanes);
   const int64_t rows = x.size(0), n = x.size(1);
   TORCH_CHECK(n > 0, "layer_norm_forward: rows must have at least one element");
@@ -217,8 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool need_param_grads, int64_t lanes, int64_t groups) {
-  check_rows(grad_y, "layer_norm_backward", "grad_y");
-  check_rows(x, "layer_norm_backward", "x");
+  check_rows(grad_y, at::kCPU, "layer_norm_backward", "grad_y");
+  check_rows(x, at::kCPU, "layer_norm_backward", "x");
   TORCH_CHECK(lanes == kLanes, "layer_norm_backward: the CPU kernel sums with ", kLanes, " lanes, asked for ", lanes);
   TORCH_CHECK(groups > 0, "layer_norm_backward: groups must be positive");
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
@@ -234,8 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   // [0, filled) and the rest are empty (only when rows < groups * per_group). One partial row per
   // filled group, which its group writes from +0. The empty groups' +0 partials are left out of
   // the column totals: a total starts at +0 and so is never -0, and adding +0 to it changes
-  // nothing. Storing, zeroing and reading them was most of a small backward's time (1 x 768:
-  // 47 us with 128 zeroed partial rows, 5 us without parameter gradients).
+  // nothing. Storing, zeroing and reading them would dominate a small backward's time.
   const int64_t per_group = std::max<int64_t>(1, (rows + groups - 1) / groups);
   const int64_t filled = std::min(groups, (rows + per_group - 1) / per_group);
   at::Tensor partials = need_param_grads ? at::empty({2, filled, n}, x.options().dtype(acc_type)) : at::Tensor();

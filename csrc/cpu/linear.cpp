@@ -1,201 +1,46 @@
-// Linear on CPU: y = act(a @ b + bias) with the bias + GELU epilogue fused, and the elementwise
-// part of its backward. The arithmetic is reference.linear_matmul / reference.linear_bias_act_backward, bit for
-// bit: every output element is one float32 accumulator that starts at +0 and takes
-// fma(a[i, k], b[k, j], acc) for k ascending; then h = acc + bias[j]; then the activation,
-// written operation for operation as in the reference (the extension is compiled with
-// -ffp-contract=off, so only the explicit FMA instructions fuse).
+// The Linear op on CPU: y = act(a @ b + bias) with the bias + activation epilogue fused
+// (linear_matmul), and the elementwise part of its backward (linear_bias_act_backward).
 //
-// The matmul is BLIS-style. b is packed, kKCMax rows x kNCMax columns at a time, into panels of
-// kNR = 32 columns (float32, zero-padded columns); a into panels of kMR = 14 rows, k-major. A
-// 14 x 32 register-blocked AVX-512 micro-kernel (28 zmm accumulators, one broadcast of a per
-// row and k) sweeps the packed block; short row panels take 2 or 4 column panels per call so
-// that enough accumulators hide the FMA latency. Between K blocks an element's float32 partial
-// is stored and reloaded (exact), so the blocking never changes its arithmetic; after the last
-// K block the epilogue runs on the tile while it is in L1. Any strides: packing reads a and b
-// where they are (16 x 16 in-register transposes where k is the contiguous axis, e.g. b =
-// weight.t()) and converts bfloat16/float16 to float32 on the way; k is never padded. Threads
-// share out (row range, column block) tasks and never split K. With at most kSmallMMax rows
-// (decode) b is not packed: it is streamed once, transposed in registers where needed.
-// Whichever path or tile runs, an element's bits depend on a[i, :] and b[:, j] alone -- not on
-// M, the tiling or the thread count.
+// linear_matmul is reference.linear_matmul bit for bit: per output element, one float32 FMA
+// chain from +0 over each block of kKBlock = 128 k's in ascending order, the block sums added in
+// order from +0 (docs/design.md, "Matmul K blocks"); then h = sum + bias[j]; then the activation
+// (activations.h), operation for operation as in the reference (the extension is compiled with
+// -ffp-contract=off, so only the explicit FMA instructions fuse). BLIS-style: for each packed K
+// block of kKCMax k's (whole 128-k chains), a task packs its kKCMax x kNCMax block of b once and
+// sweeps it with the micro-kernels of linear_gemm.h, a kMCMax-row block of packed a at a time.
+// Between K blocks an element's float32 total is stored and reloaded (exact), so the blocking
+// never changes its arithmetic; after the last K block the epilogue runs on the tile while it is
+// in L1. Threads share out (row range, column block) tasks and never split K. With at most
+// kSmallMMax rows (decode) b is not packed but streamed once (linear_gemm_small_m.h). Whichever
+// path or tile runs, an element's bits depend on a[i, :] and b[:, j] alone -- not on M, the
+// tiling or the thread count (docs/design.md, "The contract", point 4).
 //
-// linear_bias_act_backward streams grad_y / preact row by row: grad_preact = grad_y * act'(preact),
-// and each of the fixed row groups adds its rows (as stored) into its own float32 partial row;
-// the partials are then summed per column in group order.
+// linear_bias_act_backward is reference.linear_bias_act_backward bit for bit: grad_preact =
+// grad_y * act'(preact) (one float32 product, rounded to grad_y's dtype) and grad_bias =
+// row_group_sum(grad_preact as stored) in float32 (docs/design.md, "Row groups"). Rows are
+// streamed whole; each of the fixed row groups adds its rows into its own float32 partial row,
+// and the partials are then summed per column in group order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <utility>
 #include <vector>
 
+#include "activations.h"
 #include "common.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
-#define FUSEDTX_LINEAR_AVX512 1
-#endif
+#include "linear_gemm.h"
+#include "linear_gemm_small_m.h"
 
 namespace fusedtx::cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// The activation (reference.erf_f32, activation_forward, activation_derivative). F is float or
-// vfloat; both compute the same bits.
+// linear_matmul: the task plan and K-block loop around the kernels of linear_gemm*.h.
 // ---------------------------------------------------------------------------------------------
-constexpr int kActNone = 0, kActGelu = 1, kActGeluTanh = 2;  // reference.ACT_*
-
-// The reference's constants are Python floats (doubles) that torch rounds to float32.
-constexpr float f32c(double c) { return static_cast<float>(c); }
-constexpr float kErfSplit = f32c(0.9);
-constexpr float kErfClamp = f32c(4.0);
-constexpr float kErfSmallPoly[] = {f32c(-6.1112584e-04), f32c(5.0161984e-03), f32c(-2.6781915e-02),
-                                   f32c(1.1282228e-01),  f32c(-3.761253e-01), f32c(1.2837915e-01)};
-constexpr float kErfLargePoly[] = {f32c(-5.805502e-08), f32c(1.3905425e-06), f32c(-1.3021138e-05), f32c(4.3403546e-05),
-                                   f32c(2.4704504e-04), f32c(-3.844943e-03), f32c(2.4801595e-02),  f32c(-1.0816315e-01),
-                                   f32c(-6.332778e-01), f32c(-1.129598e+00), f32c(1.9802191e-04)};
-constexpr float kSqrt1_2 = f32c(0.70710678118654752);
-constexpr float kInvSqrt2Pi = f32c(0.39894228040143268);
-constexpr float kTanhCubic = f32c(0.044715);
-constexpr float kTanhCubic3 = f32c(0.134145);
-constexpr float kTanhTwoK = f32c(1.5957691216057308);
-constexpr float kTanhMaxExpArg = f32c(88.0);
-
-template <typename F>
-inline F splat(float c) {
-  if constexpr (std::is_same_v<F, float>) {
-    return c;
-  } else {
-    return vsplat(c);
-  }
-}
-
-template <typename F>
-inline F sign_bits(F x, uint32_t mask) {
-  if constexpr (std::is_same_v<F, float>) {
-    return std::bit_cast<float>(std::bit_cast<uint32_t>(x) & mask);
-  } else {
-    return __builtin_bit_cast(vfloat, __builtin_bit_cast(vuint, x) & mask);
-  }
-}
-template <typename F>
-inline F abs_f(F x) { return sign_bits(x, 0x7fffffffu); }
-// torch.copysign(mag, sgn) for a non-negative, non-NaN mag.
-template <typename F>
-inline F copysign_f(F mag, F sgn) {
-  if constexpr (std::is_same_v<F, float>) {
-    return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (std::bit_cast<uint32_t>(sgn) & 0x80000000u));
-  } else {
-    return __builtin_bit_cast(vfloat, __builtin_bit_cast(vuint, mag) | (__builtin_bit_cast(vuint, sgn) & 0x80000000u));
-  }
-}
-// x > c ? c : x -- a NaN x stays NaN.
-template <typename F>
-inline F clamp_above(F x, float c) { return x > c ? splat<F>(c) : x; }
-
-template <typename F, size_t N>
-inline F horner(const float (&coeffs)[N], F x) {
-  F p = splat<F>(coeffs[0]);
-  for (size_t i = 1; i < N; ++i) p = p * x + coeffs[i];
-  return p;
-}
-
-template <typename F>
-inline F erf_f32(F t) {
-  const F a = clamp_above(abs_f(t), kErfClamp);
-  const F small = t + t * horner(kErfSmallPoly, t * t);
-  const F large = copysign_f(splat<F>(1.0f) - exp_f32(horner(kErfLargePoly, a)), t);
-  return a < kErfSplit ? small : large;
-}
-
-// reference._gelu_tanh_sigmoid: s = 1 / (1 + e), e = exp(-2 sqrt(2/pi) (h + 0.044715 h^3)).
-template <typename F>
-inline F gelu_tanh_sigmoid(F h, F* e_out) {
-  const F h3 = (h * h) * h;
-  const F z = clamp_above((h + kTanhCubic * h3) * (-kTanhTwoK), kTanhMaxExpArg);
-  const F e = exp_f32(z);
-  *e_out = e;
-  return splat<F>(1.0f) / (splat<F>(1.0f) + e);
-}
-
-template <int kAct, typename F>
-inline F activation_forward(F h) {
-  if constexpr (kAct == kActGelu) {
-    return (0.5f * h) * (splat<F>(1.0f) + erf_f32(h * kSqrt1_2));
-  } else if constexpr (kAct == kActGeluTanh) {
-    F e;
-    return h * gelu_tanh_sigmoid(h, &e);
-  } else {
-    return h;
-  }
-}
-
-template <int kAct, typename F>
-inline F activation_derivative(F h) {
-  if constexpr (kAct == kActGelu) {
-    const F cdf = 0.5f * (splat<F>(1.0f) + erf_f32(h * kSqrt1_2));
-    const F pdf = exp_f32(-0.5f * (h * h)) * kInvSqrt2Pi;
-    return cdf + h * pdf;
-  } else if constexpr (kAct == kActGeluTanh) {
-    F e;
-    const F s = gelu_tanh_sigmoid(h, &e);
-    const F slope = kTanhTwoK * (splat<F>(1.0f) + kTanhCubic3 * (h * h));
-    return s + ((h * s) * (e * s)) * slope;
-  } else {
-    return splat<F>(1.0f);
-  }
-}
-
-template <typename Fn>
-void dispatch_activation(int64_t act, const char* op, Fn&& fn) {
-  switch (act) {
-    case kActNone: fn(std::integral_constant<int, kActNone>{}); break;
-    case kActGelu: fn(std::integral_constant<int, kActGelu>{}); break;
-    case kActGeluTanh: fn(std::integral_constant<int, kActGeluTanh>{}); break;
-    default: TORCH_CHECK(false, op, ": unknown activation code ", act, " (expected 0 none, 1 gelu, 2 gelu_tanh)");
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Conversions. float16/bfloat16 -> float32 is exact; float32 -> T rounds to nearest even exactly
-// as torch's .to(dtype) on CPU (vectorised path: a bfloat16 NaN becomes 0xFFFF, a float16 NaN
-// keeps its sign).
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-inline float load1(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return *p;
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    return std::bit_cast<float>(static_cast<uint32_t>(p->x) << 16);
-  } else {
-    return c10::detail::fp16_ieee_to_fp32_value(p->x);
-  }
-}
-
-inline uint16_t float_to_bf16_bits(float v) {
-  if (v != v) return 0xFFFF;
-  const uint32_t u = std::bit_cast<uint32_t>(v);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-template <typename T>
-inline void store1(T* p, float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    *p = v;
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    p->x = float_to_bf16_bits(v);
-  } else {
-#if defined(__F16C__)
-    p->x = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-    p->x = c10::detail::fp16_ieee_from_fp32_value(v);
-#endif
-  }
-}
-
 // Grows, never shrinks: one per thread and purpose, so a decode step allocates nothing.
 struct Workspace {
   float* ptr = nullptr;
@@ -205,479 +50,12 @@ struct Workspace {
       std::free(ptr);
       cap = std::max<size_t>(n, 2 * cap);
       ptr = static_cast<float*>(std::aligned_alloc(64, (cap * sizeof(float) + 63) / 64 * 64));
-      TORCH_CHECK(ptr != nullptr, "fusedtx matmul: out of memory for a packing buffer of ", cap, " floats");
+      TORCH_CHECK(ptr != nullptr, "linear_matmul: out of memory for a packing buffer of ", cap, " floats");
     }
     return ptr;
   }
   ~Workspace() { std::free(ptr); }
 };
-
-// ---------------------------------------------------------------------------------------------
-// The GEMM.
-// ---------------------------------------------------------------------------------------------
-constexpr int kMR = 14;            // rows of a micro-tile
-constexpr int kNV = 2;             // 16-float vectors across a micro-tile
-constexpr int kNR = 16 * kNV;      // columns of a micro-tile
-// Cache blocking (tuned on a 2-core Zen 5: 48 KB L1d, 1 MB L2 per core): a kMR x kKCMax panel
-// of packed a (21 KB) stays in L1 while it sweeps the kKCMax x kNCMax block of packed b (384 KB)
-// in L2. The b block is packed once per K block and task and serves all the task's rows.
-constexpr int64_t kKBlock = 128;       // reference.MATMUL_K_BLOCK: k's per FMA chain
-constexpr int64_t kKCMax = 3 * kKBlock; // k per packed block (whole chains only)
-constexpr int64_t kMCMax = 16 * kMR;   // rows of a per packed block
-constexpr int64_t kNCMax = 256;        // columns per task
-constexpr int64_t kTaskRowsMax = 1024; // rows per task: bounds the per-thread partials buffer
-
-constexpr int kMaxPanels = 4;
-constexpr int64_t kTileLd = kMaxPanels * kNR;  // floats per row of the epilogue's tile
-// Column panels per micro-kernel call for a row panel of `rows` rows: at least ~8 accumulators.
-constexpr int panels_for_rows(int rows) { return rows <= 3 ? 4 : rows <= 7 ? 2 : 1; }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-template <typename T>
-struct Problem {
-  int64_t M, N, K;
-  const T* a;
-  int64_t sa0, sa1;
-  const T* b;
-  int64_t sb0, sb1;
-  const float* bias;  // float32, padded to a multiple of kNR, or nullptr
-  T* y;               // (M, N) contiguous
-  T* preact;          // (M, N) contiguous, or nullptr
-};
-
-#if defined(FUSEDTX_LINEAR_AVX512)
-
-inline __mmask16 lane_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
-template <typename T>
-inline __m512 widen16(__m256i raw) {
-  if constexpr (std::is_same_v<T, at::Half>) {
-    return _mm512_cvtph_ps(raw);
-  } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
-}
-template <typename T>
-inline __m256i narrow16(__m512 v) {
-  if constexpr (std::is_same_v<T, at::Half>) {
-    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  } else {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0xFFFF), r);
-    return _mm512_cvtepi32_epi16(r);
-  }
-}
-
-// 16 elements of T (lanes off the mask read nothing and are +0) as float32.
-template <typename T>
-inline __m512 load16(const T* p, __mmask16 m) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {
-    return widen16<T>(_mm256_maskz_loadu_epi16(m, p));
-  }
-}
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    return widen16<T>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-template <typename T>
-inline void store16(T* p, __m512 v, __mmask16 m) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(p, m, v);
-  } else {
-    _mm256_mask_storeu_epi16(p, m, narrow16<T>(v));
-  }
-}
-// v rounded to T and back (what a store then a load would give).
-template <typename T>
-inline __m512 round_trip(__m512 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return widen16<T>(narrow16<T>(v));
-  }
-}
-
-// r[i] (i < 16) <- column i of the 16 x 16 matrix whose rows are r[0..15].
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
-    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
-    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
-    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
-    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
-    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
-  }
-}
-
-// a[i0 : i0 + mc, k0 : k0 + kc] -> ap: panels of kMR rows, each kc x kMR (k-major), rows past
-// mc zero.
-template <typename T>
-void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
-  constexpr __mmask16 kPanelMask = (1u << kMR) - 1u;
-  for (int64_t ir = 0; ir < mc; ir += kMR) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
-    float* dst = ap + (ir / kMR) * kc * kMR;
-    const T* src = p.a + (i0 + ir) * p.sa0 + k0 * p.sa1;
-    if (p.sa1 == 1) {  // k contiguous: 16 x 16 transposes
-      for (int64_t k = 0; k < kc; k += 16) {
-        const int64_t kn = std::min<int64_t>(16, kc - k);
-        const __mmask16 km = lane_mask(kn);
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i) r[i] = i < rows ? load16(src + i * p.sa0 + k, km) : _mm512_setzero_ps();
-        transpose16(r);
-        for (int64_t kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(dst + (k + kk) * kMR, kPanelMask, r[kk]);
-      }
-    } else if (p.sa0 == 1) {  // rows contiguous
-      const __mmask16 rm = lane_mask(rows);
-      for (int64_t k = 0; k < kc; ++k) _mm512_mask_storeu_ps(dst + k * kMR, kPanelMask, load16(src + k * p.sa1, rm));
-    } else {
-      for (int64_t k = 0; k < kc; ++k) {
-        for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? load1(src + r * p.sa0 + k * p.sa1) : 0.0f;
-      }
-    }
-  }
-}
-
-constexpr int64_t kPrefetchB = 64;  // elements ahead
-
-// b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
-template <typename T>
-void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
-  if (p.sb1 == 1) {  // rows of b contiguous: copy, each row of the block in one sweep
-    const int64_t vecs = round_up(nc, kNR) / 16;
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* src = p.b + (k0 + k) * p.sb0 + j0;
-      float* dst = bp + k * kNR;
-      for (int64_t v = 0; v < vecs; ++v) {
-        const __m512 x = v * 16 + 16 <= nc ? load16(src + v * 16) : load16(src + v * 16, lane_mask(nc - v * 16));
-        _mm512_store_ps(dst + (v / kNV) * kc * kNR + (v % kNV) * 16, x);
-      }
-    }
-    return;
-  }
-  for (int64_t jr = 0; jr < nc; jr += kNR) {
-    const int64_t cols = std::min<int64_t>(kNR, nc - jr);
-    float* dst = bp + (jr / kNR) * kc * kNR;
-    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
-    if (p.sb0 == 1) {  // columns of b contiguous (b = weight.t()): 16 x 16 transposes
-      for (int v = 0; v < kNV; ++v) {
-        const int64_t jn = std::clamp<int64_t>(cols - v * 16, 0, 16);
-        for (int64_t k = 0; k < kc; k += 16) {
-          const int64_t kn = std::min<int64_t>(16, kc - k);
-          const __mmask16 km = lane_mask(kn);
-          __m512 r[16];
-          for (int i = 0; i < 16; ++i) {
-            if (i < jn) {
-              // 16 row streams at once outrun the hardware prefetcher: fetch a few lines ahead.
-              _mm_prefetch(reinterpret_cast<const char*>(src + (v * 16 + i) * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
-              r[i] = load16(src + (v * 16 + i) * p.sb1 + k, km);
-            } else {
-              r[i] = _mm512_setzero_ps();
-            }
-          }
-          transpose16(r);
-          for (int64_t kk = 0; kk < kn; ++kk) _mm512_store_ps(dst + (k + kk) * kNR + v * 16, r[kk]);
-        }
-      }
-    } else {
-      for (int64_t k = 0; k < kc; ++k) {
-        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? load1(src + k * p.sb0 + j * p.sb1) : 0.0f;
-      }
-    }
-  }
-}
-
-// The k's [k0, k0 + kc) of one packed K block, k0 a multiple of kKBlock: an MR x (NP * kNR)
-// tile. Per block of kKBlock k's (reference.linear_matmul): acc from +0, acc = fma(a[k][r], b[k][j],
-// acc) for k ascending, then total = total + acc -- total read from cin (nullptr: +0) for the
-// first block and from cout after, and written to cout. a: a kMR-row panel (kMR floats per k);
-// b: NP consecutive kNR-column panels, b_stride floats apart. Short row panels take several
-// column panels at once, so that enough independent accumulators hide the FMA latency.
-template <int MR, int NP>
-void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, int64_t b_stride, const float* cin,
-                  int64_t ldcin, float* cout, int64_t ldcout) {
-  constexpr int NV = NP * kNV;
-  const float* total = cin;
-  int64_t ld_total = ldcin;
-  int64_t k = 0;
-  do {
-    const int64_t k_end = std::min(kc, k + kKBlock);
-    __m512 acc[MR][NV];
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-    }
-    for (; k < k_end; ++k) {
-      __m512 bv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(b + (v / kNV) * b_stride + (v % kNV) * 16);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r]);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-      }
-      a += kMR;
-      b += kNR;
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const __m512 t = total ? _mm512_loadu_ps(total + r * ld_total + v * 16) : _mm512_setzero_ps();
-        _mm512_storeu_ps(cout + r * ldcout + v * 16, _mm512_add_ps(t, acc[r][v]));
-      }
-    }
-    total = cout;
-    ld_total = ldcout;
-  } while (k < kc);
-}
-
-// The epilogue of a rows x cols tile (kTileLd floats per row): h = acc (+ bias), preact = h,
-// y = act(h), in T.
-template <typename T, int kAct>
-void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
-  int r = 0;
-  if constexpr (kAct != kActNone) {
-    if (cols % 32 == 0) {
-      // Two rows x two vectors at a time: four independent erf/exp chains in flight.
-      for (; r + 2 <= rows; r += 2) {
-        for (int v = 0; v * 16 < cols; v += 2) {
-          __m512 h[4];
-          for (int q = 0; q < 4; ++q) {
-            h[q] = _mm512_load_ps(tile + (r + q / 2) * kTileLd + (v + q % 2) * 16);
-            if (bias) h[q] = _mm512_add_ps(h[q], _mm512_loadu_ps(bias + (v + q % 2) * 16));
-            if (preact) store16(preact + (r + q / 2) * ld + (v + q % 2) * 16, h[q], 0xFFFF);
-          }
-          const vfloat y0 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[0]));
-          const vfloat y1 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[1]));
-          const vfloat y2 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[2]));
-          const vfloat y3 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[3]));
-          store16(y + r * ld + v * 16, reinterpret_cast<__m512>(y0), 0xFFFF);
-          store16(y + r * ld + (v + 1) * 16, reinterpret_cast<__m512>(y1), 0xFFFF);
-          store16(y + (r + 1) * ld + v * 16, reinterpret_cast<__m512>(y2), 0xFFFF);
-          store16(y + (r + 1) * ld + (v + 1) * 16, reinterpret_cast<__m512>(y3), 0xFFFF);
-        }
-      }
-    }
-  }
-  for (; r < rows; ++r) {
-    for (int v = 0; v * 16 < cols; ++v) {
-      const __mmask16 m = lane_mask(cols - v * 16);
-      __m512 h = _mm512_load_ps(tile + r * kTileLd + v * 16);
-      if (bias) h = _mm512_add_ps(h, _mm512_loadu_ps(bias + v * 16));
-      if (preact) store16(preact + r * ld + v * 16, h, m);
-      if constexpr (kAct != kActNone) {
-        h = reinterpret_cast<__m512>(activation_forward<kAct>(reinterpret_cast<vfloat>(h)));
-      }
-      store16(y + r * ld + v * 16, h, m);
-    }
-  }
-}
-
-// Few rows (decode): packing b would cost more than the multiply, so b is read where it is.
-// a arrives as float32 rows (lda floats apart). Each call covers columns [j0, j1) for all rows.
-// b = weight.t() (k contiguous): 16 columns at a time, each 16 x 16 block of b transposed in
-// registers and multiplied at once.
-template <typename T, int kAct, int MR>
-void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
-  alignas(64) float tile[kMR * kTileLd];
-  for (int64_t j = j0; j < j1; j += 16) {
-    const int64_t jn = std::min<int64_t>(16, j1 - j);
-    const T* src = p.b + j * p.sb1;
-    // The running totals of the kKBlock chains, from +0, in the tile.
-    for (int i = 0; i < MR; ++i) _mm512_store_ps(tile + i * kTileLd, _mm512_setzero_ps());
-    __m512 acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.K; k += 16) {
-      const int64_t kn = std::min<int64_t>(16, p.K - k);
-      const __mmask16 km = lane_mask(kn);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        if (i < jn) {
-          _mm_prefetch(reinterpret_cast<const char*>(src + i * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
-          r[i] = kn == 16 ? load16(src + i * p.sb1 + k) : load16(src + i * p.sb1 + k, km);
-        } else {
-          r[i] = _mm512_setzero_ps();
-        }
-      }
-      transpose16(r);
-      if (kn == 16) {
-#pragma GCC unroll 16
-        for (int kk = 0; kk < 16; ++kk) {
-#pragma GCC unroll 16
-          for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i]);
-        }
-      } else {
-        for (int64_t kk = 0; kk < kn; ++kk) {
-          for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i]);
-        }
-      }
-      if ((k + kn) % kKBlock == 0 || k + kn == p.K) {  // a chain ends: total = total + acc
-        for (int i = 0; i < MR; ++i) {
-          _mm512_store_ps(tile + i * kTileLd, _mm512_add_ps(_mm512_load_ps(tile + i * kTileLd), acc[i]));
-          acc[i] = _mm512_setzero_ps();
-        }
-      }
-    }
-    epilogue<T, kAct>(tile, MR, jn, p.bias ? p.bias + j : nullptr, p.y + j, p.preact ? p.preact + j : nullptr, p.N);
-  }
-}
-
-// b row-major (columns contiguous, e.g. the backward's weight): NV vectors of columns at a time,
-// straight from b's rows.
-template <typename T, int kAct, int MR, int NV>
-void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
-  alignas(64) float tile[kMR * kTileLd];
-  static_assert(NV * 16 <= kTileLd);
-  constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
-  for (int64_t j = j0; j < j1; j += 16 * NV) {
-    const int64_t cols = std::min<int64_t>(16 * NV, j1 - j);
-    const T* src = p.b + j;
-    __m512 acc[MR][NV];
-    for (int i = 0; i < MR; ++i) {
-      for (int v = 0; v < NV; ++v) {
-        acc[i][v] = _mm512_setzero_ps();
-        _mm512_store_ps(tile + i * kTileLd + v * 16, _mm512_setzero_ps());  // chain totals, from +0
-      }
-    }
-    __mmask16 masks[NV];
-    for (int v = 0; v < NV; ++v) masks[v] = lane_mask(cols - v * 16);
-    const bool full = cols == 16 * NV;
-    for (int64_t k = 0; k < p.K; ++k) {
-      const T* row = src + k * p.sb0;
-      for (int v = 0; v < NV * static_cast<int>(sizeof(T)) / 4; ++v) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * p.sb0) + 64 * v, _MM_HINT_T0);
-      }
-      __m512 bv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = full ? load16(row + v * 16) : load16(row + v * 16, masks[v]);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const __m512 av = _mm512_set1_ps(a[i * lda + k]);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
-      }
-      if ((k + 1) % kKBlock == 0 || k + 1 == p.K) {  // a chain ends: total = total + acc
-        for (int i = 0; i < MR; ++i) {
-          for (int v = 0; v < NV; ++v) {
-            float* t = tile + i * kTileLd + v * 16;
-            _mm512_store_ps(t, _mm512_add_ps(_mm512_load_ps(t), acc[i][v]));
-            acc[i][v] = _mm512_setzero_ps();
-          }
-        }
-      }
-    }
-    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + j, p.preact ? p.preact + j : nullptr, p.N);
-  }
-}
-
-constexpr int64_t kSmallMChunk = 128;  // columns per parallel task of the few-rows path
-constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
-
-template <typename T, int kAct, int MR>
-void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
-  if (p.sb0 == 1) {
-    small_m_kmajor<T, kAct, MR>(p, a, lda, j0, j1);
-  } else {
-    small_m_nmajor<T, kAct, MR, (MR <= 2 ? 8 : MR <= 4 ? 4 : 3)>(p, a, lda, j0, j1);
-  }
-}
-
-#else  // portable fallback: the same packed layouts, scalar std::fma
-
-template <typename T>
-void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
-  for (int64_t ir = 0; ir < mc; ir += kMR) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
-    float* dst = ap + (ir / kMR) * kc * kMR;
-    const T* src = p.a + (i0 + ir) * p.sa0 + k0 * p.sa1;
-    for (int64_t k = 0; k < kc; ++k) {
-      for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? load1(src + r * p.sa0 + k * p.sa1) : 0.0f;
-    }
-  }
-}
-
-template <typename T>
-void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
-  for (int64_t jr = 0; jr < nc; jr += kNR) {
-    const int64_t cols = std::min<int64_t>(kNR, nc - jr);
-    float* dst = bp + (jr / kNR) * kc * kNR;
-    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
-    for (int64_t k = 0; k < kc; ++k) {
-      for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? load1(src + k * p.sb0 + j * p.sb1) : 0.0f;
-    }
-  }
-}
-
-template <int MR, int NP>
-void micro_kernel(int64_t kc, const float* a, const float* b, int64_t b_stride, const float* cin, int64_t ldcin,
-                  float* cout, int64_t ldcout) {
-  for (int p = 0; p < NP; ++p) {
-    const float* total = cin ? cin + p * kNR : nullptr;
-    int64_t ld_total = ldcin;
-    int64_t k = 0;
-    do {
-      const int64_t k_end = std::min(kc, k + kKBlock);
-      float acc[MR][kNR] = {};
-      for (; k < k_end; ++k) {
-        for (int r = 0; r < MR; ++r) {
-          for (int j = 0; j < kNR; ++j) acc[r][j] = std::fma(a[k * kMR + r], b[p * b_stride + k * kNR + j], acc[r][j]);
-        }
-      }
-      for (int r = 0; r < MR; ++r) {
-        for (int j = 0; j < kNR; ++j) {
-          const float t = total ? total[r * ld_total + j] : 0.0f;
-          cout[r * ldcout + p * kNR + j] = t + acc[r][j];
-        }
-      }
-      total = cout + p * kNR;
-      ld_total = ldcout;
-    } while (k < kc);
-  }
-}
-
-template <typename T, int kAct>
-void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
-  for (int r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) {
-      float h = tile[r * kTileLd + j];
-      if (bias) h = h + bias[j];
-      if (preact) store1(preact + r * ld + j, h);
-      store1(y + r * ld + j, activation_forward<kAct>(h));
-    }
-  }
-}
-
-#endif  // FUSEDTX_LINEAR_AVX512
 
 using MicroKernel = void (*)(int64_t, const float*, const float*, int64_t, const float*, int64_t, float*, int64_t);
 template <int NP, int... Is>
@@ -768,7 +146,7 @@ TaskPlan plan_tasks(int64_t M, int64_t N, int64_t threads) {
 template <typename T, int kAct>
 void gemm(const Problem<T>& p) {
   if (p.M == 0 || p.N == 0) return;
-#if defined(FUSEDTX_LINEAR_AVX512)
+#if defined(FUSEDTX_AVX512)
   if (p.M <= kSmallMMax && (p.sb0 == 1 || p.sb1 == 1)) {
     std::vector<float> a_rows;
     const float* a = nullptr;
@@ -782,7 +160,7 @@ void gemm(const Problem<T>& p) {
     if (!a) {
       a_rows.resize(static_cast<size_t>(p.M * p.K));
       for (int64_t i = 0; i < p.M; ++i) {
-        for (int64_t k = 0; k < p.K; ++k) a_rows[i * p.K + k] = load1(p.a + i * p.sa0 + k * p.sa1);
+        for (int64_t k = 0; k < p.K; ++k) a_rows[i * p.K + k] = to_float(p.a[i * p.sa0 + k * p.sa1]);
       }
       a = a_rows.data();
     }
@@ -797,7 +175,7 @@ void gemm(const Problem<T>& p) {
         case 6: small_m_columns<T, kAct, 6>(p, a, lda, j0, j1); break;
         case 7: small_m_columns<T, kAct, 7>(p, a, lda, j0, j1); break;
         case 8: small_m_columns<T, kAct, 8>(p, a, lda, j0, j1); break;
-        default: TORCH_CHECK(false, "fusedtx matmul: internal error, no few-rows kernel for ", p.M, " rows");
+        default: TORCH_CHECK(false, "linear_matmul: internal error, no few-rows kernel for ", p.M, " rows");
       }
     });
     return;
@@ -817,16 +195,13 @@ void gemm(const Problem<T>& p) {
   });
 }
 
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-}
-
-std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
-                                              int64_t activation, bool save_preact, int64_t k_block) {
+std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                     const std::optional<at::Tensor>& bias, int64_t activation,
+                                                     bool save_preact, int64_t k_block) {
   constexpr const char* op = "linear_matmul";
   TORCH_CHECK(k_block == kKBlock, op, ": the CPU kernel sums K in blocks of ", kKBlock, ", asked for ", k_block);
-  check_cpu(a, op, "a");
-  check_cpu(b, op, "b");
+  check_device(a, at::kCPU, op, "a");
+  check_device(b, at::kCPU, op, "b");
   TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D (M, K), got sizes ", a.sizes());
   TORCH_CHECK(b.dim() == 2, op, ": b must be 2-D (K, N), got sizes ", b.sizes());
   TORCH_CHECK(a.size(1) == b.size(0), op, ": a (M, K) and b (K, N) must agree in K, got a ", a.sizes(), " and b ",
@@ -835,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
               b.scalar_type());
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (bias.has_value()) {
-    check_cpu(*bias, op, "bias");
+    check_device(*bias, at::kCPU, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, "), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == a.scalar_type(), op, ": bias must have a's dtype ", a.scalar_type(), ", got ",
                 bias->scalar_type());
@@ -852,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
         bias_f.assign(round_up(N, kNR), 0.0f);
         const T* bp = bias->const_data_ptr<T>();
         const int64_t sb = bias->stride(0);
-        for (int64_t j = 0; j < N; ++j) bias_f[j] = load1(bp + j * sb);
+        for (int64_t j = 0; j < N; ++j) bias_f[j] = to_float(bp[j * sb]);
       }
       Problem<T> p{M,
                    N,
@@ -880,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
 // stays in cache while grad_y and preact come from memory once.
 template <typename T, int kAct>
 void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
-#if defined(FUSEDTX_LINEAR_AVX512)
+#if defined(FUSEDTX_AVX512)
   int64_t c = 0;
   if constexpr (kAct != kActNone) {
     for (; c + 64 <= N; c += 64) {
@@ -899,7 +274,7 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
     }
   }
   for (; c < N; c += 16) {
-    const __mmask16 m = lane_mask(N - c);
+    const __mmask16 m = first_lanes(N - c);
     __m512 g = load16(gy + c, m);
     if constexpr (kAct != kActNone) {
       const __m512 h = load16(pre + c, m);
@@ -911,10 +286,10 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
   }
 #else
   for (int64_t c = 0; c < N; ++c) {
-    float g = load1(gy + c);
+    float g = to_float(gy[c]);
     if constexpr (kAct != kActNone) {
-      store1(gp + c, g * activation_derivative<kAct>(load1(pre + c)));
-      g = load1(gp + c);
+      store1(gp + c, g * activation_derivative<kAct>(to_float(pre[c])));
+      g = to_float(gp[c]);
     }
     if (part) part[c] = part[c] + g;
   }
@@ -923,15 +298,13 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
 
 std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& preact,
                                                          int64_t activation, bool need_bias_grad, int64_t groups) {
-  constexpr const char* op = "fusedtx linear_bias_act_backward";
-  check_cpu(grad_y, op, "grad_y");
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.is_contiguous(), op, ": grad_y must be a contiguous 2-D tensor, got sizes ",
-              grad_y.sizes());
+  constexpr const char* op = "linear_bias_act_backward";
+  check_rows(grad_y, at::kCPU, op, "grad_y");
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
   if (activation != kActNone) {
     TORCH_CHECK(preact.has_value(), op, ": preact is required when activation is ", activation);
-    check_cpu(*preact, op, "preact");
+    check_device(*preact, at::kCPU, op, "preact");
     TORCH_CHECK(preact->sizes() == grad_y.sizes() && preact->is_contiguous(), op,
                 ": preact must be contiguous with grad_y's shape ", grad_y.sizes(), ", got ", preact->sizes());
     TORCH_CHECK(preact->scalar_type() == grad_y.scalar_type(), op, ": preact must have grad_y's dtype ",

@@ -3,8 +3,9 @@
 // One row at a time, rows spread over threads (never a row split between threads, so the
 // thread count cannot change bits). Each row makes three passes over data that stays in cache:
 // scale + max, exp + lane sums (exponentials kept in the output row), divide. Written with
-// 16-float vectors (common.h), lane-wise IEEE arithmetic: the same bits as the scalar spec. The arithmetic is reference.softmax_forward /
-// softmax_backward with 64 lanes, operation for operation.
+// 16-float vectors (common.h), lane-wise IEEE arithmetic: the same bits as the scalar spec. The
+// arithmetic is reference.softmax_forward / softmax_backward with 64 lanes, operation for
+// operation (docs/design.md, "Lane sums").
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,7 +18,6 @@ namespace {
 
 constexpr int kLanes = 64;  // reference.SOFTMAX_LANES: 4 vectors of kVec
 constexpr int kVecsPerBlock = kLanes / kVec;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using RowSum = LaneSum<float, kLanes>;
 
 // max_j scale * x[j] over j < n. Max is exact, so any order will do. A NaN may be skipped
@@ -77,13 +77,8 @@ void backward_row(const T* dy, const T* y, T* dx, int64_t n, float scale) {
   for (; j < n; ++j) dx[j] = from_float<T>((to_float(y[j]) * (to_float(dy[j]) - dot)) * scale);
 }
 
-void check_2d(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), op, ": ", name, " must be a contiguous 2-D tensor, got sizes ", t.sizes());
-}
-
 at::Tensor softmax_forward_cpu(const at::Tensor& x, double scale, bool causal, int64_t n_queries, int64_t lanes) {
-  check_2d(x, "softmax_forward", "x");
+  check_rows(x, at::kCPU, "softmax_forward", "x");
   TORCH_CHECK(lanes == kLanes, "softmax_forward: the CPU kernel sums with ", kLanes, " lanes, asked for ", lanes);
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(!causal || n_queries > 0, "softmax_forward: n_queries must be positive when causal");
@@ -107,8 +102,8 @@ at::Tensor softmax_forward_cpu(const at::Tensor& x, double scale, bool causal, i
 }
 
 at::Tensor softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale, int64_t lanes) {
-  check_2d(grad_y, "softmax_backward", "grad_y");
-  check_2d(y, "softmax_backward", "y");
+  check_rows(grad_y, at::kCPU, "softmax_backward", "grad_y");
+  check_rows(y, at::kCPU, "softmax_backward", "y");
   TORCH_CHECK(grad_y.sizes() == y.sizes() && grad_y.scalar_type() == y.scalar_type(),
               "softmax_backward: grad_y and y must match in shape and dtype");
   TORCH_CHECK(lanes == kLanes, "softmax_backward: the CPU kernel sums with ", kLanes, " lanes, asked for ", lanes);

@@ -1,4 +1,5 @@
-// Causal attention forward with a fixed split size in CUDA: reference.causal_attention_forward, bit for bit.
+// Causal attention forward with a fixed split size in CUDA: reference.causal_attention_forward, bit
+// for bit (docs/design.md, "Attention split size").
 //
 // One thread block of kThreads = 128 threads per (batch b, head h, tile of kBlockQ = 16 queries);
 // a decode step (Tq = 1) runs the same block shape with the tile padded (the padding rows
@@ -27,9 +28,9 @@
 //
 // Shared memory: q tile 16 x (D + 1), k tile 32 x (D + 1) (padded rows: the 8 threads of a query
 // read 8 different keys in the dot products), v tile 32 x D, score/probability tile 16 x 33:
-// 43 KB at D = 128, under the 48 KB default. Registers: acc and acc_c, 2 x 16 floats; at
-// __launch_bounds__(128, 4) ~126 registers on sm_80 / sm_90, no spills (with (128) alone ptxas
-// aimed at 80 and spilled 4 bytes on sm_80).
+// 43 KB at D = 128, under the 48 KB default. Registers: acc and acc_c, 2 x 16 floats; the kernel
+// is bounded for 4 blocks of 128 threads per SM (__launch_bounds__(128, 4)): with (128) alone
+// ptxas aims at fewer registers and spills on sm_80 (tests/test_build.py checks for spills).
 #include "common.cuh"
 
 namespace fusedtx::cuda {
@@ -46,15 +47,8 @@ constexpr int kPStride = kKeyTile + 1;
 static_assert(kThreads % kBlockQ == 0 && kKeyTile % kThreadsPerQuery == 0, "tile shape");
 static_assert(kThreadsPerQuery <= 32 && 32 % kThreadsPerQuery == 0, "a query's threads share a warp");
 
-__device__ __forceinline__ float* shared_floats() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<float*>(smem);
-}
-
 // torch.maximum / amax: NaN if either is NaN.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 size_t smem_bytes(int64_t dim) {
   return static_cast<size_t>(kBlockQ * (dim + 1) + kKeyTile * (dim + 1) + kKeyTile * dim + kBlockQ * kPStride) *
@@ -79,7 +73,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) attention_forward_kernel(const Params<T> p) {
   const int dim = static_cast<int>(p.dim);
   const int row = dim + 1;
-  float* q_s = shared_floats();          // kBlockQ x row
+  float* q_s = shared_memory();          // kBlockQ x row
   float* k_s = q_s + kBlockQ * row;      // kKeyTile x row
   float* v_s = k_s + kKeyTile * row;     // kKeyTile x dim
   float* p_s = v_s + kKeyTile * dim;     // kBlockQ x kPStride: scores, then probabilities
@@ -253,10 +247,10 @@ cudaError_t launch(const void* q, const int64_t* q_strides, const void* k, const
 }  // namespace
 
 cudaError_t causal_attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
-                              const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
-                              float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
-                              int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
-                              cudaStream_t stream) {
+                                     const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
+                                     float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
+                                     int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
+                                     cudaStream_t stream) {
   if (batch < 0 || heads < 0 || n_queries < 0 || t_max < 0 || kv_heads <= 0 || heads % kv_heads != 0)
     return cudaErrorInvalidValue;
   if (dim < 1 || dim > kAttentionMaxHeadDim || split_size < 16 || (split_size & (split_size - 1)) != 0)

@@ -1,4 +1,5 @@
-// Causal attention backward with a fixed split size in CUDA: reference.causal_attention_backward, bit for bit.
+// Causal attention backward with a fixed split size in CUDA: reference.causal_attention_backward,
+// bit for bit (docs/design.md, "Attention split size").
 //
 // Two kernels, each output element owned by one thread of one block (no atomics, fixed orders):
 //
@@ -46,9 +47,8 @@
 // sm_89), 43 KiB at 64, 27 KiB at 32. Dot products: each thread computes a 2 x 4 (dq) or 2 x 2
 // (dkdv) tile of pairs from float4 reads. Accumulation: each thread owns a register tile of
 // (queries | keys) x columns of the outputs, partial and total (dq: 4 queries x 8 columns at
-// dim_pad 128; dkdv: 4 keys x 4 columns of both dk and dv). ptxas (nvcc 13, sm_80 / sm_90): dq
-// 168 registers at dim_pad 128, <= 130 below; dkdv <= 128 (its bound for two blocks per SM);
-// no spills.
+// dim_pad 128; dkdv: 4 keys x 4 columns of both dk and dv). Both kernels are bounded for two
+// blocks per SM (__launch_bounds__(threads, 2)) and fit without spills (tests/test_build.py).
 #include <type_traits>
 
 #include "common.cuh"
@@ -95,12 +95,6 @@ struct DkvShape {
   static_assert(kKPT <= 4 && kActive <= kDkvThreads, "dkdv shape");
 };
 
-__device__ __forceinline__ float* shared_floats() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<float*>(smem);
-}
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int min_int(int a, int b) { return a < b ? a : b; }
 
 template <typename T>
@@ -204,7 +198,7 @@ __global__ void __launch_bounds__(kDqThreads, 2) _attn_bwd_dq(const Params<T> p)
   constexpr int RS = row_stride<DP>();
   using Shape = DqShape<DP>;
   constexpr int QPT = Shape::kQPT, CPT = Shape::kCPT, NCT = Shape::kNCT;
-  float* q_s = shared_floats();             // kTile x RS
+  float* q_s = shared_memory();             // kTile x RS
   float* do_s = q_s + kTile * RS;           // kTile x RS
   float* k_s = do_s + kTile * RS;           // kTile x RS
   float* v_s = k_s + kTile * RS;            // kTile x RS
@@ -360,7 +354,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
   constexpr int RS = row_stride<DP>();
   using Shape = DkvShape<DP>;
   constexpr int KPT = Shape::kKPT, NCT = Shape::kNCT;
-  float* k_s = shared_floats();             // kTile x RS
+  float* k_s = shared_memory();             // kTile x RS
   float* v_s = k_s + kTile * RS;
   float* q_s = v_s + kTile * RS;
   float* do_s = q_s + kTile * RS;
@@ -544,11 +538,12 @@ cudaError_t launch(const void* grad_o, const int64_t* go_strides, const void* q,
 
 }  // namespace
 
-cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
-                               const void* k, const int64_t* k_strides, const void* v, const int64_t* v_strides,
-                               const float* m, const float* l, void* dq, void* dk, void* dv, float* workspace,
-                               int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
-                               float scale, int64_t split_size, DType dtype, cudaStream_t stream) {
+cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_strides, const void* q,
+                                      const int64_t* q_strides, const void* k, const int64_t* k_strides, const void* v,
+                                      const int64_t* v_strides, const float* m, const float* l, void* dq, void* dk,
+                                      void* dv, float* workspace, int64_t batch, int64_t heads, int64_t kv_heads,
+                                      int64_t length, int64_t dim, float scale, int64_t split_size, DType dtype,
+                                      cudaStream_t stream) {
   if (batch < 0 || heads < 0 || length < 0 || kv_heads <= 0 || heads % kv_heads != 0) return cudaErrorInvalidValue;
   if (dim < 1 || dim > kAttentionMaxHeadDim || split_size < 16 || (split_size & (split_size - 1)) != 0)
     return cudaErrorInvalidValue;

@@ -13,7 +13,17 @@
 
 namespace fusedtx::cuda {
 
-// reference.exp_f32
+// The block's dynamic shared memory as an array of C. One untyped declaration serves every
+// kernel: `extern __shared__` arrays of different element types in one translation unit clash.
+template <typename C = float>
+__device__ __forceinline__ C* shared_memory() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return reinterpret_cast<C*>(smem);
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// reference.exp_f32 (docs/design.md, "exp and erf")
 __device__ __forceinline__ float exp_f32(float x) {
   const float t = __fmul_rn(x, 1.44269504088896341f);
   const float shifted = __fadd_rn(t, 12582912.0f);
@@ -78,10 +88,10 @@ __device__ __forceinline__ void store_rn(__half* p, float v) { *p = __float2half
 __device__ __forceinline__ void store_rn(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store_rn(double* p, double v) { *p = v; }
 
-// reference.lane_sum's last step across the block: thread t holds lane t of blockDim.x (a power
-// of two >= 32) lanes; fold in halves (a[l] += a[l + w], w = lanes/2 ... 1) through shared
-// memory, then warp shuffles for the last 32. Every thread gets the total. `scratch` has
-// blockDim.x elements. T is float or double.
+// reference.lane_sum's last step across the block (docs/design.md, "Lane sums"): thread t holds
+// lane t of blockDim.x (a power of two >= 32) lanes; fold in halves (a[l] += a[l + w], w = lanes/2
+// ... 1) through shared memory, then warp shuffles for the last 32. Every thread gets the total.
+// `scratch` has blockDim.x elements. T is float or double.
 template <typename T>
 __device__ __forceinline__ T block_fold_lanes(T v, T* scratch) {
   const int t = threadIdx.x;

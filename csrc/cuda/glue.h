@@ -1,8 +1,10 @@
-// Torch-side helpers for the CUDA glue files (compiled by the host compiler, never by nvcc).
+// Torch-side helpers for the CUDA glue files (compiled by the host compiler, never by nvcc); the
+// argument checks they share with the CPU ops are in ../checks.h.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "../checks.h"
 #include "launchers.h"
 
 namespace fusedtx::cuda {
@@ -20,11 +22,6 @@ inline DType dtype_of(const at::Tensor& t, const char* op, bool allow_float64 = 
       TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), " (expected float32, float16 or bfloat16",
                   allow_float64 ? " or float64)" : ")");
   }
-}
-
-inline void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), op, ": ", name, " must be a contiguous 2-D tensor, got sizes ", t.sizes());
 }
 
 // The row kernels run `lanes` threads per block, one per lane of reference.lane_sum.

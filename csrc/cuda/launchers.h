@@ -44,19 +44,18 @@ cudaError_t layer_norm_backward(const void* grad_y, const void* x, const void* m
                                 int64_t rows, int64_t n, bool need_param_grads, int lanes, int groups, DType dtype,
                                 DType param_dtype, cudaStream_t stream);
 
-
 // y = act(a @ b + bias) as reference.linear_matmul: a (m, k) and b (k, n) with any strides (in
 // elements), bias (n,) contiguous or nullptr, all of dtype `dtype` (float32, float16 or
-// bfloat16); y and preact contiguous (m, n) of that dtype. Every element is one float32
-// accumulator from +0 taking an FMA for k ascending; `activation` is reference.ACT_* (0 none,
-// 1 gelu, 2 gelu_tanh). preact (the pre-activation h) is written when not nullptr and
-// activation != 0. m == 0 or n == 0 launches nothing.
+// bfloat16); y and preact contiguous (m, n) of that dtype. Every element is one float32 FMA
+// chain from +0 per block of kLinearKBlock k's, k ascending, the block sums added in order;
+// `activation` is reference.ACT_* (0 none, 1 gelu, 2 gelu_tanh). preact (the pre-activation h) is
+// written when not nullptr and activation != 0. m == 0 or n == 0 launches nothing.
 // K is summed in blocks of this many k's (reference.linear_matmul's k_block), compiled in.
 constexpr int64_t kLinearKBlock = 128;
 
 cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
-                   int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
-                   int activation, DType dtype, cudaStream_t stream);
+                          int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
+                          int activation, DType dtype, cudaStream_t stream);
 
 // float32 elements of the workspace linear_bias_act_backward needs when need_bias_grad: the (groups, n)
 // partials of grad_bias.
@@ -69,12 +68,8 @@ inline int64_t linear_bias_act_backward_workspace_elems(int64_t n, int64_t group
 // stored (of grad_y without an activation), through `workspace`
 // (linear_bias_act_backward_workspace_elems floats). rows == 0 zero-fills grad_bias.
 cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
-                              void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
-                              int groups, DType dtype, cudaStream_t stream);
-
-}  // namespace fusedtx::cuda
-
-namespace fusedtx::cuda {
+                                     void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
+                                     int groups, DType dtype, cudaStream_t stream);
 
 // The largest head dim causal_attention_forward takes (its shared-memory tiles and registers are sized for it).
 constexpr int64_t kAttentionMaxHeadDim = 128;
@@ -88,20 +83,16 @@ constexpr int64_t kAttentionMaxHeadDim = 128;
 // rows). o (batch, heads, n_queries, dim) contiguous in `dtype`; m and l (batch, heads, n_queries)
 // float32. dim in [1, kAttentionMaxHeadDim]; split_size a power of two >= 16.
 cudaError_t causal_attention_forward(const void* q, const int64_t* q_strides, const void* k, const int64_t* k_strides,
-                              const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
-                              float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
-                              int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
-                              cudaStream_t stream);
-
-}  // namespace fusedtx::cuda
-
-namespace fusedtx::cuda {
+                                     const void* v, const int64_t* v_strides, const int64_t* seqlens, void* o, float* m,
+                                     float* l, int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries,
+                                     int64_t t_max, int64_t dim, float scale, int64_t split_size, DType dtype,
+                                     cudaStream_t stream);
 
 // float32 elements of the workspace causal_attention_backward needs: D_i (batch, heads, length) and, for a
 // grouped-query (heads > kv_heads) backward in float16 / bfloat16, the float32 running sums of dk
 // and dv over a group's heads (2 x (batch, kv_heads, length, dim)).
 inline int64_t causal_attention_backward_workspace_elems(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
-                                                  int64_t dim, DType dtype) {
+                                                         int64_t dim, DType dtype) {
   const bool head_sums = kv_heads > 0 && heads > kv_heads && dtype != DType::kFloat32;
   return batch * heads * length + (head_sums ? 2 * batch * kv_heads * length * dim : 0);
 }
@@ -114,10 +105,11 @@ inline int64_t causal_attention_backward_workspace_elems(int64_t batch, int64_t 
 // length, dim) contiguous in `dtype`; `workspace` has causal_attention_backward_workspace_elems floats.
 // dim in [1, kAttentionMaxHeadDim]; split_size a power of two >= 16. Two kernels on `stream`, no
 // atomics: the same bits run after run.
-cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_strides, const void* q, const int64_t* q_strides,
-                               const void* k, const int64_t* k_strides, const void* v, const int64_t* v_strides,
-                               const float* m, const float* l, void* dq, void* dk, void* dv, float* workspace,
-                               int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
-                               float scale, int64_t split_size, DType dtype, cudaStream_t stream);
+cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_strides, const void* q,
+                                      const int64_t* q_strides, const void* k, const int64_t* k_strides, const void* v,
+                                      const int64_t* v_strides, const float* m, const float* l, void* dq, void* dk,
+                                      void* dv, float* workspace, int64_t batch, int64_t heads, int64_t kv_heads,
+                                      int64_t length, int64_t dim, float scale, int64_t split_size, DType dtype,
+                                      cudaStream_t stream);
 
 }  // namespace fusedtx::cuda

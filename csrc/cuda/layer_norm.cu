@@ -9,11 +9,11 @@
 // on the batch. When a row fits in kPerThread elements per thread it is kept in registers (one
 // read of x); otherwise each pass re-reads x, mostly from L2.
 //
-// Backward: dx needs two row sums per row (of g and of g*xhat), computed exactly as in the
-// forward. dweight and dbias are sums over rows, which must not depend on the number of blocks
-// that happen to run: as reference.row_group_sum, the rows are cut into `groups` (a constant,
-// reference.LAYER_NORM_ROW_GROUPS) consecutive groups; block g walks its group's rows in
-// ascending order and adds each row's dy*xhat and dy into per-column partials (registers for the
+// Backward: dx needs two row sums per row (of g and of g*xhat), computed exactly as in the forward.
+// dweight and dbias are sums over rows, which must not depend on the number of blocks that happen
+// to run: as reference.row_group_sum (docs/design.md, "Row groups"), the rows are cut into `groups`
+// (a constant, reference.LAYER_NORM_ROW_GROUPS) consecutive groups; block g walks its group's rows
+// in ascending order and adds each row's dy*xhat and dy into per-column partials (registers for the
 // thread's own columns, or the block's private row of a global (groups, n) buffer when they do not
 // fit); a second kernel adds the partials in ascending group order, one thread per column. No
 // atomics: every sum has one fixed order. Without parameter gradients, dx is per row, so the
@@ -39,22 +39,13 @@ constexpr int kFinalizeThreads = 256;   // threads per block of the partial-sum 
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// The block's dynamic shared memory as an array of C (float or double). One untyped
-// declaration serves every instantiation: `extern __shared__` arrays of different element
-// types in one translation unit would clash.
-template <typename C>
-__device__ __forceinline__ C* shared_scratch() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<C*>(smem);
-}
-
 // __launch_bounds__(kMaxLanes): any lanes up to 1024 must launch, which caps registers at 64 a
 // thread (ptxas -v must report no spills).
 template <typename T, typename W, typename C, bool kCached>
 __global__ void __launch_bounds__(kMaxLanes)
     layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
                           T* __restrict__ y, C* __restrict__ mean, C* __restrict__ rstd, int64_t n, C eps) {
-  C* scratch = shared_scratch<C>();
+  C* scratch = shared_memory<C>();
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x, lanes = blockDim.x;
   const T* x_row = x + row * n;
@@ -129,7 +120,7 @@ __global__ void __launch_bounds__(kMaxLanes)
                           const C* __restrict__ rstd, const W* __restrict__ weight, T* __restrict__ grad_x,
                           C* __restrict__ part_dw, C* __restrict__ part_db, int64_t rows, int64_t n,
                           int64_t rows_per_block) {
-  C* scratch = shared_scratch<C>();
+  C* scratch = shared_memory<C>();
   const int t = threadIdx.x, lanes = blockDim.x;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;

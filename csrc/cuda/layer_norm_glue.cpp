@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(const at:
                                                                       const std::optional<at::Tensor>& bias,
                                                                       double eps, int64_t lanes) {
   constexpr const char* op = "layer_norm_forward";
-  check_rows(x, op, "x");
+  check_rows(x, at::kCUDA, op, "x");
   const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
   check_lanes(lanes, op);
   TORCH_CHECK(x.size(0) <= INT32_MAX, op, ": x may have at most 2^31 - 1 rows (one thread block each), got ",
@@ -76,8 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool need_param_grads, int64_t lanes, int64_t groups) {
   constexpr const char* op = "layer_norm_backward";
-  check_rows(x, op, "x");
-  check_rows(grad_y, op, "grad_y");
+  check_rows(x, at::kCUDA, op, "x");
+  check_rows(grad_y, at::kCUDA, op, "grad_y");
   const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               op, ": grad_y must match x in shape, dtype and device: x is ", x.sizes(), " ", x.scalar_type(), " on ",

@@ -2,7 +2,8 @@
 // part of its backward: reference.linear_matmul / reference.linear_bias_act_backward, bit for bit.
 //
 // Forward: a classic shared-memory tiled SGEMM. Each block computes one kBM x kBN tile of the
-// output, 256 threads each holding a kTM x kTN register tile. reference.linear_matmul's order, K-blocked:
+// output, 256 threads each holding a kTM x kTN register tile. reference.linear_matmul's order,
+// K-blocked (docs/design.md, "Matmul K blocks"):
 // K is cut into blocks of kKBlock = reference.MATMUL_K_BLOCK = 128 from k = 0 (k = 0..127,
 // 128..255, ...; the last block may be short). Within a block, each element's partial is one
 // float32 accumulator `acc` from +0 taking __fmaf_rn(a[i, k], b[k, j], acc) for k ascending
@@ -19,11 +20,11 @@
 // writes it (_rn intrinsics, no FMA contraction), and stores y and, when asked, the
 // pre-activation h in the operands' dtype.
 //
-// Both acc and total live in registers (2 x 64 floats per thread). With __launch_bounds__(256) a
-// thread may use up to 255 registers; the kernel takes ~240 on sm_80 / sm_90 with no spills, and
-// one 256-thread block per SM as before (at 144 registers two blocks did not fit either). Totals in
-// shared memory would need 64 KB per block on top of the 16.5 KB of tiles (past the 48 KB default);
-// an 8x4 thread tile would cut the FMAs per shared-memory load from 4 to 2.7.
+// Both acc and total live in registers (2 x 64 floats per thread): __launch_bounds__(256) lets a
+// thread use up to 255 registers, so one 256-thread block runs per SM, without spills
+// (tests/test_build.py checks ptxas). Totals in shared memory would need 64 KB per block on top of
+// the 16.5 KB of tiles (past the 48 KB default); an 8x4 thread tile would cut the FMAs per
+// shared-memory load from 4 to 2.7.
 //
 // a and b have any strides (the forward passes weight.t(), the backward weight and grad.t()):
 // each thread loads its share of a k-tile along whichever of the tile's axes is contiguous in
@@ -61,11 +62,6 @@ static_assert(kBM == kBN && kThreads == 256 && kLoads * kThreads == kBK * kBN, "
 // The reference's Python constants, rounded to float32 as torch.tensor(c, dtype=float32) does
 // (double -> float, round to nearest): a float literal could round differently from the decimal.
 constexpr float f32(double c) { return static_cast<float>(c); }
-
-__device__ __forceinline__ float* shared_floats() {
-  extern __shared__ __align__(16) unsigned char smem[];
-  return reinterpret_cast<float*>(smem);
-}
 
 // p * x + c with two roundings: one step of reference._horner.
 __device__ __forceinline__ float horner_step(float p, float x, double c) { return __fadd_rn(__fmul_rn(p, x), f32(c)); }
@@ -163,7 +159,7 @@ __global__ void __launch_bounds__(kThreads)
     matmul_kernel(const T* __restrict__ a, int64_t sam, int64_t sak, const T* __restrict__ b, int64_t sbk,
                   int64_t sbn, const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ preact, int64_t m,
                   int64_t n, int64_t k, int64_t tiles_n, bool a_m_fast, bool b_k_fast) {
-  float* smem = shared_floats();  // [buffer][A tile, B tile], each kBK rows of kSmemStride
+  float* smem = shared_memory();  // [buffer][A tile, B tile], each kBK rows of kSmemStride
   const int tid = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) / tiles_n * kBM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) % tiles_n * kBN;
@@ -396,8 +392,8 @@ cudaError_t launch_bias_act_backward(const void* grad_y, const void* preact, voi
 }  // namespace
 
 cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
-                   int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
-                   int activation, DType dtype, cudaStream_t stream) {
+                          int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
+                          int activation, DType dtype, cudaStream_t stream) {
   if (m < 0 || n < 0 || k < 0 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
   if (m == 0 || n == 0) return cudaSuccess;  // no element to write
   const int64_t tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
@@ -411,8 +407,8 @@ cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k,
 }
 
 cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
-                              void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
-                              int groups, DType dtype, cudaStream_t stream) {
+                                     void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
+                                     int groups, DType dtype, cudaStream_t stream) {
   if (rows < 0 || n < 0 || groups < 1 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;  // no element to write anywhere
   if (need_bias_grad && grad_bias == nullptr) return cudaErrorInvalidValue;

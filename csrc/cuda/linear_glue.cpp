@@ -1,7 +1,7 @@
 // Torch glue for csrc/cuda/linear.cu: checks, allocation, stream, and the CUDA registrations of
-// fusedtx_native::matmul / linear_bias_act_backward (schemas in csrc/registration.cpp).
+// fusedtx_native::linear_matmul / linear_bias_act_backward (schemas in csrc/registration.cpp).
 //
-// matmul takes a and b with any strides (the kernel reads them through their strides: no copy
+// linear_matmul takes a and b with any strides (the kernel reads them through their strides: no copy
 // for weight.t() or grad.t()); y and the pre-activation are contiguous in the operands' dtype.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,13 +24,13 @@ void check_activation(int64_t activation, const char* op) {
 
 // A 2-D CUDA operand of a matmul, any strides.
 void check_operand(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  check_device(t, at::kCUDA, op, name);
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got sizes ", t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const at::Tensor& b,
-                                               const std::optional<at::Tensor>& bias, int64_t activation,
-                                               bool save_preact, int64_t k_block) {
+                                                      const std::optional<at::Tensor>& bias, int64_t activation,
+                                                      bool save_preact, int64_t k_block) {
   constexpr const char* op = "linear_matmul";
   TORCH_CHECK(k_block == kLinearKBlock, op, ": the CUDA kernel sums K in blocks of ", kLinearKBlock, ", asked for ", k_block);
   check_operand(a, op, "a");
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cuda(const at::Tenso
                                                           const std::optional<at::Tensor>& preact,
                                                           int64_t activation, bool need_bias_grad, int64_t groups) {
   constexpr const char* op = "linear_bias_act_backward";
-  check_rows(grad_y, op, "grad_y");
+  check_rows(grad_y, at::kCUDA, op, "grad_y");
   const DType dtype = dtype_of(grad_y, op);
   check_activation(activation, op);
   TORCH_CHECK(groups >= 1 && groups <= INT32_MAX, op, ": groups must be in [1, 2^31 - 1], got ", groups);

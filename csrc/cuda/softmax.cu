@@ -22,7 +22,7 @@ __device__ __forceinline__ int64_t causal_valid(int64_t row, int64_t cols, int64
 template <typename T, bool kCached>
 __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t cols, float scale,
                                    bool causal, int64_t n_queries) {
-  extern __shared__ float scratch[];
+  float* scratch = shared_memory();
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x, lanes = blockDim.x;
   const T* x_row = x + row * cols;
@@ -75,7 +75,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
 template <typename T>
 __global__ void softmax_bwd_kernel(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ grad_x,
                                    int64_t cols, float scale) {
-  extern __shared__ float scratch[];
+  float* scratch = shared_memory();
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x, lanes = blockDim.x;
   const T* dy_row = grad_y + row * cols;

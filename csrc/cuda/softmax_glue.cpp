@@ -1,4 +1,5 @@
-// Torch glue for csrc/cuda/softmax.cu: checks, allocation, stream, and the CUDA registrations.
+// Torch glue for csrc/cuda/softmax.cu: checks, allocation, stream, and the CUDA registrations of
+// fusedtx_native::softmax_forward / softmax_backward (schemas in csrc/registration.cpp).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -9,7 +10,7 @@ namespace fusedtx::cuda {
 namespace {
 
 at::Tensor softmax_forward_cuda(const at::Tensor& x, double scale, bool causal, int64_t n_queries, int64_t lanes) {
-  check_rows(x, "softmax_forward", "x");
+  check_rows(x, at::kCUDA, "softmax_forward", "x");
   TORCH_CHECK(!causal || n_queries > 0, "softmax_forward: n_queries must be positive when causal");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
@@ -21,8 +22,8 @@ at::Tensor softmax_forward_cuda(const at::Tensor& x, double scale, bool causal, 
 }
 
 at::Tensor softmax_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y, double scale, int64_t lanes) {
-  check_rows(grad_y, "softmax_backward", "grad_y");
-  check_rows(y, "softmax_backward", "y");
+  check_rows(grad_y, at::kCUDA, "softmax_backward", "grad_y");
+  check_rows(y, at::kCUDA, "softmax_backward", "y");
   TORCH_CHECK(grad_y.sizes() == y.sizes() && grad_y.scalar_type() == y.scalar_type(),
               "softmax_backward: grad_y and y must match in shape and dtype");
   const c10::cuda::CUDAGuard guard(y.device());

@@ -1,0 +1,297 @@
+// The packed path of the Linear matmul on CPU (linear.cpp drives it): packing, the
+// register-blocked micro-kernels and the bias + activation epilogue, in AVX-512 and, with the
+// same packed layouts and the same bits, in portable scalar code.
+//
+// Every output element is one float32 FMA chain from +0 per block of kKBlock k's, k ascending,
+// the block sums added in order (reference.linear_matmul; docs/design.md, "Matmul K blocks").
+// b is packed into panels of kNR = 32 columns (float32, zero-padded columns), a into panels of
+// kMR = 14 rows, k-major; k is never padded. The 14 x 32 micro-kernel keeps 28 zmm accumulators
+// and broadcasts one element of a per row and k; short row panels take 2 or 4 column panels per
+// call so that enough accumulators hide the FMA latency. Any strides: packing reads a and b
+// where they are (16 x 16 in-register transposes where k is the contiguous axis, e.g. b =
+// weight.t()) and converts bfloat16/float16 to float32 on the way.
+//
+// A part of linear.cpp, included there only: like activations.h, it keeps its functions in an
+// unnamed namespace, so that they are local to that file (GCC inlines and clones them as it
+// would file-local code, and no call goes through the PLT).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+
+#include "activations.h"
+#include "common.h"
+
+namespace fusedtx::cpu {
+namespace {
+
+constexpr int kMR = 14;            // rows of a micro-tile
+constexpr int kNV = 2;             // 16-float vectors across a micro-tile
+constexpr int kNR = 16 * kNV;      // columns of a micro-tile
+// Cache blocking, sized for a core with 48 KB of L1d and 1 MB of L2 (Zen 5): a kMR x kKCMax
+// panel of packed a (21 KB) stays in L1 while it sweeps the kKCMax x kNCMax block of packed b
+// (384 KB) in L2. The b block is packed once per K block and task and serves all the task's rows.
+constexpr int64_t kKBlock = 128;       // reference.MATMUL_K_BLOCK: k's per FMA chain
+constexpr int64_t kKCMax = 3 * kKBlock; // k per packed block (whole chains only)
+constexpr int64_t kMCMax = 16 * kMR;   // rows of a per packed block
+constexpr int64_t kNCMax = 256;        // columns per task
+constexpr int64_t kTaskRowsMax = 1024; // rows per task: bounds the per-thread partials buffer
+
+constexpr int kMaxPanels = 4;
+constexpr int64_t kTileLd = kMaxPanels * kNR;  // floats per row of the epilogue's tile
+// Column panels per micro-kernel call for a row panel of `rows` rows: at least ~8 accumulators.
+constexpr int panels_for_rows(int rows) { return rows <= 3 ? 4 : rows <= 7 ? 2 : 1; }
+
+template <typename T>
+struct Problem {
+  int64_t M, N, K;
+  const T* a;
+  int64_t sa0, sa1;
+  const T* b;
+  int64_t sb0, sb1;
+  const float* bias;  // float32, padded to a multiple of kNR, or nullptr
+  T* y;               // (M, N) contiguous
+  T* preact;          // (M, N) contiguous, or nullptr
+};
+
+#if defined(FUSEDTX_AVX512)
+
+// a[i0 : i0 + mc, k0 : k0 + kc] -> ap: panels of kMR rows, each kc x kMR (k-major), rows past
+// mc zero.
+template <typename T>
+void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
+  constexpr __mmask16 kPanelMask = (1u << kMR) - 1u;
+  for (int64_t ir = 0; ir < mc; ir += kMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
+    float* dst = ap + (ir / kMR) * kc * kMR;
+    const T* src = p.a + (i0 + ir) * p.sa0 + k0 * p.sa1;
+    if (p.sa1 == 1) {  // k contiguous: 16 x 16 transposes
+      for (int64_t k = 0; k < kc; k += 16) {
+        const int64_t kn = std::min<int64_t>(16, kc - k);
+        const __mmask16 km = first_lanes(kn);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = i < rows ? load16(src + i * p.sa0 + k, km) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(dst + (k + kk) * kMR, kPanelMask, r[kk]);
+      }
+    } else if (p.sa0 == 1) {  // rows contiguous
+      const __mmask16 rm = first_lanes(rows);
+      for (int64_t k = 0; k < kc; ++k) _mm512_mask_storeu_ps(dst + k * kMR, kPanelMask, load16(src + k * p.sa1, rm));
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? to_float(src[r * p.sa0 + k * p.sa1]) : 0.0f;
+      }
+    }
+  }
+}
+
+constexpr int64_t kPrefetchB = 64;  // elements ahead
+
+// b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
+template <typename T>
+void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
+  if (p.sb1 == 1) {  // rows of b contiguous: copy, each row of the block in one sweep
+    const int64_t vecs = round_up(nc, kNR) / 16;
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = p.b + (k0 + k) * p.sb0 + j0;
+      float* dst = bp + k * kNR;
+      for (int64_t v = 0; v < vecs; ++v) {
+        const __m512 x = v * 16 + 16 <= nc ? load16(src + v * 16) : load16(src + v * 16, first_lanes(nc - v * 16));
+        _mm512_store_ps(dst + (v / kNV) * kc * kNR + (v % kNV) * 16, x);
+      }
+    }
+    return;
+  }
+  for (int64_t jr = 0; jr < nc; jr += kNR) {
+    const int64_t cols = std::min<int64_t>(kNR, nc - jr);
+    float* dst = bp + (jr / kNR) * kc * kNR;
+    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
+    if (p.sb0 == 1) {  // columns of b contiguous (b = weight.t()): 16 x 16 transposes
+      for (int v = 0; v < kNV; ++v) {
+        const int64_t jn = std::clamp<int64_t>(cols - v * 16, 0, 16);
+        for (int64_t k = 0; k < kc; k += 16) {
+          const int64_t kn = std::min<int64_t>(16, kc - k);
+          const __mmask16 km = first_lanes(kn);
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) {
+            if (i < jn) {
+              // 16 row streams at once outrun the hardware prefetcher: fetch a few lines ahead.
+              _mm_prefetch(reinterpret_cast<const char*>(src + (v * 16 + i) * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
+              r[i] = load16(src + (v * 16 + i) * p.sb1 + k, km);
+            } else {
+              r[i] = _mm512_setzero_ps();
+            }
+          }
+          transpose16(r);
+          for (int64_t kk = 0; kk < kn; ++kk) _mm512_store_ps(dst + (k + kk) * kNR + v * 16, r[kk]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(src[k * p.sb0 + j * p.sb1]) : 0.0f;
+      }
+    }
+  }
+}
+
+// The k's [k0, k0 + kc) of one packed K block, k0 a multiple of kKBlock: an MR x (NP * kNR)
+// tile. Per block of kKBlock k's (reference.linear_matmul): acc from +0, acc = fma(a[k][r], b[k][j],
+// acc) for k ascending, then total = total + acc -- total read from cin (nullptr: +0) for the
+// first block and from cout after, and written to cout. a: a kMR-row panel (kMR floats per k);
+// b: NP consecutive kNR-column panels, b_stride floats apart. Short row panels take several
+// column panels at once, so that enough independent accumulators hide the FMA latency.
+template <int MR, int NP>
+void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, int64_t b_stride, const float* cin,
+                  int64_t ldcin, float* cout, int64_t ldcout) {
+  constexpr int NV = NP * kNV;
+  const float* total = cin;
+  int64_t ld_total = ldcin;
+  int64_t k = 0;
+  do {
+    const int64_t k_end = std::min(kc, k + kKBlock);
+    __m512 acc[MR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    }
+    for (; k < k_end; ++k) {
+      __m512 bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(b + (v / kNV) * b_stride + (v % kNV) * 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+      a += kMR;
+      b += kNR;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __m512 t = total ? _mm512_loadu_ps(total + r * ld_total + v * 16) : _mm512_setzero_ps();
+        _mm512_storeu_ps(cout + r * ldcout + v * 16, _mm512_add_ps(t, acc[r][v]));
+      }
+    }
+    total = cout;
+    ld_total = ldcout;
+  } while (k < kc);
+}
+
+// The epilogue of a rows x cols tile (kTileLd floats per row): h = acc (+ bias), preact = h,
+// y = act(h), in T.
+template <typename T, int kAct>
+void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  int r = 0;
+  if constexpr (kAct != kActNone) {
+    if (cols % 32 == 0) {
+      // Two rows x two vectors at a time: four independent erf/exp chains in flight.
+      for (; r + 2 <= rows; r += 2) {
+        for (int v = 0; v * 16 < cols; v += 2) {
+          __m512 h[4];
+          for (int q = 0; q < 4; ++q) {
+            h[q] = _mm512_load_ps(tile + (r + q / 2) * kTileLd + (v + q % 2) * 16);
+            if (bias) h[q] = _mm512_add_ps(h[q], _mm512_loadu_ps(bias + (v + q % 2) * 16));
+            if (preact) store16(preact + (r + q / 2) * ld + (v + q % 2) * 16, h[q], 0xFFFF);
+          }
+          const vfloat y0 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[0]));
+          const vfloat y1 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[1]));
+          const vfloat y2 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[2]));
+          const vfloat y3 = activation_forward<kAct>(reinterpret_cast<vfloat>(h[3]));
+          store16(y + r * ld + v * 16, reinterpret_cast<__m512>(y0), 0xFFFF);
+          store16(y + r * ld + (v + 1) * 16, reinterpret_cast<__m512>(y1), 0xFFFF);
+          store16(y + (r + 1) * ld + v * 16, reinterpret_cast<__m512>(y2), 0xFFFF);
+          store16(y + (r + 1) * ld + (v + 1) * 16, reinterpret_cast<__m512>(y3), 0xFFFF);
+        }
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    for (int v = 0; v * 16 < cols; ++v) {
+      const __mmask16 m = first_lanes(cols - v * 16);
+      __m512 h = _mm512_load_ps(tile + r * kTileLd + v * 16);
+      if (bias) h = _mm512_add_ps(h, _mm512_loadu_ps(bias + v * 16));
+      if (preact) store16(preact + r * ld + v * 16, h, m);
+      if constexpr (kAct != kActNone) {
+        h = reinterpret_cast<__m512>(activation_forward<kAct>(reinterpret_cast<vfloat>(h)));
+      }
+      store16(y + r * ld + v * 16, h, m);
+    }
+  }
+}
+
+#else  // portable fallback: the same packed layouts, scalar std::fma
+
+template <typename T>
+void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
+  for (int64_t ir = 0; ir < mc; ir += kMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
+    float* dst = ap + (ir / kMR) * kc * kMR;
+    const T* src = p.a + (i0 + ir) * p.sa0 + k0 * p.sa1;
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? to_float(src[r * p.sa0 + k * p.sa1]) : 0.0f;
+    }
+  }
+}
+
+template <typename T>
+void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
+  for (int64_t jr = 0; jr < nc; jr += kNR) {
+    const int64_t cols = std::min<int64_t>(kNR, nc - jr);
+    float* dst = bp + (jr / kNR) * kc * kNR;
+    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(src[k * p.sb0 + j * p.sb1]) : 0.0f;
+    }
+  }
+}
+
+template <int MR, int NP>
+void micro_kernel(int64_t kc, const float* a, const float* b, int64_t b_stride, const float* cin, int64_t ldcin,
+                  float* cout, int64_t ldcout) {
+  for (int p = 0; p < NP; ++p) {
+    const float* total = cin ? cin + p * kNR : nullptr;
+    int64_t ld_total = ldcin;
+    int64_t k = 0;
+    do {
+      const int64_t k_end = std::min(kc, k + kKBlock);
+      float acc[MR][kNR] = {};
+      for (; k < k_end; ++k) {
+        for (int r = 0; r < MR; ++r) {
+          for (int j = 0; j < kNR; ++j) acc[r][j] = std::fma(a[k * kMR + r], b[p * b_stride + k * kNR + j], acc[r][j]);
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        for (int j = 0; j < kNR; ++j) {
+          const float t = total ? total[r * ld_total + j] : 0.0f;
+          cout[r * ldcout + p * kNR + j] = t + acc[r][j];
+        }
+      }
+      total = cout + p * kNR;
+      ld_total = ldcout;
+    } while (k < kc);
+  }
+}
+
+template <typename T, int kAct>
+void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      float h = tile[r * kTileLd + j];
+      if (bias) h = h + bias[j];
+      if (preact) store1(preact + r * ld + j, h);
+      store1(y + r * ld + j, activation_forward<kAct>(h));
+    }
+  }
+}
+
+#endif  // FUSEDTX_AVX512
+
+}  // namespace
+}  // namespace fusedtx::cpu

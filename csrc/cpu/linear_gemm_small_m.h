@@ -1,0 +1,132 @@
+// The few-rows path of the Linear matmul on CPU (decode: at most kSmallMMax rows of a), AVX-512
+// only: b is not packed but streamed once, straight from where it is, and each output element
+// gets exactly the packed path's arithmetic (per block of kKBlock k's an FMA chain from +0, the
+// chain totals added in order, then the epilogue of linear_gemm.h). A part of linear.cpp, in an
+// unnamed namespace like linear_gemm.h.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.h"
+#include "linear_gemm.h"
+
+namespace fusedtx::cpu {
+namespace {
+
+#if defined(FUSEDTX_AVX512)
+
+// Few rows (decode): packing b would cost more than the multiply, so b is read where it is.
+// a arrives as float32 rows (lda floats apart). Each call covers columns [j0, j1) for all rows.
+// b = weight.t() (k contiguous): 16 columns at a time, each 16 x 16 block of b transposed in
+// registers and multiplied at once.
+template <typename T, int kAct, int MR>
+void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  alignas(64) float tile[kMR * kTileLd];
+  for (int64_t j = j0; j < j1; j += 16) {
+    const int64_t jn = std::min<int64_t>(16, j1 - j);
+    const T* src = p.b + j * p.sb1;
+    // The running totals of the kKBlock chains, from +0, in the tile.
+    for (int i = 0; i < MR; ++i) _mm512_store_ps(tile + i * kTileLd, _mm512_setzero_ps());
+    __m512 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < p.K; k += 16) {
+      const int64_t kn = std::min<int64_t>(16, p.K - k);
+      const __mmask16 km = first_lanes(kn);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        if (i < jn) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + i * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
+          r[i] = kn == 16 ? load16(src + i * p.sb1 + k) : load16(src + i * p.sb1 + k, km);
+        } else {
+          r[i] = _mm512_setzero_ps();
+        }
+      }
+      transpose16(r);
+      if (kn == 16) {
+#pragma GCC unroll 16
+        for (int kk = 0; kk < 16; ++kk) {
+#pragma GCC unroll 16
+          for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i]);
+        }
+      } else {
+        for (int64_t kk = 0; kk < kn; ++kk) {
+          for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i]);
+        }
+      }
+      if ((k + kn) % kKBlock == 0 || k + kn == p.K) {  // a chain ends: total = total + acc
+        for (int i = 0; i < MR; ++i) {
+          _mm512_store_ps(tile + i * kTileLd, _mm512_add_ps(_mm512_load_ps(tile + i * kTileLd), acc[i]));
+          acc[i] = _mm512_setzero_ps();
+        }
+      }
+    }
+    epilogue<T, kAct>(tile, MR, jn, p.bias ? p.bias + j : nullptr, p.y + j, p.preact ? p.preact + j : nullptr, p.N);
+  }
+}
+
+// b row-major (columns contiguous, e.g. the backward's weight): NV vectors of columns at a time,
+// straight from b's rows.
+template <typename T, int kAct, int MR, int NV>
+void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  alignas(64) float tile[kMR * kTileLd];
+  static_assert(NV * 16 <= kTileLd);
+  constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
+  for (int64_t j = j0; j < j1; j += 16 * NV) {
+    const int64_t cols = std::min<int64_t>(16 * NV, j1 - j);
+    const T* src = p.b + j;
+    __m512 acc[MR][NV];
+    for (int i = 0; i < MR; ++i) {
+      for (int v = 0; v < NV; ++v) {
+        acc[i][v] = _mm512_setzero_ps();
+        _mm512_store_ps(tile + i * kTileLd + v * 16, _mm512_setzero_ps());  // chain totals, from +0
+      }
+    }
+    __mmask16 masks[NV];
+    for (int v = 0; v < NV; ++v) masks[v] = first_lanes(cols - v * 16);
+    const bool full = cols == 16 * NV;
+    for (int64_t k = 0; k < p.K; ++k) {
+      const T* row = src + k * p.sb0;
+      for (int v = 0; v < NV * static_cast<int>(sizeof(T)) / 4; ++v) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * p.sb0) + 64 * v, _MM_HINT_T0);
+      }
+      __m512 bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = full ? load16(row + v * 16) : load16(row + v * 16, masks[v]);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+      }
+      if ((k + 1) % kKBlock == 0 || k + 1 == p.K) {  // a chain ends: total = total + acc
+        for (int i = 0; i < MR; ++i) {
+          for (int v = 0; v < NV; ++v) {
+            float* t = tile + i * kTileLd + v * 16;
+            _mm512_store_ps(t, _mm512_add_ps(_mm512_load_ps(t), acc[i][v]));
+            acc[i][v] = _mm512_setzero_ps();
+          }
+        }
+      }
+    }
+    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + j, p.preact ? p.preact + j : nullptr, p.N);
+  }
+}
+
+constexpr int64_t kSmallMChunk = 128;  // columns per parallel task of the few-rows path
+constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
+
+template <typename T, int kAct, int MR>
+void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  if (p.sb0 == 1) {
+    small_m_kmajor<T, kAct, MR>(p, a, lda, j0, j1);
+  } else {
+    small_m_nmajor<T, kAct, MR, (MR <= 2 ? 8 : MR <= 4 ? 4 : 3)>(p, a, lda, j0, j1);
+  }
+}
+
+
+#endif  // FUSEDTX_AVX512
+
+}  // namespace
+}  // namespace fusedtx::cpu
