@@ -16,6 +16,13 @@ from helpers import BITEXACT_LOG  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # The pytest-xdist controller, before it starts the workers (which inherit the
+        # environment): each worker keeps torch's default thread count, so that the native
+        # kernels run threaded as they do in a serial run, but idle OpenMP threads sleep
+        # instead of spinning. With N workers of N threads each on N cores, spinning threads
+        # took the cores from the other workers' work: the native tests used twice the CPU.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):
