@@ -14,6 +14,18 @@ import pytest  # noqa: E402
 from helpers import BITEXACT_LOG  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Without -n, run on every logical CPU (pytest-xdist's `-n logical`: 2 workers on the 2-core
+    CI host) when pytest-xdist is installed; -n0 runs serially (e.g. to debug one test). Set
+    here rather than in addopts, so that an environment without pytest-xdist still runs the
+    suite (serially) instead of rejecting -n. Runs before xdist's own hook, which resolves it."""
+    if hasattr(config, "workerinput"):  # a worker: xdist resets its -n to None, keep it so
+        return
+    if getattr(config.option, "numprocesses", 0) is None:
+        config.option.numprocesses = "logical"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
