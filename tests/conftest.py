@@ -24,6 +24,11 @@ def pytest_cmdline_main(config):
         return
     if getattr(config.option, "numprocesses", 0) is None:
         config.option.numprocesses = "logical"
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        # xdist hands each worker a quarter of its share at the start (~300 tests here), so one
+        # worker got the build tests' subprocesses (the extension build race, nvcc, the Triton
+        # lowering) all together; chunks of at most 8 deal them out as workers free up.
+        config.option.maxschedchunk = 8
 
 
 def pytest_configure(config):
@@ -35,6 +40,28 @@ def pytest_configure(config):
         # instead of spinning. With N workers of N threads each on N cores, spinning threads
         # took the cores from the other workers' work: the native tests used twice the CPU.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_threads_share_one_core(request):
+    """Under pytest-xdist, run each CUDA-emulator test's threads on one core, a different core per
+    worker. The emulator runs a block as one OS thread per CUDA thread, meeting at barriers
+    thousands of times; spread over two cores while another worker's process holds one of them,
+    every barrier waited for that core's time slice: 1.5 s tests took 20-30 s. Threads inherit
+    the affinity of the thread that starts them, so pinning the test's thread pins the block's
+    threads; the other worker's processes, not pinned, move to the other core. Scheduling only:
+    the emulated kernels compute the same bits."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if (not request.module.__name__.endswith("_cuda_emulated") or not worker.startswith("gw")
+            or not hasattr(os, "sched_setaffinity")):
+        yield
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def pytest_collection_modifyitems(config, items):
