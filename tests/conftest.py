@@ -60,8 +60,12 @@ def _emulated_cuda_threads_share_one_core(request):
     os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
     try:
         yield
-    finally:
-        os.sched_setaffinity(0, cpus)
+    finally:  # every thread of the process, so that no thread started meanwhile (OpenMP's) stays pinned
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:  # a thread that has exited since
+                pass
 
 
 def pytest_collection_modifyitems(config, items):
