@@ -6,7 +6,10 @@ fusedtx/kernels/<op>.py; every @triton.jit kernel of such a module must appear t
 that kernels call are listed in the module's JIT_HELPERS).
 
 The ~230 (specialisation, arch) compilations take about a second each from a cold Triton cache
-(as on CI): they are spread over one worker process per core.
+(as on CI): they are spread over one worker process per core, or per core left to this
+pytest-xdist worker (PYTEST_XDIST_WORKER_COUNT, inherited from the test): the other workers keep
+their cores busy, and more compiling processes than cores cost ~12% more CPU for the same work.
+With one process left, this process compiles them itself.
 """
 import concurrent.futures
 import importlib
@@ -61,10 +64,14 @@ def main() -> int:
         if missing:
             failures.append(f"{module_name}: kernels without a compile spec: {sorted(missing)}")
         tasks += [(module_name, i, arch) for i in range(len(specs)) for arch in ARCHS]
-    workers = max(1, min(len(os.sched_getaffinity(0)), len(tasks)))
-    # spawn, not fork: a forked child would inherit the parent's imported Triton state
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(lower, *zip(*tasks)))
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    workers = max(1, min(cores, len(tasks)))
+    if workers == 1:
+        results = [lower(*task) for task in tasks]
+    else:
+        # spawn, not fork: a forked child would inherit the parent's imported Triton state
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(lower, *zip(*tasks)))
     failures += [r for r in results if r is not None]
     print(f"lowered {results.count(None)} kernel specialisations to PTX ({workers} processes)")
     if failures:

@@ -14,8 +14,58 @@ import pytest  # noqa: E402
 from helpers import BITEXACT_LOG  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Without -n, run on every logical CPU (pytest-xdist's `-n logical`: 2 workers on the 2-core
+    CI host) when pytest-xdist is installed; -n0 runs serially (e.g. to debug one test). Set
+    here rather than in addopts, so that an environment without pytest-xdist still runs the
+    suite (serially) instead of rejecting -n. Runs before xdist's own hook, which resolves it."""
+    if hasattr(config, "workerinput"):  # a worker: xdist resets its -n to None, keep it so
+        return
+    if getattr(config.option, "numprocesses", 0) is None:
+        config.option.numprocesses = "logical"
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        # xdist hands each worker a quarter of its share at the start (~300 tests here), so one
+        # worker got the build tests' subprocesses (the extension build race, nvcc, the Triton
+        # lowering) all together; chunks of at most 8 deal them out as workers free up.
+        config.option.maxschedchunk = 8
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # The pytest-xdist controller, before it starts the workers (which inherit the
+        # environment): each worker keeps torch's default thread count, so that the native
+        # kernels run threaded as they do in a serial run, but idle OpenMP threads sleep
+        # instead of spinning. With N workers of N threads each on N cores, spinning threads
+        # took the cores from the other workers' work: the native tests used twice the CPU.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_threads_share_one_core(request):
+    """Under pytest-xdist, run each CUDA-emulator test's threads on one core, a different core per
+    worker. The emulator runs a block as one OS thread per CUDA thread, meeting at barriers
+    thousands of times; spread over two cores while another worker's process holds one of them,
+    every barrier waited for that core's time slice: 1.5 s tests took 20-30 s. Threads inherit
+    the affinity of the thread that starts them, so pinning the test's thread pins the block's
+    threads; the other worker's processes, not pinned, move to the other core. Scheduling only:
+    the emulated kernels compute the same bits."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if (not request.module.__name__.endswith("_cuda_emulated") or not worker.startswith("gw")
+            or not hasattr(os, "sched_setaffinity")):
+        yield
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+    try:
+        yield
+    finally:  # every thread of the process, so that no thread started meanwhile (OpenMP's) stays pinned
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:  # a thread that has exited since
+                pass
 
 
 def pytest_collection_modifyitems(config, items):

@@ -182,6 +182,9 @@ def test_two_processes_building_the_extension_at_once(tmp_path):
             "assert torch.equal(fusedtx.softmax(x, backend='native'), fusedtx.softmax(x, backend='reference'))\n"
             "print('ok')\n")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # ninja runs cores + 2 jobs: leave the other workers theirs
+        cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        env.setdefault("MAX_JOBS", str(max(1, cores)))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]

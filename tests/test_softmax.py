@@ -150,11 +150,12 @@ def fusedtx_softmax(x, dim=-1, scale=None, causal=False, backend=None):
     return fusedtx.softmax(x, dim, scale=scale, causal=causal, backend=backend)
 
 
-def invariance_failures(fn, backend, device, dtype, n_cols=300, causal=False):
-    """Rows where fn(row inside a batch, with garbage around it) != fn(row alone), bitwise."""
+def invariance_failures(fn, backend, device, dtype, n_cols=300, causal=False, n_queries=8):
+    """Rows where fn(row inside a batch, with garbage around it) != fn(row alone), bitwise. A
+    causal batch element is n_queries rows (queries at the end of n_cols keys)."""
     g = torch.Generator().manual_seed(7)
     failures = []
-    shape = (8, n_cols) if causal else (n_cols,)
+    shape = (n_queries, n_cols) if causal else (n_cols,)
     probe = (torch.randn((1,) + shape, generator=g) * 3).to(dtype).to(device)
     alone = fn(probe, -1, 0.125, causal, backend)
     for batch in (1, 2, 3, 17, 40):
@@ -172,7 +173,11 @@ def invariance_failures(fn, backend, device, dtype, n_cols=300, causal=False):
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
 def test_batch_invariance(device, backend, dtype, causal):
     require(device, backend)
-    assert invariance_failures(fusedtx_softmax, backend, device, dtype, causal=causal) == []
+    # The interpreter runs one program per row, each a Python loop: 2 causal query rows per
+    # batch element (two masks, 299 and 300 of the 300 keys) make 370 programs over the 185
+    # batch elements instead of 8 rows' 1,480. Every batch size and position is still checked.
+    n_queries = 2 if backend == "triton" and device == "cpu" else 8
+    assert invariance_failures(fusedtx_softmax, backend, device, dtype, causal=causal, n_queries=n_queries) == []
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
