@@ -26,7 +26,7 @@ from cuda_emu.glue import CUDA_INCLUDE, DTYPE_CODE, F32, I64, INT, P, nan_like, 
 pytestmark = requires_emulator
 
 ATTENTION_WRAPPERS = """
-extern "C" int emu_attention_forward(const void* q, const int64_t* qs, const void* k, const int64_t* ks, const void* v,
+extern "C" int emu_causal_attention_forward(const void* q, const int64_t* qs, const void* k, const int64_t* ks, const void* v,
                                      const int64_t* vs, const int64_t* seqlens, void* o, float* m, float* l,
                                      int64_t batch, int64_t heads, int64_t kv_heads, int64_t n_queries, int64_t t_max,
                                      int64_t dim, float scale, int64_t split, int dtype) {
@@ -38,7 +38,7 @@ extern "C" int emu_attention_forward(const void* q, const int64_t* qs, const voi
 
 
 def _forward_argtypes(lib):
-    lib.emu_attention_forward.argtypes = [P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, F32, I64, INT]
+    lib.emu_causal_attention_forward.argtypes = [P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, F32, I64, INT]
     return lib
 
 
@@ -47,7 +47,7 @@ def attention_lib(tmp_path_factory):
     return _forward_argtypes(build("causal_attention.cu", ATTENTION_WRAPPERS, tmp_path_factory.mktemp("emu"), CUDA_INCLUDE))
 
 
-def emu_attention(lib, q, k, v, seqlens, scale, split):
+def emu_causal_attention(lib, q, k, v, seqlens, scale, split):
     """(o, m, l) from the kernel; q, k, v of any strides with stride(-1) == 1."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     batch, heads, n_queries, dim = q.shape
@@ -55,7 +55,7 @@ def emu_attention(lib, q, k, v, seqlens, scale, split):
     lengths = seqlens.to(torch.int64).contiguous()
     o = nan_like(q.shape, q.dtype)
     m, l = nan_like((batch, heads, n_queries), torch.float32), nan_like((batch, heads, n_queries), torch.float32)
-    rc = lib.emu_attention_forward(ptr(q), ptr(strides[0]), ptr(k), ptr(strides[1]), ptr(v), ptr(strides[2]),
+    rc = lib.emu_causal_attention_forward(ptr(q), ptr(strides[0]), ptr(k), ptr(strides[1]), ptr(v), ptr(strides[2]),
                                    ptr(lengths), ptr(o), ptr(m), ptr(l), batch, heads, k.shape[1], n_queries,
                                    k.shape[2], dim, scale, split, DTYPE_CODE[q.dtype])
     assert rc == 0
@@ -97,7 +97,7 @@ def test_full_causal_pass_matches_reference(attention_lib, dtype, dim, heads, kv
     q, k, v = strided_qkv(2, heads, kv_heads, t, t, dim, dtype, g, layout)
     seqlens = torch.full((2,), t, dtype=torch.int64)
     scale = dim ** -0.5
-    got = emu_attention(attention_lib, q, k, v, seqlens, scale, split)
+    got = emu_causal_attention(attention_lib, q, k, v, seqlens, scale, split)
     assert_matches_reference(got, q, k, v, seqlens, scale, split, f"T={t} S={split} D={dim}")
 
 
@@ -105,7 +105,7 @@ def test_head_dim_128(attention_lib):
     g = torch.Generator().manual_seed(128)
     q, k, v = strided_qkv(1, 2, 1, 21, 21, 128, torch.float32, g, "contiguous")
     seqlens = torch.tensor([21])
-    got = emu_attention(attention_lib, q * 2, k, v, seqlens, 128 ** -0.5, 16)
+    got = emu_causal_attention(attention_lib, q * 2, k, v, seqlens, 128 ** -0.5, 16)
     assert_matches_reference(got, q * 2, k, v, seqlens, 128 ** -0.5, 16, "D=128")
 
 
@@ -125,11 +125,11 @@ def test_cache_with_garbage_and_per_sequence_lengths(attention_lib, dtype, n_que
     q = torch.stack([q_full[b, :, n - n_queries:n] for b, n in enumerate(lengths)])
     seqlens = torch.tensor(lengths, dtype=torch.int64)
     scale = 0.3
-    got = emu_attention(attention_lib, q, k, v, seqlens, scale, split)
+    got = emu_causal_attention(attention_lib, q, k, v, seqlens, scale, split)
     assert_matches_reference(got, q, k, v, seqlens, scale, split, f"Tq={n_queries}, lengths {lengths}")
     assert torch.isfinite(got[0]).all()
     for b, n in enumerate(lengths):  # the same bits as the full pass of sequence b alone
-        full = emu_attention(attention_lib, q_full[b:b + 1, :, :n], k[b:b + 1, :, :n].contiguous(),
+        full = emu_causal_attention(attention_lib, q_full[b:b + 1, :, :n], k[b:b + 1, :, :n].contiguous(),
                              v[b:b + 1, :, :n].contiguous(), torch.tensor([n]), scale, split)
         for ours, alone, name in zip(got, full, ("o", "m", "l")):
             assert_bitwise_equal(ours[b:b + 1], alone[..., n - n_queries:n, :] if name == "o" else
@@ -142,7 +142,7 @@ def test_out_of_range_lengths_give_nan_rows(attention_lib):
     g = torch.Generator().manual_seed(9)
     q, k, v = strided_qkv(3, 2, 2, 2, 20, 16, torch.float32, g, "contiguous")
     seqlens = torch.tensor([1, 20, 21])
-    o, m, l = emu_attention(attention_lib, q, k, v, seqlens, 0.25, 16)
+    o, m, l = emu_causal_attention(attention_lib, q, k, v, seqlens, 0.25, 16)
     assert o[0].isnan().all() and m[0].isnan().all() and o[2].isnan().all() and l[2].isnan().all()
     ref = reference.causal_attention_forward(q[1:2], k[1:2], v[1:2], seqlens[1:2], 0.25, 16)
     assert_bitwise_equal(o[1:2], ref[0], "the valid sequence")
@@ -178,7 +178,7 @@ def test_negative_control_fma_merge_and_descending_chunks_are_caught(tmp_path):
 
     for mutate, what in ((fma_merge, "FMA merge"), (descending, "descending chunks")):
         lib = _forward_argtypes(build("causal_attention.cu", ATTENTION_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
-        o, _, _ = emu_attention(lib, q, k, v, seqlens, 0.25, 16)
+        o, _, _ = emu_causal_attention(lib, q, k, v, seqlens, 0.25, 16)
         torch.testing.assert_close(o, exact, rtol=1e-5, atol=1e-5)  # still a correct attention...
         assert not torch.equal(o, ref[0]), what  # ...with other roundings
 
@@ -187,7 +187,7 @@ def test_negative_control_fma_merge_and_descending_chunks_are_caught(tmp_path):
 # backward
 # ---------------------------------------------------------------------------------------------
 BACKWARD_WRAPPERS = """
-extern "C" int emu_attention_backward(const void* go, const int64_t* gos, const void* q, const int64_t* qs,
+extern "C" int emu_causal_attention_backward(const void* go, const int64_t* gos, const void* q, const int64_t* qs,
                                       const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                                       const float* m, const float* l, void* dq, void* dk, void* dv, float* ws,
                                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
@@ -196,7 +196,7 @@ extern "C" int emu_attention_backward(const void* go, const int64_t* gos, const 
                                                 kv_heads, length, dim, scale, split, (fusedtx::cuda::DType)dtype,
                                                 nullptr);
 }
-extern "C" int64_t emu_attention_backward_workspace(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
+extern "C" int64_t emu_causal_attention_backward_workspace(int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
                                                     int64_t dim, int dtype) {
   return fusedtx::cuda::causal_attention_backward_workspace_elems(batch, heads, kv_heads, length, dim,
                                                            (fusedtx::cuda::DType)dtype);
@@ -208,10 +208,10 @@ SPLIT = 16
 
 
 def _backward_argtypes(lib):
-    lib.emu_attention_backward.argtypes = [P, P, P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, F32,
+    lib.emu_causal_attention_backward.argtypes = [P, P, P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, F32,
                                            I64, INT]
-    lib.emu_attention_backward_workspace.argtypes = [I64, I64, I64, I64, I64, INT]
-    lib.emu_attention_backward_workspace.restype = I64
+    lib.emu_causal_attention_backward_workspace.argtypes = [I64, I64, I64, I64, I64, INT]
+    lib.emu_causal_attention_backward_workspace.restype = I64
     return lib
 
 
@@ -229,9 +229,9 @@ def emu_backward(lib, grad_o, q, k, v, m, l, scale, split):
     m, l = m.contiguous(), l.contiguous()
     dq, dk, dv = nan_like(q.shape, q.dtype), nan_like(k.shape, k.dtype), nan_like(v.shape, v.dtype)
     # NaN-filled, exactly as large as the launcher asks: a read before a write, or past the end, shows.
-    n_ws = lib.emu_attention_backward_workspace(batch, heads, kv_heads, length, dim, DTYPE_CODE[q.dtype])
+    n_ws = lib.emu_causal_attention_backward_workspace(batch, heads, kv_heads, length, dim, DTYPE_CODE[q.dtype])
     workspace = nan_like((max(n_ws, 1),), torch.float32)
-    rc = lib.emu_attention_backward(ptr(grad_o), ptr(strides[0]), ptr(q), ptr(strides[1]), ptr(k), ptr(strides[2]),
+    rc = lib.emu_causal_attention_backward(ptr(grad_o), ptr(strides[0]), ptr(q), ptr(strides[1]), ptr(k), ptr(strides[2]),
                                     ptr(v), ptr(strides[3]), ptr(m), ptr(l), ptr(dq), ptr(dk), ptr(dv),
                                     ptr(workspace), batch, heads, kv_heads, length, dim, scale, split,
                                     DTYPE_CODE[q.dtype])
@@ -340,7 +340,7 @@ def test_backward_launcher_rejects_bad_arguments(backward_lib):
     workspace = nan_like((64,), torch.float32)
 
     def call(heads=2, kv_heads=1, length=5, dim=16, split=SPLIT):
-        return backward_lib.emu_attention_backward(
+        return backward_lib.emu_causal_attention_backward(
             ptr(grad_o), ptr(strides[0]), ptr(q), ptr(strides[1]), ptr(k), ptr(strides[2]), ptr(v), ptr(strides[3]),
             ptr(m), ptr(l), *map(ptr, out), ptr(workspace), 1, heads, kv_heads, length, dim, 0.25, split, 0)
 

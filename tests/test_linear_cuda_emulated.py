@@ -1,5 +1,5 @@
 """csrc/cuda/linear.cu run on the CPU under a thread-per-CUDA-thread emulator (tests/cuda_emu),
-compared bit for bit with fusedtx/reference.py.
+compared bit for bit with the reference (fusedtx/reference/).
 
 Without a GPU, nvcc only proves the kernels compile; this proves what they compute: the lane
 assignment, the fold order, the masks, the group partials and the barriers. It cannot see

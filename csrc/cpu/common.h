@@ -1,8 +1,8 @@
 // Building blocks shared by the CPU kernels: 64-byte vectors, fusedtx's exp, dtype conversions,
 // the fixed-order lane sum, dispatch (argument checks: ../checks.h) and the lane-dot kernels of
-// attention. Each arithmetic helper mirrors a function of fusedtx/reference.py operation for
-// operation; the extension is compiled with -ffp-contract=off, so no multiply-add is fused
-// behind our back.
+// attention. Each arithmetic helper mirrors a function of fusedtx/reference/common.py
+// operation for operation; the extension is compiled with -ffp-contract=off, so no multiply-add
+// is fused behind our back.
 #pragma once
 
 #include <ATen/ATen.h>

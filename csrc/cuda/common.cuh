@@ -1,4 +1,4 @@
-// Device building blocks shared by the CUDA kernels, each the twin of a reference.py function.
+// Device building blocks shared by the CUDA kernels, each the twin of a fusedtx/reference/ function.
 // Explicit _rn intrinsics keep every multiply and add separately rounded (nvcc would otherwise
 // contract a*b+c into one FMA), so results match the reference bit for bit.
 #pragma once

@@ -1,6 +1,6 @@
 // Host emulation of the few CUDA features fusedtx's kernels use, so that csrc/cuda/*.cu can run
-// (slowly) on a machine without a GPU and be compared bit for bit with fusedtx/reference.py:
-// one std::thread per CUDA thread, std::barrier for __syncthreads and for warp shuffles, shared
+// (slowly) on a machine without a GPU and be compared bit for bit with fusedtx/reference/: one
+// std::thread per CUDA thread, std::barrier for __syncthreads and for warp shuffles, shared
 // memory poisoned with NaN at every launch. The _rn intrinsics map to plain IEEE operations
 // (the emulated file is compiled with -ffp-contract=off). Test-only: see tests/cuda_emu/build.py.
 #pragma once
