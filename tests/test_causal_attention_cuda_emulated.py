@@ -1,14 +1,17 @@
 """csrc/cuda/causal_attention.cu and causal_attention_backward.cu (the native CUDA attention)
 run on the CPU under the thread-per-CUDA-thread emulator (tests/cuda_emu).
 
-Forward, compared bit for bit with reference.causal_attention_forward: full causal passes, GQA, strided views, chunked prefill and decode
-against a KV cache holding garbage beyond each sequence's length, and a negative control.
+Forward, compared bit for bit with reference.causal_attention_forward: full causal passes, GQA,
+strided views, chunked prefill and decode against a KV cache holding garbage beyond each
+sequence's length, and a negative control.
 
-Backward, compared bit for bit with
-reference.causal_attention_backward (m and l from reference.causal_attention_forward): three dtypes, head dims
-16 ... 128 (and one padded dim), lengths around the split size, grouped-query heads, strided views,
-split sizes past the kernel's 32-position tiles, and negative controls. On a GPU, the registered
-op is compared with the reference too.
+Backward, compared bit for bit with reference.causal_attention_backward (m and l from
+reference.causal_attention_forward): three dtypes, head dims 16 ... 128 (and one padded dim),
+lengths around the split size, grouped-query heads, strided views, split sizes past the
+kernel's 32-position tiles, and negative controls. On a GPU, the registered op is compared with
+the reference too.
+
+What the emulator proves and what it cannot see: tests/cuda_emu/glue.py.
 """
 from __future__ import annotations
 

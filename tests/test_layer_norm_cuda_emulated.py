@@ -1,10 +1,7 @@
 """csrc/cuda/layer_norm.cu run on the CPU under a thread-per-CUDA-thread emulator (tests/cuda_emu),
 compared bit for bit with the reference (fusedtx/reference/).
 
-Without a GPU, nvcc only proves the kernels compile; this proves what they compute: the lane
-assignment, the fold order, the masks, the group partials and the barriers. It cannot see
-timing, memory-model or occupancy problems, and it runs the host compiler's float arithmetic,
-so a GPU run remains the final word (benchmarks/gpu_check.sh).
+What the emulator proves and what it cannot see: tests/cuda_emu/glue.py.
 """
 from __future__ import annotations
 

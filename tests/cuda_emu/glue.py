@@ -1,5 +1,10 @@
 """What the emulator tests share: where the CUDA headers are (and the skip mark without them),
-the ctypes argument types, the dtype codes of fusedtx::cuda::DType, and NaN-filled outputs."""
+the ctypes argument types, the dtype codes of fusedtx::cuda::DType, and NaN-filled outputs.
+
+Without a GPU, nvcc only proves the kernels compile; the emulator proves what they compute: the
+lane assignment, the fold order, the masks, the group partials and the barriers. It cannot see
+timing, memory-model or occupancy problems, and it runs the host compiler's float arithmetic,
+so a GPU run remains the final word (benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
 import ctypes
