@@ -16,11 +16,15 @@ The conventions, the same on every device:
   * Gradients: benchmarks use torch.autograd.grad, which returns fresh gradients and
     accumulates nothing; for code that calls .backward(), pass grad_to_none= to reset .grad
     before every repetition (outside the timed region).
+  * OtherLoad: the CPU time other processes took while a timing ran; on a shared machine a
+    figure measured beside them is theirs as much as the code's.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import resource
 import statistics
 import time
 from typing import Callable, Iterable, Sequence
@@ -232,3 +236,33 @@ def rate(amount: float, timing: Timing) -> tuple[float, float, float]:
 def same(value: float) -> tuple[float, float, float]:
     """(p50, p20, p80) of a value measured once (e.g. peak memory)."""
     return (value, value, value)
+
+
+class OtherLoad:
+    """The CPU time other processes used while it was open, as a share of the machine (Linux:
+    /proc/stat's busy time minus this process's own). On a shared machine a figure measured
+    while others ran is not this code's speed: each parallel region waits for descheduled threads."""
+
+    def __init__(self):
+        self.share = None
+
+    @staticmethod
+    def _sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+
+    def __enter__(self):
+        try:
+            self._start = self._sample()
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is not None:
+            (t0, busy0, own0), (t1, busy1, own1) = self._start, self._sample()
+            self.share = max(0.0, (busy1 - busy0) - (own1 - own0)) / max((t1 - t0) * (os.cpu_count() or 1), 1e-9)
+        return False
