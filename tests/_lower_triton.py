@@ -5,11 +5,11 @@ replace the kernels). tests/triton_specs.py lists the specialisations of each
 fusedtx/kernels/<op>.py; every @triton.jit kernel of such a module must appear there (helpers
 that kernels call are listed in the module's JIT_HELPERS).
 
-The ~230 (specialisation, arch) compilations take about a second each from a cold Triton cache
-(as on CI): they are spread over one worker process per core, or per core left to this
-pytest-xdist worker (PYTEST_XDIST_WORKER_COUNT, inherited from the test): the other workers keep
-their cores busy, and more compiling processes than cores cost ~12% more CPU for the same work.
-With one process left, this process compiles them itself.
+The (specialisation, arch) compilations, from a cold Triton cache on CI, are spread over one
+worker process per core, or per core left to this pytest-xdist worker
+(PYTEST_XDIST_WORKER_COUNT, inherited from the test): the other workers keep their cores busy,
+and more compiling processes than cores spend more CPU on the same work. With one process left,
+this process compiles them itself.
 """
 import concurrent.futures
 import importlib

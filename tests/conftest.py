@@ -38,7 +38,7 @@ def pytest_configure(config):
         # environment): each worker keeps torch's default thread count, so that the native
         # kernels run threaded as they do in a serial run, but idle OpenMP threads sleep
         # instead of spinning. With N workers of N threads each on N cores, spinning threads
-        # took the cores from the other workers' work: the native tests used twice the CPU.
+        # would take the cores from the other workers' work.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -47,7 +47,7 @@ def _emulated_cuda_threads_share_one_core(request):
     """Under pytest-xdist, run each CUDA-emulator test's threads on one core, a different core per
     worker. The emulator runs a block as one OS thread per CUDA thread, meeting at barriers
     thousands of times; spread over two cores while another worker's process holds one of them,
-    every barrier waited for that core's time slice: 1.5 s tests took 20-30 s. Threads inherit
+    every barrier waited for that core's time slice (a test ran many times slower). Threads inherit
     the affinity of the thread that starts them, so pinning the test's thread pins the block's
     threads; the other worker's processes, not pinned, move to the other core. Scheduling only:
     the emulated kernels compute the same bits."""
