@@ -158,3 +158,48 @@ def test_eager_path_errors_match(case):
             call(*bad, "native")
         errors.append(str(info.value).splitlines()[0])
     assert errors[0] in errors[1] or errors[1] in errors[0], errors
+
+
+SAVES_OUTPUT = {"softmax", "softmax_causal"}  # their backward reads the output, as torch.softmax's does
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_outputs_accept_in_place_modification_in_training(case, device, backend):
+    """An output modified in place (ReLU(inplace=True), `h += 1`) trains as the out-of-place
+    computation does, bit for bit; where the backward reads the output, autograd refuses the
+    modification with its version error, as for torch.softmax."""
+    require(device, backend)
+    shapes, functional, _ = CASES[case]
+    inputs = _inputs(shapes, device, seed=3)
+    out = functional(*inputs, backend)
+    out.mul_(2)  # exact: the out-of-place gradients below are the same bits
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    if case in SAVES_OUTPUT:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out, inputs, grad_out)
+        y = torch.softmax(inputs[0], -1)  # torch refuses the same
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y, inputs[0], torch.ones_like(y))
+        return
+    in_place = torch.autograd.grad(out, inputs, grad_out)
+    out_of_place = torch.autograd.grad(functional(*inputs, backend) * 2, inputs, grad_out)
+    for i, (a, b) in enumerate(zip(in_place, out_of_place)):
+        assert_bitwise_equal(a, b, f"{case} grad {i}")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_layers_followed_by_in_place_ops_train(device, backend):
+    """The drop-in case: torch.nn's in-place activations after fusedtx layers."""
+    require(device, backend)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(fusedtx.nn.Linear(16, 32, backend=backend), torch.nn.ReLU(inplace=True),
+                            fusedtx.nn.Linear(32, 4, backend=backend)).to(device)
+    m(torch.randn(5, 16, device=device)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    x = torch.randn(2, 3, 16, device=device, requires_grad=True)
+    h = fusedtx.nn.LayerNorm(16, backend=backend).to(device)(x)
+    h += 1
+    h.sum().backward()
+    assert x.grad is not None

@@ -41,7 +41,17 @@ def eager_autograd(name: str, body: Callable, setup_context: Callable, backward:
     torch.func transforms, which need the separate style, take the registered op instead."""
 
     def forward(ctx, *inputs):
+        # An output that is a view of a tensor made here (the body's reshape back from rows)
+        # would be a "view created inside a custom Function", which autograd forbids modifying
+        # in place; the registered op's outputs and torch's accept it. detach() gives the same
+        # storage as a tensor that is not a view (no copy), before setup_context sees the
+        # outputs, so that what it saves or marks is what the Function returns (modifying a
+        # saved output in place then raises autograd's version error, as for torch's ops).
         outputs = body(*inputs)
+        if isinstance(outputs, tuple):
+            outputs = tuple(o.detach() if o._is_view() else o for o in outputs)
+        elif outputs._is_view():
+            outputs = outputs.detach()
         setup_context(ctx, inputs, outputs)
         ctx.eager = True
         # The registered op's backward gets zero-filled gradients for the outputs that have none
