@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +36,19 @@ def _cuda_wanted() -> bool:
     from torch.utils import cpp_extension
 
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _ninja_on_path() -> None:
+    """torch's just-in-time build runs `ninja` from PATH. The `ninja` package (a dependency)
+    installs it beside the interpreter, which is not on PATH when a virtual environment's python
+    runs without the environment being activated: put the package's binary directory there."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # torch's own error then says that ninja is required
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def _jit_name(with_cuda: bool) -> str:
@@ -65,6 +80,7 @@ def _load() -> ExtensionStatus:
         )
         if with_cuda:
             kwargs["extra_cuda_cflags"] = _build_config.nvcc_flags()
+        _ninja_on_path()
         build_dir = Path(cpp_extension._get_build_directory(kwargs["name"], verbose=False))
         if not (build_dir / f"{kwargs['name']}.so").exists():
             print(f"fusedtx: compiling the C++ extension into {build_dir} (first use only; about a minute)",

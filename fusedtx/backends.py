@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 
 import torch
 
@@ -30,6 +31,11 @@ class BackendUnavailableError(RuntimeError):
 # choice is therefore process-wide, like torch.backends flags.
 _global_backend: str | None = None
 _context_backend: str | None = None
+# The open use_backend blocks, oldest first, as (token, name): _context_backend is the newest's
+# name. Each block removes its own entry on exit, so blocks that threads open and close out of
+# order leave the selection to the blocks still open, and to none after the last.
+_context_blocks: list[tuple[object, str | None]] = []
+_context_lock = threading.Lock()
 
 
 def _check_name(name: str | None, what: str) -> str | None:
@@ -55,11 +61,16 @@ def get_backend() -> str | None:
 def use_backend(name: str | None):
     """Within the block, ops without an explicit backend= argument use `name`."""
     global _context_backend
-    previous, _context_backend = _context_backend, _check_name(name, "use_backend(name)")
+    token = object()
+    with _context_lock:
+        _context_blocks.append((token, _check_name(name, "use_backend(name)")))
+        _context_backend = name
     try:
         yield
     finally:
-        _context_backend = previous
+        with _context_lock:
+            _context_blocks[:] = [block for block in _context_blocks if block[0] is not token]
+            _context_backend = _context_blocks[-1][1] if _context_blocks else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,23 +170,28 @@ def test_split_size_setting(monkeypatch):
         fusedtx.get_split_size()
 
 
-def test_two_processes_building_the_extension_at_once(tmp_path):
-    """The just-in-time build is cached and locked: two processes that find no built library both
-    get a working extension, one building it while the other waits on the lock. Their
-    TORCH_EXTENSIONS_DIR is fresh but holds this process's compiled objects (mtimes kept), so
-    the build they race on is ninja's up-to-date check and the link; a build from nothing is what
-    this session's first native test did."""
+def _extension_objects_without_library(tmp_path) -> Path:
+    """A fresh TORCH_EXTENSIONS_DIR holding this process's compiled objects (mtimes kept) and no
+    library, so that a process started with it builds the extension by ninja's up-to-date check
+    and the link; the build from nothing is what this session's first native test did."""
     from torch.utils import cpp_extension
 
     from fusedtx import _extension
 
     status = _extension.status()
     if status.how == "ahead-of-time":
-        pytest.skip("fusedtx._C was built ahead of time: no just-in-time build to race")
+        pytest.skip("fusedtx._C was built ahead of time: no just-in-time build to test")
     assert status.loaded, status.error
     name = _extension._jit_name(status.with_cuda)
     built = Path(cpp_extension._get_build_directory(name, verbose=False))
     shutil.copytree(built, tmp_path / "ext" / name, ignore=shutil.ignore_patterns("*.so", "lock"))
+    return tmp_path / "ext"
+
+
+def test_two_processes_building_the_extension_at_once(tmp_path):
+    """The just-in-time build is cached and locked: two processes that find no built library both
+    get a working extension, one building it while the other waits on the lock."""
+    ext = _extension_objects_without_library(tmp_path)
     start = tmp_path / "start"  # a barrier: both look for the library once both have imported torch
     start.mkdir()
     code = ("import os, pathlib, time, torch, fusedtx\n"
@@ -198,10 +203,86 @@ def test_two_processes_building_the_extension_at_once(tmp_path):
             "x = torch.randn(3, 100)\n"
             "assert torch.equal(fusedtx.softmax(x, backend='native'), fusedtx.softmax(x, backend='reference'))\n"
             "print('ok')\n")
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.strip() == "ok", err[-3000:]
     assert any("compiling the C++ extension" in err for _, err in outs), "neither process built the library"
+
+
+def test_extension_builds_without_ninja_on_path(tmp_path):
+    """`ninja` is a dependency, and the build finds the ninja package's binary when it is not on
+    PATH (a virtual environment's python run without activating it). Negative control: with the
+    package hidden, the same environment cannot build."""
+    pytest.importorskip("ninja")
+    ext = _extension_objects_without_library(tmp_path)
+    bin_dir = tmp_path / "bin"  # PATH: the C++ compiler, assembler and linker, nothing else
+    bin_dir.mkdir()
+    for tool in ("c++", "g++", "gcc", "cc", "ld", "as"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), PATH=str(bin_dir))
+    code = ("import sys\n{hide}import torch, fusedtx\nfrom fusedtx import _extension\n"
+            "s = _extension.status(); print(s.loaded); print(s.error, file=sys.stderr)\n")
+
+    def run(hide: str):
+        return subprocess.run([sys.executable, "-c", code.format(hide=hide)], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    hidden = run("sys.modules['ninja'] = None\n")
+    assert hidden.stdout.strip() == "False" and "inja" in hidden.stderr, hidden.stdout + hidden.stderr[-2000:]
+    found = run("")
+    assert found.stdout.strip() == "True", found.stderr[-3000:]
+
+
+def test_use_backend_blocks_closed_out_of_order_leave_no_selection(monkeypatch):
+    """Thread A opens a block, thread B opens one, A closes, B closes: inside B's block after A
+    closed, B's backend; after both, no selection. Negative control: restoring the value seen
+    on entry (a plain save/restore) drops B's backend inside B's block and leaves A's selected
+    after both."""
+    import contextlib
+    import threading
+
+    monkeypatch.delenv("FUSEDTX_BACKEND", raising=False)
+    backends.set_backend(None)
+
+    def interleave(use):
+        a_open, b_open, a_closed = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with use("reference"):
+                a_open.set()
+                b_open.wait(10)
+            a_closed.set()
+
+        def b():
+            a_open.wait(10)
+            with use("native"):
+                b_open.set()
+                a_closed.wait(10)
+                seen["inside"] = backends.get_backend()
+
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        return seen.get("inside"), backends.get_backend()
+
+    assert interleave(fusedtx.use_backend) == ("native", None)
+
+    @contextlib.contextmanager
+    def save_restore(name):
+        previous, backends._context_backend = backends._context_backend, name
+        try:
+            yield
+        finally:
+            backends._context_backend = previous
+
+    try:
+        assert interleave(save_restore) == (None, "reference")
+    finally:
+        backends._context_backend = None
