@@ -283,3 +283,35 @@ def test_op_opcheck_and_compile(device, backend):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for ours, ref in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)), torch.autograd.grad(fn(q, k, v), (q, k, v))):
         assert_bitwise_equal(ours, ref, "compiled vs eager")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_op_any_layout_gives_the_contiguous_bits(device, backend):
+    """q, k, v in layouts without a unit head-dim stride (channels_last, a transposed copy) give
+    the contiguous inputs' output and gradients bit for bit, on every backend; so does the
+    KV-cache face."""
+    require(device, backend)
+    g = torch.Generator().manual_seed(5)
+    base = [torch.randn(2, 4, 40, 32, generator=g).to(device) for _ in range(3)]
+    layouts = {
+        "channels_last": [t.contiguous(memory_format=torch.channels_last) for t in base],
+        "transposed": [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in base],
+    }
+    grad_o = torch.randn(base[0].shape, generator=g).to(device)
+
+    def run(tensors):
+        q, k, v = (t.detach().requires_grad_() for t in tensors)
+        o = fusedtx.causal_attention(q, k, v, split_size=16, backend=backend)
+        return (o, *torch.autograd.grad(o, (q, k, v), grad_o))
+
+    expected = run(base)
+    lengths = torch.tensor([40, 23])
+    expected_cache = fusedtx.attention_with_kv_cache(base[0][:, :, 9:11], base[1], base[2], lengths,
+                                                     split_size=16, backend=backend)
+    for name, tensors in layouts.items():
+        assert tensors[0].stride(-1) != 1
+        for what, a, b in zip(("o", "dq", "dk", "dv"), run(tensors), expected):
+            assert_bitwise_equal(a, b, f"{name} {what}")
+        got = fusedtx.attention_with_kv_cache(tensors[0][:, :, 9:11], tensors[1], tensors[2], lengths,
+                                              split_size=16, backend=backend)
+        assert_bitwise_equal(got, expected_cache, f"{name} kv cache")

@@ -71,6 +71,13 @@ def resolve_scale_and_split(q, scale, split_size, name: str) -> tuple[float, int
     return float(scale), split
 
 
+def unit_head_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as every backend's kernels take them: any strides, but consecutive elements
+    along the head dim (the kernels load rows as vectors). Another layout (channels_last, a
+    transposed view) is copied once; the values, and so the bits of the result, are the same."""
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in tensors)
+
+
 def _lengths(backend: str, seqlens: torch.Tensor) -> torch.Tensor:
     """seqlens as the kernels take them: int64, on the host for the native and reference kernels
     (they read the lengths to plan their work), where they are for Triton (its kernels read them)."""
@@ -93,6 +100,7 @@ def check_args(q, k, v, scale, split_size, backend):
 def _forward(q, k, v, scale, split_size, backend):
     lengths = torch.full((q.shape[0],), q.shape[2], dtype=torch.int64,
                          device=q.device if backend == "triton" else "cpu")
+    q, k, v = unit_head_dim(q, k, v)
     return forward_kernel(backend, q.device)(q, k, v, lengths, scale, split_size)
 
 
@@ -106,6 +114,7 @@ def _check_backward(grad_o, q, k, v, m, l, scale, split_size, backend):
 
 
 def _backward_body(grad_o, q, k, v, m, l, scale, split_size, backend):
+    q, k, v = unit_head_dim(q, k, v)
     return backward_kernel(backend, q.device)(grad_o.to(q.dtype).contiguous(), q, k, v, m, l, scale, split_size)
 
 
@@ -181,6 +190,7 @@ def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") ->
 def _kv_cache_forward(q, k_cache, v_cache, seqlens, scale, split_size, backend):
     check_seqlens(q, k_cache, seqlens)
     lengths = _lengths(backend, seqlens)
+    q, k_cache, v_cache = unit_head_dim(q, k_cache, v_cache)
     return forward_kernel(backend, q.device)(q, k_cache, v_cache, lengths, scale, split_size)[0]
 
 
