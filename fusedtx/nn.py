@@ -160,7 +160,12 @@ class CausalSelfAttention(torch.nn.Module):
         if kv_cache is None:
             y = F.causal_attention(q, k, v, split_size=self.split_size, backend=self.backend)
         else:
+            before = kv_cache.lengths  # append replaces the tensor, never writes into it
             seqlens = kv_cache.append(k, v)
-            y = F.attention_with_kv_cache(q, kv_cache.k, kv_cache.v, seqlens, split_size=self.split_size,
-                                          backend=self.backend)
+            try:
+                y = F.attention_with_kv_cache(q, kv_cache.k, kv_cache.v, seqlens, split_size=self.split_size,
+                                              backend=self.backend)
+            except BaseException:
+                kv_cache.lengths = before  # what was appended lies beyond the lengths: never read
+                raise
         return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, d_model))

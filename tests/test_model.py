@@ -356,3 +356,36 @@ def test_negative_control_plain_pytorch_training_changes_with_thread_count():
     one, two = train(None, threads=1, cls=PlainGPT), train(None, threads=2, cls=PlainGPT)
     with pytest.raises(AssertionError, match="not bitwise equal"):
         assert_same_training(one, two, "plain PyTorch, 1 vs 2 threads")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_failed_cached_call_leaves_the_cache_as_it_was(device, backend):
+    """A cached forward that raises part-way (here: gradients on, which the cache refuses after
+    layer 0 has appended) leaves every layer's lengths as they were, and the retry gives the
+    fresh cache's bits. Negative control: appending by hand to layer 0 only (what the failing
+    call did before) makes the retry differ."""
+    require(device, backend)
+    if device == "cpu" and backend in SLOW_ON_CPU:
+        pytest.skip("the cache's bookkeeping is the same on every backend; the interpreter is slow")
+    model = make_model(backend, device)
+    prompt, step = tokens((1, 5), seed=11).to(device), tokens((1, 3), seed=12).to(device)
+
+    def prefill():
+        cache = model.new_kv_cache(1, 32)
+        with torch.no_grad():
+            model(prompt, kv_cache=cache)
+        return cache
+
+    with torch.no_grad():
+        expected = model(step, kv_cache=prefill())
+    cache = prefill()
+    before = [c.lengths.clone() for c in cache]
+    with pytest.raises((RuntimeError, ValueError)):
+        model(step, kv_cache=cache)  # grad mode on
+    assert all(torch.equal(c.lengths, b) for c, b in zip(cache, before))
+    with torch.no_grad():
+        assert_bitwise_equal(model(step, kv_cache=cache), expected, "retry after a failed call")
+        corrupt = prefill()
+        corrupt[0].append(*(torch.randn(1, corrupt[0].k.shape[1], 3, corrupt[0].k.shape[3]).to(device)
+                            for _ in range(2)))
+        assert not bitwise_equal(model(step, kv_cache=corrupt), expected)

@@ -156,8 +156,20 @@ class GPT(torch.nn.Module):
         if last >= self.config.block_size:
             raise ValueError(f"GPT: position {last} is beyond block_size {self.config.block_size}")
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i])
+        if kv_cache is None:
+            for block in self.transformer.h:
+                x = block(x)
+            return self.transformer.ln_f(x)
+        # A call that raises leaves the cache as it was: the layers before the failing one have
+        # appended this step's keys, and get their lengths back (what lies beyond is never read).
+        before = [cache.lengths for cache in kv_cache]
+        try:
+            for block, cache in zip(self.transformer.h, kv_cache):
+                x = block(x, cache)
+        except BaseException:
+            for cache, lengths in zip(kv_cache, before):
+                cache.lengths = lengths
+            raise
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
