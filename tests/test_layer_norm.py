@@ -327,8 +327,8 @@ def test_bad_input_errors():
         fusedtx.layer_norm(x, 8, w.bfloat16())
     with pytest.raises(TypeError, match="must share a dtype"):
         fusedtx.layer_norm(x.bfloat16(), 8, w, w.bfloat16())
-    for eps in (0.0, -1e-5, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    for eps in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
             fusedtx.layer_norm(x, 8, eps=eps)
     with pytest.raises(TypeError, match="triton backend computes in float32"):
         fusedtx.layer_norm(x.double(), 8, backend="triton")
@@ -372,3 +372,18 @@ def test_torch_compile_inductor():
     w, b = make_params((32,), "both", torch.float32, "cpu")
     compiled = torch.compile(lambda t: fusedtx.layer_norm(t, 32, w, b) * 2.0, fullgraph=True)
     assert_bitwise_equal(compiled(x), fusedtx.layer_norm(x, 32, w, b) * 2.0, "inductor")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_eps_zero_is_accepted_as_torch_accepts_it(device, backend):
+    """eps = 0 computes what torch.nn.functional.layer_norm does: finite rows within the accuracy
+    bound, a constant row (variance 0) NaN. fusedtx.nn.LayerNorm(eps=0) builds and runs."""
+    require(device, backend)
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(4)).to(device)
+    x[5] = 1.5
+    y = fusedtx.layer_norm(x, 40, eps=0.0, backend=backend)
+    eager = F.layer_norm(x, (40,), eps=0.0)
+    assert_accuracy(y[:5], eager[:5], F.layer_norm(x[:5].double(), (40,), eps=0.0), "eps=0")
+    assert torch.isnan(y[5]).all() and torch.isnan(eager[5]).all()
+    layer = fusedtx.nn.LayerNorm(40, eps=0.0, backend=backend).to(device)
+    assert torch.equal(layer(x[:5]), fusedtx.layer_norm(x[:5], 40, layer.weight, layer.bias, eps=0.0, backend=backend))

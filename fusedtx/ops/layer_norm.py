@@ -72,8 +72,8 @@ def check_args(x, normalized_shape, weight, bias, eps, backend):
         param_dtype = p.dtype
     if isinstance(eps, bool) or not isinstance(eps, (float, int, Real)):
         raise TypeError(f"layer_norm: eps must be a real number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"layer_norm: eps must be a finite number > 0, got {eps}")
+    if not (math.isfinite(eps) and eps >= 0):  # 0 as torch allows: a constant row then gives NaN, as torch's
+        raise ValueError(f"layer_norm: eps must be a finite number >= 0, got {eps}")
     return x, shape, weight, bias, float(eps), backend
 
 
