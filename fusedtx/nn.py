@@ -77,6 +77,10 @@ class GeluFFN(torch.nn.Module):
         return f"approximate={self.approximate!r}, backend={self.backend}"
 
 
+def _shape_of(t) -> object:
+    return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class KVCache:
     """Preallocated keys and values of one attention layer for a batch of sequences, each with its
     own length: (batch, kv_heads, max_len, head_dim) buffers and `lengths` (batch,) int64.
@@ -87,6 +91,10 @@ class KVCache:
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype=torch.float32,
                  device=None):
+        for name, value, least in (("batch", batch, 0), ("kv_heads", kv_heads, 1), ("max_len", max_len, 0),
+                                   ("head_dim", head_dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"KVCache: {name} must be an int >= {least}, got {value!r}")
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch, dtype=torch.int64)
@@ -96,12 +104,13 @@ class KVCache:
         return self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+        if (not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4
+                or k.shape != v.shape or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]):
             raise ValueError(f"KVCache.append: k and v must be (batch, kv_heads, T, head_dim) = "
                              f"({self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}), "
-                             f"got {list(k.shape)} and {list(v.shape)}")
+                             f"got {_shape_of(k)} and {_shape_of(v)}")
         new_lengths = self.lengths + k.shape[2]
-        if int(new_lengths.max()) > self.max_len:
+        if new_lengths.numel() and int(new_lengths.max()) > self.max_len:
             raise ValueError(f"KVCache.append: {k.shape[2]} more tokens overflow the cache "
                              f"(lengths up to {int(self.lengths.max())}, max_len {self.max_len})")
         positions = (self.lengths[:, None] + torch.arange(k.shape[2])).to(self.k.device)      # (B, T)
@@ -114,7 +123,10 @@ class KVCache:
     def truncate(self, lengths) -> None:
         """Forget every sequence's keys beyond lengths[b] (e.g. after a right-padded prefill):
         they stay in the buffers but are never read again, and the next append overwrites them."""
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        lengths = torch.as_tensor(lengths).cpu()
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"KVCache.truncate: lengths must be integers, got {lengths.dtype}")
+        lengths = lengths.to(torch.int64)
         if lengths.shape != self.lengths.shape:
             raise ValueError(f"KVCache.truncate: lengths must have shape {list(self.lengths.shape)}, "
                              f"got {list(lengths.shape)}")
@@ -139,6 +151,9 @@ class CausalSelfAttention(torch.nn.Module):
                  split_size: int | None = None, device=None, dtype=None, *, backend: str | None = None):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
+        for name, value in (("d_model", d_model), ("n_head", n_head), ("n_kv_head", n_kv_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CausalSelfAttention: {name} must be a positive int, got {value!r}")
         if d_model % n_head or n_head % n_kv_head:
             raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be a multiple of n_head ({n_head}) "
                              f"and n_head a multiple of n_kv_head ({n_kv_head})")

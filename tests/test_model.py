@@ -293,6 +293,44 @@ def test_generate_and_forward_errors_name_the_argument():
         model.generate([[1]], 3, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="one KVCache per layer"):
         model(torch.zeros(1, 4, dtype=torch.int64), kv_cache=model.new_kv_cache(1)[:1])
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+        model.generate([[1]], -1)
+    with pytest.raises(ValueError, match=r"prompts\[1\] holds token ids in \[-1, 3\], outside \[0, vocab_size = 256\)"):
+        model.generate([[1], [3, -1]], 2)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token ids in \[256, 256\]"):
+        model.generate([[CONFIG.vocab_size]], 2)
+    with pytest.raises(TypeError, match=r"prompts\[0\] must hold integer token ids, got torch.float32"):
+        model.generate([torch.tensor([1.5, 2.0])], 2)
+    with pytest.raises(ValueError, match=r"must be \(batch, tokens\), got shape \[3\]"):
+        model.generate(torch.tensor([1, 2, 3]), 2)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is a single token id"):
+        model.generate([1, 2, 3], 2)
+    with pytest.raises(ValueError, match="GPT.logprobs: temperature must be a finite number >= 0, got -1"):
+        model.logprobs(torch.zeros(1, 4, dtype=torch.int64), temperature=-1)
+    assert model.generate(torch.tensor([[1, 2]]), 0).tokens.shape == (1, 0)  # 0 new tokens: nothing drawn
+
+
+def test_layer_and_cache_errors_name_the_argument():
+    from fusedtx.nn import CausalSelfAttention, KVCache
+
+    for kwargs, name in ((dict(n_kv_head=0), "n_kv_head"), (dict(n_head=0), "n_head")):
+        args = dict(d_model=64, n_head=4) | kwargs
+        with pytest.raises(ValueError, match=f"CausalSelfAttention: {name} must be a positive int, got 0"):
+            CausalSelfAttention(**args)
+    with pytest.raises(ValueError, match="KVCache: kv_heads must be an int >= 1, got 0"):
+        KVCache(2, 0, 8, 4)
+    with pytest.raises(ValueError, match="KVCache: batch must be an int >= 0, got -1"):
+        KVCache(-1, 1, 8, 4)
+    empty = KVCache(0, 1, 8, 4)  # no sequences: appending is a no-op, as for any batch
+    assert empty.append(torch.randn(0, 1, 3, 4), torch.randn(0, 1, 3, 4)).shape == (0,)
+    cache = KVCache(2, 1, 8, 4)
+    with pytest.raises(ValueError, match=r"KVCache.append: k and v must be \(batch, kv_heads, T, head_dim\).*\[2, 1, 4\]"):
+        cache.append(torch.randn(2, 1, 4), torch.randn(2, 1, 4))
+    cache.append(torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4))
+    with pytest.raises(TypeError, match="KVCache.truncate: lengths must be integers, got torch.float32"):
+        cache.truncate([2.7, 3.2])
+    cache.truncate([2, 3])
+    assert cache.lengths.tolist() == [2, 3]
 
 
 # ---------------------------------------------------------------------------------------------

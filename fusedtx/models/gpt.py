@@ -185,6 +185,9 @@ class GPT(torch.nn.Module):
     def logprobs(self, idx: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """log p(idx[:, t] | idx[:, :t]) for t = 1 .. T-1, shape (B, T-1), float32: the
         training-side view of what generate() reports for the tokens it drew."""
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"GPT.logprobs: temperature must be a finite number >= 0, got {temperature!r}")
         logits = self(idx)[:, :-1]
         return _token_logprobs(logits, idx[:, 1:], temperature)
 
@@ -213,12 +216,11 @@ class GPT(torch.nn.Module):
         if temperature < 0 or (top_p is not None and not 0.0 < top_p <= 1.0) or (top_k is not None and top_k < 1):
             raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
                              f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         device = self.transformer.wte.weight.device
-        prompts = [torch.as_tensor(p, dtype=torch.int64).flatten() for p in prompts]
+        prompts = self._check_prompts(prompts)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-        if len(prompts) == 0 or int(lengths.min()) == 0:
-            raise ValueError(f"generate: need at least one prompt, each of at least one token; got lengths "
-                             f"{lengths.tolist()}")
         if int(lengths.max()) + max_new_tokens > self.config.block_size:
             raise ValueError(f"generate: prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds block_size {self.config.block_size}")
@@ -245,6 +247,34 @@ class GPT(torch.nn.Module):
         return Generation(torch.stack(tokens, 1) if tokens else empty.long(),
                           torch.stack(logprobs, 1) if logprobs else empty,
                           (torch.stack(all_logits, 1) if all_logits else empty) if return_logits else None)
+
+    def _check_prompts(self, prompts) -> list[torch.Tensor]:
+        """generate's prompts as 1-D int64 CPU tensors: one per prompt, each at least one token id
+        in [0, vocab_size)."""
+        if isinstance(prompts, torch.Tensor) and prompts.dim() != 2:
+            raise ValueError(f"generate: a tensor of prompts must be (batch, tokens), got shape {list(prompts.shape)} "
+                             "(one prompt: prompts[None] or [prompt])")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("generate: need at least one prompt")
+        checked = []
+        for b, prompt in enumerate(prompts):
+            if isinstance(prompt, int) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 0):
+                raise ValueError(f"generate: prompts[{b}] is a single token id; pass a list of prompts, each a "
+                                 "sequence of token ids ([prompt] for one)")
+            t = torch.as_tensor(prompt).cpu()
+            if t.dim() != 1 or t.numel() == 0:
+                raise ValueError(f"generate: prompts[{b}] must be a 1-D sequence of at least one token id, "
+                                 f"got shape {list(t.shape)}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"generate: prompts[{b}] must hold integer token ids, got {t.dtype}")
+            t = t.to(torch.int64)
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"generate: prompts[{b}] holds token ids in [{lo}, {hi}], outside "
+                                 f"[0, vocab_size = {self.config.vocab_size})")
+            checked.append(t)
+        return checked
 
     # ------------------------------------------------------------------ loading
 
