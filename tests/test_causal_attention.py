@@ -315,3 +315,22 @@ def test_op_any_layout_gives_the_contiguous_bits(device, backend):
         got = fusedtx.attention_with_kv_cache(tensors[0][:, :, 9:11], tensors[1], tensors[2], lengths,
                                               split_size=16, backend=backend)
         assert_bitwise_equal(got, expected_cache, f"{name} kv cache")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("batch,tokens", [(0, 4), (1, 0)])
+def test_empty_inputs_give_empty_outputs_and_gradients(device, backend, batch, tokens):
+    """No sequences or no tokens: empty outputs and gradients on every backend (the reference
+    raised a TypeError, the backward refused); no queries against a cache: an empty output; a
+    head dim of 0 is refused, naming it."""
+    require(device, backend)
+    q, k, v = (t.to(device).requires_grad_() for t in torch.randn(3, batch, 2, tokens, 16).unbind(0))
+    o = fusedtx.causal_attention(q, k, v, backend=backend)
+    assert o.shape == q.shape
+    o.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    cache = torch.randn(1, 2, 8, 16, device=device)
+    assert fusedtx.attention_with_kv_cache(torch.randn(1, 2, 0, 16, device=device), cache, cache,
+                                           torch.tensor([3], device=device), backend=backend).shape == (1, 2, 0, 16)
+    with pytest.raises(ValueError, match=r"head_dim \(q's last dim\) must be >= 1, got 0"):
+        fusedtx.causal_attention(*torch.randn(3, 1, 2, 4, 0, device=device).unbind(0), backend=backend)

@@ -390,3 +390,24 @@ def test_torch_compile_inductor():
     weight, bias = make_layer(32, 24, True, torch.float32, "cpu")
     compiled = torch.compile(lambda t: fusedtx.linear(t, weight, bias, activation="gelu") + 1.0, fullgraph=True)
     assert_bitwise_equal(compiled(x), fusedtx.linear(x, weight, bias, activation="gelu") + 1.0, "inductor")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_empty_dimensions_as_torch(device, backend, activation):
+    """K = 0: the output is the activation of the bias, as torch's (an empty sum is 0), and the
+    bias gets the gradient; M = 0 or N = 0: empty outputs."""
+    require(device, backend)
+    act = {None: lambda z: z, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}[activation]
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(s, generator=g).to(device).requires_grad_() for s in ((3, 0), (4, 0), (4,)))
+    y = fusedtx.linear(x, w, b, activation=activation, backend=backend)
+    expected = act(F.linear(x, w, b))
+    torch.testing.assert_close(y, expected)
+    grads = torch.autograd.grad(y.sum(), (x, w, b))
+    torch.testing.assert_close(grads[2], torch.autograd.grad(expected.sum(), b)[0])
+    assert grads[0].shape == (3, 0) and grads[1].shape == (4, 0)
+    assert fusedtx.linear(torch.randn(0, 5, device=device), torch.randn(4, 5, device=device),
+                          activation=activation, backend=backend).shape == (0, 4)
+    assert fusedtx.linear(torch.randn(3, 5, device=device), torch.randn(0, 5, device=device),
+                          activation=activation, backend=backend).shape == (3, 0)

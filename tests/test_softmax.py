@@ -401,3 +401,16 @@ def test_torch_compile_inductor():
     x = make_input((4, 64), torch.float32, "cpu")
     compiled = torch.compile(lambda t: fusedtx.softmax(t, scale=0.25) + 1.0, fullgraph=True)
     assert_bitwise_equal(compiled(x), fusedtx.softmax(x, scale=0.25) + 1.0, "inductor")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape,causal", [((2, 0, 5), True), ((2, 0, 5), False), ((2, 5, 0), False)])
+def test_empty_inputs_give_empty_outputs_and_gradients(device, backend, shape, causal):
+    """As torch.softmax: an input without elements gives an empty output and gradient, on every
+    backend (the native kernel refused 0 causal query rows)."""
+    require(device, backend)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = fusedtx.softmax(x, causal=causal, backend=backend)
+    assert y.shape == torch.softmax(x, -1).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape

@@ -55,6 +55,8 @@ def check_qkv(q, k, v, name: str, k_name: str = "k", v_name: str = "v") -> None:
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(f"{name}: {k_name} must be (batch={batch}, kv_heads, tokens, head_dim={dim}) like q, "
                          f"got {list(k.shape)}")
+    if dim < 1:
+        raise ValueError(f"{name}: head_dim (q's last dim) must be >= 1, got {dim}")
     if k.shape[1] < 1 or heads % k.shape[1]:
         raise ValueError(f"{name}: q's heads ({heads}) must be a multiple of {k_name}'s heads ({k.shape[1]})")
 
@@ -98,6 +100,8 @@ def check_args(q, k, v, scale, split_size, backend):
 
 
 def _forward(q, k, v, scale, split_size, backend):
+    if q.numel() == 0:  # no sequences, heads or tokens: nothing for a kernel to do, on any backend
+        return _fake(q, k, v, scale, split_size, backend)
     lengths = torch.full((q.shape[0],), q.shape[2], dtype=torch.int64,
                          device=q.device if backend == "triton" else "cpu")
     q, k, v = unit_head_dim(q, k, v)
@@ -114,6 +118,8 @@ def _check_backward(grad_o, q, k, v, m, l, scale, split_size, backend):
 
 
 def _backward_body(grad_o, q, k, v, m, l, scale, split_size, backend):
+    if q.numel() == 0:  # k and v have q's batch and tokens: empty too
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     q, k, v = unit_head_dim(q, k, v)
     return backward_kernel(backend, q.device)(grad_o.to(q.dtype).contiguous(), q, k, v, m, l, scale, split_size)
 
@@ -189,6 +195,8 @@ def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") ->
 
 def _kv_cache_forward(q, k_cache, v_cache, seqlens, scale, split_size, backend):
     check_seqlens(q, k_cache, seqlens)
+    if q.numel() == 0:  # no queries: nothing to attend
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
     lengths = _lengths(backend, seqlens)
     q, k_cache, v_cache = unit_head_dim(q, k_cache, v_cache)
     return forward_kernel(backend, q.device)(q, k_cache, v_cache, lengths, scale, split_size)[0]

@@ -21,6 +21,8 @@ backward, and it saves recomputing a whole matmul. Without an activation nothing
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import policy, reference
@@ -98,7 +100,7 @@ def _bias_act_backward(backend: str, grad_y, preact, activation: int, need_bias_
 
 def _forward(x, weight, bias, activation, save_preact, backend):
     lead, k, n = x.shape[:-1], x.shape[-1], weight.shape[0]
-    y, h = _matmul(backend, x.reshape(-1, k), weight.t(), bias, activation, save_preact)
+    y, h = _matmul(backend, x.reshape(math.prod(lead), k), weight.t(), bias, activation, save_preact)
     preact = h.view(*lead, n) if h is not None else _empty(x)
     return y.view(*lead, n), preact
 
@@ -114,12 +116,12 @@ def _check_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight
 
 
 def _backward_body(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
-    k, n = weight.shape[1], weight.shape[0]
-    dy = grad_y.to(x.dtype).reshape(-1, n).contiguous()
-    h = preact.reshape(-1, n).contiguous() if activation else None
+    k, n, m = weight.shape[1], weight.shape[0], math.prod(x.shape[:-1])
+    dy = grad_y.to(x.dtype).reshape(m, n).contiguous()
+    h = preact.reshape(m, n).contiguous() if activation else None
     g, gb = _bias_act_backward(backend, dy, h, activation, need_dbias)
     dx = _matmul(backend, g, weight, None, 0, False)[0].view(x.shape) if need_dx else _empty(x)
-    dw = _matmul(backend, g.t(), x.reshape(-1, k), None, 0, False)[0] if need_dweight else _empty(x)
+    dw = _matmul(backend, g.t(), x.reshape(m, k), None, 0, False)[0] if need_dweight else _empty(x)
     db = gb if need_dbias else _empty(x, reference.compute_dtype(x.dtype))
     return dx, dw, db
 

@@ -68,6 +68,8 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _forward(x, dim, scale, causal, backend):
+    if x.numel() == 0:  # no rows, or rows of nothing: nothing for a kernel to do, on any backend
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     rows = as_rows(x, dim)
     n_queries = x.shape[-2] if causal and x.dim() >= 2 else 1
     lanes = policy.row_lanes(backend, rows.shape[1], x.device)
@@ -83,6 +85,8 @@ def _check_backward(grad_y, y, dim, scale, backend):
 
 
 def _backward_body(grad_y, y, dim, scale, backend):
+    if y.numel() == 0:
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
     rows = as_rows(y, dim)
     lanes = policy.row_lanes(backend, rows.shape[1], y.device)
     dx = backward_kernel(backend, y.device)(as_rows(grad_y.to(y.dtype), dim), rows, float(scale), lanes)
