@@ -98,7 +98,9 @@ def triton_linear_tiles(n: int, k: int, dtype: torch.dtype, interpreted: bool) -
       * bf16/fp16: 128 x 128 x 64, 8 warps, 4 stages: 32 KiB of a and b tiles a stage; 96 KiB of
         shared memory on sm_80 and 128 KiB on sm_90 (A100 has 164, H100 227), the float32
         accumulator 64 registers a thread, no spills;
-      * float32 (TF32 or IEEE, the latter on the FMA units): 128 x 128 x 32, 8 warps, 3 stages.
+      * float32 (TF32 or IEEE, the latter on the FMA units): 128 x 128 x 32, 8 warps, 3 stages:
+        32 KiB of a and b tiles a stage, 96 KiB in all (sm_86 / sm_89 have 99 KiB a block);
+        tests/_lower_triton.py checks every specialisation against each target's limit.
     GROUP_M = 8 tile rows per L2 swizzle group. N or K below a block shrinks it (min 16).
     Interpreter: every operation costs Python time, so few programs and few K steps: about 8192
     outputs a tile and a (BLOCK_M, BLOCK_K, BLOCK_N) product of about 2**18 elements a K step."""

@@ -1,4 +1,5 @@
-"""Lower every Triton kernel of fusedtx to PTX for sm_80 and sm_90, without a GPU.
+"""Lower every Triton kernel of fusedtx to PTX for sm_80 and sm_90, without a GPU, and check that
+each fits the shared memory of every device it may run on (SHARED_MEMORY_LIMIT).
 
 Run by tests/test_build.py in a subprocess without TRITON_INTERPRET (the interpreter would
 replace the kernels). tests/triton_specs.py lists the specialisations of each
@@ -29,6 +30,10 @@ from fusedtx.kernels._common import LAUNCH_OPTIONS  # noqa: E402
 from triton_specs import SPECS  # noqa: E402
 
 ARCHS = (80, 90)
+# Shared memory one block may use (bytes), the strictest device of each compile target: sm_80
+# code also runs on sm_86 / sm_89 (RTX 30 / 40, L40: 99 KiB, below the A100's 163 KiB), sm_90 on
+# the H100 / H200 (227 KiB). A kernel above it compiles but raises OutOfResources at launch.
+SHARED_MEMORY_LIMIT = {80: 101_376, 90: 232_448}
 
 
 def kernel_modules():
@@ -44,6 +49,10 @@ def lower(module_name: str, index: int, arch: int) -> str | None:
         compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                                   options={**LAUNCH_OPTIONS, **options})
         assert ".entry" in compiled.asm["ptx"]
+        if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
+            return (f"{module_name}.{fn.__name__} sm_{arch} {constexprs} {options}: needs "
+                    f"{compiled.metadata.shared} bytes of shared memory a block, over the "
+                    f"{SHARED_MEMORY_LIMIT[arch]} of the smallest sm_{arch} target: it cannot launch")
         return None
     except Exception as exc:  # report every failure, not just the first
         return f"{module_name}.{fn.__name__} sm_{arch} {constexprs}: {type(exc).__name__}: {exc}"

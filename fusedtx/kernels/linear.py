@@ -146,7 +146,10 @@ def _matmul_fwd(A, B, Bias, Y, H, M, N, K,
         # shorter K), each from a fresh accumulator, added to the total in order (accuracy).
         for kb in range(0, K, K_STEPS * BLOCK_K):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for step in tl.static_range(K_STEPS):
+            # A loop, not static_range: unrolled, the pipeliner buffered the a and b tiles of all
+            # K_STEPS steps per stage (256 KiB at 3 stages, more than any GPU has); as a loop it
+            # buffers one step's per stage. The same operations in the same order.
+            for step in range(K_STEPS):
                 if EVEN_K:
                     a = tl.load(a_ptrs)
                     b = tl.load(b_ptrs)
