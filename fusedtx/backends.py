@@ -3,7 +3,7 @@
 Order of precedence, highest first:
   1. the `backend=` argument of a call,
   2. `fusedtx.use_backend(name)` (a context manager) or `fusedtx.set_backend(name)`,
-  3. the FUSEDTX_BACKEND environment variable,
+  3. the FUSEDTX_BACKEND environment variable (as it was when fusedtx was imported),
   4. the per-device default: "triton" on CUDA, "native" on CPU.
 A backend that cannot run on the tensors' device raises BackendUnavailableError, saying why and
 what to do.
@@ -31,6 +31,10 @@ class BackendUnavailableError(RuntimeError):
 # choice is therefore process-wide, like torch.backends flags.
 _global_backend: str | None = None
 _context_backend: str | None = None
+# FUSEDTX_BACKEND is read once, when fusedtx is imported (checked at first use): a compiled
+# function cannot guard on os.environ, so a variable changed later would change eager results
+# and not compiled ones. set_backend / use_backend change the selection at run time.
+_env_backend: str | None = os.environ.get("FUSEDTX_BACKEND") or None
 # The open use_backend blocks, oldest first, as (token, name): _context_backend is the newest's
 # name. Each block removes its own entry on exit, so blocks that threads open and close out of
 # order leave the selection to the blocks still open, and to none after the last.
@@ -54,7 +58,7 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str | None:
     """The backend chosen by use_backend / set_backend / FUSEDTX_BACKEND, or None for per-device default."""
-    return _context_backend or _global_backend or _check_name(os.environ.get("FUSEDTX_BACKEND") or None, "FUSEDTX_BACKEND")
+    return _context_backend or _global_backend or _check_name(_env_backend, "FUSEDTX_BACKEND")
 
 
 @contextlib.contextmanager

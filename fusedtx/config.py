@@ -11,6 +11,10 @@ import os
 from .policy import DEFAULT_SPLIT_SIZE
 
 _split_size: int | None = None
+# FUSEDTX_SPLIT_SIZE is read once, when fusedtx is imported (checked at first use): a compiled
+# function cannot guard on os.environ, so a variable changed later would change eager results
+# and not compiled ones. set_split_size changes it at run time.
+_env_split_size: str | None = os.environ.get("FUSEDTX_SPLIT_SIZE") or None
 
 
 def _check_split_size(value, what: str) -> int:
@@ -28,10 +32,10 @@ def set_split_size(value: int | None) -> None:
 
 
 def get_split_size() -> int:
-    """set_split_size(...) > FUSEDTX_SPLIT_SIZE env var > DEFAULT_SPLIT_SIZE."""
+    """set_split_size(...) > FUSEDTX_SPLIT_SIZE (as it was at import) > DEFAULT_SPLIT_SIZE."""
     if _split_size is not None:
         return _split_size
-    env = os.environ.get("FUSEDTX_SPLIT_SIZE")
+    env = _env_split_size
     if env:
         try:
             return _check_split_size(int(env), "FUSEDTX_SPLIT_SIZE")

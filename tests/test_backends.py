@@ -16,7 +16,7 @@ from helpers import bitwise_equal
 
 @pytest.fixture(autouse=True)
 def clean_state(monkeypatch):
-    monkeypatch.delenv("FUSEDTX_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_env_backend", None)  # FUSEDTX_BACKEND as read at import
     fusedtx.set_backend(None)
     yield
     fusedtx.set_backend(None)
@@ -31,7 +31,7 @@ def test_device_default():
 
 
 def test_precedence(monkeypatch):
-    monkeypatch.setenv("FUSEDTX_BACKEND", "reference")
+    monkeypatch.setattr(backends, "_env_backend", "reference")
     assert backends.resolve(None, CPU) == "reference"                  # env var > default
     fusedtx.set_backend("native")
     assert backends.resolve(None, CPU) == "native"                     # set_backend > env var
@@ -60,7 +60,7 @@ def test_unknown_names_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match="use_backend"):
         with fusedtx.use_backend("fast"):
             pass
-    monkeypatch.setenv("FUSEDTX_BACKEND", "tritonn")
+    monkeypatch.setattr(backends, "_env_backend", "tritonn")
     with pytest.raises(ValueError, match="FUSEDTX_BACKEND.*'tritonn'"):
         backends.resolve(None, CPU)
 
@@ -160,12 +160,12 @@ def test_split_size_setting(monkeypatch):
         assert fusedtx.get_split_size() == 64
     finally:
         fusedtx.set_split_size(None)
-    monkeypatch.setenv("FUSEDTX_SPLIT_SIZE", "128")
+    monkeypatch.setattr(fusedtx.config, "_env_split_size", "128")  # as read at import
     assert fusedtx.get_split_size() == 128
     for bad, err in ((100, ValueError), (8, ValueError), (64.0, TypeError), (True, TypeError)):
         with pytest.raises(err, match="split size"):
             fusedtx.set_split_size(bad)
-    monkeypatch.setenv("FUSEDTX_SPLIT_SIZE", "abc")
+    monkeypatch.setattr(fusedtx.config, "_env_split_size", "abc")
     with pytest.raises(ValueError, match="FUSEDTX_SPLIT_SIZE"):
         fusedtx.get_split_size()
 
@@ -245,7 +245,6 @@ def test_use_backend_blocks_closed_out_of_order_leave_no_selection(monkeypatch):
     import contextlib
     import threading
 
-    monkeypatch.delenv("FUSEDTX_BACKEND", raising=False)
     backends.set_backend(None)
 
     def interleave(use):
@@ -286,3 +285,21 @@ def test_use_backend_blocks_closed_out_of_order_leave_no_selection(monkeypatch):
         assert interleave(save_restore) == (None, "reference")
     finally:
         backends._context_backend = None
+
+
+def test_environment_is_read_once_at_import(monkeypatch):
+    """FUSEDTX_BACKEND and FUSEDTX_SPLIT_SIZE take effect as set before fusedtx is imported
+    (a fresh process), and changing them later changes nothing, in eager and compiled code
+    alike (a compiled function cannot guard on os.environ)."""
+    code = ("import os, torch, fusedtx\n"
+            "print(fusedtx.get_backend(), fusedtx.get_split_size())\n"
+            "os.environ['FUSEDTX_BACKEND'] = 'native'; os.environ['FUSEDTX_SPLIT_SIZE'] = '64'\n"
+            "print(fusedtx.get_backend(), fusedtx.get_split_size())\n")
+    env = dict(os.environ, FUSEDTX_BACKEND="reference", FUSEDTX_SPLIT_SIZE="32")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["reference", "32", "reference", "32"]
+    monkeypatch.setattr(fusedtx.config, "_env_split_size", None)  # as if unset at import
+    monkeypatch.setenv("FUSEDTX_BACKEND", "reference")
+    monkeypatch.setenv("FUSEDTX_SPLIT_SIZE", "16")
+    assert fusedtx.get_backend() is None and fusedtx.get_split_size() == 256
