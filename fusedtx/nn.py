@@ -77,6 +77,15 @@ class GeluFFN(torch.nn.Module):
         return f"approximate={self.approximate!r}, backend={self.backend}"
 
 
+def _is_int(value) -> bool:
+    """A Python int that is not a bool (True would pass isinstance(value, int))."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _shape_of(t) -> object:
     return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -93,7 +102,7 @@ class KVCache:
                  device=None):
         for name, value, least in (("batch", batch, 0), ("kv_heads", kv_heads, 1), ("max_len", max_len, 0),
                                    ("head_dim", head_dim, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not _is_int(value) or value < least:
                 raise ValueError(f"KVCache: {name} must be an int >= {least}, got {value!r}")
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -124,7 +133,7 @@ class KVCache:
         """Forget every sequence's keys beyond lengths[b] (e.g. after a right-padded prefill):
         they stay in the buffers but are never read again, and the next append overwrites them."""
         lengths = torch.as_tensor(lengths).cpu()
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        if not _is_integer_dtype(lengths.dtype):
             raise TypeError(f"KVCache.truncate: lengths must be integers, got {lengths.dtype}")
         lengths = lengths.to(torch.int64)
         if lengths.shape != self.lengths.shape:
@@ -152,7 +161,7 @@ class CausalSelfAttention(torch.nn.Module):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         for name, value in (("d_model", d_model), ("n_head", n_head), ("n_kv_head", n_kv_head)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"CausalSelfAttention: {name} must be a positive int, got {value!r}")
         if d_model % n_head or n_head % n_kv_head:
             raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be a multiple of n_head ({n_head}) "

@@ -216,7 +216,7 @@ class GPT(torch.nn.Module):
         if temperature < 0 or (top_p is not None and not 0.0 < top_p <= 1.0) or (top_k is not None and top_k < 1):
             raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
                              f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not fnn._is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         device = self.transformer.wte.weight.device
         prompts = self._check_prompts(prompts)
@@ -266,7 +266,7 @@ class GPT(torch.nn.Module):
             if t.dim() != 1 or t.numel() == 0:
                 raise ValueError(f"generate: prompts[{b}] must be a 1-D sequence of at least one token id, "
                                  f"got shape {list(t.shape)}")
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            if not fnn._is_integer_dtype(t.dtype):
                 raise TypeError(f"generate: prompts[{b}] must hold integer token ids, got {t.dtype}")
             t = t.to(torch.int64)
             lo, hi = int(t.min()), int(t.max())
