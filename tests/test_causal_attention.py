@@ -248,8 +248,11 @@ def test_op_bad_input_errors():
         fusedtx.causal_attention(q.double(), k.double(), k.double())
     with pytest.raises(ValueError, match="split size must be a power of two >= 16, got 24"):
         fusedtx.causal_attention(q, k, k, split_size=24)
-    for scale in (float("nan"), float("inf"), True, "0.25"):
-        with pytest.raises(ValueError, match=f"scale must be a finite real number or None, got {scale!r}"):
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"scale must be a finite number, got {scale!r}"):
+            fusedtx.causal_attention(q, k, k, scale=scale)
+    for scale, kind in ((True, "bool"), ("0.25", "str")):
+        with pytest.raises(TypeError, match=f"scale must be a real number, got {kind}"):
             fusedtx.causal_attention(q, k, k, scale=scale)
     fusedtx.causal_attention(q, k, k, scale=1)  # an int is a real number
     with pytest.raises(ValueError, match="k must have q's 8 tokens, got 9"):

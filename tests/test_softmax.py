@@ -306,7 +306,7 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="dim must be an int"):
         fusedtx.softmax(x, dim=1.0)
     for bad in (float("inf"), float("-inf"), float("nan")):
-        with pytest.raises(ValueError, match="scale must be finite"):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
             fusedtx.softmax(x, scale=bad)
     with pytest.raises(TypeError, match="scale must be a real number"):
         fusedtx.softmax(x, scale="0.5")

@@ -147,12 +147,13 @@ class GPT(torch.nn.Module):
         batch, tokens = idx.shape
         if kv_cache is None:
             positions = torch.arange(tokens, device=idx.device)[None, :]
+            last = tokens - 1  # from the shape: torch.compile(fullgraph=True) traces it
         else:
             if len(kv_cache) != self.config.n_layer:
                 raise ValueError(f"GPT: kv_cache must hold one KVCache per layer ({self.config.n_layer}), "
                                  f"got {len(kv_cache)}")
             positions = (kv_cache[0].lengths[:, None] + torch.arange(tokens)).to(idx.device)
-        last = int(positions.max()) if positions.numel() else -1
+            last = int(positions.max()) if positions.numel() else -1
         if last >= self.config.block_size:
             raise ValueError(f"GPT: position {last} is beyond block_size {self.config.block_size}")
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)

@@ -21,13 +21,16 @@ everywhere else (torch.compile, dispatch modes, tensor subclasses, torch.func).
 from __future__ import annotations
 
 import importlib
+import math
+from numbers import Real
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import _extension, reference
 from ..backends import BACKENDS, BackendUnavailableError
-from ._eager import eager_autograd, is_plain_eager
+from ._eager import eager_autograd, is_plain_eager, transform_autograd
 
 
 def check_backend(backend, op: str) -> str:
@@ -35,6 +38,21 @@ def check_backend(backend, op: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def check_real(value, op: str, arg: str, *, least: float | None = None):
+    """A finite real number (>= least if given) for a float argument of an op, else TypeError /
+    ValueError naming it. Returns it as a float, or as it is when torch.compile traces it
+    symbolically (a SymFloat / SymInt under dynamic=True): the comparisons below then become
+    guards, where math.isfinite or float() would break the graph."""
+    if type(value) is not float:  # the common case skips the (slow) isinstance check against Real
+        if isinstance(value, bool) or not isinstance(value, (int, Real, torch.SymFloat, torch.SymInt)):
+            raise TypeError(f"{op}: {arg} must be a real number, got {type(value).__name__}")
+    # Comparisons, not math.isfinite: they also reject NaN, and they trace.
+    if not -math.inf < value < math.inf or (least is not None and value < least):
+        bound = "" if least is None else f" >= {least:g}"
+        raise ValueError(f"{op}: {arg} must be a finite number{bound}, got {value}")
+    return value if isinstance(value, (torch.SymFloat, torch.SymInt)) else float(value)
 
 
 class Kernel:
@@ -81,6 +99,7 @@ class Op:
 
     def __init__(self, name: str, registered, check: Callable, body: Callable, eager: Callable | None):
         self.name, self.registered, self.check, self.body, self.eager = name, registered, check, body, eager
+        self.transform: Callable | None = None  # differentiation under torch.func (_eager.transform_autograd)
 
     def impl(self, *args):
         """What the registered op runs: the arguments checked, then the body."""
@@ -91,8 +110,13 @@ class Op:
         once, then the body (grad False) or the eager autograd Function (grad True) runs in plain
         eager code, the registered op everywhere else. Same code, same bits on every path."""
         args = self.check(*args)
-        if is_plain_eager(args[0]):
+        transformed = torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+        if not transformed and is_plain_eager(args[0]):
             return self.eager(*args) if grad else self.body(*args)
+        if transformed and self.transform is not None:
+            # Under torch.func, and under forward-mode AD, whose tangents the registered op would
+            # drop silently: this Function raises torch's "jvp not implemented" for them instead.
+            return self.transform(*args)
         return self.registered(*args)
 
     def in_backward(self, ctx) -> Callable:
@@ -103,6 +127,8 @@ class Op:
         silently differentiating nothing."""
         if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
             return self.body
+        if torch._C._are_functorch_transforms_active():
+            return self.transform
         return self.registered
 
     def __repr__(self) -> str:
@@ -120,7 +146,39 @@ def register(name: str, schema: str, *, check: Callable, body: Callable, fake: C
     op = Op(name, None, check, body, None)
     op.registered = torch.library.custom_op(f"fusedtx::{name}", op.impl, mutates_args=(), schema=schema)
     op.registered.register_fake(lambda *args: fake(*check(*args)))
+    op.registered.register_vmap(_per_sample_vmap(op.registered))
     if backward is not None:
         op.registered.register_autograd(backward, setup_context=setup_context)
         op.eager = eager_autograd(name, body, setup_context, backward)
+        op.transform = transform_autograd(name, op.registered, setup_context, backward)
+    else:  # a backward op, called by a formula: differentiating it again is refused, clearly
+        op.transform = transform_autograd(name, op.registered, _no_context, _no_derivative(name))
     return op
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_derivative(name: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fusedtx::{name} has no derivative: fusedtx ops have a first derivative only "
+                           "(no double backward, no torch.func.hessian)")
+    return backward
+
+
+def _per_sample_vmap(registered) -> Callable:
+    """torch.func.vmap's rule for a registered op: one call per sample, the results stacked. Each
+    sample's bits are then those of a call on that sample alone, which batch invariance makes
+    the bits of any batch it could sit in."""
+
+    def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            raise ValueError(f"{registered._name}: vmap over a dimension of size 0 is not supported")
+        samples = [registered(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        if isinstance(samples[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*samples)), (0,) * len(samples[0])
+        return torch.stack(samples), 0
+
+    return rule

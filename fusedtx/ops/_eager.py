@@ -12,6 +12,14 @@ setup_context and its backward formula — so that the two paths share every lin
 anything: the same bits (tests/test_eager.py compares them). fusedtx.ops._dispatch.Op takes it
 only for plain tensors outside torch.compile, dispatch modes and torch.func transforms
 (`is_plain_eager`); everything else goes through the registered op.
+
+torch.func's grad, vjp and jacrev cannot differentiate the registered op itself: torch.library
+builds its autograd from a ctx-first Function, which functorch refuses. `transform_autograd`
+is the same formula as a Function in functorch's style (a separate setup_context) around the
+registered op, which the Op takes for differentiation under a torch.func transform; vmap of the
+ops (and so jacrev, which vmaps the backward) is the per-sample rule that `_dispatch` registers.
+Forward-mode AD (jvp, jacfwd) has no formula: it raises NotImplementedError, where the registered
+op would drop the tangents silently, so the Op takes this Function under forward AD too.
 """
 from __future__ import annotations
 
@@ -23,12 +31,11 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def is_plain_eager(x) -> bool:
     """True when calling an op's pieces directly is indistinguishable from calling the registered
-    op: x is a plain tensor, nothing traces (torch.compile), no dispatch mode is active and no
-    torch.func transform wraps the call."""
+    op: x is a plain tensor, nothing traces (torch.compile) and no dispatch mode is active. (Op
+    asks first whether a torch.func transform or forward-mode AD wraps the call.)"""
     return (type(x) is torch.Tensor
             and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active())
+            and _get_current_dispatch_mode() is None)
 
 
 def eager_autograd(name: str, body: Callable, setup_context: Callable, backward: Callable) -> Callable:
@@ -73,3 +80,22 @@ def eager_autograd(name: str, body: Callable, setup_context: Callable, backward:
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_materialized)})
     return function.apply
 
+
+
+def transform_autograd(name: str, registered: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """`apply(*inputs)` of an autograd.Function that runs the registered op with its registered
+    formula, written as torch.func transforms need: forward without ctx, setup_context apart,
+    and vmap through the ops it calls (generate_vmap_rule: each registered op has a vmap rule)."""
+
+    def forward(*inputs):
+        return registered(*inputs)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"fusedtx::{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+                                  "torch.autograd.forward_ad) is not supported, only reverse mode "
+                                  "(backward, torch.func.grad, vjp, jacrev)")
+
+    function = type(f"{name}_transform", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                     "backward": staticmethod(backward), "jvp": staticmethod(jvp), "generate_vmap_rule": True})
+    return function.apply

@@ -20,12 +20,11 @@ so autograd keeps q, k, v, m, l and not o.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from ..config import _check_split_size, get_split_size
-from ._dispatch import Kernel, check_backend, register
+from ._dispatch import Kernel, check_backend, check_real, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,14 +62,9 @@ def check_qkv(q, k, v, name: str, k_name: str = "k", v_name: str = "v") -> None:
 
 def resolve_scale_and_split(q, scale, split_size, name: str) -> tuple[float, int]:
     """scale (default 1/sqrt(head dim)) and split size (default fusedtx.get_split_size()), checked."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    # A float needs no isinstance check against the Real ABC (slow: a decode step calls this per layer).
-    if (type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, (int, Real)))) \
-            or not math.isfinite(scale):
-        raise ValueError(f"{name}: scale must be a finite real number or None, got {scale!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_real(scale, name, "scale")
     split = get_split_size() if split_size is None else _check_split_size(split_size, name)
-    return float(scale), split
+    return scale, split
 
 
 def unit_head_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -12,13 +12,12 @@ atomics, the same bits for any thread count or GPU. Row sums use policy.row_lane
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Sequence
 
 import torch
 
 from .. import policy, reference
-from ._dispatch import Kernel, check_backend, register
+from ._dispatch import Kernel, check_backend, check_real, register
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
@@ -29,11 +28,15 @@ forward_kernel = Kernel("layer_norm_forward", "layer_norm")
 backward_kernel = Kernel("layer_norm_backward", "layer_norm")
 
 
+def _is_size(d) -> bool:
+    """An int, or a SymInt: torch.compile(dynamic=True) traces sizes taken from x.shape so."""
+    return isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool)
+
+
 def normalize_shape(normalized_shape) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+    if _is_size(normalized_shape):
         return (normalized_shape,)
-    if isinstance(normalized_shape, (tuple, list, torch.Size, Sequence)) and all(
-            isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape):
+    if isinstance(normalized_shape, (tuple, list, torch.Size, Sequence)) and all(map(_is_size, normalized_shape)):
         return tuple(normalized_shape)
     raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
@@ -70,11 +73,8 @@ def check_args(x, normalized_shape, weight, bias, eps, backend):
         if param_dtype is not None and p.dtype != param_dtype:
             raise TypeError(f"layer_norm: weight ({param_dtype}) and bias ({p.dtype}) must share a dtype")
         param_dtype = p.dtype
-    if isinstance(eps, bool) or not isinstance(eps, (float, int, Real)):
-        raise TypeError(f"layer_norm: eps must be a real number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):  # 0 as torch allows: a constant row then gives NaN, as torch's
-        raise ValueError(f"layer_norm: eps must be a finite number >= 0, got {eps}")
-    return x, shape, weight, bias, float(eps), backend
+    # eps = 0 as torch allows: a constant row then gives NaN, as torch's does.
+    return x, shape, weight, bias, check_real(eps, "layer_norm", "eps", least=0.0), backend
 
 
 def _flat(p: torch.Tensor | None) -> torch.Tensor | None:

@@ -11,12 +11,11 @@ x's shape.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from .. import policy
-from ._dispatch import Kernel, check_backend, register
+from ._dispatch import Kernel, check_backend, check_real, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,15 +34,12 @@ def check_args(x, dim, scale, causal, backend, name: str = "softmax"):
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}: dim must be in [{-ndim}, {ndim - 1}] for a {x.dim()}-d tensor, got {dim}")
-    if isinstance(scale, bool) or not isinstance(scale, (float, int, Real)):
-        raise TypeError(f"{name}: scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{name}: scale must be finite, got {scale}")
+    scale = check_real(scale, name, "scale")
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if causal and dim % ndim != ndim - 1:
         raise ValueError(f"{name}: causal masks the last two dims (queries, keys), so dim must be -1, got {dim}")
-    return x, dim, float(scale), causal, check_backend(backend, name)
+    return x, dim, scale, causal, check_backend(backend, name)
 
 
 def _is_last(t: torch.Tensor, dim: int) -> bool:
