@@ -52,9 +52,13 @@ def assert_accuracy(out, eager, ref, what: str):
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit patterns (so that -0.0 != +0.0 and NaN payloads count)."""
+    """The bit patterns the contract covers: every bit (-0.0 != +0.0), but one pattern for all
+    NaNs, whose sign and payload are the hardware's (docs/design.md, point 6)."""
     int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(int_type)
+    raw = t.contiguous().view(int_type)
+    if not t.is_floating_point():
+        return raw
+    return torch.where(t.contiguous().isnan(), torch.tensor(-1, dtype=int_type, device=t.device), raw)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -165,6 +165,28 @@ def test_bitwise_equal_to_reference(device, backend, dtype, activation):
         record_bitexact(f"linear/{activation or 'none'}", device, backend, dtype, exact)
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_gelu_at_the_extremes_is_pytorchs(device, backend, activation):
+    """Pre-activations at the ends of the float32 range (K = 1, weight 1: h is the input) give
+    PyTorch's float64 GELU rounded to float32: -0 for large negative h (the tanh form's sigmoid
+    is cut to +0 past exponent 88, where it used to leave h / exp(88), -1.8 at h = -3e38), NaN at
+    -inf, and +inf at +inf (PyTorch's float32 CPU kernel alone gives NaN there, docs/design.md)."""
+    require(device, backend)
+    h = torch.tensor([float("inf"), float("-inf"), 3e38, -3e38, -1e20, -1e10, -20.0, -10.5, -9.0, 10.0,
+                      float("nan")])
+    y = fusedtx.linear(h[:, None].to(device), torch.ones(1, 1, device=device), activation=activation,
+                       backend=backend)[:, 0].cpu()
+    expected = F.gelu(h.double(), approximate=TORCH_GELU[activation]).float()
+    assert torch.equal(y.isnan(), expected.isnan()), f"NaN at {y.isnan().tolist()}, PyTorch {expected.isnan().tolist()}"
+    finite = ~expected.isnan()
+    exact = (h.abs() > 10.4) | h.isinf()  # where the float64 GELU rounds to 0 or to h itself in float32
+    assert_bitwise_equal(y[finite & exact], expected[finite & exact], f"{activation} at the extremes")
+    # atol: at h = -9 PyTorch's float64 1 + tanh(u) is already 0; fusedtx's sigmoid form keeps the
+    # true -1.3e-28.
+    torch.testing.assert_close(y[finite], expected[finite], rtol=1e-6, atol=1e-27)
+
+
 # ---------------------------------------------------------------------------------------------
 # batch invariance (point 4), thread counts and determinism (point 5), negative controls
 # ---------------------------------------------------------------------------------------------

@@ -104,12 +104,14 @@ def test_matmul_kernel_matches_reference(linear_lib, dtype, activation, m, k, n,
 
 
 # Pre-activations that reach every branch: erf's polynomial (|t| < 0.9) and exp (0.9 <= |t| < 4) and
-# its clamp at 4, gelu_tanh's exponent clamp at 88 (h below about -11.6), zeros, tiny and large values.
+# its clamp at 4, gelu_tanh's exponent cut at 88 (h below about -9.96), zeros, tiny and large
+# values, the overflow of h^3 and h^2, infinities and NaN.
 EPILOGUE_VALUES = torch.cat([
     torch.linspace(-30, 30, 241, dtype=torch.float64),
     torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 0.9 * 2 ** 0.5, -0.9 * 2 ** 0.5, 4 * 2 ** 0.5, 1e4, -1e4,
-                  -11.6, -11.7, 88.0, -88.0], dtype=torch.float64),
-    torch.randn(44, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3,
+                  -11.6, -11.7, 88.0, -88.0, -9.95, -9.97, -1e20, 1e20, -3e38, 3e38, float("inf"), float("-inf"),
+                  float("nan")], dtype=torch.float64),
+    torch.randn(35, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3,
 ])
 
 
@@ -123,7 +125,8 @@ def test_activation_epilogue_and_derivative_on_every_branch(linear_lib, dtype, a
     a = torch.ones(1, 1, dtype=dtype)
     y, h = emu_matmul(linear_lib, a, values, None, activation)
     y_ref, h_ref = reference.linear_matmul(a, values, None, activation, True, K_BLOCK)
-    assert torch.equal(h, values)  # h = +0 + 1 * b (so -0 becomes +0: the accumulator starts at +0)
+    # h = +0 + 1 * b (so -0 becomes +0: the accumulator starts at +0; NaN stays NaN)
+    torch.testing.assert_close(h, values, rtol=0, atol=0, equal_nan=True)
     assert_bitwise_equal(h, h_ref, "preact")
     assert_bitwise_equal(y, y_ref, "activation forward")
     dy = torch.linspace(-2, 2, values.shape[1], dtype=torch.float64).to(dtype)[None, :]

@@ -70,14 +70,16 @@ inline F erf_f32(F t) {
   return a < kErfSplit ? small : large;
 }
 
-// reference._gelu_tanh_sigmoid: s = 1 / (1 + e), e = exp(-2 sqrt(2/pi) (h + 0.044715 h^3)).
+// reference._gelu_tanh_sigmoid: z = -2 sqrt(2/pi) (h + 0.044715 h^3), e = exp(min(z, 88)),
+// s = z > 88 ? +0 : 1 / (1 + e).
 template <typename F>
 inline F gelu_tanh_sigmoid(F h, F* e_out) {
   const F h3 = (h * h) * h;
-  const F z = clamp_above((h + kTanhCubic * h3) * (-kTanhTwoK), kTanhMaxExpArg);
-  const F e = exp_f32(z);
+  const F z = (h + kTanhCubic * h3) * (-kTanhTwoK);
+  const F e = exp_f32(clamp_above(z, kTanhMaxExpArg));
   *e_out = e;
-  return splat<F>(1.0f) / (splat<F>(1.0f) + e);
+  const F s = splat<F>(1.0f) / (splat<F>(1.0f) + e);
+  return z > kTanhMaxExpArg ? splat<F>(0.0f) : s;
 }
 
 template <int kAct, typename F>

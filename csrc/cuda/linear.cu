@@ -94,13 +94,14 @@ __device__ __forceinline__ float erf_f32(float t) {
   return copysignf(__fsub_rn(1.0f, exp_f32(q)), t);
 }
 
-// reference._gelu_tanh_sigmoid: s = 1 / (1 + e), e = exp(-2 sqrt(2/pi) (h + 0.044715 h^3)).
+// reference._gelu_tanh_sigmoid: z = -2 sqrt(2/pi) (h + 0.044715 h^3), e = exp(min(z, 88)),
+// s = z > 88 ? +0 : 1 / (1 + e).
 __device__ __forceinline__ float gelu_tanh_sigmoid(float h, float& e) {
   const float h3 = __fmul_rn(__fmul_rn(h, h), h);
-  float z = __fmul_rn(__fadd_rn(h, __fmul_rn(f32(0.044715), h3)), f32(-1.5957691216057308));
-  z = z > f32(88.0) ? f32(88.0) : z;  // written so that NaN stays NaN
-  e = exp_f32(z);
-  return __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+  const float z = __fmul_rn(__fadd_rn(h, __fmul_rn(f32(0.044715), h3)), f32(-1.5957691216057308));
+  const bool beyond = z > f32(88.0);  // false for NaN: NaN stays NaN
+  e = exp_f32(beyond ? f32(88.0) : z);
+  return beyond ? 0.0f : __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
 }
 
 // reference.activation_forward on float32 h (kAct: reference.ACT_*).

@@ -114,12 +114,13 @@ def erf_f32(t):
 
 @triton.jit
 def gelu_tanh_sigmoid(h):
-    """reference._gelu_tanh_sigmoid: (s, e), e = exp(-2u), s = 1 / (1 + e), u = sqrt(2/pi) (h + 0.044715 h^3)."""
+    """reference._gelu_tanh_sigmoid: (s, e), z = -2 sqrt(2/pi) (h + 0.044715 h^3), e = exp(min(z, 88)),
+    s = z > 88 ? +0 : 1 / (1 + e)."""
     h3 = (h * h) * h
     z = (h + 0.044715 * h3) * -1.5957691216057308
-    z = tl.where(z > 88.0, 88.0, z)
-    e = exp_f32(z)
-    return tl.math.div_rn(1.0, 1.0 + e), e
+    beyond = z > 88.0
+    e = exp_f32(tl.where(beyond, 88.0, z))
+    return tl.where(beyond, 0.0, tl.math.div_rn(1.0, 1.0 + e)), e
 
 
 @triton.jit

@@ -50,14 +50,16 @@ def erf_f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_tanh_sigmoid(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, e): e = exp(-2u), u = sqrt(2/pi) (h + 0.044715 h^3), and s = 1 / (1 + e) = 0.5 (1 + tanh u)
-    without the cancellation of 1 + tanh for negative u. The exponent is clamped to stay finite
-    (written so that NaN stays NaN)."""
+    """(s, e): z = -2u, u = sqrt(2/pi) (h + 0.044715 h^3), e = exp_f32(min(z, 88)) and
+    s = 1 / (1 + e) = 0.5 (1 + tanh u) without the cancellation of 1 + tanh for negative u; s = +0
+    where z > 88 (h below ~ -9.96), where the true s < 1 / exp(88) ~ 6e-39 and h s rounds to 0 or
+    lies within 1e-37 of it. So gelu_tanh is -0 for large negative h and NaN at -inf (0 * -inf),
+    as PyTorch's; the exponent clamp keeps e finite for the derivative. NaN stays NaN."""
     h3 = (h * h) * h
     z = (h + _f32(GELU_TANH_CUBIC, h) * h3) * _f32(-GELU_TANH_TWO_K, h)
-    z = torch.where(z > _f32(GELU_TANH_MAX_EXP_ARG, h), _f32(GELU_TANH_MAX_EXP_ARG, h), z)
-    e = exp_f32(z)
-    return _f32(1.0, h) / (_f32(1.0, h) + e), e
+    beyond = z > _f32(GELU_TANH_MAX_EXP_ARG, h)
+    e = exp_f32(torch.where(beyond, _f32(GELU_TANH_MAX_EXP_ARG, h), z))
+    return torch.where(beyond, _f32(0.0, h), _f32(1.0, h) / (_f32(1.0, h) + e)), e
 
 
 def activation_forward(h: torch.Tensor, activation: int) -> torch.Tensor:
