@@ -213,3 +213,34 @@ def zero_times_unseen_terms():
     with mock.patch.object(spec, "fma_matmul", all_terms(common.fma_matmul, 2)), \
             mock.patch.object(spec, "blocked_fma_matmul", all_terms(common.blocked_fma_matmul, 3)):
         yield
+
+
+def signed_zero_failures(attend, split_size=S):
+    """Query 1 sees keys 0 and 1 and its P.V chain sums to -0 (p_0 v_0 = exp(-80) * -1e-20
+    underflows to -0 in its FMA, then 1 * -0); key 2, masked for it, has v = +1. Added as a term,
+    fma(+0, 1, -0) = +0 would flip the sign: the full pass must give query 1 its decode step's
+    -0 (bitwise), the masked key's value (even finite) must not reach it."""
+    q, k, v = torch.zeros(3, 1, 1, 3, 16).unbind(0)
+    q[..., 0] = 1.0
+    k[0, 0, 0, 0] = -80.0  # s_0 = -80, s_1 = 0 = m: p_0 = exp_f32(-80), p_1 = 1
+    k[0, 0, 2] = 0.5
+    v[0, 0, 0], v[0, 0, 1], v[0, 0, 2] = -1e-20, -0.0, 1.0
+    full = attend(q, k, v, torch.tensor([3]), 1.0, split_size)[0][:, :, 1:2]
+    step = attend(q[:, :, 1:2], k, v, torch.tensor([2]), 1.0, split_size)[0]
+    return [] if bitwise_equal(full, step) else [f"query 1: full pass {full.flatten()[:2].tolist()}, decode "
+                                                 f"{step.flatten()[:2].tolist()}"]
+
+
+def poisoned_problems(dtype=torch.float32):
+    """(what, grad_o, q, k, v, split) full causal passes with an inf or NaN in one row of q, k, v
+    or dO, for comparing a kernel with the spec NaN-aware bitwise (NaN positions included): each
+    poison at position UNSEEN_AT of k, v, q, dO, and issue 16's case, T = 65, S = 64, a NaN in
+    v_32 (the first position of the second 32-query block) with a head dim padded to 48."""
+    q, k, v, grad_o = unseen_inputs(dtype)
+    for which in ("k", "v", "q", "grad_o"):
+        for name, value in POISONS.items():
+            args = dict(grad_o=grad_o, q=q, k=k, v=v)
+            args[which] = poisoned(args[which], value, UNSEEN_AT)
+            yield f"{which}[{UNSEEN_AT}] = {name}", args["grad_o"], args["q"], args["k"], args["v"], S
+    q, k, v = qkv(1, 2, 65, 40, dtype, kv_heads=1, seed=11)
+    yield "v[32] = nan, T = 65, S = 64", make(q.shape, dtype, 12), q, k, poisoned(v, float("nan"), 32, col=0), 64
