@@ -231,16 +231,16 @@ def signed_zero_failures(attend, split_size=S):
                                                  f"{step.flatten()[:2].tolist()}"]
 
 
-def poisoned_problems(dtype=torch.float32):
+def poisoned_problems(dtype=torch.float32, issue_dim=32):
     """(what, grad_o, q, k, v, split) full causal passes with an inf or NaN in one row of q, k, v
     or dO, for comparing a kernel with the spec NaN-aware bitwise (NaN positions included): each
     poison at position UNSEEN_AT of k, v, q, dO, and issue 16's case, T = 65, S = 64, a NaN in
-    v_32 (the first position of the second 32-query block) with a head dim padded to 48."""
+    v_32 (the first position of the second 32-query block), head dim issue_dim."""
     q, k, v, grad_o = unseen_inputs(dtype)
     for which in ("k", "v", "q", "grad_o"):
         for name, value in POISONS.items():
             args = dict(grad_o=grad_o, q=q, k=k, v=v)
             args[which] = poisoned(args[which], value, UNSEEN_AT)
             yield f"{which}[{UNSEEN_AT}] = {name}", args["grad_o"], args["q"], args["k"], args["v"], S
-    q, k, v = qkv(1, 2, 65, 40, dtype, kv_heads=1, seed=11)
+    q, k, v = qkv(1, 2, 65, issue_dim, dtype, kv_heads=1, seed=11)
     yield "v[32] = nan, T = 65, S = 64", make(q.shape, dtype, 12), q, k, poisoned(v, float("nan"), 32, col=0), 64

@@ -334,7 +334,7 @@ def test_unseen_poison_equals_the_spec_nan_aware(ops, dtype):
     """inf / NaN in a row of q, k, v or dO: o, m, l and dq, dk, dv equal the spec's bit for bit,
     NaN positions included (the spec leaves masked pairs out of every sum; so must the 32-query
     blocks, the axpy tiles and D's chains)."""
-    for what, grad_o, q, k, v, split in poisoned_problems(dtype):
+    for what, grad_o, q, k, v, split in poisoned_problems(dtype, issue_dim=40):  # 40: rows padded to 48
         lens, scale = lengths_of(q), 0.25
         ref = reference.causal_attention_forward(q, k, v, lens, scale, split)
         for name, a, b in zip("oml", ops.causal_attention_forward(q, k, v, lens, scale, split), ref):
