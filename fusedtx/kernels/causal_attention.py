@@ -13,7 +13,9 @@ Why a query's bits depend only on q_t, k_0..k_t, v_0..v_t (docs/design.md, "Atte
     element order does not depend on the row's position in the tile; under the interpreter the
     sums are numpy reductions whose order does not either — SEQUENTIAL_SUM below). Sub-tiles a
     row cannot see (its keys > t, or past the length) leave its state untouched (tl.where), so
-    how many sub-tiles the tile as a whole needs does not matter to a row.
+    how many sub-tiles the tile as a whole needs does not matter to a row; inside a sub-tile, a
+    key the row cannot see is no term of its P.V sum (-0 in the interpreter's sums, masked_dot
+    for tl.dot), so whatever that key holds (inf, NaN) never reaches the row.
   * Keys at or beyond seqlens[b] are never read (masked loads, +0 in their place): a KV cache can
     hold anything there.
   * Chunk partials (m_c, l_c, acc_c) are merged in ascending chunk order, starting from chunk 0's,
@@ -75,9 +77,9 @@ def masked_dot(a, valid, b, acc, ANY_MASKED, INPUT_PRECISION: tl.constexpr):
     out (docs/design.md, "Attention split size"). a is 0 at those pairs, but tl.dot still
     multiplies it by row k of b, and 0 * inf = NaN: an inf or NaN in a key (or query) row that
     row i cannot see would reach it. ANY_MASKED (a scalar from the tile's indices) says whether
-    the tile has such pairs; where it has, b's non-finite entries enter the dot as 0, and only if
-    there are any (one flag per tile: finite tiles pay a select and a max) the ones row i does see
-    are put back by IEEE rules: NaN where a visible NaN meets it or a visible inf meets a = 0,
+    the tile has such pairs; where it has, b's non-finite entries enter the dot as 0 and, only if
+    there are any (a max over the tile, on those tiles only; a finite tile costs a select and the
+    max), the ones row i does see are put back by IEEE rules: NaN where a visible NaN meets it or a visible inf meets a = 0,
     +inf / -inf by the signs of a and the inf (both: NaN). The counts come from exact dots of
     0/1 indicators with codes 1 (+inf), 128 (-inf), 16384 (NaN), so K must stay below 128."""
     tl.static_assert(a.shape[1] < 128, "masked_dot counts up to 127 non-finite entries per code")

@@ -24,6 +24,9 @@ bound applies); what this module promises is determinism and batch invariance, b
     first key (earlier queries see none of its keys). One writer per output element.
   * `_attn_bwd_dq`, grid (query blocks, B * H): a program owns BLOCK_M queries of one head and
     accumulates dq over the key blocks in ascending order up to the diagonal.
+Every sum runs over the visible pairs (key <= query) only, as in the reference: the masked
+ones are no terms (-0 in D's sums, masked_dot for the dots), so an inf or NaN in a q, k, v or dO
+row reaches only the gradients that see that row.
 Every sum runs in an order fixed by (D, dtype, split_size) — the tile configuration depends on
 nothing else — and a program reads only its own sequence: the bits do not depend on B, on the
 other sequences, on the number of programs or on the run. split_size enters only D's blocks
