@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
     // Query i0 + i's terms of this thread's dk, dv chains; a key the query does not see (masked)
     // skips its term rather than adding +0 * q_i, +0 * dO_i, which an inf or NaN there would turn
     // into NaN.
-    const auto dkdv_step = [&](int i0, int i, bool masked) {
+    const auto dkdv_step = [&](int i0, int i) {
       float pv[KPT], dsv[KPT];
       load_vec<KPT>(p_s + i * kPStride + ka * KPT, pv);
       load_vec<KPT>(ds_s + i * kPStride + ka * KPT, dsv);
@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
       const float4 gv = *reinterpret_cast<const float4*>(do_s + i * RS + 4 * ct);
 #pragma unroll
       for (int a = 0; a < KPT; ++a) {
-        if (masked && first_k + a > i0 + i) continue;
+        if (first_k + a > i0 + i) continue;  // only in the tile i0 = j0
         dv_part[a][0] = __fmaf_rn(pv[a], gv.x, dv_part[a][0]);
         dv_part[a][1] = __fmaf_rn(pv[a], gv.y, dv_part[a][1]);
         dv_part[a][2] = __fmaf_rn(pv[a], gv.z, dv_part[a][2]);
@@ -464,11 +464,9 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
             fold(dv_total, dv_part);
           }
           const int r_end = r0 + kHalf < nq ? r0 + kHalf : nq;
-          // Queries [r0, i_all) miss some of this thread's keys (only in the tile i0 = j0);
-          // from i_all on, every one of them sees all its keys.
-          const int i_all = max_int(r0, min_int(r_end, first_k + KPT - 1 - i0));
-          for (int i = r0; i < i_all; ++i) dkdv_step(i0, i, true);  // queries ascending
-          for (int i = i_all; i < r_end; ++i) dkdv_step(i0, i, false);
+          // One loop with the test in it (predicated FMAs): a second, unmasked copy of the loop
+          // for the tiles past the diagonal spilled at dim_pad 128 (sm_80, 128 registers).
+          for (int i = r0; i < r_end; ++i) dkdv_step(i0, i);  // queries ascending
         }
       }
       __syncthreads();  // q_s, do_s and the score tiles are rewritten next
