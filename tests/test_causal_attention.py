@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 import fusedtx
 from fusedtx import reference
-from causal_attention_helpers import (S, batch_failures, chunked, decode_cache, full_causal, make, qkv,
-                                      split_count_from_batch)
-from helpers import DEVICE_BACKENDS, DTYPES, assert_accuracy, assert_bitwise_equal, bitwise_equal, rel_error, require
+from causal_attention_helpers import (S, backward_unseen_failures, batch_failures, chunked, decode_cache,
+                                      forward_unseen_failures, full_causal, make, qkv, signed_zero_failures,
+                                      split_count_from_batch, zero_times_unseen_terms)
+from helpers import (DEVICE_BACKENDS, DTYPES, assert_accuracy, assert_bitwise_equal, bitwise_equal, garbage_like,
+                     rel_error, require)
 
 # Accuracy matrix of the spec: (head dim, KV heads of H = 2), multi-head and multi-query.
 HEAD_DIMS = [(16, 2), (32, 1), (64, 2), (128, 1)]
@@ -100,6 +102,36 @@ def test_spec_garbage_beyond_length_is_never_read():
     assert torch.isfinite(out).all()
     full = reference.causal_attention_forward(q, k, v, torch.tensor([S + 3]), 0.25, S)[0]
     assert_bitwise_equal(out, full[:, :, -2:], "garbage beyond the length")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_spec_unseen_keys_never_reach_a_query(dtype):
+    """inf / NaN in a future k or v row: the queries before it keep their clean bits, each
+    query's full-pass row is its decode step's and a chunked prefill's, a visible NaN shows."""
+    assert forward_unseen_failures(reference.causal_attention_forward, dtype) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_spec_backward_unseen_pairs_never_reach_a_gradient(dtype):
+    assert backward_unseen_failures(reference.causal_attention_backward, dtype=dtype) == []
+
+
+def test_negative_control_zero_times_unseen_terms_fails_both_checks():
+    """The arithmetic before issue 16 (masked terms added as 0 * x) fails both checks."""
+    with zero_times_unseen_terms():
+        forward = forward_unseen_failures(reference.causal_attention_forward)
+        backward = backward_unseen_failures(reference.causal_attention_backward)
+    assert any("queries before it changed" in f for f in forward), forward
+    assert any("dq of the queries before it changed" in f for f in backward), backward
+    assert any("dk, dv of the keys after it changed" in f for f in backward), backward
+
+
+def test_spec_signed_zero_of_a_masked_term():
+    """Even a finite masked value must not reach a query: not the sign of its zero (decode's -0
+    vs a full pass's), and the old arithmetic fails this."""
+    assert signed_zero_failures(reference.causal_attention_forward) == []
+    with zero_times_unseen_terms():
+        assert signed_zero_failures(reference.causal_attention_forward), "the signed-zero check missed +0 * v"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
@@ -205,6 +237,47 @@ def test_op_batch_invariance(device, backend):
         return (attend(q.to(device), k_cache, v_cache, seqlens.to(device), scale, split_size)[0].cpu(),)
 
     assert batch_failures(on_device) == []
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets inf - inf
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_op_unseen_keys_never_reach_a_query(device, backend):
+    """inf / NaN in future k, v rows (forward), and in q, k, v, dO rows the other side cannot see
+    (backward, through autograd): untouched bits where they are not seen, full pass == decode ==
+    chunked prefill, visible NaN shows; a masked finite value does not reach a zero's sign."""
+    require(device, backend)
+    attend = public_attend(backend)
+
+    def on_device(q, k_cache, v_cache, seqlens, scale, split_size):
+        return (attend(q.to(device), k_cache, v_cache, seqlens.to(device), scale, split_size)[0].cpu(),)
+
+    def backward(grad_o, q, k, v, m, l, scale, split_size):
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        o = fusedtx.causal_attention(*leaves, scale=scale, split_size=split_size, backend=backend)
+        return [g.cpu() for g in torch.autograd.grad(o, leaves, grad_o.to(device))]
+
+    assert forward_unseen_failures(on_device) == []
+    assert backward_unseen_failures(backward, forward=None) == []
+    assert signed_zero_failures(on_device) == []
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets inf - inf
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_op_right_padding_garbage_never_reaches_a_sequence(device, backend):
+    """A batch of right-padded sequences in one full pass: the padding (inf, NaN, huge) is keys
+    the real tokens cannot see, so a sequence's rows are its bits alone (the T = 65, S = 64 case
+    of issue 16: garbage from position 32 on, past the first 32-query block)."""
+    require(device, backend)
+    g = torch.Generator().manual_seed(2)
+    for length, real, split in [(65, 32, 64), (2 * S + 5, S + 3, S)]:
+        q, k, v = qkv(2, 2, length, 16, kv_heads=1, seed=length)
+        alone = fusedtx.causal_attention(*(t[:1, :, :real].to(device) for t in (q, k, v)), scale=0.25,
+                                         split_size=split, backend=backend).cpu()
+        for t in (q, k, v):
+            t[0, :, real:] = garbage_like(t[0, :, real:], g)
+        out = fusedtx.causal_attention(q.to(device), k.to(device), v.to(device), scale=0.25, split_size=split,
+                                       backend=backend).cpu()
+        assert_bitwise_equal(out[:1, :, :real], alone, f"T={length}: the first {real} tokens of a padded sequence")
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from fusedtx import reference
+from causal_attention_helpers import (assert_nan_aware_equal, backward_unseen_failures, forward_unseen_failures,
+                                      poisoned_problems, signed_zero_failures)
 from helpers import assert_bitwise_equal, garbage_like, require
 
 from cuda_emu.build import build
@@ -184,6 +186,38 @@ def test_negative_control_fma_merge_and_descending_chunks_are_caught(tmp_path):
         o, _, _ = emu_causal_attention(lib, q, k, v, seqlens, 0.25, 16)
         torch.testing.assert_close(o, exact, rtol=1e-5, atol=1e-5)  # still a correct attention...
         assert not torch.equal(o, ref[0]), what  # ...with other roundings
+
+
+def emu_attend(lib):
+    """The kernel with reference.causal_attention_forward's signature."""
+    return lambda q, k, v, seqlens, scale, split: emu_causal_attention(lib, q, k, v, seqlens, scale, split)
+
+
+def test_unseen_keys_never_reach_a_query(attention_lib):
+    """inf / NaN in a future k or v row: NaN-aware bitwise equal to the spec (issue 16's T = 65,
+    S = 64 case among them), clean bits before it, full pass == decode == chunked prefill; a
+    masked finite value does not reach a zero's sign."""
+    for what, _, q, k, v, split in poisoned_problems():
+        got = emu_causal_attention(attention_lib, q, k, v, torch.tensor([q.shape[2]]), 0.25, split)
+        ref = reference.causal_attention_forward(q, k, v, torch.tensor([q.shape[2]]), 0.25, split)
+        for name, a, b in zip("oml", got, ref):
+            assert_nan_aware_equal(a, b, f"{what}: {name}")
+    assert forward_unseen_failures(emu_attend(attention_lib)) == []
+    assert signed_zero_failures(emu_attend(attention_lib)) == []
+
+
+def test_negative_control_unseen_value_terms_are_caught(tmp_path):
+    """A kernel whose P.V chain takes the masked keys as +0 * v_j (the code before issue 16)
+    fails the same checks."""
+    skip = "if (k0 + j > t_q) continue;  // not seen: no term of acc_c's chain"
+
+    def mutate(source):
+        assert source.count(skip) == 1
+        return source.replace(skip, "")
+
+    lib = _forward_argtypes(build("causal_attention.cu", ATTENTION_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    assert any("queries before it changed" in f for f in forward_unseen_failures(emu_attend(lib)))
+    assert signed_zero_failures(emu_attend(lib))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +386,39 @@ def test_backward_launcher_rejects_bad_arguments(backward_lib):
         assert call(**bad) != 0, bad
     assert call(length=0) == 0
     assert all(t.isnan().all() for t in out) and workspace.isnan().all()  # nothing written
+
+
+def emu_backward_of(lib):
+    return lambda grad_o, q, k, v, m, l, scale, split: emu_backward(lib, grad_o, q, k, v, m, l, scale, split)
+
+
+def test_backward_unseen_pairs_never_reach_a_gradient(backward_lib):
+    """inf / NaN in a row of q, k, v or dO: dq, dk, dv NaN-aware bitwise equal to the spec, and
+    untouched where the poisoned row is not seen."""
+    for what, grad_o, q, k, v, split in poisoned_problems():
+        m, l = forward_stats(q, k, v, 0.25, split)
+        got = emu_backward(backward_lib, grad_o, q, k, v, m, l, 0.25, split)
+        for name, a, b in zip(("dq", "dk", "dv"), got,
+                              reference.causal_attention_backward(grad_o, q, k, v, m, l, 0.25, split)):
+            assert_nan_aware_equal(a, b, f"{what}: {name}")
+    assert backward_unseen_failures(emu_backward_of(backward_lib)) == []
+
+
+@pytest.mark.parametrize("what,skip", [
+    ("dq", "if (masked && key > first_q + r) continue;"),
+    ("dk/dv", "if (first_k + a > i0 + i) continue;"),
+])
+def test_backward_negative_control_unseen_terms_are_caught(tmp_path, what, skip):
+    """Kernels whose dq (or dk, dv) chains take the masked pairs as +0 * x fail the check."""
+    def mutate(source):
+        assert source.count(skip) == 1
+        return source.replace(skip, "")
+
+    lib = _backward_argtypes(build("causal_attention_backward.cu", BACKWARD_WRAPPERS, tmp_path, CUDA_INCLUDE,
+                                   mutate=mutate))
+    failures = backward_unseen_failures(emu_backward_of(lib))
+    expected = "dq of the queries before it changed" if what == "dq" else "dk, dv of the keys after it changed"
+    assert any(expected in f for f in failures), failures
 
 
 def _exact_grads(grad_o, q, k, v, scale):

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from fusedtx import reference
-from causal_attention_helpers import batch_failures, chunked, decode_cache, make, qkv, split_count_from_batch
+from causal_attention_helpers import (assert_nan_aware_equal, backward_unseen_failures, batch_failures, chunked,
+                                      decode_cache, forward_unseen_failures, make, poisoned_problems, qkv,
+                                      signed_zero_failures, split_count_from_batch)
 from helpers import assert_bitwise_equal, bits, garbage_like, poisoned_outputs, require, under_each_thread_count
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -325,6 +327,28 @@ def test_backward_with_the_reference_forward_statistics(ops, dtype, dim, heads, 
     ours = ops.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
     ref = reference.causal_attention_backward(grad_o, q, k, v, m, l, scale, split)
     assert_same_grads(ours, ref, f"{DTYPE_IDS[dtype]} D={dim} H={heads}/{kv_heads} S={split} T={length}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_unseen_poison_equals_the_spec_nan_aware(ops, dtype):
+    """inf / NaN in a row of q, k, v or dO: o, m, l and dq, dk, dv equal the spec's bit for bit,
+    NaN positions included (the spec leaves masked pairs out of every sum; so must the 32-query
+    blocks, the axpy tiles and D's chains)."""
+    for what, grad_o, q, k, v, split in poisoned_problems(dtype, issue_dim=40):  # 40: rows padded to 48
+        lens, scale = lengths_of(q), 0.25
+        ref = reference.causal_attention_forward(q, k, v, lens, scale, split)
+        for name, a, b in zip("oml", ops.causal_attention_forward(q, k, v, lens, scale, split), ref):
+            assert_nan_aware_equal(a, b, f"{what}: {name}")
+        ours = ops.causal_attention_backward(grad_o, q, k, v, ref[1], ref[2], scale, split)
+        for name, a, b in zip(("dq", "dk", "dv"), ours, reference.causal_attention_backward(grad_o, q, k, v, ref[1], ref[2],
+                                                                                          scale, split)):
+            assert_nan_aware_equal(a, b, f"{what}: {name}")
+
+
+def test_unseen_keys_and_pairs_never_reach_a_query(ops):
+    assert forward_unseen_failures(ops.causal_attention_forward) == []
+    assert backward_unseen_failures(ops.causal_attention_backward, ops.causal_attention_forward) == []
+    assert signed_zero_failures(ops.causal_attention_forward) == []
 
 
 def test_backward_strided_views(ops):

@@ -21,10 +21,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from fusedtx import reference  # noqa: E402
 from fusedtx.kernels import INTERPRETED  # noqa: E402
 from fusedtx.kernels import causal_attention as forward_kernels  # noqa: E402
 from fusedtx.kernels import causal_attention_backward as backward_kernels  # noqa: E402
-from causal_attention_helpers import batch_failures, chunked, decode_cache, make, qkv  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from causal_attention_helpers import (backward_unseen_failures, batch_failures, chunked, decode_cache,  # noqa: E402
+                                      forward_unseen_failures, make, nan_aware_equal, poisoned_problems, qkv,
+                                      signed_zero_failures)
 from helpers import assert_accuracy, assert_bitwise_equal, bitwise_equal  # noqa: E402
 
 # masked lanes compute exp(-inf - -inf) etc. before tl.where drops them: numpy warns
@@ -165,6 +171,102 @@ def test_empty_query_block():
     k, v = on_device(*qkv(2, 2, 5, 16)[1:])
     o, m, l = forward_kernels.causal_attention_forward(q, k, v, torch.tensor([3, 4], device=DEVICE), 0.25, 16)
     assert o.shape == (2, 2, 0, 16) and m.shape == l.shape == (2, 2, 0)
+
+
+def same_non_finite(a, b):
+    """NaN, +inf and -inf at the same places (tl.dot's order is the hardware's: the finite
+    values are within tolerance only, the pattern is exact)."""
+    a, b = a.float(), b.float()
+    return all(torch.equal(f(a), f(b)) for f in (torch.isnan, torch.isposinf, torch.isneginf))
+
+
+def test_unseen_keys_never_reach_a_query():
+    """inf / NaN in a future k or v row: clean bits before it, full pass == decode == chunked
+    prefill (NaN-aware), both schedules the same, and the spec's NaN / inf pattern."""
+    assert forward_unseen_failures(attend()) == []
+    assert signed_zero_failures(attend()) == []
+    for what, _, q, k, v, split in poisoned_problems():
+        prefill, split_kernels = full_pass(q, k, v, split, "prefill"), full_pass(q, k, v, split, "split")
+        assert nan_aware_equal(prefill[0], split_kernels[0]), what
+        ref = reference.causal_attention_forward(q, k, v, torch.tensor([q.shape[2]]), q.shape[-1] ** -0.5, split)
+        assert same_non_finite(prefill[0], ref[0]), what
+
+
+def test_backward_unseen_pairs_never_reach_a_gradient():
+    """inf / NaN in a row of q, k, v or dO: untouched gradients where it is not seen, the spec's
+    NaN / inf pattern everywhere."""
+    def forward(q, k, v, seqlens, scale, split_size):
+        return attend()(q, k, v, seqlens, scale, split_size)
+
+    def backward(grad_o, q, k, v, m, l, scale, split_size):
+        out = backward_kernels.causal_attention_backward(*on_device(grad_o, q, k, v, m, l), scale, split_size)
+        return [t.cpu() for t in out]
+
+    assert backward_unseen_failures(backward, forward) == []
+    for what, grad_o, q, k, v, split in poisoned_problems():
+        _, m, l = reference.causal_attention_forward(q, k, v, torch.tensor([q.shape[2]]), 0.25, split)
+        ours = backward(grad_o, q, k, v, m, l, 0.25, split)
+        for name, a, b in zip(("dq", "dk", "dv"), ours,
+                              reference.causal_attention_backward(grad_o, q, k, v, m, l, 0.25, split)):
+            assert same_non_finite(a, b), f"{what}: {name}"
+
+
+@triton.jit
+def _masked_dot_kernel(A, VALID, B, C, OUT, ANY_MASKED, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                       PLAIN: tl.constexpr):
+    rm, rk, rn = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(A + rm[:, None] * K + rk[None, :])
+    valid = tl.load(VALID + rm[:, None] * K + rk[None, :]) != 0
+    b = tl.load(B + rk[:, None] * N + rn[None, :])
+    c = tl.load(C + rm[:, None] * N + rn[None, :])
+    if PLAIN:
+        out = tl.dot(a, b, c, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        out = forward_kernels.masked_dot(a, valid, b, c, tl.load(ANY_MASKED) != 0, "ieee")
+    tl.store(OUT + rm[:, None] * N + rn[None, :], out)
+
+
+def _masked_dot(a, valid, b, c, plain=False):
+    out = torch.empty_like(c)
+    any_masked = torch.tensor([int(not valid.all())], dtype=torch.int32)
+    _masked_dot_kernel[(1,)](*on_device(a, valid.to(torch.int8), b, c, out, any_masked), *a.shape, b.shape[1],
+                             PLAIN=plain)
+    return out
+
+
+def test_masked_dot_leaves_out_the_masked_pairs():
+    """forward_kernels.masked_dot (the tl.dot path's P.V, and the backward's dots): c + the sum over
+    the valid pairs only, with every IEEE case of a visible inf / NaN entry (p > 0, p < 0, p = 0,
+    +inf and -inf together), against a float64 sum that skips the masked pairs; a plain tl.dot
+    (the negative control) puts NaN where a masked pair meets an inf or NaN."""
+    g = torch.Generator().manual_seed(0)
+    m_, k_, n_ = 16, 32, 16
+    a = torch.randn(m_, k_, generator=g)
+    a[1, :] = -a[1, :].abs()  # a negative row (dS can be < 0)
+    valid = torch.rand(m_, k_, generator=g) < 0.6
+    valid[:, 0] = valid[2, 5] = True
+    a = torch.where(valid, a, 0.0)
+    a[2, 5] = 0.0  # a visible p = 0 meets b = +inf below: NaN
+    b = torch.randn(k_, n_, generator=g)
+    c = torch.randn(m_, n_, generator=g)
+    for kk, nn, value in [(3, 0, float("nan")), (5, 1, float("inf")), (6, 1, float("-inf")), (7, 2, float("inf")),
+                          (8, 3, float("-inf")), (9, 3, float("-inf")), (10, 4, float("nan"))]:
+        b[kk, nn] = value
+    exact = c.double().clone()
+    for i in range(m_):
+        for kk in range(k_):
+            if valid[i, kk]:
+                exact[i] += a[i, kk].double() * b[kk].double()
+    ours = _masked_dot(a, valid, b, c)
+    assert same_non_finite(ours, exact)
+    assert torch.isnan(exact).any() and torch.isinf(exact).any() and torch.isfinite(exact[:, 5:]).all()
+    finite = torch.isfinite(exact)
+    torch.testing.assert_close(ours.double()[finite], exact[finite], rtol=1e-5, atol=1e-5)
+    plain = _masked_dot(a, valid, b, c, plain=True)
+    assert not same_non_finite(plain, exact), "the check missed 0 * inf in a plain tl.dot"
+    # no masked pair: the plain dot's own arithmetic (visible inf / NaN entries included)
+    all_valid = torch.ones_like(valid)
+    assert nan_aware_equal(_masked_dot(a, all_valid, b, c), _masked_dot(a, all_valid, b, c, plain=True))
 
 
 def _bad(**changes):

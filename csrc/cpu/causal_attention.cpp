@@ -15,7 +15,8 @@
 //            p = exp_f32(s - m_c), l_c = sum from +0 in ascending key order (masked pairs give
 //            p = +0, exactly as the reference).
 //   P @ V    vectorised over the head dim e with p broadcast: per (query, e) one FMA chain over
-//            the chunk's keys ascending from +0, 4 queries x up to 4 vectors of e at a time, and
+//            the chunk's keys it sees ascending from +0 (the others are no terms: whatever v
+//            holds there never reaches the query), 4 queries x up to 4 vectors of e at a time, and
 //            merged at once into the running accumulator with a = exp_f32(m - m'), b = exp_f32(m_c - m')
 //            as acc * a + acc_c * b (separate roundings: the file is built with -ffp-contract=off).
 // Why 32 queries a task: each key broadcast then feeds two FMAs, and every K/V chunk is read
@@ -183,20 +184,27 @@ inline void key_lane_softmax(const float* s, int64_t n_valid, int64_t n_keys, fl
   *l_out = l;
 }
 
-// acc_c = p @ v for NQ queries (lanes q0 ... of the P tile) and NE vectors of e starting at e0,
-// one FMA chain over the chunk's keys ascending from +0; then merged into the running
-// accumulators: o = acc_c on the first chunk, else o = o * alpha + acc_c * beta.
+// acc_c = p @ v for NQ queries (lanes q0 ... of the P tile) and NE vectors of e starting at e0:
+// per query one FMA chain over the keys it sees, ascending from +0. Lane q sees the chunk's keys
+// j < seen + q (its position is the block's first plus q); the keys after it are no terms of its
+// chain (skipped, not added as fma(+0, v_j, acc), which an inf or NaN in v_j would turn into NaN:
+// docs/design.md, "Attention split size"). Then merged into the running accumulators: o = acc_c
+// on the first chunk, else o = o * alpha + acc_c * beta.
 template <int NQ, int NE>
-inline void pv_tile(const float* p_tile, int64_t n_keys, Rows v, int q0, int64_t e0, float* o, int64_t o_ld,
-                    bool first, const float* alpha, const float* beta) {
+inline void pv_tile(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, int q0, int64_t e0, float* o,
+                    int64_t o_ld, bool first, const float* alpha, const float* beta) {
   vfloat acc[NQ][NE];
   for (int i = 0; i < NQ; ++i)
     for (int e = 0; e < NE; ++e) acc[i][e] = vsplat(0.0f);
-  for (int64_t j = 0; j < n_keys; ++j) {
+  const int64_t all_see = std::min(n_keys, seen + q0);            // keys every query of the tile sees
+  const int64_t any_sees = std::min(n_keys, seen + q0 + NQ - 1);  // keys its last query sees
+  for (int64_t j = 0; j < any_sees; ++j) {
     const float* vrow = v.ptr + j * v.ld + e0;
     vfloat vj[NE];
     for (int e = 0; e < NE; ++e) vj[e] = vload(vrow + e * kVec);
+    const bool all = j < all_see;
     for (int i = 0; i < NQ; ++i) {
+      if (!all && j >= seen + q0 + i) continue;
       const vfloat pj = vbroadcast(p_tile[j * kBlockQ + q0 + i]);
       for (int e = 0; e < NE; ++e) acc[i][e] = vfma(pj, vj[e], acc[i][e]);
     }
@@ -213,16 +221,16 @@ inline void pv_tile(const float* p_tile, int64_t n_keys, Rows v, int q0, int64_t
 }
 
 template <int NQ>
-inline void pv_queries(const float* p_tile, int64_t n_keys, Rows v, int q0, int64_t dim_pad, float* o, bool first,
-                       const float* alpha, const float* beta) {
+inline void pv_queries(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, int q0, int64_t dim_pad, float* o,
+                       bool first, const float* alpha, const float* beta) {
   int64_t e0 = 0;
   for (; e0 + kPvVecs * kVec <= dim_pad; e0 += kPvVecs * kVec)
-    pv_tile<NQ, kPvVecs>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta);
+    pv_tile<NQ, kPvVecs>(p_tile, n_keys, seen, v, q0, e0, o, dim_pad, first, alpha, beta);
   switch ((dim_pad - e0) / kVec) {
     case 0: break;
-    case 1: pv_tile<NQ, 1>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta); break;
-    case 2: pv_tile<NQ, 2>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta); break;
-    case 3: pv_tile<NQ, 3>(p_tile, n_keys, v, q0, e0, o, dim_pad, first, alpha, beta); break;
+    case 1: pv_tile<NQ, 1>(p_tile, n_keys, seen, v, q0, e0, o, dim_pad, first, alpha, beta); break;
+    case 2: pv_tile<NQ, 2>(p_tile, n_keys, seen, v, q0, e0, o, dim_pad, first, alpha, beta); break;
+    case 3: pv_tile<NQ, 3>(p_tile, n_keys, seen, v, q0, e0, o, dim_pad, first, alpha, beta); break;
   }
 }
 
@@ -367,10 +375,12 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
     }
     // P @ V for the queries that see this chunk: lanes [q_lo, n).
     const Rows vr = chunk_rows(vb + start * p.v_strides[2], p.v_strides[2], n_keys, p, s.v_buf.data());
+    // Lane q of the block sees the chunk's keys j < seen + q.
+    const int64_t seen = pos0 - start + 1;
     int q0 = static_cast<int>(std::max<int64_t>(0, start - pos0));
     for (; q0 + kPvQueries <= n; q0 += kPvQueries)
-      pv_queries<kPvQueries>(p_tile, n_keys, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
-    for (; q0 < n; ++q0) pv_queries<1>(p_tile, n_keys, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
+      pv_queries<kPvQueries>(p_tile, n_keys, seen, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
+    for (; q0 < n; ++q0) pv_queries<1>(p_tile, n_keys, seen, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
   }
 
   // o = acc / l, m and l.

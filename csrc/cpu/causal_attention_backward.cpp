@@ -22,10 +22,11 @@
 //            dk (dS q). Chunks before the block's own contribute exactly +0 in the reference, so a
 //            block with chunks before it starts its total as +0 + partial. dk_head = total * scale;
 //            dk = ((+0 + dk_head0) + dk_head1) + ..., dv likewise.
-// Pairs above the diagonal inside a processed range carry P = +0 and dS = +0 * (dP - D), exactly as
-// the reference computes them; keys past a query block's last query are skipped (their terms, in
-// D's chains as in dq's, are +-0 and leave a finite sum unchanged; chains start at +0 and so never
-// hold -0).
+// Pairs above the diagonal are no terms of any chain (D's, dq's, dk's, dv's), as in the reference:
+// their P = +0 and dS may hold anything (an inf or NaN from a row the other side cannot see), and
+// the chains skip them rather than add +0 * x. Keys past a query block's last query are not
+// visited at all; the +0 sums of whole chunks above the diagonal are added as the reference adds
+// them (above).
 // Keeping P and dP (2 x 128 bytes per key in pass 1, a thread's scratch ~256 T bytes) instead of
 // recomputing them for the second sweep spares two of pass 1's three dot products per pair.
 // Why blocks of 32 (two groups of 16 lanes): each broadcast element feeds two FMAs, and the rows
@@ -92,20 +93,33 @@ inline void lane_dots_to(const float* xt, const float* x, int64_t ld, int64_t n,
 
 enum class Total { kFirst, kZeroPlus, kAdd };  // total = partial | +0 + partial | total + partial
 
-// For lanes [l0, l0 + NL) and head-dim vectors [e0, e0 + NV): partial = FMA chain over rows r in
-// [0, n_rows) ascending from +0 of tile[r][lane] * x[r][e]; folded into out[lane][e] as `mode`.
+// The rows a lane's chains take: lane a of a block sees rows [lo + a, hi + a) (the causal
+// diagonal: positions of lanes and rows both ascend by one). The other rows are no terms of its
+// chains: skipped, not added as fma(+0, x, acc), which an inf or NaN in x (a row the lane cannot
+// see) would turn into NaN (docs/design.md, "Attention split size").
+struct Seen {
+  int64_t lo, hi;
+};
+
+// For lanes [l0, l0 + NL) and head-dim vectors [e0, e0 + NV): partial = FMA chain over the rows r
+// in [0, n_rows) the lane sees, ascending from +0, of tile[r][lane] * x[r][e]; folded into
+// out[lane][e] as `mode`.
 template <int NL, int NV>
-inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_rows, int l0, int64_t e0, float* out,
-                      int64_t out_ld, Total mode) {
+inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_rows, Seen seen, int l0, int64_t e0,
+                      float* out, int64_t out_ld, Total mode) {
   vfloat acc[NL][NV];
   for (int a = 0; a < NL; ++a)
     for (int v = 0; v < NV; ++v) acc[a][v] = vsplat(0.0f);
-  for (int64_t r = 0; r < n_rows; ++r) {
+  const int64_t lo = seen.lo + l0, hi = seen.hi + l0;  // lane l0 + a sees rows [lo + a, hi + a)
+  const int64_t r_end = std::min(n_rows, hi + NL - 1);
+  for (int64_t r = std::max<int64_t>(0, lo); r < r_end; ++r) {
     const float* xr = x + r * ld + e0;
     const float* tr = tile + r * kBlock + l0;
     vfloat xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = vload(xr + v * kVec);
+    const bool all = r >= lo + NL - 1 && r < hi;  // every lane of the tile sees row r
     for (int a = 0; a < NL; ++a) {
+      if (!all && (r < lo + a || r >= hi + a)) continue;
       const vfloat t = vbroadcast(tr[a]);
       for (int v = 0; v < NV; ++v) acc[a][v] = vfma(t, xv[v], acc[a][v]);
     }
@@ -122,15 +136,15 @@ inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_r
 }
 
 // lane_axpy over lanes [lane_lo, n_lanes) and the whole (padded) head dim.
-inline void accumulate(const float* tile, const float* x, int64_t ld, int64_t n_rows, int lane_lo, int n_lanes,
-                       int64_t dim_pad, float* out, Total mode) {
+inline void accumulate(const float* tile, const float* x, int64_t ld, int64_t n_rows, Seen seen, int lane_lo,
+                       int n_lanes, int64_t dim_pad, float* out, Total mode) {
   const int64_t n_vecs = dim_pad / kVec;
   auto for_lanes = [&](auto nv_tag, int64_t e0) {
     constexpr int NV = decltype(nv_tag)::value;
     int a = lane_lo;
     for (; a + kAxpyLanes <= n_lanes; a += kAxpyLanes)
-      lane_axpy<kAxpyLanes, NV>(tile, x, ld, n_rows, a, e0, out, dim_pad, mode);
-    for (; a < n_lanes; ++a) lane_axpy<1, NV>(tile, x, ld, n_rows, a, e0, out, dim_pad, mode);
+      lane_axpy<kAxpyLanes, NV>(tile, x, ld, n_rows, seen, a, e0, out, dim_pad, mode);
+    for (; a < n_lanes; ++a) lane_axpy<1, NV>(tile, x, ld, n_rows, seen, a, e0, out, dim_pad, mode);
   };
   int64_t v = 0;
   for (; v + kAxpyVecs <= n_vecs; v += kAxpyVecs) for_lanes(std::integral_constant<int, kAxpyVecs>{}, v * kVec);
@@ -215,7 +229,8 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Row
         float* sj = s_c + jj * kBlock + g * kVec;
         const vfloat pj = vselect(valid, exp_f32((vload(sj) * p.scale) - m_v) / l_v, vsplat(0.0f));
         vstore(sj, pj);
-        chunk_sum = vfma(pj, vload(dp_c + jj * kBlock + g * kVec), chunk_sum);
+        // a pair above the diagonal is no term of D's chain (its dP may be inf or NaN)
+        chunk_sum = vselect(valid, vfma(pj, vload(dp_c + jj * kBlock + g * kVec), chunk_sum), chunk_sum);
       }
       d_v[g] = c == 0 ? chunk_sum : d_v[g] + chunk_sum;
     }
@@ -236,8 +251,9 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Row
         vstore(dsj, vload(pj + g * kVec) * (vload(dsj) - d_v[g]));
       }
     }
-    accumulate(ds, p.k.row(b, kvh, start), p.k.s2, n_keys, g_lo * kVec, static_cast<int>(n), p.dim_pad, total,
-               c == 0 ? Total::kFirst : Total::kAdd);
+    // query lane a sees keys start + jj <= i0 + a
+    accumulate(ds, p.k.row(b, kvh, start), p.k.s2, n_keys, Seen{-kBlock, i0 - start + 1}, g_lo * kVec,
+               static_cast<int>(n), p.dim_pad, total, c == 0 ? Total::kFirst : Total::kAdd);
   }
   // Chunks wholly above a query's diagonal: the reference adds their +0 sums.
   for (int64_t i = 0; i < n; ++i) {
@@ -305,8 +321,9 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
         finish(ii, sc, dp, 1);
       }
       const Total mode = c > own_chunk ? Total::kAdd : (own_chunk > 0 ? Total::kZeroPlus : Total::kFirst);
-      accumulate(pt, gr, p.go.s2, n_queries, 0, static_cast<int>(n), p.dim_pad, dv_tot, mode);
-      accumulate(ds, qr, p.q.s2, n_queries, 0, static_cast<int>(n), p.dim_pad, dk_tot, mode);
+      const Seen seen{j0 - start, n_queries};  // key lane a is seen by queries start + ii >= j0 + a
+      accumulate(pt, gr, p.go.s2, n_queries, seen, 0, static_cast<int>(n), p.dim_pad, dv_tot, mode);
+      accumulate(ds, qr, p.q.s2, n_queries, seen, 0, static_cast<int>(n), p.dim_pad, dk_tot, mode);
     }
     for (int64_t x = 0; x < n * p.dim_pad; x += kVec) {
       vstore(dk_sum + x, vload(dk_sum + x) + vload(dk_tot + x) * p.scale);

@@ -15,9 +15,10 @@
 //   pass 2  p_j = exp_f32(s_j - m_c) for j <= t, +0 for the chunk's keys beyond t (the scores
 //           are recomputed with the same code, so the same bits; a chunk of one key tile, S <= 32,
 //           keeps its scores from pass 1 instead); l_c = __fadd_rn chain over j ascending from
-//           +0, acc_c[e] = __fmaf_rn(p_j, v_j[e], acc_c[e]) over j ascending from +0. Like the
-//           reference, the chain runs over every key of the chunk below seqlens[b] (masked ones
-//           with p = +0), so even the sign of a zero matches.
+//           +0, acc_c[e] = __fmaf_rn(p_j, v_j[e], acc_c[e]) over the keys j <= t ascending from
+//           +0. Like the reference, the keys beyond t are no terms of acc_c's chain (skipped, not
+//           added as +0 * v_j, which an inf or NaN in v_j would turn into NaN), so even the sign
+//           of a zero matches.
 //   merge   chunk 0 gives (m, l, acc); a later chunk the query sees (cS <= t) is merged as
 //           m' = max(m, m_c), a = exp_f32(m - m'), b = exp_f32(m_c - m'), l = l a + l_c b,
 //           acc = acc a + acc_c b (each product and the sum separately rounded), m = m'.
@@ -188,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 4) attention_forward_kernel(const Pa
       for (int j = 0; j < nk; ++j) {  // j ascending
         const float pj = p_s[qi * kPStride + j];
         l_c = __fadd_rn(l_c, pj);
+        if (k0 + j > t_q) continue;  // not seen: no term of acc_c's chain
         const float* vr = v_s + j * dim;
 #pragma unroll
         for (int i = 0; i < kColsPerThread; ++i) {

@@ -10,7 +10,7 @@
 //                   diagonal, whose sums are exactly +0 (see below).
 //     pass 1  for each pair: s = __fmul_rn(dotFMA(q_i, k_j), scale), dP = dotFMA(dO_i, v_j) (FMA
 //             chains over d ascending from +0), P = __fdiv_rn(exp_f32(s - m_i), l_i) for j <= i and
-//             +0 above the diagonal. D_i = the FMA chain P_ij * dP_ij over keys ascending from +0,
+//             +0 above the diagonal. D_i = the FMA chain P_ij * dP_ij over keys j <= i ascending from +0,
 //             restarted at every multiple of S, the chunk partials added in ascending order (the
 //             first chunk's partial is the total); one chain per query, run by warp 0 while the
 //             other warps load the next key tile. Written to a (B, H, T) float32 workspace.
@@ -27,16 +27,15 @@
 //                   the float32 output (float32 inputs) or in a float32 workspace (group > 1, 16-bit
 //                   inputs), read back only by the thread that wrote them.
 //
-// Matching the reference's zeros exactly: pairs above the diagonal inside a processed tile carry
-// P = +0 and dS = +0 * (dP - D), as the reference computes them. For a key, the queries before j0
-// are all above the diagonal and come first in its chains: an FMA chain from +0 adding +-0 products
-// stays +0, so skipping them changes nothing, except that when j0 lies past chunk 0 the reference's
-// total is +0 + ... (its chunk 0 sum is +0): the total starts at +0 instead of taking the first
-// partial as is (which it does from -0: -0 + x == x bitwise). For a query, the chunks past c_end sum
-// to +0 each (chains of +-0 products from +0): the total gets + 0 once when there are any.
-// Everything else is the reference's own sequence of operations, so even the sign of a zero
-// matches for finite inputs. (An inf / NaN the reference meets only in pairs above the diagonal,
-// where P = +0 turns it into NaN, is not read outside the processed tiles, as in the CPU kernel.) Head
+// Matching the reference's zeros exactly: a pair above the diagonal is no term of any chain (D's,
+// dq's, dk's, dv's): inside a processed tile its term is skipped (the chain keeps its value), as
+// the reference skips it, so an inf or NaN in a row the other side cannot see never reaches it.
+// For a key, the queries before j0 are all above the diagonal: skipping them is the reference's
+// own arithmetic, except that when j0 lies past chunk 0 the reference's total is +0 + ... (its
+// chunk 0 sum, a chain with no terms, is +0): the total starts at +0 instead of taking the first
+// partial as is (which it does from -0: -0 + x == x bitwise). For a query, the chunks past c_end
+// have no terms and sum to +0 each: the total gets + 0 once when there are any. Everything else
+// is the reference's own sequence of operations, so even the sign of a zero matches. Head
 // dims below the template's padded dim (16, 32, 64, 128) are zero-padded in shared memory: the
 // extra terms fma(0, 0, acc) leave a dot product unchanged unless it underflowed to -0 (the CPU
 // kernel pads the same way).
@@ -96,6 +95,7 @@ struct DkvShape {
 };
 
 __device__ __forceinline__ int min_int(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int max_int(int a, int b) { return a > b ? a : b; }
 
 template <typename T>
 struct Params {
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kDqThreads, 2) _attn_bwd_dq(const Params<T> p)
           d_total = __fadd_rn(d_total, d_part);
           d_part = 0.0f;
         }
-        d_part = __fmaf_rn(pr[j], dpr[j], d_part);
+        if (k0 + j <= i0 + tid) d_part = __fmaf_rn(pr[j], dpr[j], d_part);  // pairs j <= i only
       }
     }
     // The next tile's loads only touch k_s / v_s, which every thread is done with; pa_s / pb_s are
@@ -292,6 +292,27 @@ __global__ void __launch_bounds__(kDqThreads, 2) _attn_bwd_dq(const Params<T> p)
       total[r][x] = -0.0f;
     }
   float* ds_s = pa_s;  // [key][query], stride kPStride
+  const int first_q = i0 + qa * QPT;  // this thread's first query
+  // Key `key`'s (row j of the staged tiles) terms of this thread's dq chains; a query that does
+  // not see the key (masked) skips its term rather than adding +0 * k_j, which an inf or NaN in
+  // k_j would turn into NaN.
+  const auto dq_step = [&](int j, int key, bool masked) {
+    float ds[QPT];
+    load_vec<QPT>(ds_s + j * kPStride + qa * QPT, ds);
+    const float* kr = k_s + j * RS;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const float4 kv = *reinterpret_cast<const float4*>(kr + 4 * (ct + NCT * c));
+#pragma unroll
+      for (int r = 0; r < QPT; ++r) {
+        if (masked && key > first_q + r) continue;
+        part[r][4 * c + 0] = __fmaf_rn(ds[r], kv.x, part[r][4 * c + 0]);
+        part[r][4 * c + 1] = __fmaf_rn(ds[r], kv.y, part[r][4 * c + 1]);
+        part[r][4 * c + 2] = __fmaf_rn(ds[r], kv.z, part[r][4 * c + 2]);
+        part[r][4 * c + 3] = __fmaf_rn(ds[r], kv.w, part[r][4 * c + 3]);
+      }
+    }
+  };
   for (int k0 = 0; k0 < c_end; k0 += kTile) {
     const int nk = min_int(kTile, c_end - k0);
     load_tile<DP, kDqThreads>(k_s, kb + k0 * p.k_st, p.k_st, nk, dim);
@@ -311,22 +332,11 @@ __global__ void __launch_bounds__(kDqThreads, 2) _attn_bwd_dq(const Params<T> p)
     for (int j0 = 0; j0 < nk; j0 += kHalf) {
       if (((k0 + j0) & (split - 1)) == 0 && k0 + j0 > 0) fold(total, part);
       const int j_end = j0 + kHalf < nk ? j0 + kHalf : nk;
-      for (int j = j0; j < j_end; ++j) {  // keys ascending
-        float ds[QPT];
-        load_vec<QPT>(ds_s + j * kPStride + qa * QPT, ds);
-        const float* kr = k_s + j * RS;
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) {
-          const float4 kv = *reinterpret_cast<const float4*>(kr + 4 * (ct + NCT * c));
-#pragma unroll
-          for (int r = 0; r < QPT; ++r) {
-            part[r][4 * c + 0] = __fmaf_rn(ds[r], kv.x, part[r][4 * c + 0]);
-            part[r][4 * c + 1] = __fmaf_rn(ds[r], kv.y, part[r][4 * c + 1]);
-            part[r][4 * c + 2] = __fmaf_rn(ds[r], kv.z, part[r][4 * c + 2]);
-            part[r][4 * c + 3] = __fmaf_rn(ds[r], kv.w, part[r][4 * c + 3]);
-          }
-        }
-      }
+      // Keys [j0, j_all) are seen by every query of this thread; past them, by its queries r
+      // with k0 + j <= first_q + r only (the others skip the term).
+      const int j_all = max_int(j0, min_int(j_end, first_q - k0 + 1));
+      for (int j = j0; j < j_all; ++j) dq_step(j, k0 + j, false);  // keys ascending
+      for (int j = j_all; j < j_end; ++j) dq_step(j, k0 + j, true);
     }
     __syncthreads();  // k_s, v_s and ds_s are rewritten next
   }
@@ -384,6 +394,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
   const bool active = tid < Shape::kActive;
   // The reference's first chunk sum is its total; past chunk 0 it is +0 (all above the diagonal).
   const float total0 = j0 < split ? -0.0f : 0.0f;
+  const int first_k = j0 + ka * KPT;  // this thread's first key
 
   const int group = static_cast<int>(p.group);
   for (int hh = 0; hh < group; ++hh) {  // the group's query heads, ascending
@@ -399,6 +410,28 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
         dk_part[a][x] = dv_part[a][x] = 0.0f;
         dk_total[a][x] = dv_total[a][x] = total0;
       }
+    // Query i0 + i's terms of this thread's dk, dv chains; a key the query does not see (masked)
+    // skips its term rather than adding +0 * q_i, +0 * dO_i, which an inf or NaN there would turn
+    // into NaN.
+    const auto dkdv_step = [&](int i0, int i) {
+      float pv[KPT], dsv[KPT];
+      load_vec<KPT>(p_s + i * kPStride + ka * KPT, pv);
+      load_vec<KPT>(ds_s + i * kPStride + ka * KPT, dsv);
+      const float4 qv = *reinterpret_cast<const float4*>(q_s + i * RS + 4 * ct);
+      const float4 gv = *reinterpret_cast<const float4*>(do_s + i * RS + 4 * ct);
+#pragma unroll
+      for (int a = 0; a < KPT; ++a) {
+        if (first_k + a > i0 + i) continue;  // only in the tile i0 = j0
+        dv_part[a][0] = __fmaf_rn(pv[a], gv.x, dv_part[a][0]);
+        dv_part[a][1] = __fmaf_rn(pv[a], gv.y, dv_part[a][1]);
+        dv_part[a][2] = __fmaf_rn(pv[a], gv.z, dv_part[a][2]);
+        dv_part[a][3] = __fmaf_rn(pv[a], gv.w, dv_part[a][3]);
+        dk_part[a][0] = __fmaf_rn(dsv[a], qv.x, dk_part[a][0]);
+        dk_part[a][1] = __fmaf_rn(dsv[a], qv.y, dk_part[a][1]);
+        dk_part[a][2] = __fmaf_rn(dsv[a], qv.z, dk_part[a][2]);
+        dk_part[a][3] = __fmaf_rn(dsv[a], qv.w, dk_part[a][3]);
+      }
+    };
 
     for (int i0 = j0; i0 < length; i0 += kTile) {  // query tiles ascending
       const int nq = min_int(kTile, length - i0);
@@ -431,24 +464,9 @@ __global__ void __launch_bounds__(kDkvThreads, 2) _attn_bwd_dkdv(const Params<T>
             fold(dv_total, dv_part);
           }
           const int r_end = r0 + kHalf < nq ? r0 + kHalf : nq;
-          for (int i = r0; i < r_end; ++i) {  // queries ascending
-            float pv[KPT], dsv[KPT];
-            load_vec<KPT>(p_s + i * kPStride + ka * KPT, pv);
-            load_vec<KPT>(ds_s + i * kPStride + ka * KPT, dsv);
-            const float4 qv = *reinterpret_cast<const float4*>(q_s + i * RS + 4 * ct);
-            const float4 gv = *reinterpret_cast<const float4*>(do_s + i * RS + 4 * ct);
-#pragma unroll
-            for (int a = 0; a < KPT; ++a) {
-              dv_part[a][0] = __fmaf_rn(pv[a], gv.x, dv_part[a][0]);
-              dv_part[a][1] = __fmaf_rn(pv[a], gv.y, dv_part[a][1]);
-              dv_part[a][2] = __fmaf_rn(pv[a], gv.z, dv_part[a][2]);
-              dv_part[a][3] = __fmaf_rn(pv[a], gv.w, dv_part[a][3]);
-              dk_part[a][0] = __fmaf_rn(dsv[a], qv.x, dk_part[a][0]);
-              dk_part[a][1] = __fmaf_rn(dsv[a], qv.y, dk_part[a][1]);
-              dk_part[a][2] = __fmaf_rn(dsv[a], qv.z, dk_part[a][2]);
-              dk_part[a][3] = __fmaf_rn(dsv[a], qv.w, dk_part[a][3]);
-            }
-          }
+          // One loop with the test in it (predicated FMAs): a second, unmasked copy of the loop
+          // for the tiles past the diagonal spilled at dim_pad 128 (sm_80, 128 registers).
+          for (int i = r0; i < r_end; ++i) dkdv_step(i0, i);  // queries ascending
         }
       }
       __syncthreads();  // q_s, do_s and the score tiles are rewritten next

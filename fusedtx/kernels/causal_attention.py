@@ -13,7 +13,9 @@ Why a query's bits depend only on q_t, k_0..k_t, v_0..v_t (docs/design.md, "Atte
     element order does not depend on the row's position in the tile; under the interpreter the
     sums are numpy reductions whose order does not either — SEQUENTIAL_SUM below). Sub-tiles a
     row cannot see (its keys > t, or past the length) leave its state untouched (tl.where), so
-    how many sub-tiles the tile as a whole needs does not matter to a row.
+    how many sub-tiles the tile as a whole needs does not matter to a row; inside a sub-tile, a
+    key the row cannot see is no term of its P.V sum (-0 in the interpreter's sums, masked_dot
+    for tl.dot), so whatever that key holds (inf, NaN) never reaches the row.
   * Keys at or beyond seqlens[b] are never read (masked loads, +0 in their place): a KV cache can
     hold anything there.
   * Chunk partials (m_c, l_c, acc_c) are merged in ascending chunk order, starting from chunk 0's,
@@ -54,7 +56,7 @@ from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding
 
 # @jit helpers inlined into the kernels, never launched on their own
-JIT_HELPERS = ("_load_f32", "_attn_chunk", "_merge")
+JIT_HELPERS = ("_load_f32", "masked_dot", "_attn_chunk", "_merge")
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
@@ -70,6 +72,42 @@ def _load_f32(ptrs, mask, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def masked_dot(a, valid, b, acc, ANY_MASKED, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b over the pairs (i, k) with valid[i, k] only: tl.dot with the other pairs left
+    out (docs/design.md, "Attention split size"). a is 0 at those pairs, but tl.dot still
+    multiplies it by row k of b, and 0 * inf = NaN: an inf or NaN in a key (or query) row that
+    row i cannot see would reach it. ANY_MASKED (a scalar from the tile's indices) says whether
+    the tile has such pairs; where it has, b's non-finite entries enter the dot as 0 and, only if
+    there are any (a max over the tile, on those tiles only; a finite tile costs a select and the
+    max), the ones row i does see are put back by IEEE rules: NaN where a visible NaN meets it or a visible inf meets a = 0,
+    +inf / -inf by the signs of a and the inf (both: NaN). The counts come from exact dots of
+    0/1 indicators with codes 1 (+inf), 128 (-inf), 16384 (NaN), so K must stay below 128."""
+    tl.static_assert(a.shape[1] < 128, "masked_dot counts up to 127 non-finite entries per code")
+    finite = tl.abs(b.to(tl.float32)) < float("inf")
+    acc = tl.dot(a, tl.where(finite | (ANY_MASKED == 0), b, 0.0), acc, input_precision=INPUT_PRECISION,
+                 out_dtype=tl.float32)
+    if ANY_MASKED:
+        if tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0) > 0:
+            bf = b.to(tl.float32)
+            code = tl.where(bf == float("inf"), 1.0, tl.where(bf == float("-inf"), 128.0, tl.where(finite, 0.0, 16384.0)))
+            code = code.to(b.dtype)
+            af = a.to(tl.float32)
+            pos = tl.dot(tl.where(valid & (af > 0), 1.0, 0.0).to(b.dtype), code, input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32).to(tl.int32)
+            neg = tl.dot(tl.where(valid & (af < 0), 1.0, 0.0).to(b.dtype), code, input_precision=INPUT_PRECISION,
+                         out_dtype=tl.float32).to(tl.int32)
+            zero = tl.dot(tl.where(valid & (af == 0), 1.0, 0.0).to(b.dtype), code, input_precision=INPUT_PRECISION,
+                          out_dtype=tl.float32)
+            plus = ((pos & 127) + ((neg >> 7) & 127)) > 0    # a > 0 meets +inf, a < 0 meets -inf
+            minus = (((pos >> 7) & 127) + (neg & 127)) > 0   # a > 0 meets -inf, a < 0 meets +inf
+            nan = ((pos >> 14) + (neg >> 14) > 0) | (zero > 0)
+            acc = tl.where(plus, acc + float("inf"), acc)
+            acc = tl.where(minus, acc - float("inf"), acc)
+            acc = tl.where(nan, float("nan"), acc)
+    return acc
+
+
+@triton.jit
 def _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, chunk_start, end, seqlen, pos, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, SEQUENTIAL_SUM: tl.constexpr, ROUND_BF16: tl.constexpr):
@@ -78,6 +116,7 @@ def _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, chunk_sta
     Rows that see no key of the chunk get (-inf, 0, 0)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    first_pos = tl.min(pos, axis=0)  # the tile's first row: sub-tiles past it hold masked pairs
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -104,10 +143,13 @@ def _attn_chunk(q, Kh, Vh, stride_kt, stride_kd, stride_vt, stride_vd, chunk_sta
         scaled = acc * alpha[:, None]
         if SEQUENTIAL_SUM:
             first = (offs_n == 0)[None, :, None]
-            pv = p[:, :, None] * v[None, :, :]  # (BLOCK_M, BLOCK_N, D)
+            # a key the row does not see is no term: -0 leaves every sum as it is (a product
+            # 0 * v would not: NaN for an inf or NaN v, and +0 turns a -0 sum into +0)
+            pv = tl.where(valid[:, :, None], p[:, :, None] * v[None, :, :], -0.0)  # (BLOCK_M, BLOCK_N, D)
             acc_new = tl.sum(tl.where(first, pv + scaled[:, None, :], pv), axis=1)
         else:
-            acc_new = tl.dot(p.to(v.dtype), v, scaled, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            acc_new = masked_dot(p.to(v.dtype), valid, v, scaled, chunk_start + n0 + BLOCK_N - 1 > first_pos,
+                                 INPUT_PRECISION)
         m = tl.where(sees, m_new, m)
         l = tl.where(sees, l_new, l)
         acc = tl.where(sees[:, None], acc_new, acc)

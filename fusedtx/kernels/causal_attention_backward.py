@@ -24,6 +24,9 @@ bound applies); what this module promises is determinism and batch invariance, b
     first key (earlier queries see none of its keys). One writer per output element.
   * `_attn_bwd_dq`, grid (query blocks, B * H): a program owns BLOCK_M queries of one head and
     accumulates dq over the key blocks in ascending order up to the diagonal.
+Every sum runs over the visible pairs (key <= query) only, as in the reference: the masked
+ones are no terms (-0 in D's sums, masked_dot for the dots), so an inf or NaN in a q, k, v or dO
+row reaches only the gradients that see that row.
 Every sum runs in an order fixed by (D, dtype, split_size) — the tile configuration depends on
 nothing else — and a program reads only its own sequence: the bits do not depend on B, on the
 other sequences, on the number of programs or on the run. split_size enters only D's blocks
@@ -45,7 +48,7 @@ from .. import config as _config
 from .. import policy
 from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding, round_to_bf16
-from .causal_attention import check_kv_layout, check_tensors
+from .causal_attention import check_kv_layout, check_tensors, masked_dot
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_load", "_dot_d", "_p_dp_tile", "_mma_operand", "_store")
 
@@ -84,9 +87,9 @@ def _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                F32_DOTS: tl.constexpr, ROUND_BF16: tl.constexpr):
     """P and dP (BLOCK_M, BLOCK_N) of the query tile (q, do, m, l at `rows`) against keys n0 ...
-    n0 + BLOCK_N - 1 of the KV head at Kh, Vh, and those keys' (D, BLOCK_N) tile kt. The one code
-    that forms them for query tiles: _attn_bwd_preprocess sums P * dP into D from it and
-    _attn_bwd_dq subtracts that D from the same dP."""
+    n0 + BLOCK_N - 1 of the KV head at Kh, Vh, those keys' (D, BLOCK_N) tile kt and the pairs
+    the rows see (valid). The one code that forms them for query tiles: _attn_bwd_preprocess sums
+    P * dP into D from it and _attn_bwd_dq subtracts that D from the same dP."""
     offs_d = tl.arange(0, HEAD_DIM)
     keys = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     key_ok = keys < n_ctx
@@ -98,7 +101,7 @@ def _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd
     valid = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
     p = tl.where(valid, tl.math.div_rn(exp_f32(s - m[:, None]), l[:, None]), 0.0)
     dp = _dot_d(do, vt, INPUT_PRECISION, F32_DOTS)
-    return p, dp, kt
+    return p, dp, kt, valid
 
 
 @triton.jit
@@ -150,9 +153,10 @@ def _attn_bwd_preprocess(Q, K, V, DO, M, L, Delta, scale, n_ctx, n_heads, kv_gro
     block_sum = tl.zeros((BLOCK_M,), tl.float32)  # the current split block's partial, from +0
     end = tl.minimum(n_ctx, m0 + BLOCK_M)  # keys past the tile's last row add only +-0
     for n0 in range(0, end, BLOCK_N):  # key tiles, ascending
-        p, dp, _ = _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd, stride_vt,
-                              stride_vd, BLOCK_N, HEAD_DIM, INPUT_PRECISION, F32_DOTS, ROUND_BF16)
-        block_sum = block_sum + tl.sum(p * dp, axis=1)
+        p, dp, _, valid = _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd,
+                                     stride_vt, stride_vd, BLOCK_N, HEAD_DIM, INPUT_PRECISION, F32_DOTS, ROUND_BF16)
+        # a masked pair is no term: -0 leaves the sum as it is (its dP may be inf or NaN)
+        block_sum = block_sum + tl.sum(tl.where(valid, p * dp, -0.0), axis=1)
         closes_block = (n0 + BLOCK_N) % split_size == 0
         delta = tl.where(closes_block, delta + block_sum, delta)
         block_sum = tl.where(closes_block, 0.0, block_sum)
@@ -201,17 +205,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, M, L, Delta, DK, DV, scale, n_ctx, n_heads, kv_g
             st = _dot_d(k, qt, INPUT_PRECISION, F32_DOTS) * scale  # (BLOCK_N, BLOCK_M)
             valid = (keys[:, None] <= rows[None, :]) & row_ok[None, :]  # causal; keys <= row < T
             pt = tl.where(valid, tl.math.div_rn(exp_f32(st - m[None, :]), l[None, :]), 0.0)
-            dv = tl.dot(_mma_operand(pt, DO, F32_DOTS, ROUND_BF16), do, dv, input_precision=INPUT_PRECISION,
-                        out_dtype=tl.float32)
+            # a key that a query does not see takes no term from it (masked_dot): its q and dO
+            # rows may hold inf or NaN; the tile has such pairs when it reaches above the diagonal
+            any_masked = m0 < n0 + BLOCK_N - 1
+            dv = masked_dot(_mma_operand(pt, DO, F32_DOTS, ROUND_BF16), valid, do, dv, any_masked, INPUT_PRECISION)
             if F32_DOTS:  # a fresh (D, BLOCK_M) tile, not a transposed view: see _dot_d
                 dot_t = _load(DOh + rows[None, :] * stride_gt + offs_d[:, None] * stride_gd, row_ok[None, :],
                               F32_DOTS, ROUND_BF16)
             else:
                 dot_t = tl.trans(do)
             dpt = _dot_d(v, dot_t, INPUT_PRECISION, F32_DOTS)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(_mma_operand(dst, Q, F32_DOTS, ROUND_BF16), tl.trans(qt), dk,
-                        input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            dst = tl.where(valid, pt * (dpt - delta[None, :]), 0.0)
+            dk = masked_dot(_mma_operand(dst, Q, F32_DOTS, ROUND_BF16), valid, tl.trans(qt), dk, any_masked,
+                            INPUT_PRECISION)
     dk = dk * scale
     out = bhk * n_ctx + keys  # DK, DV: contiguous (B, Hkv, T, D)
     _store(DK + out[:, None] * HEAD_DIM + offs_d[None, :], dk, key_ok[:, None], ROUND_BF16)
@@ -245,11 +251,12 @@ def _attn_bwd_dq(Q, K, V, DO, M, L, Delta, DQ, scale, n_ctx, n_heads, kv_group,
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     end = tl.minimum(n_ctx, m0 + BLOCK_M)  # the tile's rows see keys < end
     for n0 in range(0, end, BLOCK_N):  # key blocks, ascending, up to the diagonal
-        p, dp, kt = _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd, stride_vt,
-                               stride_vd, BLOCK_N, HEAD_DIM, INPUT_PRECISION, F32_DOTS, ROUND_BF16)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(_mma_operand(ds, K, F32_DOTS, ROUND_BF16), tl.trans(kt), dq, input_precision=INPUT_PRECISION,
-                    out_dtype=tl.float32)
+        p, dp, kt, valid = _p_dp_tile(q, do, m, l, Kh, Vh, rows, n0, scale, n_ctx, stride_kt, stride_kd,
+                                      stride_vt, stride_vd, BLOCK_N, HEAD_DIM, INPUT_PRECISION, F32_DOTS, ROUND_BF16)
+        # a key the row does not see is no term of dq (masked_dot): its k row may hold inf or NaN
+        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
+        dq = masked_dot(_mma_operand(ds, K, F32_DOTS, ROUND_BF16), valid, tl.trans(kt), dq, n0 + BLOCK_N - 1 > m0,
+                        INPUT_PRECISION)
     dq = dq * scale
     _store(DQ + (bh * n_ctx + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq, row_ok[:, None], ROUND_BF16)
 

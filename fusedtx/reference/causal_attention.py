@@ -22,11 +22,15 @@ def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         m_c   = max_j s_j
         p_j   = exp_f32(s_j - m_c)
         l_c   = sum_j p_j                           (ascending j, from +0)
-        acc_c = fma_matmul(p, v)                    (an FMA chain over j ascending, from +0)
+        acc_c = fma_matmul(p, v)                    (an FMA chain over the j <= t ascending, from +0)
     and the chunks are merged in ascending order, starting from chunk 0's (m, l, acc):
         m'  = max(m, m_c),  a = exp_f32(m - m'),  b = exp_f32(m_c - m')
         l   = l * a + l_c * b,   acc = acc * a + acc_c * b,   m = m'
-    o = acc / l. Nothing here depends on Tq, on the other sequences or on how the queries are
+    o = acc / l. A key the query does not see (j > t) is no term of any of these: its score is
+    -inf before the max, its p_j = +0 (which leaves l_c >= +0 unchanged), and acc_c's chains
+    skip it (acc kept as is; fma(+0, v_j, acc) would turn inf or NaN in v_j into NaN and a -0
+    accumulator into +0). Whatever k_j and v_j hold, query t gets the bits of chains that stop
+    at its own last key, as in a decode step. Nothing here depends on Tq, on the other sequences or on how the queries are
     grouped: a query's bits are the same in a full pass, in any chunked prefill and in a decode
     step. Returns (o in q's dtype, m, l) with m and l float32 (B, H, Tq) for the backward.
     """
@@ -55,7 +59,7 @@ def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             l_c = torch.zeros_like(m_c)
             for j in range(stop - start):
                 l_c = l_c + p[..., j]
-            acc_c = fma_matmul(p, vb[:, start:stop])
+            acc_c = fma_matmul(p, vb[:, start:stop], valid)                  # keys j <= t only
             if m is None:  # chunk 0: every query sees key 0
                 m, l, acc = m_c, l_c, acc_c
                 continue
@@ -83,8 +87,10 @@ def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Te
     P_ij dP_ij that dS uses keeps sum_j dS_ij near 0, where o_i's rounding does not, and at short
     rows (T = 2, 3) that shortcut made dq and dk up to 3.3x less accurate than PyTorch's eager
     backward in float32 (this form: <= 1.7x); it costs one more pass over the keys.
-    Each block sum is an FMA chain from +0 (masked terms add exactly +0), blocks added in
-    ascending order; with grouped KV heads, each query head's sum is formed so and the group's
+    Every sum runs over the visible pairs j <= i only: a masked pair is no term (left out of the
+    chains, not added as 0 * x, which turns an inf or NaN in a q, k, v or dO row the other side
+    cannot see into NaN). Each block sum is an FMA chain from +0 over its visible terms (+0 when
+    it has none), blocks added in ascending order; with grouped KV heads, each query head's sum is formed so and the group's
     heads are added in ascending head order from +0. Fixed orders, no atomics: the same bits run
     after run and for any thread count. Returns (dq, dk, dv) in the inputs' dtypes.
     """
@@ -98,11 +104,11 @@ def causal_attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Te
     s = fma_matmul(qf, kf.transpose(-1, -2)) * f32(scale)
     p = torch.where(causal, exp_f32(torch.where(causal, s - m[..., None], f32(0.0))) / l[..., None], f32(0.0))
     dp = fma_matmul(dof, vf.transpose(-1, -2))
-    d_row = blocked_fma_matmul(p[..., None, :], dp[..., :, None], split_size)[..., 0]  # (B, H, T, 1)
-    ds = p * (dp - d_row)
-    dq = blocked_fma_matmul(ds, kf, split_size) * f32(scale)
-    dk_heads = blocked_fma_matmul(ds.transpose(-1, -2), qf, split_size) * f32(scale)
-    dv_heads = blocked_fma_matmul(p.transpose(-1, -2), dof, split_size)
+    d_row = blocked_fma_matmul(p[..., None, :], dp[..., :, None], split_size, causal[:, None, :])[..., 0]  # (B, H, T, 1)
+    ds = torch.where(causal, p * (dp - d_row), f32(0.0))
+    dq = blocked_fma_matmul(ds, kf, split_size, causal) * f32(scale)
+    dk_heads = blocked_fma_matmul(ds.transpose(-1, -2), qf, split_size, causal.t()) * f32(scale)
+    dv_heads = blocked_fma_matmul(p.transpose(-1, -2), dof, split_size, causal.t())
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     for h in range(group):  # ascending head order within each KV group

@@ -129,21 +129,29 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return s.float()
 
 
-def fma_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def fma_matmul(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b for float32 (..., M, K) @ (..., K, N), batch dims broadcast: each element one
-    accumulator from +0 taking fma(a[.., i, k], b[.., k, j], acc) for k ascending."""
+    accumulator from +0 taking fma(a[.., i, k], b[.., k, j], acc) for k ascending.
+
+    valid (bool, broadcastable to (..., M, K)): the terms k with valid[.., i, k] False are left
+    out of row i's chains: the accumulator is kept as it is. Adding them as fma(0, b, acc) would
+    not be the same: 0 * inf and 0 * NaN are NaN, and acc = -0 plus +0 * b (b >= +0) is +0, so a
+    left-out b could still reach the result."""
     acc = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
                       dtype=torch.float32, device=a.device)
     for k in range(a.shape[-1]):
-        acc = fma_f32(a[..., :, k:k + 1], b[..., k:k + 1, :], acc)
+        term = fma_f32(a[..., :, k:k + 1], b[..., k:k + 1, :], acc)
+        acc = term if valid is None else torch.where(valid[..., :, k:k + 1], term, acc)
     return acc
 
 
-def blocked_fma_matmul(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
-    """a @ b like fma_matmul, with the reduction cut into blocks of `block` from index 0: each
-    block an FMA chain from +0, the block sums added in ascending order (as reference.linear_matmul)."""
+def blocked_fma_matmul(a: torch.Tensor, b: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b like fma_matmul (valid likewise), with the reduction cut into blocks of `block` from
+    index 0: each block an FMA chain from +0 (+0 itself when it has no valid term), the block
+    sums added in ascending order (as reference.linear_matmul)."""
     total = None
     for start in range(0, a.shape[-1], block):
-        part = fma_matmul(a[..., start:start + block], b[..., start:start + block, :])
+        part = fma_matmul(a[..., start:start + block], b[..., start:start + block, :],
+                          None if valid is None else valid[..., start:start + block])
         total = part if total is None else total + part
     return total
