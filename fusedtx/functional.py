@@ -40,7 +40,8 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
     """torch.nn.functional.layer_norm, fused and batch-invariant: normalise over the trailing
-    `normalized_shape` dims with two-pass float32 statistics (float64 for float64 x).
+    `normalized_shape` dims with corrected two-pass float32 statistics (float64 for float64 x): a
+    constant row gives exactly bias, as in float64 (docs/design.md, "LayerNorm statistics").
 
     weight and bias may be float32 beside a float16/bfloat16 x (as under autocast); the output
     has x's dtype. Each row's output and input gradient depend on that row alone; the weight and

@@ -283,6 +283,16 @@ inline vfloat load_vec(const T* p) { return load_as<float>(p); }
 template <typename T>
 inline void store_vec(T* p, vfloat v) { store_as<T, float>(p, v); }
 
+// Lane l of the result holds x[l + W] (wrapping around; the folds below use the lanes below W).
+template <int W, typename V, std::size_t... I>
+inline V lanes_from(V x, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, x, ((I + W) % sizeof...(I))...);
+}
+template <int W, typename V>
+inline V lanes_from(V x) {
+  return lanes_from<W>(x, std::make_index_sequence<sizeof(V) / sizeof(x[0])>{});
+}
+
 // The accumulators of reference.lane_sum (docs/design.md, "Lane sums"): kLanes lanes of A, lane l
 // of a block of kLanes consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
 template <typename A, int kLanes = 64>
@@ -319,16 +329,66 @@ struct LaneSum {
     x = x + lanes_from<1>(x);
     return x[0];
   }
+};
 
- private:
-  // Lane l holds x[l + W] (wrapping around; only the lanes below W are used).
-  template <int W, std::size_t... I>
-  static Vec<A> lanes_from(Vec<A> x, std::index_sequence<I...>) {
-    return __builtin_shufflevector(x, x, ((I + W) % sizeof...(I))...);
+// reference.two_sum: s = a + b rounded, err its rounding error (s + err == a + b exactly). Six
+// separately rounded operations: the build never reassociates (no -ffast-math) or contracts.
+template <typename V>
+inline V two_sum(V a, V b, V& err) {
+  const V s = a + b;
+  const V b_virtual = s - a;
+  err = (a - (s - b_virtual)) + (b - b_virtual);
+  return s;
+}
+
+// The accumulators of reference.lane_sum_compensated: LaneSum's lanes and order, each lane a
+// pair (sum, error) updated by two_sum, folded pairwise.
+template <typename A, int kLanes = 64>
+struct CompensatedLaneSum {
+  static constexpr int kVecs = kLanes / kVecLen<A>;
+  Vec<A> sum[kVecs] = {}, err[kVecs] = {};
+
+  void add(int v, Vec<A> e) {
+    Vec<A> r;
+    sum[v] = two_sum(sum[v], e, r);
+    err[v] = err[v] + r;
   }
-  template <int W>
-  static Vec<A> lanes_from(Vec<A> x) {
-    return lanes_from<W>(x, std::make_index_sequence<kVecLen<A>>{});
+  void add_block(const A* e) {
+    for (int v = 0; v < kVecs; ++v) add(v, vload(e + v * kVecLen<A>));
+  }
+  template <typename F>
+  void add_partial_block(int64_t n, F&& element) {
+    if (n <= 0) return;
+    alignas(64) A block[kLanes] = {};
+    for (int64_t l = 0; l < n; ++l) block[l] = element(l);
+    add_block(block);
+  }
+  // LaneSum::fold's order on pairs: (s, r) = two_sum(s_l, s_{l+w}), e = (e_l + e_{l+w}) + r.
+  A fold() const {
+    Vec<A> s[kVecs], e[kVecs];
+    for (int i = 0; i < kVecs; ++i) {
+      s[i] = sum[i];
+      e[i] = err[i];
+    }
+    for (int w = kVecs / 2; w >= 1; w /= 2) {
+      for (int i = 0; i < w; ++i) {
+        Vec<A> r;
+        s[i] = two_sum(s[i], s[i + w], r);
+        e[i] = (e[i] + e[i + w]) + r;
+      }
+    }
+    Vec<A> x = s[0], y = e[0];
+    const auto step = [&](auto w) {
+      Vec<A> r;
+      x = two_sum(x, lanes_from<decltype(w)::value>(x), r);
+      y = (y + lanes_from<decltype(w)::value>(y)) + r;
+    };
+    if constexpr (kVecLen<A> >= 16) step(std::integral_constant<int, 8>{});
+    if constexpr (kVecLen<A> >= 8) step(std::integral_constant<int, 4>{});
+    step(std::integral_constant<int, 2>{});
+    step(std::integral_constant<int, 1>{});
+    // An overflowed sum stays inf (its error term is inf - inf = NaN).
+    return std::isfinite(x[0]) ? x[0] + y[0] : x[0];
   }
 };
 

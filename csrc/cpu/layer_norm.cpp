@@ -1,11 +1,11 @@
-// LayerNorm on CPU: forward with two-pass statistics, backward with deterministic weight and
+// LayerNorm on CPU: forward with corrected two-pass statistics, backward with deterministic weight and
 // bias gradients. The arithmetic is reference.layer_norm_forward / layer_norm_backward with 64
 // lanes, operation for operation (float32 compute for float32/float16/bfloat16 inputs, float64
 // for float64), written with 64-byte vectors (common.h).
 //
 // Forward: rows spread over threads, one row per task step, three passes over a row that stays
-// in cache (sum, sum of squared deviations, normalise). Backward: the rows are cut into a fixed
-// number of row groups (reference.LAYER_NORM_ROW_GROUPS); threads take whole groups, each group
+// in cache (the sum; the sums of the deviations and of their squares; normalise). Backward: the rows are cut into a fixed
+// number of row groups (policy.ROW_GROUPS); threads take whole groups, each group
 // computes its rows' dx and adds dy * xhat and dy into its own row of a partial buffer; the
 // partials are then summed per column in group order. Nothing depends on the thread count
 // (docs/design.md, "Lane sums" and "Row groups").
@@ -19,7 +19,7 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kLanes = 64;  // reference.LAYER_NORM_LANES
+constexpr int kLanes = 64;  // policy.CPU_LANES
 
 // x: a row of T; params of P; arithmetic in A.
 template <typename T, typename P, typename A>
@@ -38,37 +38,44 @@ struct LayerNormRow {
       for (int v = 0; v < kVecs; ++v) sum.add(v, load_as<A>(x + blk + v * L));
     }
     sum.add_partial_block(n - blk, [&](int64_t l) { return static_cast<A>(x[blk + l]); });
-    const A mean = sum.fold() / static_cast<A>(n);
+    const A mean0 = sum.fold() / static_cast<A>(n);
 
-    LaneSum<A, kLanes> sq;
+    // One pass for both sums of d0 = x - mean0: its plain sum (the mean's correction) and its
+    // compensated sum of squares.
+    LaneSum<A, kLanes> dev;
+    CompensatedLaneSum<A, kLanes> sq;
     for (blk = 0; blk + kLanes <= n; blk += kLanes) {
       for (int v = 0; v < kVecs; ++v) {
-        const Vec<A> d = load_as<A>(x + blk + v * L) - mean;
+        const Vec<A> d = load_as<A>(x + blk + v * L) - mean0;
+        dev.add(v, d);
         sq.add(v, d * d);
       }
     }
+    dev.add_partial_block(n - blk, [&](int64_t l) { return static_cast<A>(x[blk + l]) - mean0; });
     sq.add_partial_block(n - blk, [&](int64_t l) {
-      const A d = static_cast<A>(x[blk + l]) - mean;
+      const A d = static_cast<A>(x[blk + l]) - mean0;
       return d * d;
     });
-    const A var = sq.fold() / static_cast<A>(n);
+    const A c = dev.fold() / static_cast<A>(n);
+    A var = sq.fold() / static_cast<A>(n) - c * c;
+    if (var < A(0)) var = A(0);  // rounding only; NaN stays NaN
     const A rstd = A(1) / std::sqrt(var + eps);
 
     int64_t j = 0;
     for (; j + L <= n; j += L) {
       if (next) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
-      Vec<A> out = (load_as<A>(x + j) - mean) * rstd;
+      Vec<A> out = ((load_as<A>(x + j) - mean0) - c) * rstd;
       if (w) out = out * load_as<A>(w + j);
       if (b) out = out + load_as<A>(b + j);
       store_as<T, A>(y + j, out);
     }
     for (; j < n; ++j) {
-      A out = (static_cast<A>(x[j]) - mean) * rstd;
+      A out = ((static_cast<A>(x[j]) - mean0) - c) * rstd;
       if (w) out = out * static_cast<A>(w[j]);
       if (b) out = out + static_cast<A>(b[j]);
       y[j] = static_cast<T>(out);
     }
-    *mean_out = mean;
+    *mean_out = mean0 + c;
     *rstd_out = rstd;
   }
 

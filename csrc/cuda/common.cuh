@@ -149,6 +149,54 @@ __device__ __forceinline__ void block_fold_lanes2(T& a, T& b, T* scratch) {
   __syncthreads();  // scratch may be reused right after
 }
 
+// reference.two_sum: s = a + b rounded, err its exact rounding error (s + err == a + b).
+template <typename T>
+__device__ __forceinline__ T two_sum(T a, T b, T& err) {
+  const T s = add_rn(a, b);
+  const T b_virtual = sub_rn(s, a);
+  err = add_rn(sub_rn(a, sub_rn(s, b_virtual)), sub_rn(b, b_virtual));
+  return s;
+}
+
+// reference.lane_sum_compensated's fold and total across the block: thread t holds lane t's
+// pair (s, e); block_fold_lanes's order, each step (s, r) = two_sum(s_l, s_{l+w}) and
+// e = (e_l + e_{l+w}) + r; the total is s + e (s itself when it is inf or NaN). Every thread
+// gets the total. `scratch` has 2 * blockDim.x elements.
+template <typename T>
+__device__ __forceinline__ T block_fold_lanes_compensated(T s, T e, T* scratch) {
+  const int t = threadIdx.x;
+  const int lanes = blockDim.x;
+  T* ss = scratch;
+  T* se = scratch + lanes;
+  ss[t] = s;
+  se[t] = e;
+  __syncthreads();
+  for (int w = lanes / 2; w >= 32; w /= 2) {
+    if (t < w) {
+      T r;
+      const T sum = two_sum(ss[t], ss[t + w], r);
+      se[t] = add_rn(add_rn(se[t], se[t + w]), r);
+      ss[t] = sum;
+    }
+    __syncthreads();
+  }
+  if (t < 32) {
+    T vs = ss[t], ve = se[t];
+    for (int w = 16; w >= 1; w /= 2) {
+      const T os = __shfl_down_sync(0xffffffffu, vs, w);
+      const T oe = __shfl_down_sync(0xffffffffu, ve, w);
+      T r;
+      vs = two_sum(vs, os, r);
+      ve = add_rn(add_rn(ve, oe), r);
+    }
+    if (t == 0) ss[0] = sub_rn(vs, vs) == T(0) ? add_rn(vs, ve) : vs;  // vs - vs: NaN unless finite
+  }
+  __syncthreads();
+  const T total = ss[0];
+  __syncthreads();  // scratch may be reused right after
+  return total;
+}
+
 // Max over the block (order-free: max is exact). `scratch` has blockDim.x / 32 floats.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   for (int w = 16; w >= 1; w /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, w));

@@ -4,9 +4,10 @@
 //
 // Forward: one thread block per row, one lane of reference.lane_sum per thread: thread t handles
 // elements t, t + lanes, t + 2*lanes, ... in ascending order, then the block folds the lanes in
-// halves. Two-pass statistics (mean, then the variance around it), then y. The lane count comes
+// halves. Corrected two-pass statistics (a first mean; then the sum of the deviations from it,
+// which corrects it, and the compensated sum of their squares), then y. The lane count comes
 // from the row length only (fusedtx/ops: the threads-per-row rule), so a row's bits never depend
-// on the batch. When a row fits in kPerThread elements per thread it is kept in registers (one
+// on the batch. When a row fits in kPerThread<C> elements per thread it is kept in registers (one
 // read of x); otherwise each pass re-reads x, mostly from L2.
 //
 // Backward: dx needs two row sums per row (of g and of g*xhat), computed exactly as in the forward.
@@ -25,7 +26,11 @@
 namespace fusedtx::cuda {
 namespace {
 
-constexpr int kPerThread = 8;           // row elements per thread kept in registers
+// Row elements per thread kept in registers by the forward. The compensated variance sum keeps
+// three accumulators live beside the cached row: in double, 8 elements spill under the 64
+// registers a 1024-thread block allows (ptxas, sm_90), so float64 caches 4.
+template <typename C>
+constexpr int kPerThread = sizeof(C) == sizeof(double) ? 4 : 8;
 // The backward keeps five values per element in registers (xhat, g, the weight and the
 // dweight/dbias partials). In double, even 4 elements spill under the 64 registers a 1024-thread
 // block allows (ptxas, sm_80), so float64 caches 2 and its longer rows take the re-reading
@@ -52,13 +57,13 @@ __global__ void __launch_bounds__(kMaxLanes)
   T* y_row = y + row * n;
   const C n_c = static_cast<C>(n);  // as PyTorch converts the int n of `lane_sum(x) / n`
 
-  // Pass 1: the mean. Columns past the end are skipped (or add +0): lane_sum's zero padding,
-  // a no-op on accumulators that start at +0 and so are never -0.
-  C xr[kCached ? kPerThread : 1];
+  // Pass 1: the first mean. Columns past the end are skipped (or add +0): lane_sum's zero
+  // padding, a no-op on accumulators that start at +0 and so are never -0.
+  C xr[kCached ? kPerThread<C> : 1];
   C acc = 0;
   if constexpr (kCached) {
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
+    for (int k = 0; k < kPerThread<C>; ++k) {
       const int j = t + k * lanes;  // < 8192: cached rows are short
       xr[k] = j < n ? load_as<C>(x_row + j) : C(0);
       acc = add_rn(acc, xr[k]);
@@ -66,42 +71,47 @@ __global__ void __launch_bounds__(kMaxLanes)
   } else {
     for (int64_t j = t; j < n; j += lanes) acc = add_rn(acc, load_as<C>(x_row + j));
   }
-  const C mu = div_rn(block_fold_lanes(acc, scratch), n_c);
+  const C mu0 = div_rn(block_fold_lanes(acc, scratch), n_c);
 
-  // Pass 2: the variance around the mean (two passes: no cancellation of large squares).
+  // Pass 2: the deviations d0 = x - mu0, summed (the mean's correction) and squared into a
+  // compensated sum (the variance), reference.layer_norm_forward's corrected two-pass formula.
   acc = 0;
+  C sq = 0, sq_err = 0;
+  const auto deviation = [&](C xj) {
+    const C d = sub_rn(xj, mu0);
+    acc = add_rn(acc, d);
+    C r;
+    sq = two_sum(sq, mul_rn(d, d), r);
+    sq_err = add_rn(sq_err, r);
+  };
   if constexpr (kCached) {
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
+    for (int k = 0; k < kPerThread<C>; ++k) {
       const int j = t + k * lanes;  // < 8192: cached rows are short
-      if (j < n) {
-        const C d = sub_rn(xr[k], mu);
-        acc = add_rn(acc, mul_rn(d, d));
-      }
+      if (j < n) deviation(xr[k]);
     }
   } else {
-    for (int64_t j = t; j < n; j += lanes) {
-      const C d = sub_rn(load_as<C>(x_row + j), mu);
-      acc = add_rn(acc, mul_rn(d, d));
-    }
+    for (int64_t j = t; j < n; j += lanes) deviation(load_as<C>(x_row + j));
   }
-  const C var = div_rn(block_fold_lanes(acc, scratch), n_c);
+  const C c = div_rn(block_fold_lanes(acc, scratch), n_c);
+  C var = sub_rn(div_rn(block_fold_lanes_compensated(sq, sq_err, scratch), n_c), mul_rn(c, c));
+  if (var < C(0)) var = C(0);  // rounding only; NaN stays NaN
   const C rs = div_rn(C(1), sqrt_rn(add_rn(var, eps)));
   if (t == 0) {
-    mean[row] = mu;
+    mean[row] = add_rn(mu0, c);
     rstd[row] = rs;
   }
 
-  // Pass 3: y = ((x - mean) * rstd) * w + b, in that order.
+  // Pass 3: y = (((x - mu0) - c) * rstd) * w + b, in that order.
   const auto normalize = [&](int64_t j, C xj) {
-    C v = mul_rn(sub_rn(xj, mu), rs);
+    C v = mul_rn(sub_rn(sub_rn(xj, mu0), c), rs);
     if (weight != nullptr) v = mul_rn(v, load_as<C>(weight + j));
     if (bias != nullptr) v = add_rn(v, load_as<C>(bias + j));
     store_rn(y_row + j, v);
   };
   if constexpr (kCached) {
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
+    for (int k = 0; k < kPerThread<C>; ++k) {
       const int j = t + k * lanes;  // < 8192: cached rows are short
       if (j < n) normalize(j, xr[k]);
     }
@@ -267,14 +277,14 @@ template <typename T, typename W>
 cudaError_t launch_forward(const void* x, const void* weight, const void* bias, void* y, void* mean, void* rstd,
                            int64_t rows, int64_t n, double eps, int lanes, cudaStream_t stream) {
   using C = compute_t<T>;
-  const size_t smem = lanes * sizeof(C);
+  const size_t smem = 2 * lanes * sizeof(C);  // block_fold_lanes_compensated
   const C eps_c = static_cast<C>(eps);  // as torch.tensor(eps, dtype=compute dtype) rounds it
   const auto args = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(rows), lanes, smem, stream>>>(
         static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
         static_cast<C*>(mean), static_cast<C*>(rstd), n, eps_c);
   };
-  if (n <= static_cast<int64_t>(lanes) * kPerThread) {
+  if (n <= static_cast<int64_t>(lanes) * kPerThread<C>) {
     args(layer_norm_fwd_kernel<T, W, C, true>);
   } else {
     args(layer_norm_fwd_kernel<T, W, C, false>);

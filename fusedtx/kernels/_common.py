@@ -45,6 +45,31 @@ def fold_lanes(acc, LOG2_LANES: tl.constexpr):
 
 
 @triton.jit
+def two_sum(a, b):
+    """reference.two_sum: (s, err), s = a + b rounded and s + err == a + b exactly."""
+    s = a + b
+    b_virtual = s - a
+    err = (a - (s - b_virtual)) + (b - b_virtual)
+    return s, err
+
+
+@triton.jit
+def fold_lanes_compensated(s, e, LOG2_LANES: tl.constexpr):
+    """reference.lane_sum_compensated's fold and total: fold the (sum, error) lane pairs in halves,
+    (s, r) = two_sum(s[l], s[l + w]), e = (e[l] + e[l + w]) + r, then s + e (s where s is inf
+    or NaN). Each step splits the vector into its halves exactly (reshape (2, w), transpose,
+    split): TwoSum needs both operands, not just their sum."""
+    for _ in tl.static_range(LOG2_LANES):
+        s_lo, s_hi = tl.split(tl.permute(tl.reshape(s, (2, s.shape[0] // 2)), (1, 0)))
+        e_lo, e_hi = tl.split(tl.permute(tl.reshape(e, (2, e.shape[0] // 2)), (1, 0)))
+        s, r = two_sum(s_lo, s_hi)
+        e = (e_lo + e_hi) + r
+    total = tl.sum(s, axis=0)  # one element: exact
+    err = tl.sum(e, axis=0)
+    return tl.where(total - total == 0.0, total + err, total)  # total - total is NaN unless finite
+
+
+@triton.jit
 def round_to_bf16(x):
     """Round float32 to the nearest bfloat16 (ties to even), returned as float32.
 

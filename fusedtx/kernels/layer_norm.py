@@ -6,9 +6,10 @@ ascending block order from +0, then folds the block in halves (`fold_lanes`); di
 square root are correctly rounded (`div_rn`, `sqrt_rn`) and the kernels are launched without
 fused multiply-add. The block width (= the lane count) depends on N only, so a row gets the same bits in any batch.
 
-Forward, one program per row. A row that fits one block is held in registers (one read, one
-write); a longer row loops over blocks in three passes (sum for the mean, sum
-of squared deviations for the variance, normalise + store), the later passes mostly from L2.
+Forward, one program per row, reference.layer_norm_forward's corrected two-pass statistics. A
+row that fits one block is held in registers (one read, one write); a longer row loops over
+blocks in three passes (the sum for the first mean; the plain sum of the deviations d0 and the
+compensated sum of their squares; normalise + store), the later passes mostly from L2.
 
 Backward, two kernels and no atomics:
   * `_layer_norm_bwd_dx_fused`: one program per row group (reference.row_group_sum: groups of
@@ -30,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ..policy import triton_layer_norm_backward_warps, triton_row_warps
-from ._common import LAUNCH_OPTIONS, fold_lanes, log2, needs_bf16_rounding, round_to_bf16
+from ._common import (LAUNCH_OPTIONS, fold_lanes, fold_lanes_compensated, log2, needs_bf16_rounding, round_to_bf16,
+                      two_sum)
 
 JIT_HELPERS = ("_bwd_block",)  # inlined into the kernels; not launched on its own
 DWDB_BLOCK = 128  # columns per program of the partial-sum kernel (one warp); any width gives the same bits
@@ -49,11 +51,14 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, n_cols, eps,
         inside = cols < n_cols
         x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
         # `0.0 +`: the reference's accumulators start at +0, which turns a -0 element into +0.
-        mean = tl.math.div_rn(fold_lanes(0.0 + x, LOG2_BLOCK), n)
-        d = tl.where(inside, x - mean, 0.0)  # columns past the end count as +0
-        var = tl.math.div_rn(fold_lanes(0.0 + d * d, LOG2_BLOCK), n)
+        mean0 = tl.math.div_rn(fold_lanes(0.0 + x, LOG2_BLOCK), n)
+        d0 = tl.where(inside, x - mean0, 0.0)  # columns past the end count as +0
+        c = tl.math.div_rn(fold_lanes(0.0 + d0, LOG2_BLOCK), n)
+        sq, sq_err = two_sum(tl.zeros((BLOCK,), tl.float32), d0 * d0)
+        var = tl.math.div_rn(fold_lanes_compensated(sq, 0.0 + sq_err, LOG2_BLOCK), n) - c * c
+        var = tl.where(var < 0.0, 0.0, var)  # rounding only; NaN stays NaN
         rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
-        y = d * rstd
+        y = (d0 - c) * rstd
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -66,19 +71,25 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, n_cols, eps,
         for start in range(0, n_cols, BLOCK):
             inside = start + cols < n_cols
             acc = acc + tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-        mean = tl.math.div_rn(fold_lanes(acc, LOG2_BLOCK), n)
+        mean0 = tl.math.div_rn(fold_lanes(acc, LOG2_BLOCK), n)
         acc = tl.zeros((BLOCK,), tl.float32)
+        sq = tl.zeros((BLOCK,), tl.float32)
+        sq_err = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, n_cols, BLOCK):
             inside = start + cols < n_cols
             x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-            d = tl.where(inside, x - mean, 0.0)
-            acc = acc + d * d
-        var = tl.math.div_rn(fold_lanes(acc, LOG2_BLOCK), n)
+            d0 = tl.where(inside, x - mean0, 0.0)
+            acc = acc + d0
+            sq, r = two_sum(sq, d0 * d0)
+            sq_err = sq_err + r
+        c = tl.math.div_rn(fold_lanes(acc, LOG2_BLOCK), n)
+        var = tl.math.div_rn(fold_lanes_compensated(sq, sq_err, LOG2_BLOCK), n) - c * c
+        var = tl.where(var < 0.0, 0.0, var)
         rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
         for start in range(0, n_cols, BLOCK):
             inside = start + cols < n_cols
             x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-            y = (x - mean) * rstd
+            y = ((x - mean0) - c) * rstd
             if HAS_WEIGHT:
                 y = y * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -86,6 +97,7 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, n_cols, eps,
             if ROUND_BF16:
                 y = round_to_bf16(y)
             tl.store(y_row + start + cols, y.to(Y.dtype.element_ty), mask=inside)
+    mean = mean0 + c
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 

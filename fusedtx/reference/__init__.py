@@ -15,21 +15,23 @@ Two building blocks carry the promise:
   past the end count as +0), then the accumulators folded in
   halves (`a[l] += a[l + w]` for w = lanes/2, lanes/4, ..., 1). The lane count is an argument:
   fusedtx/policy.py chooses it per backend and device from the row length, never from the batch.
+  `lane_sum_compensated` adds in the same order and keeps every addition's rounding error
+  (TwoSum), for the sums whose accuracy sets the result's (LayerNorm's variance).
 
 Every such number (lanes, row groups, the matmul's K block, the attention split size) is an
 argument here; this package holds the algorithms only, one file per op
 beside common.py's building blocks (docs/design.md, "Reduction orders").
 """
 from .causal_attention import causal_attention_backward, causal_attention_forward
-from .common import (blocked_fma_matmul, compute_dtype, exp_f32, fma_f32, fma_matmul, lane_sum, row_group_sum,
-                     sqrt_rn)
+from .common import (blocked_fma_matmul, compute_dtype, exp_f32, fma_f32, fma_matmul, lane_sum,
+                     lane_sum_compensated, row_group_sum, sqrt_rn, two_sum)
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACTIVATIONS, activation_derivative, activation_forward,
                      erf_f32, linear_backward, linear_bias_act_backward, linear_matmul)
 from .softmax import causal_valid_counts, softmax_backward, softmax_forward
 
 __all__ = [
-    "exp_f32", "lane_sum", "sqrt_rn", "row_group_sum", "compute_dtype", "fma_f32", "fma_matmul", "blocked_fma_matmul",
+    "exp_f32", "lane_sum", "lane_sum_compensated", "two_sum", "sqrt_rn", "row_group_sum", "compute_dtype", "fma_f32", "fma_matmul", "blocked_fma_matmul",
     "causal_valid_counts", "softmax_forward", "softmax_backward",
     "layer_norm_forward", "layer_norm_backward",
     "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACTIVATIONS", "erf_f32", "activation_forward",

@@ -66,6 +66,46 @@ def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
     return acc[..., 0]
 
 
+def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, err) with s = a + b rounded and s + err == a + b exactly (Knuth's TwoSum: six
+    correctly rounded operations, no branch, any magnitudes; err is NaN once s overflows)."""
+    s = a + b
+    b_virtual = s - a
+    err = (a - (s - b_virtual)) + (b - b_virtual)
+    return s, err
+
+
+def lane_sum_compensated(x: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Sum float32 (or float64) `x` over its last dim in lane_sum's order, each addition's
+    rounding error kept: lane l holds a pair (s, e) from (+0, +0); adding v takes
+    (s, err) = two_sum(s, v), e = e + err. The fold adds pairs: (s, err) = two_sum(s_l, s_{l+w}),
+    e = (e_l + e_{l+w}) + err. The total is s + e, or s where s is not finite (an overflowed
+    sum stays inf rather than inf - inf = NaN). The error is about one rounding of the exact
+    sum plus N^2 u^2 sum|x| (Ogita, Rump and Oishi's Sum2), where lane_sum's grows with
+    N / lanes and log2(lanes).
+    """
+    assert x.dtype in (torch.float32, torch.float64)
+    if lanes < 1 or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two, got {lanes}")
+    n = x.shape[-1]
+    n_blocks = max(1, -(-n // lanes))
+    padded = torch.zeros(*x.shape[:-1], n_blocks * lanes, dtype=x.dtype, device=x.device)
+    padded[..., :n] = x
+    blocks = padded.view(*x.shape[:-1], n_blocks, lanes)
+    s = torch.zeros(*x.shape[:-1], lanes, dtype=x.dtype, device=x.device)
+    e = torch.zeros_like(s)
+    for b in range(n_blocks):
+        s, err = two_sum(s, blocks[..., b, :])
+        e = e + err
+    width = lanes
+    while width > 1:
+        width //= 2
+        s, err = two_sum(s[..., :width], s[..., width : 2 * width])
+        e = (e[..., :width] + e[..., width : 2 * width]) + err
+    s, e = s[..., 0], e[..., 0]
+    return torch.where(torch.isfinite(s), s + e, s)
+
+
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded square root (IEEE 754), as the kernels' sqrt instructions give.
 

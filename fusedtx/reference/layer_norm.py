@@ -1,36 +1,50 @@
-"""LayerNorm over rows, two-pass statistics: forward and backward.
+"""LayerNorm over rows, corrected two-pass statistics: forward and backward.
 """
 from __future__ import annotations
 
 import torch
 
-from .common import compute_dtype, lane_sum, row_group_sum, sqrt_rn
+from .common import compute_dtype, lane_sum, lane_sum_compensated, row_group_sum, sqrt_rn
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        lanes: int):
-    """LayerNorm of each row of a 2-D (rows, N) tensor, two-pass statistics.
+    """LayerNorm of each row of a 2-D (rows, N) tensor, corrected two-pass statistics.
 
     Returns (y in x's dtype, mean, rstd), mean and rstd in the compute dtype:
-        mean = lane_sum(x) / N
-        var  = lane_sum((x - mean)^2) / N
-        rstd = 1 / sqrt(var + eps)                  (sqrt_rn; / is correctly rounded)
-        y    = ((x - mean) * rstd) * weight + bias
+        mean0 = lane_sum(x) / N                       a first mean, off by its rounding error
+        d0    = x - mean0
+        c     = lane_sum(d0) / N                      the correction: mean = mean0 + c
+        var   = lane_sum_compensated(d0^2) / N - c^2, and 0 where that is negative
+        rstd  = 1 / sqrt(var + eps)                   (sqrt_rn; / is correctly rounded)
+        mean  = mean0 + c                             (returned; the backward's mean)
+        y     = (((d0 - c) * rstd) * weight) + bias
+
+    Why (docs/design.md, "LayerNorm statistics"): a float32 mean carries a rounding error that
+    x - mean keeps in every element and rstd amplifies: a constant row 4096.3 would give y = 0.15
+    instead of 0. d0 is x - mean0 exactly wherever x is within a factor 2 of mean0 (Sterbenz), so
+    sum(d0) / N recovers the mean's error, and d0 - c is the deviation from the corrected mean
+    with one rounding: a constant row gives d0 = c exactly and y = bias. The variance is the
+    corrected two-pass formula (Chan, Golub and LeVeque): sum((d0 - c)^2) = sum(d0^2) - N c^2
+    exactly, and its one long sum is compensated, so that it stays about one rounding off at
+    any N / lanes (a plain float32 sum of 2**20 squares over 64 lanes is ~8x PyTorch's error).
     """
     acc = compute_dtype(x.dtype)
     # N as a tensor: PyTorch's CUDA kernels turn division by a Python number into multiplication
     # by its reciprocal, which is not the correctly rounded division the kernels do.
     n = torch.tensor(x.shape[1], dtype=acc, device=x.device)
     xa = x.to(acc)
-    mean = lane_sum(xa, lanes) / n
-    d = xa - mean[:, None]
-    var = lane_sum(d * d, lanes) / n
+    mean0 = lane_sum(xa, lanes) / n
+    d0 = xa - mean0[:, None]
+    c = lane_sum(d0, lanes) / n
+    var = lane_sum_compensated(d0 * d0, lanes) / n - c * c
+    var = torch.where(var < 0, torch.zeros_like(var), var)  # rounding only; NaN stays NaN
     rstd = 1.0 / sqrt_rn(var + torch.tensor(eps, dtype=acc, device=x.device))
-    y = d * rstd[:, None]
+    y = (d0 - c[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype), mean, rstd
+    return y.to(x.dtype), mean0 + c, rstd
 
 
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
