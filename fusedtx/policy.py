@@ -94,13 +94,21 @@ def triton_linear_tiles(n: int, k: int, dtype: torch.dtype, interpreted: bool) -
     """The one tile configuration of the Triton matmul for an (M, K) x (K, N) product: a function
     of (N, K, dtype) only, never of M (float32 uses the same tiles with and without TF32).
 
-    GPU (not timed yet; after the Triton matmul tutorial's best configs):
-      * bf16/fp16: 128 x 128 x 64, 8 warps, 4 stages: 32 KiB of a and b tiles a stage; 96 KiB of
-        shared memory on sm_80 and 128 KiB on sm_90 (A100 has 164, H100 227), the float32
-        accumulator 64 registers a thread, no spills;
-      * float32 (TF32 or IEEE, the latter on the FMA units): 128 x 128 x 32, 8 warps, 3 stages:
-        32 KiB of a and b tiles a stage, 96 KiB in all (sm_86 / sm_89 have 99 KiB a block);
-        tests/_lower_triton.py checks every specialisation against each target's limit.
+    GPU (not timed yet): the largest tiles with no register spills (ptxas -v, sm_80 and sm_90,
+    Triton 3.6 and 3.9: tests/_lower_triton.py holds every specialisation to zero spills):
+      * bf16/fp16: 64 x 128 x 64, 8 warps, 4 stages: 24 KiB of a and b tiles a stage, the
+        float32 accumulator 32 registers a thread (128 x 128 tiles spilled with the erf-GELU
+        epilogue and without cp.async, on unaligned launches);
+      * float32 (TF32 or IEEE, the latter on the FMA units): 64 x 128 x 16, 8 warps, 2 stages.
+        The blocked K sum keeps two accumulators (the K block's and the total: 64 registers a
+        thread at this tile), and Triton's FMA dot holds a thread's whole BLOCK_K slice of both
+        operands in registers, so BLOCK_K is small; 128 x 128 x 32 spilled 1.4-3.4 KB a thread.
+      On the FMA units ("ieee") the tiles change no bits: Triton lowers tl.dot(a, b, acc) to one
+      multiply-add chain (llvm.fmuladd) per output element over the tile's k in ascending order
+      from acc, so a K block is one chain over its k's whatever BLOCK_M, BLOCK_N, BLOCK_K, warps
+      or stages. On tensor cores (bf16/fp16, TF32) the instruction (mma / wgmma, its k width)
+      can follow the tiles, so they may change bits there — never invariance: they are a
+      function of (N, K, dtype) only.
     GROUP_M = 8 tile rows per L2 swizzle group. N or K below a block shrinks it (min 16).
     Interpreter: every operation costs Python time, so few programs and few K steps: about 8192
     outputs a tile and a (BLOCK_M, BLOCK_K, BLOCK_N) product of about 2**18 elements a K step."""
@@ -109,8 +117,8 @@ def triton_linear_tiles(n: int, k: int, dtype: torch.dtype, interpreted: bool) -
         block_m = min(256, max(64, 8192 // block_n))
         return LinearTiles(block_m, block_n, _fit(k, min(128, 2 ** 18 // (block_m * block_n))), 8, 4, 1)
     if dtype in (torch.bfloat16, torch.float16):
-        return LinearTiles(128, _fit(n, 128), _fit(k, 64), 8, 8, 4)
-    return LinearTiles(128, _fit(n, 128), _fit(k, 32), 8, 8, 3)
+        return LinearTiles(64, _fit(n, 128), _fit(k, 64), 8, 8, 4)
+    return LinearTiles(64, _fit(n, 128), _fit(k, 16), 8, 8, 2)
 
 
 TRITON_LINEAR_BACKWARD_BLOCK_N = 512  # columns a program of the backward's elementwise kernels
@@ -136,20 +144,24 @@ def triton_attention_tiles(head_dim: int, dtype: torch.dtype, split_size: int, i
     """The one tile configuration of the Triton attention forward for (D, dtype, S): never a
     function of B, Tq or the sequence lengths.
 
-    GPU (not timed yet; the fewest register spills in ptxas -v for sm_80 among 64x64/4, 64x64/8,
-    64x32/4, 64x32/8, 128x64/8, 32x64/4 as BLOCK_M x BLOCK_N / warps):
-      * bf16/fp16, D <= 64: 64 x 32, 8 warps (no spills);
-      * bf16/fp16, D = 128: 32 x 64, 4 warps (~16 bytes of spills);
-      * float32 (FMA units, "ieee"): 64 x 16, 8 warps (no spills at D = 64, ~48 bytes at 128).
+    GPU (not timed yet): no register spills (ptxas -v, sm_80 and sm_90, Triton 3.6 and 3.9, on
+    aligned launches — every stride of a (B, H, T, D) tensor is a multiple of D >= 16;
+    tests/_lower_triton.py holds every specialisation to zero), as BLOCK_M x BLOCK_N / warps /
+    stages:
+      * bf16/fp16, D <= 64: 64 x 32 / 8 / 2;
+      * bf16/fp16, D = 128: 32 x 64 / 4 / 1 (two stages of K and V tiles spilled on sm_90);
+      * float32 (FMA units, "ieee"): 16 x 16 / 4 / 1 for D <= 64, 32 x 16 / 4 / 1 for D = 128.
+        Triton's FMA dot holds a thread's whole K slice of both operands (q's D and k's, then
+        p's and v's keys) in registers; 64-row tiles spilled up to 3 KB a thread.
     num_warps and the tile shapes decide tl.dot's layout and so its order; the prefill and the
     split kernel of a call always get the same ones. Interpreter: few, large programs; 16-key
     sub-tiles so that S >= 32 runs the sub-tile loop."""
     if interpreted:
         return AttentionTiles(32, min(split_size, 16), 4, 1)
     if dtype == torch.float32:
-        return AttentionTiles(64, min(split_size, 16), 8, 2)
+        return AttentionTiles(16 if head_dim <= 64 else 32, min(split_size, 16), 4, 1)
     if head_dim == 128:
-        return AttentionTiles(32, min(split_size, 64), 4, 2)
+        return AttentionTiles(32, min(split_size, 64), 4, 1)
     return AttentionTiles(64, min(split_size, 32), 8, 2)
 
 

@@ -58,3 +58,28 @@ def test_triton_kernels_lower_to_ptx():
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "lowered" in out.stdout
+
+
+def test_lowering_check_flags_spills_and_shared_memory():
+    """Negative control for the lowering test's limits: a lowering over its kernel's spill budget
+    (zero for the matmul) or over the shared memory of its target is reported, naming the kernel,
+    the specialisation, the target, the measured value and the limit; one within both is not."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = """if True:
+        import _lower_triton as L
+        ok = {"kernel": "_matmul_fwd", "arch": 90, "where": "SPEC", "error": None,
+              "shared": L.SHARED_MEMORY_LIMIT[90], "registers": 200, "spills": 0}
+        assert L.check(ok) == [], L.check(ok)
+        problems = L.check({**ok, "spills": 8, "shared": L.SHARED_MEMORY_LIMIT[90] + 1})
+        assert len(problems) == 2, problems
+        assert "SPEC" in problems[0] and str(L.SHARED_MEMORY_LIMIT[90]) in problems[0], problems
+        assert "SPEC: spills 8 bytes" in problems[1] and "budget of 0" in problems[1], problems
+        budgets, _ = L.SPILL_BUDGETS["_layer_norm_bwd_dx_fused"]
+        ln = {**ok, "kernel": "_layer_norm_bwd_dx_fused", "spills": budgets[90]}
+        assert L.check(ln) == [] and len(L.check({**ln, "spills": budgets[90] + 1})) == 1
+        print("checked")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).parent)
+    assert out.returncode == 0 and "checked" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]

@@ -1,15 +1,33 @@
 """The specialisations of every Triton kernel that tests/_lower_triton.py lowers to PTX.
 
 One function per fusedtx/kernels/<op>.py module, returning (kernel, signature, constexprs,
-options) tuples with the GPU tile configurations of fusedtx/policy.py; every @triton.jit
-kernel of a module must appear (the helpers kernels call are listed in the module's
-JIT_HELPERS). Test-side only: the kernel modules hold kernels and launchers.
+options[, attrs]) tuples with the GPU tile configurations of fusedtx/policy.py; every
+@triton.jit kernel of a module must appear (the helpers kernels call are listed in the module's
+JIT_HELPERS). attrs, where given, are Triton's launch-time specialisation of arguments divisible
+by 16 (`aligned`); unit strides are constexpr 1, as Triton specialises them at launch. Test-side
+only: the kernel modules hold kernels and launchers.
 """
 import torch
 
 from fusedtx import policy, reference
 from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, softmax
 from fusedtx.kernels._common import log2
+
+
+def aligned(fn, signature: dict, odd=()) -> dict:
+    """The attrs of a launch whose pointers are 16-byte aligned (every torch allocation is) and
+    whose integer arguments are multiples of 16, except those named in `odd` and the kernel's
+    do_not_specialize ones: Triton marks each such argument tt.divisibility 16 at launch, which
+    lets it vectorise loads and pipeline them with cp.async — another binary, with another
+    register allocation, than an unaligned launch's."""
+    names = list(signature)
+    skip = {names[a] if isinstance(a, int) else a for a in fn.do_not_specialize} | set(odd)
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
+            if name not in skip and (ty.startswith("*") or ty == "i32")}
+
+
+# attention's head counts and the split kernels' tile and slot counts: any number
+HEAD_COUNTS = ("n_heads", "kv_group", "n_tiles", "n_slots")
 
 
 def softmax_specs():
@@ -69,27 +87,28 @@ def linear_specs():
                bias + gelu_tanh + preact;
       dx       a = g (row-major), b = weight (row-major);
       dweight  a = g.t() (column-major), b = x (row-major);
-    plus, for bf16, the shrunk tiles of tiny N and K with an activation. The backward kernels per
-    dtype and activation. (Real launches also get Triton's divisible-by-16 specialisation of the
-    pointers, N, K and strides — not expressible here — which is what enables cp.async
-    pipelining; compiled with it, see policy.triton_linear_tiles.)"""
+    plus, for bf16, the shrunk tiles of tiny N and K with an activation. Each as launched on
+    aligned tensors (`aligned`), N, K and strides multiples of 16 except where a variant says:
+    the ragged-K forward has an odd K (x's row stride and weight.t()'s column stride with it),
+    dweight's K is the token count, any number; the tiny shapes' sizes are odd. The backward
+    kernels per dtype and activation."""
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     specs = []
-    variants = [  # (unit strides, HAS_BIAS, ACTIVATION, SAVE_PREACT, EVEN_K)
-        (("stride_ak", "stride_bk"), False, reference.ACT_NONE, False, True),
-        (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False),
-        (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, True, True),
-        (("stride_ak", "stride_bn"), False, reference.ACT_NONE, False, True),
-        (("stride_am", "stride_bn"), False, reference.ACT_NONE, False, False),
+    variants = [  # (unit strides, HAS_BIAS, ACTIVATION, SAVE_PREACT, EVEN_K, arguments not multiples of 16)
+        (("stride_ak", "stride_bk"), False, reference.ACT_NONE, False, True, ()),
+        (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False, ("K", "stride_am", "stride_bn")),
+        (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, True, True, ()),
+        (("stride_ak", "stride_bn"), False, reference.ACT_NONE, False, True, ()),
+        (("stride_am", "stride_bn"), False, reference.ACT_NONE, False, False, ("K",)),
     ]
     small = [  # the shrunk tiles of small N and K (BLOCK_N 16 / 64, BLOCK_K 16), with the epilogue halves
-        ((1, 1), (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False)),
-        ((50, 7), (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, False, False)),
+        ((1, 1), (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False, ("N", "K", "stride_am", "stride_bn"))),
+        ((50, 7), (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, False, False, ("N", "K", "stride_am", "stride_bn"))),
     ]
     for dtype, precisions in (("fp32", ("ieee", "tf32")), ("bf16", (None,)), ("fp16", (None,))):
         for precision in precisions:
             shapes = [((4096, 4096), v) for v in variants] + (small if dtype == "bf16" else [])
-            for (n, k), (unit, has_bias, act, save, even_k) in shapes:
+            for (n, k), (unit, has_bias, act, save, even_k, odd) in shapes:
                 cfg = policy.triton_linear_tiles(n, k, torch_dtypes[dtype], interpreted=False)
                 sig = {"A": f"*{dtype}", "B": f"*{dtype}", "Bias": f"*{dtype}", "Y": f"*{dtype}", "H": f"*{dtype}",
                        "M": "i32", "N": "i32", "K": "i32",
@@ -107,7 +126,8 @@ def linear_specs():
                                "INPUT_PRECISION": precision, "SEQUENTIAL_SUM": False, "ROUND_BF16": False,
                                "EPILOGUE_HALVES": act != reference.ACT_NONE, "K_BLOCKED": k_blocked,
                                "K_STEPS": k_steps},
-                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                              aligned(linear._matmul_fwd, sig, odd)))
         for act in (reference.ACT_NONE, reference.ACT_GELU, reference.ACT_GELU_TANH):
             sig = {"DY": f"*{dtype}", "Hp": f"*{dtype}", "DH": f"*{dtype}", "Partial": "*fp32",
                    "n_rows": "i32", "n_cols": "i32", "n_groups": "i32", "rows_per_group": "i32",
@@ -126,7 +146,8 @@ def causal_attention_specs():
     """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the prefill,
     split and merge kernels per dtype (float32, bfloat16, float16) and head dim (64, 128) at the
     default split size, plus D = 16 / S = 16 (the smallest tiles) for bfloat16. The head-dim stride
-    is 1 (Triton's launch-time specialisation of unit strides)."""
+    is 1, the other strides multiples of 16 (`aligned`): every stride of a (B, H, T, D) tensor or
+    a view of one is a multiple of D >= 16; head and slot counts any number."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     stride_names = [f"stride_{t}{a}" for t in "qkv" for a in "bhtd"]
     unit = {f"stride_{t}d" for t in "qkv"}
@@ -144,16 +165,18 @@ def causal_attention_specs():
         sizes = {"scale": "fp32", "n_queries": "i32", "n_heads": "i32", "kv_group": "i32"}
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
                "Seqlens": "*i32", **sizes, **strides, **{name: "constexpr" for name in tile_names}}
-        specs.append((causal_attention._attn_fwd, sig, consts, options))
+        specs.append((causal_attention._attn_fwd, sig, consts, options, aligned(causal_attention._attn_fwd, sig, HEAD_COUNTS)))
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32",
                "Seqlens": "*i64", **sizes, "n_tiles": "i32", "n_slots": "i32", **strides,
                **{name: "constexpr" for name in tile_names}}
-        specs.append((causal_attention._attn_fwd_split, sig, consts, options))
+        specs.append((causal_attention._attn_fwd_split, sig, consts, options,
+                      aligned(causal_attention._attn_fwd_split, sig, HEAD_COUNTS)))
         sig = {"Pm": "*fp32", "Pl": "*fp32", "Pacc": "*fp32", "O": f"*{dt}", "Mout": "*fp32", "Lout": "*fp32",
                "Seqlens": "*i64", "n_queries": "i32", "n_heads": "i32", "n_slots": "i32",
                "BLOCK_M": "constexpr", "SPLIT": "constexpr", "HEAD_DIM": "constexpr", "ROUND_BF16": "constexpr"}
         specs.append((causal_attention._attn_merge, sig, {"BLOCK_M": policy.triton_attention_merge_rows(interpreted=False), "SPLIT": split, "HEAD_DIM": dim,
-                                         "ROUND_BF16": False}, {"num_warps": policy.TRITON_ATTENTION_MERGE_WARPS}))
+                                         "ROUND_BF16": False}, {"num_warps": policy.TRITON_ATTENTION_MERGE_WARPS},
+                      aligned(causal_attention._attn_merge, sig, HEAD_COUNTS)))
     return specs
 
 
@@ -161,8 +184,8 @@ def causal_attention_backward_specs():
     """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: the three
     kernels per dtype (float32, bfloat16, float16) and head dim (64, 128), plus D = 16 for
     bfloat16 (the smallest tiles); the preprocess for each key tile it takes, at the smallest
-    (16) and the default split size. The head-dim strides are 1 (Triton's launch-time
-    specialisation of unit strides)."""
+    (16) and the default split size. The head-dim strides are 1, the other strides multiples of
+    16 (`aligned`), as in the forward."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     stride_names = [f"stride_{t}{a}" for t in "qkvg" for a in "bhtd"]
     unit = {f"stride_{t}d" for t in "qkvg"}
@@ -179,15 +202,18 @@ def causal_attention_backward_specs():
         fixed = {"HEAD_DIM": dim, "INPUT_PRECISION": causal_attention_backward.input_precision(dtype), "F32_DOTS": False, "ROUND_BF16": False}
         sig = {**ptrs, "DK": f"*{dt}", "DV": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
         consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M1, "BLOCK_N": cfg.BLOCK_N1, **fixed}
-        specs.append((causal_attention_backward._attn_bwd_dkdv, sig, consts, {"num_warps": cfg.num_warps1, "num_stages": cfg.num_stages}))
+        specs.append((causal_attention_backward._attn_bwd_dkdv, sig, consts, {"num_warps": cfg.num_warps1, "num_stages": cfg.num_stages},
+                      aligned(causal_attention_backward._attn_bwd_dkdv, sig, HEAD_COUNTS)))
         sig = {**ptrs, "DQ": f"*{dt}", **sizes, **strides, **{n: "constexpr" for n in tile_names}}
         consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": cfg.BLOCK_N2, **fixed}
-        specs.append((causal_attention_backward._attn_bwd_dq, sig, consts, {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
+        specs.append((causal_attention_backward._attn_bwd_dq, sig, consts, {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages},
+                      aligned(causal_attention_backward._attn_bwd_dq, sig, HEAD_COUNTS)))
         sig = {**ptrs, **sizes, "split_size": "i32", **strides, **{n: "constexpr" for n in tile_names}}
         for block_n in sorted({causal_attention_backward.preprocess_block_n(cfg, s) for s in (16, policy.DEFAULT_SPLIT_SIZE)}):
             consts = {**{name: 1 for name in unit}, "BLOCK_M": cfg.BLOCK_M2, "BLOCK_N": block_n, **fixed}
             specs.append((causal_attention_backward._attn_bwd_preprocess, sig, consts,
-                          {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages}))
+                          {"num_warps": cfg.num_warps2, "num_stages": cfg.num_stages},
+                          aligned(causal_attention_backward._attn_bwd_preprocess, sig, HEAD_COUNTS)))
     return specs
 
 

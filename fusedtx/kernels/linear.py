@@ -12,8 +12,8 @@ accurate than a blocked sgemm); bfloat16/float16 keep one tensor-core accumulato
 the activation, written operation for operation as reference.activation_forward (helpers in
 _common.py, launched without FMA contraction), so given the same h the epilogue is bit-exact.
 With an activation the epilogue runs on the two column halves of the tile in turn (the same
-elementwise bits; on sm_80 it cuts the erf-GELU epilogue's register spills from ~940 to ~250
-bytes per thread, ptxas -v).
+elementwise bits, half the GELU temporaries live at once: tests/_lower_triton.py holds every
+specialisation to zero register spills).
 
 Why a row's bits never depend on the batch (docs/design.md, "The contract", point 4):
   * ONE tile configuration per (N, K, dtype) — `policy.triton_linear_tiles` never looks at M — and no split-K:
@@ -199,8 +199,8 @@ def _matmul_fwd(A, B, Bias, Y, H, M, N, K,
 
     # Epilogue in registers, as reference.linear_matmul: h = acc + bias (one rounding), then act(h).
     if EPILOGUE_HALVES:
-        # GELU on the whole 128 x 128 tile spills registers on sm_80: do it a half at a time
-        # (elementwise, so the same bits). acc[:, :BN/2] and acc[:, BN/2:]:
+        # GELU's temporaries for the whole tile on top of the accumulator crowd the registers: do
+        # it a half at a time (elementwise, so the same bits). acc[:, :BN/2] and acc[:, BN/2:]:
         left, right = tl.split(tl.permute(tl.reshape(total, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         _epilogue(left, Bias, Y, H, offs_m, offs_half, M, N, HAS_BIAS, ACTIVATION, SAVE_PREACT, ROUND_BF16)
