@@ -308,6 +308,24 @@ def test_generate_and_forward_errors_name_the_argument():
     with pytest.raises(ValueError, match="GPT.logprobs: temperature must be a finite number >= 0, got -1"):
         model.logprobs(torch.zeros(1, 4, dtype=torch.int64), temperature=-1)
     assert model.generate(torch.tensor([[1, 2]]), 0).tokens.shape == (1, 0)  # 0 new tokens: nothing drawn
+    # found by the property-based suite: these reached torch's own errors (or none) before
+    for bad in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="generate: temperature must be a finite number >= 0"):
+            model.generate([[1]], 2, temperature=bad)
+    with pytest.raises(ValueError, match="generate: top_k must be None or an int >= 1, got 1.5"):
+        model.generate([[1]], 2, temperature=1.0, top_k=1.5)
+    with pytest.raises(ValueError, match="generate: top_p must be None or a number in"):
+        model.generate([[1]], 2, temperature=1.0, top_p="0.5")
+
+
+@pytest.mark.parametrize("field, value", [("n_head", 0), ("n_embd", -16), ("vocab_size", 0), ("n_layer", -1),
+                                          ("block_size", 8.5), ("n_layer", True), ("layer_norm_eps", -1.0),
+                                          ("split_size", 24)])
+def test_config_errors_name_the_field(field, value):
+    """GPTConfig checks its sizes (before: ZeroDivisionError, torch's negative-dimension error, or
+    a silently empty model)."""
+    with pytest.raises((ValueError, TypeError), match=f"GPTConfig: {field}|split size"):
+        GPTConfig.preset("tiny", **{field: value})
 
 
 def test_layer_and_cache_errors_name_the_argument():

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as torch_F
 
 from .. import nn as fnn
+from ..config import _check_split_size
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,19 @@ class GPTConfig:
     gelu_approximate: str = "tanh"  # "tanh" (GPT-2's gelu_new) or "none" (erf)
     layer_norm_eps: float = 1e-5
     split_size: int | None = None   # attention split size S; None: fusedtx.get_split_size()
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not fnn._is_int(value) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be an int >= 1, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"GPTConfig: layer_norm_eps must be a finite number >= 0, got {eps!r}")
+        if self.split_size is not None:
+            _check_split_size(self.split_size, "GPTConfig: split_size")
 
     @staticmethod
     def preset(name: str, **overrides) -> "GPTConfig":
@@ -214,9 +228,12 @@ class GPT(torch.nn.Module):
         of softmax(logits / temperature) before the top-k / top-p restriction (of the logits for
         temperature 0) — equal, bit for bit, to logprobs(sequence, temperature=...) of a forward
         pass over the finished sequences in any batch."""
-        if temperature < 0 or (top_p is not None and not 0.0 < top_p <= 1.0) or (top_k is not None and top_k < 1):
-            raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
-                             f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+        if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (not fnn._is_int(top_k) or top_k < 1):
+            raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+            raise ValueError(f"generate: top_p must be None or a number in (0, 1], got {top_p!r}")
         if not fnn._is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         device = self.transformer.wte.weight.device
@@ -339,6 +356,11 @@ def _from_hf_state_dict(hf_state: dict, own_state: dict) -> dict:
             raise ValueError(f"GPT.from_hf: {name} has shape {list(tensor.shape)}, the config expects "
                              f"{list(own_state[name].shape)}")
     return state
+
+
+def _is_real(value) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
