@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from helpers import BITEXACT_LOG  # noqa: E402
+from properties_gen import FUZZ_LOG  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -82,6 +83,7 @@ def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["bitexact"] = [[*key, *counts] for key, counts in BITEXACT_LOG.items()]
+        workeroutput["fuzz"] = {name: list(entry) for name, entry in FUZZ_LOG.items()}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -91,9 +93,11 @@ def pytest_testnodedown(node, error):
         entry = BITEXACT_LOG[tuple(key)]
         entry[0] += exact
         entry[1] += total
+    FUZZ_LOG.update(getattr(node, "workeroutput", {}).get("fuzz", {}))
 
 
 def pytest_terminal_summary(terminalreporter):
+    _fuzz_summary(terminalreporter)
     if not BITEXACT_LOG:
         return
     tr = terminalreporter
@@ -103,3 +107,16 @@ def pytest_terminal_summary(terminalreporter):
     for (op, device, backend, dtype), (exact, total) in rows:
         mark = "yes" if exact == total else f"{exact}/{total}"
         tr.write_line(f"{op:<18}{device:<8}{backend:<11}{dtype:<16}{mark:>10}{total:>7}")
+
+
+def _fuzz_summary(tr):
+    """The property-based suite's seed and case count per property (tests/test_properties.py)."""
+    if not FUZZ_LOG:
+        return
+    tr.section("property-based suite: cases per property (reproduce with FUSEDTX_FUZZ_SEED, FUSEDTX_FUZZ_CASE)")
+    tr.write_line(f"{'property':<42}{'seed':>12}{'cases':>9}{'seconds':>9}  outcome")
+    total = 0
+    for name, (seed, cases, seconds, outcome) in sorted(FUZZ_LOG.items()):
+        total += cases
+        tr.write_line(f"{name:<42}{seed:>12}{cases:>9}{seconds:>9.1f}  {outcome}")
+    tr.write_line(f"{'total':<42}{'':>12}{total:>9}")
