@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .policy import DEFAULT_SPLIT_SIZE
 
 _split_size: int | None = None
@@ -18,6 +20,8 @@ _env_split_size: str | None = os.environ.get("FUSEDTX_SPLIT_SIZE") or None
 
 
 def _check_split_size(value, what: str) -> int:
+    if isinstance(value, torch.SymInt):  # traced by torch.compile(dynamic=True): specialise it (a
+        value = int(value)               # guard); the split size decides the kernels' chunking
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what}: split size must be an int, got {type(value).__name__}")
     if value < 16 or value & (value - 1):

@@ -62,6 +62,23 @@ def test_softmax_and_linear_with_dynamic_shapes():
         assert_same_as_eager(lambda x: fusedtx.linear(x, w, b, activation="gelu_tanh", backend=BACKEND), randn(rows, 20))
 
 
+def test_int_arguments_traced_as_symints():
+    """dim and split_size passed into a dynamic=True compiled function arrive as SymInts (found
+    by the property-based suite: they were rejected as "must be an int, got SymInt")."""
+    require("cpu", BACKEND)
+    fn = compiled(lambda x, dim: fusedtx.softmax(x, dim, backend=BACKEND))
+    for dim in (0, 1):
+        x = randn(5, 7, seed=dim)
+        assert_bitwise_equal(fn(x, dim), fusedtx.softmax(x, dim, backend=BACKEND), f"softmax dim={dim}")
+    q, k, v = randn(3, 1, 2, 40, 16).unbind(0)
+    attend = compiled(lambda a, b, c, split: fusedtx.causal_attention(a, b, c, split_size=split, backend=BACKEND))
+    for split in (16, 32):
+        want = fusedtx.causal_attention(q, k, v, split_size=split, backend=BACKEND)
+        assert_bitwise_equal(attend(q, k, v, split), want, f"split_size={split}")
+    with pytest.raises(Exception, match="split size must be a power of two"):
+        attend(q, k, v, 24)
+
+
 def test_bad_scalars_still_raise_under_compile():
     """The checks that trace (comparisons, not math.isfinite) still reject what eager rejects."""
     require("cpu", BACKEND)

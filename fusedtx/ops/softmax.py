@@ -29,6 +29,8 @@ def check_args(x, dim, scale, causal, backend, name: str = "softmax"):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: x must be float32, float16 or bfloat16 (float32 math inside), got {x.dtype}")
+    if isinstance(dim, torch.SymInt):  # an int argument traced by torch.compile(dynamic=True):
+        dim = int(dim)                  # specialise it (a guard), a dim picks the code path
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
     ndim = max(x.dim(), 1)
