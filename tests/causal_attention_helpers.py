@@ -98,6 +98,9 @@ def split_count_from_batch(q, k_cache, v_cache, seqlens, scale, split_size):
 # backward's masked pairs are no terms of any sum (reference.causal_attention_forward's docstring)
 # ---------------------------------------------------------------------------------------------
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+# For the interpreted Triton kernels (seconds a call): NaN and +inf, the two that reach a query
+# as 0 * x = NaN through either operand; -inf in k is a -inf score, in v the mirror of +inf.
+FEW_POISONS = {"nan": float("nan"), "inf": float("inf")}
 UNSEEN_LENGTH = 2 * S + 5  # three chunks; the poisoned position sits inside a chunk and a query block
 UNSEEN_AT = S + 3
 
@@ -129,7 +132,7 @@ def poisoned(t, value, row, col=5):
     return t
 
 
-def forward_unseen_failures(attend, dtype=torch.float32, split_size=S):
+def forward_unseen_failures(attend, dtype=torch.float32, split_size=S, poisons=POISONS):
     """Why a key at position p (an inf or NaN in k_p or v_p) failed to stay out of the queries
     t < p, for `attend` with reference.causal_attention_forward's signature: their outputs must be
     the clean inputs' bits in a full pass, and each query's full-pass row must be its decode
@@ -141,7 +144,7 @@ def forward_unseen_failures(attend, dtype=torch.float32, split_size=S):
     clean = attend(q, k, v, lengths, scale, split_size)[0]
     failures = []
     for which in ("k", "v"):
-        for name, value in POISONS.items():
+        for name, value in poisons.items():
             kk = poisoned(k, value, p) if which == "k" else k
             vv = poisoned(v, value, p) if which == "v" else v
             what = f"{which}[{p}] = {name}"
@@ -162,7 +165,7 @@ def forward_unseen_failures(attend, dtype=torch.float32, split_size=S):
 
 
 def backward_unseen_failures(backward, forward=reference.causal_attention_forward, dtype=torch.float32,
-                             split_size=S):
+                             split_size=S, poisons=POISONS):
     """The backward's masked pairs, for `backward` with reference.causal_attention_backward's
     signature and m, l from `forward` (None: m = l = None, for a backward that runs its own): an inf or NaN in k_p or v_p must leave dq of the queries
     before p as it is with clean inputs (bitwise), one in q_r or dO_r must leave dk, dv of the
@@ -179,7 +182,7 @@ def backward_unseen_failures(backward, forward=reference.causal_attention_forwar
     dq0, dk0, dv0 = grads(q, k, v, grad_o)
     failures = []
     for which in ("q", "k", "v", "grad_o"):
-        for name, value in POISONS.items():
+        for name, value in poisons.items():
             args = dict(q=q, k=k, v=v, grad_o=grad_o)
             args[which] = poisoned(args[which], value, p)
             dq, dk, dv = grads(**args)
@@ -231,14 +234,14 @@ def signed_zero_failures(attend, split_size=S):
                                                  f"{step.flatten()[:2].tolist()}"]
 
 
-def poisoned_problems(dtype=torch.float32, issue_dim=32):
+def poisoned_problems(dtype=torch.float32, issue_dim=32, poisons=POISONS):
     """(what, grad_o, q, k, v, split) full causal passes with an inf or NaN in one row of q, k, v
     or dO, for comparing a kernel with the spec NaN-aware bitwise (NaN positions included): each
     poison at position UNSEEN_AT of k, v, q, dO, and issue 16's case, T = 65, S = 64, a NaN in
     v_32 (the first position of the second 32-query block), head dim issue_dim."""
     q, k, v, grad_o = unseen_inputs(dtype)
     for which in ("k", "v", "q", "grad_o"):
-        for name, value in POISONS.items():
+        for name, value in poisons.items():
             args = dict(grad_o=grad_o, q=q, k=k, v=v)
             args[which] = poisoned(args[which], value, UNSEEN_AT)
             yield f"{which}[{UNSEEN_AT}] = {name}", args["grad_o"], args["q"], args["k"], args["v"], S
