@@ -58,6 +58,14 @@ def triton_row_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
+def triton_layer_norm_forward_warps(block: int) -> int:
+    """The layer_norm forward keeps the row, its deviations and the compensated square sum's
+    (sum, error) lanes live: 32 warps above 8192 columns (16 float32 a thread per vector; 16
+    warps spilled ~1-2 KB a thread at 16384, ptxas -v). The lane fold is explicit
+    (kernels/_common.py fold_lanes*), so the warp count changes no bits."""
+    return 32 if block > 8192 else triton_row_warps(block)
+
+
 def triton_layer_norm_backward_warps(block: int) -> int:
     """The layer_norm backward keeps ~7 block-wide float32 vectors live (x, dy, w, xhat, g and the
     dw/db partials): 8 elements per thread fit 128 registers up to 4096 columns (ptxas -v, sm_90);
@@ -208,4 +216,6 @@ def triton_attention_backward_tiles(head_dim: int, dtype: torch.dtype, interpret
         return AttentionBackwardTiles(16, 64, 8, 64, 16, 8, 2)
     if head_dim == 128:
         return AttentionBackwardTiles(16, 32, 4, 64, 16, 8, 2)
+    if head_dim <= 32:
+        return AttentionBackwardTiles(16, 64, 8, 64, 16, 4, 3)
     return AttentionBackwardTiles(16, 64, 8, 64, 32, 4, 3)
