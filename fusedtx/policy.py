@@ -58,6 +58,14 @@ def triton_row_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
+def triton_layer_norm_forward_warps(block: int) -> int:
+    """The layer_norm forward keeps the row, its deviations and the compensated square sum's
+    (sum, error) lanes live: 32 warps above 8192 columns (16 float32 a thread per vector; 16
+    warps spilled ~1-2 KB a thread at 16384, ptxas -v). The lane fold is explicit
+    (kernels/_common.py fold_lanes*), so the warp count changes no bits."""
+    return 32 if block > 8192 else triton_row_warps(block)
+
+
 def triton_layer_norm_backward_warps(block: int) -> int:
     """The layer_norm backward keeps ~7 block-wide float32 vectors live (x, dy, w, xhat, g and the
     dw/db partials): 8 elements per thread fit 128 registers up to 4096 columns (ptxas -v, sm_90);
@@ -149,19 +157,22 @@ def triton_attention_tiles(head_dim: int, dtype: torch.dtype, split_size: int, i
     tests/_lower_triton.py holds every specialisation to zero), as BLOCK_M x BLOCK_N / warps /
     stages:
       * bf16/fp16, D <= 64: 64 x 32 / 8 / 2;
-      * bf16/fp16, D = 128: 32 x 64 / 4 / 1 (two stages of K and V tiles spilled on sm_90);
-      * float32 (FMA units, "ieee"): 16 x 16 / 4 / 1 for D <= 64, 32 x 16 / 4 / 1 for D = 128.
+      * bf16/fp16, D = 128: 32 x 32 / 8 / 1 (with masked_dot's select and non-finite test on
+        the V tile, 32 x 64 spilled at 4 warps and on sm_90 under Triton 3.6 at 8; two stages of
+        K and V tiles spilled on sm_90);
+      * float32 (FMA units, "ieee"): 16 x 16 / 8 / 1 for D <= 64, 32 x 16 / 8 / 1 for D = 128.
         Triton's FMA dot holds a thread's whole K slice of both operands (q's D and k's, then
-        p's and v's keys) in registers; 64-row tiles spilled up to 3 KB a thread.
+        p's and v's keys) in registers; 64-row tiles spilled up to 3 KB a thread, and 4 warps
+        spilled up to 1.3 KB with masked_dot.
     num_warps and the tile shapes decide tl.dot's layout and so its order; the prefill and the
     split kernel of a call always get the same ones. Interpreter: few, large programs; 16-key
     sub-tiles so that S >= 32 runs the sub-tile loop."""
     if interpreted:
         return AttentionTiles(32, min(split_size, 16), 4, 1)
     if dtype == torch.float32:
-        return AttentionTiles(16 if head_dim <= 64 else 32, min(split_size, 16), 4, 1)
+        return AttentionTiles(16 if head_dim <= 64 else 32, min(split_size, 16), 8, 1)
     if head_dim == 128:
-        return AttentionTiles(32, min(split_size, 64), 4, 1)
+        return AttentionTiles(32, min(split_size, 32), 8, 1)
     return AttentionTiles(64, min(split_size, 32), 8, 2)
 
 
@@ -191,16 +202,20 @@ def triton_attention_backward_tiles(head_dim: int, dtype: torch.dtype, interpret
     GPU (not timed yet): after the Triton fused-attention tutorial's backward, where the
     program's own block (it holds dk, dv or dq in registers) is the large one and the streamed
     block the small one; among 16x32/4, 16x64/8, 32x64/8, 16x64/4 (queries x keys / warps) for
-    the dk/dv kernel the fewest spills in ptxas -v for sm_80: none except float32 D = 128 (~116
-    bytes); the dq kernel: none except bf16/fp16 D = 128 (8 bytes). Interpreter: few, large
+    the dk/dv kernel the fewest spills in ptxas -v for sm_80. With masked_dot's select and
+    non-finite test on the streamed tile, float32 takes 8 warps in both kernels and bf16/fp16
+    D = 128 streams 16 keys a dq step: the dq kernel spills nothing (sm_80, sm_90, Triton 3.6
+    and 3.9); the dk/dv kernel's spills are held by tests/_lower_triton.py. Interpreter: few, large
     programs, the program's own block twice the streamed one, so that the loops' start at the
     diagonal runs over several steps."""
     if interpreted:
         return AttentionBackwardTiles(16, 32, 4, 32, 16, 4, 1)
     if dtype == torch.float32:
         if head_dim == 128:
-            return AttentionBackwardTiles(16, 32, 4, 32, 16, 4, 2)
-        return AttentionBackwardTiles(16, 64, 8, 64, 16, 4, 2)
+            return AttentionBackwardTiles(16, 32, 8, 32, 16, 8, 2)
+        return AttentionBackwardTiles(16, 64, 8, 64, 16, 8, 2)
     if head_dim == 128:
-        return AttentionBackwardTiles(16, 32, 4, 64, 32, 8, 2)
+        return AttentionBackwardTiles(16, 32, 4, 64, 16, 8, 2)
+    if head_dim <= 32:
+        return AttentionBackwardTiles(16, 64, 8, 64, 16, 4, 3)
     return AttentionBackwardTiles(16, 64, 8, 64, 32, 4, 3)

@@ -63,7 +63,7 @@ def layer_norm_specs():
                    "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
             specs.append((layer_norm._layer_norm_fwd, sig,
                           {"HAS_WEIGHT": params, "HAS_BIAS": params, "LOOPED": looped, "BLOCK": block,
-                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": policy.triton_row_warps(block)}))
+                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False}, {"num_warps": policy.triton_layer_norm_forward_warps(block)}))
             sig = {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{w_dtype}", "Mean": "*fp32", "Rstd": "*fp32",
                    "DX": f"*{dtype}", "DW_partial": "*fp32", "DB_partial": "*fp32",
                    "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",

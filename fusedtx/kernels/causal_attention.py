@@ -56,7 +56,7 @@ from . import INTERPRETED
 from ._common import LAUNCH_OPTIONS, bf16_to_f32, exp_f32, f32_to_bf16_rn, needs_bf16_rounding
 
 # @jit helpers inlined into the kernels, never launched on their own
-JIT_HELPERS = ("_load_f32", "masked_dot", "_attn_chunk", "_merge")
+JIT_HELPERS = ("_load_f32", "masked_dot", "_put_back_non_finite", "_attn_chunk", "_merge")
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
@@ -79,31 +79,38 @@ def masked_dot(a, valid, b, acc, ANY_MASKED, INPUT_PRECISION: tl.constexpr):
     row i cannot see would reach it. ANY_MASKED (a scalar from the tile's indices) says whether
     the tile has such pairs; where it has, b's non-finite entries enter the dot as 0 and, only if
     there are any (a max over the tile, on those tiles only; a finite tile costs a select and the
-    max), the ones row i does see are put back by IEEE rules: NaN where a visible NaN meets it or a visible inf meets a = 0,
-    +inf / -inf by the signs of a and the inf (both: NaN). The counts come from exact dots of
-    0/1 indicators with codes 1 (+inf), 128 (-inf), 16384 (NaN), so K must stay below 128."""
-    tl.static_assert(a.shape[1] < 128, "masked_dot counts up to 127 non-finite entries per code")
+    max), _put_back_non_finite puts back the ones row i does see."""
     finite = tl.abs(b.to(tl.float32)) < float("inf")
     acc = tl.dot(a, tl.where(finite | (ANY_MASKED == 0), b, 0.0), acc, input_precision=INPUT_PRECISION,
                  out_dtype=tl.float32)
     if ANY_MASKED:
         if tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0) > 0:
-            bf = b.to(tl.float32)
-            code = tl.where(bf == float("inf"), 1.0, tl.where(bf == float("-inf"), 128.0, tl.where(finite, 0.0, 16384.0)))
-            code = code.to(b.dtype)
-            af = a.to(tl.float32)
-            pos = tl.dot(tl.where(valid & (af > 0), 1.0, 0.0).to(b.dtype), code, input_precision=INPUT_PRECISION,
-                         out_dtype=tl.float32).to(tl.int32)
-            neg = tl.dot(tl.where(valid & (af < 0), 1.0, 0.0).to(b.dtype), code, input_precision=INPUT_PRECISION,
-                         out_dtype=tl.float32).to(tl.int32)
-            zero = tl.dot(tl.where(valid & (af == 0), 1.0, 0.0).to(b.dtype), code, input_precision=INPUT_PRECISION,
-                          out_dtype=tl.float32)
-            plus = ((pos & 127) + ((neg >> 7) & 127)) > 0    # a > 0 meets +inf, a < 0 meets -inf
-            minus = (((pos >> 7) & 127) + (neg & 127)) > 0   # a > 0 meets -inf, a < 0 meets +inf
-            nan = ((pos >> 14) + (neg >> 14) > 0) | (zero > 0)
-            acc = tl.where(plus, acc + float("inf"), acc)
-            acc = tl.where(minus, acc - float("inf"), acc)
-            acc = tl.where(nan, float("nan"), acc)
+            acc = _put_back_non_finite(a, valid, b, acc)
+    return acc
+
+
+@triton.jit
+def _put_back_non_finite(a, valid, b, acc):
+    """masked_dot's fix-up, by IEEE rules, of acc = the dot with b's non-finite entries as 0: per
+    visible pair (i, k) with b[k, j] non-finite, NaN where b[k, j] is NaN or a[i, k] = 0, else
+    +inf / -inf by the signs of a[i, k] and b[k, j] (both signs over the pairs: inf - inf = NaN).
+    Applied key by key: adding +inf or -inf, or setting NaN, gives the same value (NaN bits aside)
+    in any order and any number of times, and no (BLOCK_M, N) tile beyond acc is live (only key
+    k's column of a and row of b) — the fix-up runs on the rare tiles that need it."""
+    offs_k = tl.arange(0, a.shape[1])
+    for k in range(0, a.shape[1]):
+        col = offs_k[None, :] == k
+        ak = tl.sum(tl.where(col, a.to(tl.float32), 0.0), axis=1)  # a[:, k] (a -0 read as +0: a = 0 all the same)
+        seen = tl.max(tl.where(col & valid, 1, 0), axis=1) > 0
+        bk = tl.sum(tl.where(offs_k[:, None] == k, b.to(tl.float32), 0.0), axis=0)  # b[k, :]
+        pos = (seen & (ak > 0))[:, None]
+        neg = (seen & (ak < 0))[:, None]
+        inf_hi = (bk == float("inf"))[None, :]
+        inf_lo = (bk == float("-inf"))[None, :]
+        acc = tl.where((pos & inf_hi) | (neg & inf_lo), acc + float("inf"), acc)
+        acc = tl.where((pos & inf_lo) | (neg & inf_hi), acc - float("inf"), acc)
+        nan = (seen[:, None] & (bk != bk)[None, :]) | ((seen & (ak == 0))[:, None] & (inf_hi | inf_lo))
+        acc = tl.where(nan, float("nan"), acc)
     return acc
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..policy import triton_layer_norm_backward_warps, triton_row_warps
+from ..policy import triton_layer_norm_backward_warps, triton_layer_norm_forward_warps
 from ._common import (LAUNCH_OPTIONS, fold_lanes, fold_lanes_compensated, log2, needs_bf16_rounding, round_to_bf16,
                       two_sum)
 
@@ -225,7 +225,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
         x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, cols, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, LOOPED=cols > block,
         BLOCK=block, LOG2_BLOCK=log2(block), ROUND_BF16=needs_bf16_rounding(x.dtype),
-        num_warps=triton_row_warps(block), **LAUNCH_OPTIONS,
+        num_warps=triton_layer_norm_forward_warps(block), **LAUNCH_OPTIONS,
     )
     return y, mean, rstd
 
