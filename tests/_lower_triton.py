@@ -59,13 +59,15 @@ SPILL_BUDGETS = {
     "_layer_norm_bwd_dx_fused": ({80: 3280, 90: 3592}, (
         "16384-column rows only: the row's x, dy, w, xhat, g and the dw/db partials, 16 float32 each "
         "a thread at 1024 threads, where the register file gives 1024 threads 64 registers each")),
-    "_layer_norm_fwd": ({90: 152}, "16384-column rows only: 32 float32 of each row vector a thread, 128 registers"),
+    "_layer_norm_fwd": ({80: 136, 90: 236}, (
+        "16384-column rows only, worst on the looped path: the row, its deviations and the compensated "
+        "square sum's (sum, error) lanes, 16 float32 each a thread at 1024 threads, 64 registers")),
     "_softmax_fwd": ({90: 88}, "16384-column rows only: 32 float32 of each row vector a thread, 128 registers"),
     "_softmax_bwd": ({90: 432}, "16384-column rows only: y and dy, 32 float32 each a thread, 128 registers"),
-    "_attn_bwd_dkdv": ({80: 184, 90: 1132}, (
-        "float32 (FMA dots) only, worst at D = 128: the program's dk and dv accumulators (64 registers "
-        "a thread) and the FMA dot's whole operand slices")),
-    "_attn_bwd_preprocess": ({90: 8}, "float32, D = 64, Triton 3.9: one 8-byte spill"),
+    "_attn_bwd_dkdv": ({80: 80, 90: 128}, (
+        "float32 D = 64 (sm_80 Triton 3.9, sm_90 Triton 3.6) and bf16/fp16 D = 128 (Triton 3.6): the "
+        "program's dk and dv accumulators, the FMA dot's whole operand slices, and masked_dot's select "
+        "and non-finite test on the streamed q and dO tiles")),
 }
 
 
