@@ -46,8 +46,8 @@ def exp_f32(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # lane_sum: a reduction order that every kernel can reproduce
 # ---------------------------------------------------------------------------------------------
-def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
-    """Sum float32 (or float64) `x` over its last dim in fusedtx's fixed order (module docstring)."""
+def _lane_blocks(x: torch.Tensor, lanes: int) -> torch.Tensor:
+    """x's last dim cut into blocks of `lanes` (the last one padded with +0): (..., blocks, lanes)."""
     assert x.dtype in (torch.float32, torch.float64)
     if lanes < 1 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
@@ -55,7 +55,13 @@ def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
     n_blocks = max(1, -(-n // lanes))
     padded = torch.zeros(*x.shape[:-1], n_blocks * lanes, dtype=x.dtype, device=x.device)
     padded[..., :n] = x
-    blocks = padded.view(*x.shape[:-1], n_blocks, lanes)
+    return padded.view(*x.shape[:-1], n_blocks, lanes)
+
+
+def lane_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Sum float32 (or float64) `x` over its last dim in fusedtx's fixed order (module docstring)."""
+    blocks = _lane_blocks(x, lanes)
+    n_blocks = blocks.shape[-2]
     acc = torch.zeros(*x.shape[:-1], lanes, dtype=x.dtype, device=x.device)
     for b in range(n_blocks):
         acc = acc + blocks[..., b, :]
@@ -84,14 +90,8 @@ def lane_sum_compensated(x: torch.Tensor, lanes: int) -> torch.Tensor:
     sum plus N^2 u^2 sum|x| (Ogita, Rump and Oishi's Sum2), where lane_sum's grows with
     N / lanes and log2(lanes).
     """
-    assert x.dtype in (torch.float32, torch.float64)
-    if lanes < 1 or lanes & (lanes - 1):
-        raise ValueError(f"lanes must be a power of two, got {lanes}")
-    n = x.shape[-1]
-    n_blocks = max(1, -(-n // lanes))
-    padded = torch.zeros(*x.shape[:-1], n_blocks * lanes, dtype=x.dtype, device=x.device)
-    padded[..., :n] = x
-    blocks = padded.view(*x.shape[:-1], n_blocks, lanes)
+    blocks = _lane_blocks(x, lanes)
+    n_blocks = blocks.shape[-2]
     s = torch.zeros(*x.shape[:-1], lanes, dtype=x.dtype, device=x.device)
     e = torch.zeros_like(s)
     for b in range(n_blocks):
