@@ -60,9 +60,10 @@ def triton_row_warps(block: int) -> int:
 
 def triton_layer_norm_forward_warps(block: int) -> int:
     """The layer_norm forward keeps the row, its deviations and the compensated square sum's
-    (sum, error) lanes live: 32 warps above 8192 columns (16 float32 a thread per vector; 16
-    warps spilled ~1-2 KB a thread at 16384, ptxas -v). The lane fold is explicit
-    (kernels/_common.py fold_lanes*), so the warp count changes no bits."""
+    (sum, error) lanes live: 32 warps above 8192 columns, 16 float32 a thread per vector, the
+    width that spills least under both Triton versions (tests/_lower_triton.py SPILL_BUDGETS).
+    The lane fold is explicit (kernels/_common.py fold_lanes*), so the warp count changes no
+    bits."""
     return 32 if block > 8192 else triton_row_warps(block)
 
 

@@ -54,14 +54,23 @@ def two_sum(a, b):
 
 
 @triton.jit
+def halves(v):
+    """(v[:w], v[w:]) of a (2w,) vector, exactly: each half is a sum over the (2, w) view's rows
+    with the other row replaced by -0, and x + (-0) == x for every x (-0 and NaN included)."""
+    rows = tl.reshape(v, (2, v.shape[0] // 2))
+    top = (tl.arange(0, 2) == 0)[:, None]
+    return tl.sum(tl.where(top, rows, -0.0), axis=0), tl.sum(tl.where(top, -0.0, rows), axis=0)
+
+
+@triton.jit
 def fold_lanes_compensated(s, e, LOG2_LANES: tl.constexpr):
     """reference.lane_sum_compensated's fold and total: fold the (sum, error) lane pairs in halves,
     (s, r) = two_sum(s[l], s[l + w]), e = (e[l] + e[l + w]) + r, then s + e (s where s is inf
     or NaN). Each step splits the vector into its halves exactly (reshape (2, w), transpose,
     split): TwoSum needs both operands, not just their sum."""
     for _ in tl.static_range(LOG2_LANES):
-        s_lo, s_hi = tl.split(tl.permute(tl.reshape(s, (2, s.shape[0] // 2)), (1, 0)))
-        e_lo, e_hi = tl.split(tl.permute(tl.reshape(e, (2, e.shape[0] // 2)), (1, 0)))
+        s_lo, s_hi = halves(s)
+        e_lo, e_hi = halves(e)
         s, r = two_sum(s_lo, s_hi)
         e = (e_lo + e_hi) + r
     total = tl.sum(s, axis=0)  # one element: exact
