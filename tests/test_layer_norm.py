@@ -251,6 +251,26 @@ def test_bitwise_equal_to_reference(device, backend, dtypes, shape, normalized_s
         assert_bitwise_equal(ours, ref, f"{backend} {name} vs reference (lanes={lanes})")
 
 
+def test_triton_compiled_fold_form_equals_reference(monkeypatch):
+    """The Triton lane folds take a vector's halves by permute + split when interpreted and by
+    masked row sums when compiled (kernels/_common.py HALVES_BY_SPLIT): run the compiled form
+    under the interpreter on rows holding -0, huge, inf and NaN entries, bit for bit against the
+    reference. The interpreter reads the flag at each call."""
+    require("cpu", "triton")
+    import triton.language as tl
+    from fusedtx.kernels import _common
+    monkeypatch.setattr(_common, "HALVES_BY_SPLIT", tl.constexpr(False))
+    for n in (5, 64):
+        x = make((3, n), torch.float32, "cpu")
+        x[0, 1], x[1, 2], x[1, 3], x[2, 0] = -0.0, 3e38, float("inf"), float("nan")
+        x[0, 0] = -0.0
+        weight, bias = make_params((n,), True, torch.float32, "cpu")
+        y, mean, rstd = layer_norm_op.layer_norm.impl(x, (n,), weight, bias, 1e-5, "triton")
+        y_ref, mean_ref, rstd_ref = reference.layer_norm_forward(x, weight, bias, 1e-5, policy.triton_lanes(n))
+        for ours, ref, name in ((y, y_ref, "y"), (mean, mean_ref, "mean"), (rstd, rstd_ref, "rstd")):
+            assert_bitwise_equal(ours.reshape(-1), ref.reshape(-1), f"compiled fold form, N={n}: {name}")
+
+
 # ---------------------------------------------------------------------------------------------
 # batch invariance (point 2), determinism and thread counts (point 5), with negative controls
 # ---------------------------------------------------------------------------------------------

@@ -33,14 +33,26 @@ def exp_f32(x):
     return tl.where(x < -87.0, 0.0, y)
 
 
+# How a fold step takes the two halves of a (2w,) vector: both ways extract them exactly, so the
+# bits are the same. Compiled: sums over the (2, w) view's rows, no layout change (a permute +
+# split made Triton 3.6 emit megabytes of PTX at 16384 lanes). Interpreted: permute + split, which
+# are builtins, while tl.sum is itself a nested @jit function that the interpreter re-patches on
+# every call. tests/test_layer_norm.py runs the compiled form under the interpreter too.
+HALVES_BY_SPLIT = tl.constexpr(INTERPRETED)
+
+
 @triton.jit
 def fold_lanes(acc, LOG2_LANES: tl.constexpr):
     """reference.lane_sum's last step: fold a (2**LOG2_LANES,) vector in halves to a scalar.
 
-    Each step views the vector as (2, w) and adds the two rows: a[l] + a[l + w], one rounding,
-    whatever layout the compiler picks."""
+    Each step adds the vector's halves, a[l] + a[l + w]: one rounding, whatever layout the
+    compiler picks."""
     for _ in tl.static_range(LOG2_LANES):
-        acc = tl.sum(tl.reshape(acc, (2, acc.shape[0] // 2)), axis=0)
+        if HALVES_BY_SPLIT:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (2, acc.shape[0] // 2)), (1, 0)))
+            acc = lo + hi
+        else:
+            acc = tl.sum(tl.reshape(acc, (2, acc.shape[0] // 2)), axis=0)
     return tl.sum(acc, axis=0)
 
 
@@ -54,25 +66,28 @@ def two_sum(a, b):
 
 
 @triton.jit
-def halves(v):
-    """(v[:w], v[w:]) of a (2w,) vector, exactly: each half is a sum over the (2, w) view's rows
-    with the other row replaced by -0, and x + (-0) == x for every x (-0 and NaN included)."""
-    rows = tl.reshape(v, (2, v.shape[0] // 2))
-    top = (tl.arange(0, 2) == 0)[:, None]
-    return tl.sum(tl.where(top, rows, -0.0), axis=0), tl.sum(tl.where(top, -0.0, rows), axis=0)
-
-
-@triton.jit
 def fold_lanes_compensated(s, e, LOG2_LANES: tl.constexpr):
     """reference.lane_sum_compensated's fold and total: fold the (sum, error) lane pairs in halves,
     (s, r) = two_sum(s[l], s[l + w]), e = (e[l] + e[l + w]) + r, then s + e (s where s is inf
-    or NaN). Each step splits the vector into its halves exactly (reshape (2, w), transpose,
-    split): TwoSum needs both operands, not just their sum."""
+    or NaN).
+
+    The steps are written out, not calls to two_sum: the interpreter pays for every nested @jit
+    call. TwoSum needs both halves of s; where compiled, each is a sum over the (2, w) view's rows
+    with the other row replaced by -0, exact for every x (x + -0 == x, -0 and NaN included)."""
+    top = (tl.arange(0, 2) == 0)[:, None]
     for _ in tl.static_range(LOG2_LANES):
-        s_lo, s_hi = halves(s)
-        e_lo, e_hi = halves(e)
-        s, r = two_sum(s_lo, s_hi)
-        e = (e_lo + e_hi) + r
+        if HALVES_BY_SPLIT:
+            a, b = tl.split(tl.permute(tl.reshape(s, (2, s.shape[0] // 2)), (1, 0)))
+            e_lo, e_hi = tl.split(tl.permute(tl.reshape(e, (2, e.shape[0] // 2)), (1, 0)))
+            e = e_lo + e_hi
+        else:
+            rows = tl.reshape(s, (2, s.shape[0] // 2))
+            a = tl.sum(tl.where(top, rows, -0.0), axis=0)
+            b = tl.sum(tl.where(top, -0.0, rows), axis=0)
+            e = tl.sum(tl.reshape(e, (2, e.shape[0] // 2)), axis=0)  # e[l] + e[l + w]
+        s = a + b
+        b_virtual = s - a
+        e = e + ((a - (s - b_virtual)) + (b - b_virtual))  # + TwoSum's error of a + b
     total = tl.sum(s, axis=0)  # one element: exact
     err = tl.sum(e, axis=0)
     return tl.where(total - total == 0.0, total + err, total)  # total - total is NaN unless finite
