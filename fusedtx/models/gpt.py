@@ -17,17 +17,15 @@ Parameter names follow HuggingFace's GPT2LMHeadModel (transformer.wte, transform
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as torch_F
 
 from .. import nn as fnn
 from ..config import _check_split_size
+from ._lm import CausalLM, Generation, check_state_dict, read_hf_checkpoint
 
 
 @dataclass(frozen=True)
@@ -89,12 +87,6 @@ HF_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-class Generation(NamedTuple):
-    tokens: torch.Tensor            # (B, max_new_tokens) int64
-    logprobs: torch.Tensor          # (B, max_new_tokens) float32: log p(token) under the sampled distribution
-    logits: torch.Tensor | None     # (B, max_new_tokens, vocab) the logits each token was drawn from, if asked
-
-
 class Block(torch.nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
@@ -112,7 +104,7 @@ class Block(torch.nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(torch.nn.Module):
+class GPT(CausalLM):
     """GPT-2: token + position embeddings, n_layer Blocks, a final LayerNorm and a language-model
     head tied to the token embedding. backend: the fusedtx backend of every layer (None: the
     library's default for the device)."""
@@ -150,149 +142,32 @@ class GPT(torch.nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if exclude_embeddings else n
 
-    # ------------------------------------------------------------------ forward passes
+    # ------------------------------------------------------------------ CausalLM's hooks
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: list[fnn.KVCache] | None = None) -> torch.Tensor:
-        """The final LayerNorm's output (B, T, n_embd) for tokens idx (B, T). Without a cache the
-        tokens are at positions 0 .. T-1; with one (from new_kv_cache), sequence b's tokens follow
-        its own cached length, and their keys and values are appended to the cache."""
-        if idx.dim() != 2 or idx.dtype != torch.int64:
-            raise ValueError(f"GPT: idx must be a (batch, time) int64 tensor, got {idx.dtype} of shape {list(idx.shape)}")
-        batch, tokens = idx.shape
-        if kv_cache is None:
-            positions = torch.arange(tokens, device=idx.device)[None, :]
-            last = tokens - 1  # from the shape: torch.compile(fullgraph=True) traces it
-        else:
-            if len(kv_cache) != self.config.n_layer:
-                raise ValueError(f"GPT: kv_cache must hold one KVCache per layer ({self.config.n_layer}), "
-                                 f"got {len(kv_cache)}")
-            positions = (kv_cache[0].lengths[:, None] + torch.arange(tokens)).to(idx.device)
-            last = int(positions.max()) if positions.numel() else -1
-        if last >= self.config.block_size:
-            raise ValueError(f"GPT: position {last} is beyond block_size {self.config.block_size}")
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
-        if kv_cache is None:
-            for block in self.transformer.h:
-                x = block(x)
-            return self.transformer.ln_f(x)
-        # A call that raises leaves the cache as it was: the layers before the failing one have
-        # appended this step's keys, and get their lengths back (what lies beyond is never read).
-        before = [cache.lengths for cache in kv_cache]
-        try:
-            for block, cache in zip(self.transformer.h, kv_cache):
-                x = block(x, cache)
-        except BaseException:
-            for cache, lengths in zip(kv_cache, before):
-                cache.lengths = lengths
-            raise
+    _max_positions_name = "block_size"
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer.wte(idx) + self.transformer.wpe(positions)
+
+    def _blocks(self):
+        return self.transformer.h
+
+    def _block(self, block, x, positions, kv_cache):
+        return block(x, kv_cache)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: list[fnn.KVCache] | None = None):
-        """logits (B, T, vocab), or (logits, mean cross-entropy loss) when targets (B, T) are given
-        (targets == -1 are ignored)."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))
-        if targets is None:
-            return logits
-        loss = torch_F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
-
-    def logprobs(self, idx: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-        """log p(idx[:, t] | idx[:, :t]) for t = 1 .. T-1, shape (B, T-1), float32: the
-        training-side view of what generate() reports for the tokens it drew."""
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"GPT.logprobs: temperature must be a finite number >= 0, got {temperature!r}")
-        logits = self(idx)[:, :-1]
-        return _token_logprobs(logits, idx[:, 1:], temperature)
-
-    def new_kv_cache(self, batch: int, max_len: int | None = None) -> list[fnn.KVCache]:
-        """One empty KVCache per layer for `batch` sequences of up to max_len (default block_size) tokens."""
-        max_len = self.config.block_size if max_len is None else max_len
-        return [block.attn.new_kv_cache(batch, max_len) for block in self.transformer.h]
-
-    # ------------------------------------------------------------------ generation
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, return_logits: bool = False) -> Generation:
-        """Continue each prompt by max_new_tokens tokens with a KV cache.
-
-        prompts: a list of token lists / 1-D tensors of any lengths (or a (B, T) tensor). Each
-        sequence keeps its own positions: prompts are right-padded for one prefill pass, and the
-        cache then forgets the padding. temperature 0 is greedy (argmax, lowest index on ties);
-        otherwise tokens are drawn from softmax(logits / temperature), optionally restricted to
-        the top_k tokens and to the smallest set whose probability reaches top_p, with
-        `generator` (seeded: the same tokens every run). The returned log-probabilities are those
-        of softmax(logits / temperature) before the top-k / top-p restriction (of the logits for
-        temperature 0) — equal, bit for bit, to logprobs(sequence, temperature=...) of a forward
-        pass over the finished sequences in any batch."""
-        if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (not fnn._is_int(top_k) or top_k < 1):
-            raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
-            raise ValueError(f"generate: top_p must be None or a number in (0, 1], got {top_p!r}")
-        if not fnn._is_int(max_new_tokens) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        device = self.transformer.wte.weight.device
-        prompts = self._check_prompts(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-        if int(lengths.max()) + max_new_tokens > self.config.block_size:
-            raise ValueError(f"generate: prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds block_size {self.config.block_size}")
-        batch = len(prompts)
-        padded = torch.zeros(batch, int(lengths.max()), dtype=torch.int64)
-        for b, p in enumerate(prompts):
-            padded[b, :len(p)] = p
-        cache = self.new_kv_cache(batch, int(lengths.max()) + max_new_tokens)
-        hidden = self.hidden_states(padded.to(device), cache)
-        for layer_cache in cache:
-            layer_cache.truncate(lengths)
-        hidden = hidden[torch.arange(batch, device=device), (lengths - 1).to(device)][:, None]  # (B, 1, C)
-        tokens, logprobs, all_logits = [], [], []
-        for step in range(max_new_tokens):
-            logits = self.lm_head(hidden)[:, 0]
-            token, logprob = _sample(logits, temperature, top_k, top_p, generator)
-            tokens.append(token)
-            logprobs.append(logprob)
-            if return_logits:
-                all_logits.append(logits)
-            if step + 1 < max_new_tokens:
-                hidden = self.hidden_states(token[:, None], cache)
-        empty = torch.empty(batch, 0)
-        return Generation(torch.stack(tokens, 1) if tokens else empty.long(),
-                          torch.stack(logprobs, 1) if logprobs else empty,
-                          (torch.stack(all_logits, 1) if all_logits else empty) if return_logits else None)
-
-    def _check_prompts(self, prompts) -> list[torch.Tensor]:
-        """generate's prompts as 1-D int64 CPU tensors: one per prompt, each at least one token id
-        in [0, vocab_size)."""
-        if isinstance(prompts, torch.Tensor) and prompts.dim() != 2:
-            raise ValueError(f"generate: a tensor of prompts must be (batch, tokens), got shape {list(prompts.shape)} "
-                             "(one prompt: prompts[None] or [prompt])")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("generate: need at least one prompt")
-        checked = []
-        for b, prompt in enumerate(prompts):
-            if isinstance(prompt, int) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 0):
-                raise ValueError(f"generate: prompts[{b}] is a single token id; pass a list of prompts, each a "
-                                 "sequence of token ids ([prompt] for one)")
-            t = torch.as_tensor(prompt).cpu()
-            if t.dim() != 1 or t.numel() == 0:
-                raise ValueError(f"generate: prompts[{b}] must be a 1-D sequence of at least one token id, "
-                                 f"got shape {list(t.shape)}")
-            if not fnn._is_integer_dtype(t.dtype):
-                raise TypeError(f"generate: prompts[{b}] must hold integer token ids, got {t.dtype}")
-            t = t.to(torch.int64)
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"generate: prompts[{b}] holds token ids in [{lo}, {hi}], outside "
-                                 f"[0, vocab_size = {self.config.vocab_size})")
-            checked.append(t)
-        return checked
+    def _new_layer_cache(self, block, batch: int, max_len: int) -> fnn.KVCache:
+        return block.attn.new_kv_cache(batch, max_len)
 
     # ------------------------------------------------------------------ loading
 
@@ -313,27 +188,10 @@ class GPT(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, backend: str | None = None) -> "GPT":
-        """Load a local HuggingFace-format GPT-2 directory: config.json and model.safetensors (or
-        pytorch_model.bin). Reads files only; never touches the network."""
-        path = os.fspath(path)
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"GPT.from_pretrained: no config.json in {path!r}")
-        with open(config_file) as f:
-            config = GPTConfig.from_hf(json.load(f))
-        safetensors_file, torch_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-        if os.path.isfile(safetensors_file):
-            try:
-                from safetensors.torch import load_file
-            except ImportError as exc:
-                raise ImportError("GPT.from_pretrained: reading model.safetensors needs the `safetensors` "
-                                  "package (pip install safetensors)") from exc
-            state = load_file(safetensors_file)
-        elif os.path.isfile(torch_file):
-            state = torch.load(torch_file, map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"GPT.from_pretrained: neither model.safetensors nor pytorch_model.bin in {path!r}")
-        return cls.from_hf(state, config, backend=backend)
+        """Load a local HuggingFace-format GPT-2 directory: config.json and model.safetensors
+        (sharded or not) or pytorch_model.bin. Reads files only; never touches the network."""
+        config, state = read_hf_checkpoint(path, "GPT.from_pretrained")
+        return cls.from_hf(state, GPTConfig.from_hf(config), backend=backend)
 
 
 def _from_hf_state_dict(hf_state: dict, own_state: dict) -> dict:
@@ -347,50 +205,8 @@ def _from_hf_state_dict(hf_state: dict, own_state: dict) -> dict:
             name = "transformer." + name
         state[name] = tensor.t() if name.endswith(HF_CONV1D) else tensor
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    missing, unexpected = sorted(set(own_state) - set(state)), sorted(set(state) - set(own_state))
-    if missing or unexpected:
-        raise ValueError(f"GPT.from_hf: state_dict does not fit the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tensor.shape != own_state[name].shape:
-            raise ValueError(f"GPT.from_hf: {name} has shape {list(tensor.shape)}, the config expects "
-                             f"{list(own_state[name].shape)}")
+    check_state_dict(state, own_state, "GPT.from_hf")
     return state
-
-
-def _is_real(value) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature)[token] in float32, each row reduced on its own (temperature
-    0 means the plain logits, as for greedy decoding)."""
-    logits = logits.float()
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None].to(logits.device))[..., 0]
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of logits (B, vocab) and its log-probability."""
-    if temperature == 0.0:
-        token = torch.argmax(logits, dim=-1)
-    else:
-        scaled = logits.float() / temperature
-        if top_k is not None and top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
-            drop = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, order, before >= top_p)
-            scaled = scaled.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        token = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-    return token, _token_logprobs(logits, token, temperature)
 
 
 __all__ = ["GPT", "GPTConfig", "Generation", "PRESETS", "Block"]
