@@ -1,4 +1,4 @@
-"""The properties `python -m fusedtx check` verifies, one function each, on any GPT.
+"""The properties `python -m fusedtx check` verifies, one function each, on any fusedtx language model (GPT, Llama).
 
 Each check_<property>(make, work, seed, ...) builds its model with make() (a factory giving a
 model with the same weights at every call), runs `work`'s sizes of the property with inputs
@@ -75,7 +75,7 @@ def _tokens(rng: torch.Generator, vocab: int, *shape) -> torch.Tensor:
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return model.transformer.wte.weight.device
+    return model.lm_head.weight.device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def check_accuracy(make, work: Workload, seed: int, reference_error: Callable) -
     (contract point 1; the ops meet it one by one, and the model composes them)."""
     model = make()
     rng = torch.Generator().manual_seed(seed)
-    idx = _tokens(rng, model.config.vocab_size, 4, work.max_len).to(_device(model))
+    idx = _tokens(rng, model.vocab_size, 4, work.max_len).to(_device(model))
     error, torch_error = reference_error(model(idx), idx)
     return Cell("pass" if error <= 2 * torch_error + 1e-9 else "fail", None, f"{error:.1e}",
                 extra=dict(relative_error=error, torch_float32_relative_error=torch_error))
@@ -98,7 +98,7 @@ def check_batch_invariance(make, work: Workload, seed: int) -> Cell:
     """A sequence's logits alone == its logits inside batches of other sequences of other lengths,
     at a random index, every row right-padded with random garbage tokens."""
     model = make()
-    rng, vocab, device = torch.Generator().manual_seed(seed), model.config.vocab_size, _device(model)
+    rng, vocab, device = torch.Generator().manual_seed(seed), model.vocab_size, _device(model)
     pairs, shapes = [], []
     for trial in range(work.compositions):
         length = int(torch.randint(1, work.max_len + 1, (), generator=rng))
@@ -121,7 +121,7 @@ def check_generate_vs_forward(make, work: Workload, seed: int) -> Cell:
     """At every step of generate(return_logits=True), the logits == a full forward over the
     sequence so far (each sequence alone, no cache)."""
     model = make()
-    rng, vocab, device = torch.Generator().manual_seed(seed), model.config.vocab_size, _device(model)
+    rng, vocab, device = torch.Generator().manual_seed(seed), model.vocab_size, _device(model)
     prompts = [_tokens(rng, vocab, int(torch.randint(1, work.prefill_len + 1, (), generator=rng)))
                for _ in range(work.prompts)]
     out = model.generate(prompts, work.new_tokens, return_logits=True)
@@ -140,7 +140,7 @@ def check_chunked_prefill(make, work: Workload, seed: int) -> Cell:
     """Feeding a prompt through the KV cache in chunks (all of 1 token, all of 7, random sizes)
     gives the same logits as one full forward."""
     model = make()
-    rng, vocab, device = torch.Generator().manual_seed(seed), model.config.vocab_size, _device(model)
+    rng, vocab, device = torch.Generator().manual_seed(seed), model.vocab_size, _device(model)
     prompt = _tokens(rng, vocab, 1, work.prefill_len).to(device)
     full = model(prompt)
     schedules = {"1": [1] * work.prefill_len, "7": [7] * math.ceil(work.prefill_len / 7), "random": []}
@@ -165,7 +165,7 @@ def check_on_policy(make, work: Workload, seed: int) -> Cell:
     finished sequences — shuffled, among extra sequences, right-padded with garbage — must give
     the sampler's log-probabilities bit for bit: KL(sampler || trainer) exactly 0."""
     model = make()
-    rng, vocab, device = torch.Generator().manual_seed(seed), model.config.vocab_size, _device(model)
+    rng, vocab, device = torch.Generator().manual_seed(seed), model.vocab_size, _device(model)
     prompts = [_tokens(rng, vocab, int(torch.randint(1, work.prefill_len + 1, (), generator=rng)))
                for _ in range(work.prompts)]
     out = model.generate(prompts, work.new_tokens, temperature=1.0, return_logits=True,
@@ -196,7 +196,7 @@ def _train(make, work: Workload, seed: int, threads: int | None = None):
         torch.set_num_threads(threads)
     try:
         model = make().train()
-        rng, vocab, device = torch.Generator().manual_seed(seed), model.config.vocab_size, _device(model)
+        rng, vocab, device = torch.Generator().manual_seed(seed), model.vocab_size, _device(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         losses, grads = [], []
         for _ in range(work.train_steps):
@@ -238,7 +238,7 @@ def check_serving(make, work: Workload, seed: int) -> Cell:
     slot, in order), then with random arrival times, orders and slot counts — and count the
     unique completions per prompt."""
     model = make()
-    rng, vocab = torch.Generator().manual_seed(seed), model.config.vocab_size
+    rng, vocab = torch.Generator().manual_seed(seed), model.vocab_size
     low, high = work.serve_new_tokens
     specs = [(_tokens(rng, vocab, int(torch.randint(2, work.prefill_len + 1, (), generator=rng))),
               int(torch.randint(low, high + 1, (), generator=rng))) for _ in range(work.requests)]

@@ -10,7 +10,7 @@ prompts right-padded with garbage tokens), then every running request decodes on
 batch, and those that have all their tokens leave, freeing their slot. So each request is
 decoded among a set of others that changes from step to step.
 
-What it guarantees: on a batch-invariant model (fusedtx.models.GPT, any backend) a request's
+What it guarantees: on a batch-invariant model (fusedtx.models.GPT or Llama, any backend) a request's
 tokens and logits are those of model.generate([prompt], max_new_tokens) alone, bit for bit,
 whatever the other requests, their arrival steps, the number of slots or the garbage padding:
 every op gives a row the same bits whatever else is in the batch, padding sits to the right of
@@ -19,7 +19,7 @@ cache. On a model whose arithmetic depends on the batch (plain PyTorch), the log
 in the last bits from one schedule to another, and the tokens wherever the top two logits are
 that close.
 
-`model` is a fusedtx.models.GPT (or a subclass): serve uses its config.vocab_size,
+`model` is a fusedtx.models.CausalLM (GPT, Llama): serve uses its vocab_size,
 new_kv_cache, hidden_states and lm_head.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _step(model, cache, rows: list[int], idx: torch.Tensor, lengths: list[int], 
         for sub in view:
             sub.truncate(torch.zeros_like(sub.lengths))
     before = view[0].lengths.clone()
-    hidden = model.hidden_states(idx.to(model.transformer.wte.weight.device), view)
+    hidden = model.hidden_states(idx.to(model.lm_head.weight.device), view)
     for layer, sub in zip(cache, view):
         sub.truncate(before + torch.tensor(lengths))
         _write_back(layer, sub, index)
@@ -80,7 +80,7 @@ def serve(model, requests: list[Request], slots: int, garbage: torch.Generator) 
     """Serve `requests` with `slots` slots of KV cache, as the module docstring says: fills in
     each request's tokens and logits (one per generated token) and returns the requests.
     `garbage` draws the tokens that pad prompts prefilled together."""
-    vocab, longest = model.config.vocab_size, max(len(r.prompt) + r.max_new_tokens for r in requests)
+    vocab, longest = model.vocab_size, max(len(r.prompt) + r.max_new_tokens for r in requests)
     cache = model.new_kv_cache(slots, longest)                  # one KVCache per layer, a row per slot
     waiting = sorted(requests, key=lambda r: r.arrival)         # stable: ties keep the shuffled order
     running: dict[int, Request] = {}                            # slot -> request
