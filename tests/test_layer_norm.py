@@ -17,10 +17,13 @@ from helpers import (
     assert_bitwise_equal,
     bitwise_equal,
     garbage_like,
+    grads_of,
+    make,
     poisoned_outputs,
     record_bitexact,
     rel_error,
     require,
+    scattered_row_sum,
     under_each_thread_count,
 )
 
@@ -47,22 +50,10 @@ CASES = [
 CASE_IDS = ["N1", "N7", "N768", "N1000-noBias", "2d-shape", "no-affine", "0rows", "131rows"]
 
 
-def make(shape, dtype, device, seed=0, scale=2.0, shift=0.5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale + shift).to(dtype).to(device)
-
-
 def make_params(normalized_shape, affine, dtype, device, seed=10):
     weight = make(normalized_shape, dtype, device, seed, 0.5, 1.0) if affine in ("both", "weight") else None
     bias = make(normalized_shape, dtype, device, seed + 1, 0.5, 0.0) if affine == "both" else None
     return weight, bias
-
-
-def grads_of(fn, x, weight, bias, dy):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-    y = fn(*leaves)
-    inputs = [t for t in leaves if t is not None]
-    return (y, *torch.autograd.grad(y, inputs, dy)) if x.numel() else (y, *[torch.zeros_like(t) for t in inputs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,21 +318,11 @@ def test_gradients_bitwise_run_to_run(device, backend):
             assert_bitwise_equal(ours, first, f"{name}, repeated")
 
 
-def scattered_weight_grad(dy, xhat, generator):
-    """dweight summed over rows in an order that changes from run to run, as with atomic adds
-    from whichever block finishes first. The negative control for the determinism check."""
-    order = torch.randperm(dy.shape[0], generator=generator)
-    total = torch.zeros(dy.shape[1])
-    for r in order:
-        total = total + dy[r] * xhat[r]
-    return total
-
-
 def test_negative_control_run_to_run():
     x, dy = make((200, 64), torch.float32, "cpu"), make((200, 64), torch.float32, "cpu", seed=1)
     xhat = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
     g = torch.Generator().manual_seed(0)
-    runs = [scattered_weight_grad(dy, xhat, g) for _ in range(20)]
+    runs = [scattered_row_sum(dy * xhat, g) for _ in range(20)]
     assert any(not bitwise_equal(run, runs[0]) for run in runs[1:]), "the repeat check missed an order-dependent sum"
 
 
