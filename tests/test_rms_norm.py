@@ -10,31 +10,12 @@ import torch.nn.functional as F
 import fusedtx
 from fusedtx import policy, reference
 from fusedtx.ops import rms_norm as rms_norm_op
-from helpers import (
-    DEVICE_BACKENDS,
-    assert_accuracy,
-    assert_bitwise_equal,
-    bitwise_equal,
-    garbage_like,
-    grads_of,
-    make,
-    poisoned_outputs,
-    record_bitexact,
-    rel_error,
-    require,
-    scattered_row_sum,
-    under_each_thread_count,
-)
+from helpers import assert_accuracy, assert_bitwise_equal, assert_compiled_matches_eager, assert_drop_in
+from helpers import require_parity_case, assert_runs_equal, bitwise_equal, DEVICE_BACKENDS, garbage_like, grads_of, make, NORM_DTYPE_IDS
+from helpers import NORM_DTYPE_PAIRS, poisoned_outputs, record_bitexact, rel_error, require, row_invariance_failures
+from helpers import NormBlock, scattered_row_sum, under_each_thread_count
 
-# (x dtype, weight dtype): plain precisions and HF's mix (low-precision x, float32 weight)
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
-DTYPE_IDS = ["f32", "bf16", "f16", "bf16-f32weight", "f16-f32weight"]
+
 # (x shape, normalized_shape, affine): odd widths, multi-dim normalized shapes, no weight
 CASES = [
     ((4, 1), (1,), True),
@@ -66,7 +47,7 @@ def torch_fn(normalized_shape, eps=None):
 # accuracy (contract point 1), gradcheck
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtypes", NORM_DTYPE_PAIRS, ids=NORM_DTYPE_IDS)
 # Not N = 1: there dx is g (1 - xhat^2) rstd with xhat^2 = x^2 / (x^2 + eps), 1 - xhat^2 ~ eps / x^2,
 # below float32's rounding of xhat: every float32 formula gives rounding noise (torch's too).
 @pytest.mark.parametrize("shape,normalized_shape,affine", CASES[1:], ids=CASE_IDS[1:])
@@ -164,15 +145,11 @@ def test_wide_rows(device, backend):
 # reference parity (point 6)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [(torch.float64, torch.float64)], ids=DTYPE_IDS + ["f64"])
+@pytest.mark.parametrize("dtypes", NORM_DTYPE_PAIRS + [(torch.float64, torch.float64)], ids=NORM_DTYPE_IDS + ["f64"])
 @pytest.mark.parametrize("shape,normalized_shape,affine", CASES, ids=CASE_IDS)
 def test_bitwise_equal_to_reference(device, backend, dtypes, shape, normalized_shape, affine):
-    require(device, backend)
-    if backend == "reference":
-        pytest.skip("the reference is compared with itself by the determinism test")
     x_dtype, w_dtype = dtypes
-    if backend == "triton" and x_dtype == torch.float64:
-        pytest.skip("the triton backend computes in float32")
+    require_parity_case(device, backend, x_dtype)
     x = make(shape, x_dtype, device)
     dy = make(shape, x_dtype, device, seed=3, scale=1.0, shift=0.0)
     weight = make_weight(normalized_shape, w_dtype, device) if affine else None
@@ -195,7 +172,7 @@ def test_bitwise_equal_to_reference(device, backend, dtypes, shape, normalized_s
 # ---------------------------------------------------------------------------------------------
 # batch invariance (point 2), determinism and thread counts (point 5), with negative controls
 # ---------------------------------------------------------------------------------------------
-def matmul_rms_norm(x, weight, backend=None):
+def matmul_rms_norm(x, weight):
     """An RMSNorm whose mean square is a matvec (`x^2 @ ones / N`): PyTorch's CPU matmul blocks by
     the batch size, so this is NOT batch-invariant. The negative control. (Non-finite garbage
     is zeroed first: with it the matvec happened to take a batch-invariant path; the probe row
@@ -206,31 +183,18 @@ def matmul_rms_norm(x, weight, backend=None):
     return (xf * torch.rsqrt((xf * xf) @ ones / n) * weight).to(x.dtype)
 
 
-def invariance_failures(fn, backend, device, dtype, n=768):
-    g = torch.Generator().manual_seed(5)
-    weight = make_weight((n,), dtype, device)
-    probe = make((1, n), dtype, device, seed=7)
-    alone = fn(probe, weight, backend)
-    failures = []
-    for batch in (2, 3, 17, 64):
-        for index in sorted({0, batch // 2, batch - 1}):
-            x = garbage_like(torch.empty(batch, n, dtype=dtype, device=device), g)
-            x[index] = probe[0]
-            if not bitwise_equal(fn(x, weight, backend)[index : index + 1], alone):
-                failures.append((batch, index))
-    return failures
-
-
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_batch_invariance_of_output(device, backend, dtype):
     require(device, backend)
-    fn = lambda x, w, b: fusedtx.rms_norm(x, x.shape[-1], w, backend=b)  # noqa: E731
-    assert invariance_failures(fn, backend, device, dtype) == []
+    weight = make_weight((768,), dtype, device)
+    assert row_invariance_failures(lambda x: fusedtx.rms_norm(x, 768, weight, backend=backend), 768, dtype, device) == []
 
 
 def test_negative_control_batch_invariance():
-    assert invariance_failures(matmul_rms_norm, None, "cpu", torch.float32), "the check missed a batch-variant RMSNorm"
+    weight = make_weight((768,), torch.float32, "cpu")
+    assert row_invariance_failures(lambda x: matmul_rms_norm(x, weight), 768, torch.float32, "cpu"), \
+        "the check missed a batch-variant RMSNorm"
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -261,9 +225,7 @@ def test_gradients_bitwise_run_to_run(device, backend):
     dy = make(shape, torch.bfloat16, device, seed=1, scale=1.0, shift=0.0)
     weight = make_weight((96,), torch.float32, device)
     runs = [grads_of(ours_fn(96, backend), x, weight, dy) for _ in range(20)]
-    for run in runs[1:]:
-        for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight")):
-            assert_bitwise_equal(ours, first, f"{name}, repeated")
+    assert_runs_equal(runs, ("y", "dx", "dweight"), "repeated")
 
 
 def test_negative_control_run_to_run():
@@ -283,9 +245,7 @@ def thread_runs(fn):
 def test_native_thread_count_invariance():
     require("cpu", "native")
     runs = thread_runs(ours_fn(768, "native"))
-    for run in runs[1:]:
-        for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight")):
-            assert_bitwise_equal(ours, first, f"{name}: 1 vs 2 vs 3 threads")
+    assert_runs_equal(runs, ("y", "dx", "dweight"), "1 vs 2 vs 3 threads")
 
 
 def per_thread_partials_rms_norm(x, weight):
@@ -316,37 +276,14 @@ def test_negative_control_thread_count():
 # ---------------------------------------------------------------------------------------------
 # the module: a drop-in for torch.nn.RMSNorm
 # ---------------------------------------------------------------------------------------------
-class TinyBlock(torch.nn.Module):
-    def __init__(self, norm_cls, d=48):
-        super().__init__()
-        self.norm_1 = norm_cls(d)
-        self.fc = torch.nn.Linear(d, d)
-        self.norm_2 = norm_cls([d], eps=1e-6)
-        self.norm_f = norm_cls((3, d), elementwise_affine=False)
-
-    def forward(self, x):
-        h = x + self.fc(self.norm_1(x))
-        return self.norm_f(self.norm_2(h).view(-1, 3, h.shape[-1]))
-
-
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_drop_in_module(device, backend):
     require(device, backend)
     torch.manual_seed(0)
-    ref = TinyBlock(torch.nn.RMSNorm).to(device)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    ours = TinyBlock(lambda *a, **k: fusedtx.nn.RMSNorm(*a, **k, backend=backend)).to(device)
-    assert ours.load_state_dict(ref.state_dict()) is not None
-    assert ours.state_dict().keys() == ref.state_dict().keys()
-    assert ref.load_state_dict(ours.state_dict()) is not None  # the round trip
-    x = make((4, 3, 48), torch.float32, device)
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    ours(x).square().sum().backward()
-    ref(x).square().sum().backward()
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    second, final = {"eps": 1e-6}, {"elementwise_affine": False}
+    ref = NormBlock(torch.nn.RMSNorm, second, final).to(device)
+    ours = NormBlock(lambda *a, **k: fusedtx.nn.RMSNorm(*a, **k, backend=backend), second, final).to(device)
+    assert_drop_in(ours, ref, make((4, 3, 48), torch.float32, device))
     m = fusedtx.nn.RMSNorm(16, elementwise_affine=False)
     assert m.weight is None and isinstance(m, torch.nn.RMSNorm) and m.eps is None
     assert repr(m) == repr(torch.nn.RMSNorm(16, elementwise_affine=False))
@@ -399,18 +336,9 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     require(device, backend)
-    torch._dynamo.reset()
     m = fusedtx.nn.RMSNorm(24, backend=backend).to(device)
-
-    def f(x):
-        return m(x * 2.0).square().sum()
-
-    x = make((4, 24), torch.float32, device).requires_grad_()
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    grads = torch.autograd.grad(loss, (x, m.weight))
-    expected = torch.autograd.grad(f(x), (x, m.weight))
-    for ours, ref in zip(grads, expected):
-        assert_bitwise_equal(ours, ref, "compiled vs eager")
+    assert_compiled_matches_eager(lambda x: m(x * 2.0).square().sum(), make((4, 24), torch.float32, device).requires_grad_(),
+                                  (m.weight,))
 
 
 def test_torch_compile_inductor():

@@ -6,8 +6,8 @@
 // Forward: rows spread over threads, one row per task step, two passes over a row that stays in
 // cache (the compensated sum of squares; normalise). Backward: row_norm.h's, shared with
 // LayerNorm, without the mean: fixed row groups (policy.ROW_GROUPS) of dx and dweight partials,
-// summed per column in group order. Nothing depends on the thread count (docs/design.md, "Lane
-// sums" and "Row groups").
+// summed per column in group order. Nothing depends on the thread count
+// (docs/design.md, "Lane sums" and "Row groups").
 #include <torch/library.h>
 
 #include "row_norm.h"

@@ -65,15 +65,7 @@ __global__ void __launch_bounds__(kMaxLanes)
     sq = two_sum(sq, mul_rn(d, d), r);
     sq_err = add_rn(sq_err, r);
   };
-  if constexpr (kCached) {
-#pragma unroll
-    for (int k = 0; k < kPerThread<C>; ++k) {
-      const int j = t + k * lanes;  // < 8192: cached rows are short
-      if (j < n) deviation(xr[k]);
-    }
-  } else {
-    for (int64_t j = t; j < n; j += lanes) deviation(load_as<C>(x_row + j));
-  }
+  row_norm::for_own_elements<kCached, kPerThread<C>>(xr, x_row, n, [&](int64_t, C xj) { deviation(xj); });
   const C c = div_rn(block_fold_lanes(acc, scratch), n_c);
   C var = sub_rn(div_rn(block_fold_lanes_compensated(sq, sq_err, scratch), n_c), mul_rn(c, c));
   if (var < C(0)) var = C(0);  // rounding only; NaN stays NaN
@@ -90,15 +82,7 @@ __global__ void __launch_bounds__(kMaxLanes)
     if (bias != nullptr) v = add_rn(v, load_as<C>(bias + j));
     store_rn(y_row + j, v);
   };
-  if constexpr (kCached) {
-#pragma unroll
-    for (int k = 0; k < kPerThread<C>; ++k) {
-      const int j = t + k * lanes;  // < 8192: cached rows are short
-      if (j < n) normalize(j, xr[k]);
-    }
-  } else {
-    for (int64_t j = t; j < n; j += lanes) normalize(j, load_as<C>(x_row + j));
-  }
+  row_norm::for_own_elements<kCached, kPerThread<C>>(xr, x_row, n, normalize);
 }
 
 template <typename T, typename W>

@@ -65,15 +65,7 @@ __global__ void __launch_bounds__(kMaxLanes)
     if (weight != nullptr) v = mul_rn(v, load_as<C>(weight + j));
     store_rn(y_row + j, v);
   };
-  if constexpr (kCached) {
-#pragma unroll
-    for (int k = 0; k < kPerThread<C>; ++k) {
-      const int j = t + k * lanes;  // < 8192: cached rows are short
-      if (j < n) normalize(j, xr[k]);
-    }
-  } else {
-    for (int64_t j = t; j < n; j += lanes) normalize(j, load_as<C>(x_row + j));
-  }
+  row_norm::for_own_elements<kCached, kPerThread<C>>(xr, x_row, n, normalize);
 }
 
 template <typename T, typename W>

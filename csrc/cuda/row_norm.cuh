@@ -61,6 +61,22 @@ cudaError_t dispatch(DType dtype, DType param_dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// fn(j, x[j]) for this thread's elements j = t, t + lanes, ... of a row in ascending order: from
+// the registers xr (kPerThread of them, the row cached) or loaded from x_row.
+template <bool kCached, int kPerThread, typename C, typename T, typename F>
+__device__ __forceinline__ void for_own_elements(const C* xr, const T* x_row, int64_t n, F&& fn) {
+  const int t = threadIdx.x, lanes = blockDim.x;
+  if constexpr (kCached) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int j = t + k * lanes;  // < 8192: cached rows are short
+      if (j < n) fn(j, xr[k]);
+    }
+  } else {
+    for (int64_t j = t; j < n; j += lanes) fn(j, load_as<C>(x_row + j));
+  }
+}
+
 template <typename C, bool kCentered>
 __device__ __forceinline__ C xhat_of(C x, C mean, C rstd) {
   if constexpr (kCentered) {

@@ -25,6 +25,7 @@ from ..policy import triton_layer_norm_backward_warps, triton_layer_norm_forward
 from ._common import LAUNCH_OPTIONS, fold_lanes_compensated, log2, needs_bf16_rounding, round_to_bf16, two_sum
 from ._row_norm import bwd_rows, plan_groups, sum_row_groups
 
+JIT_HELPERS = ("_normalize",)  # inlined into the forward; not launched on its own
 DW_BLOCK = 128  # columns per program of the partial-sum kernel (one warp); any width gives the same bits
 
 
