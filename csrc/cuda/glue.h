@@ -62,11 +62,22 @@ inline void check_stat(const at::Tensor& t, const at::Tensor& x, const char* op,
               x.scalar_type(), " x, got ", t.scalar_type());
 }
 
-// The backward's grad_y: x's shape, dtype and device.
-inline void check_grad_like(const at::Tensor& grad_y, const at::Tensor& x, const char* op) {
+// A row normalisation's backward arguments but its statistics and weight: x and grad_y contiguous
+// (rows, N) of one shape, dtype and device, the lanes, the row groups, one block per row without
+// parameter gradients. Returns x's DType.
+inline DType check_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, int64_t lanes, int64_t groups,
+                                 bool need_param_grads, const char* op) {
+  check_rows(x, at::kCUDA, op, "x");
+  check_rows(grad_y, at::kCUDA, op, "grad_y");
+  const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               op, ": grad_y must match x in shape, dtype and device: x is ", x.sizes(), " ", x.scalar_type(), " on ",
               x.device(), ", grad_y is ", grad_y.sizes(), " ", grad_y.scalar_type(), " on ", grad_y.device());
+  check_lanes(lanes, op);
+  TORCH_CHECK(groups >= 1 && groups <= INT32_MAX, op, ": groups must be in [1, 2^31 - 1], got ", groups);
+  TORCH_CHECK(need_param_grads || x.size(0) <= INT32_MAX, op,
+              ": x may have at most 2^31 - 1 rows (one thread block each), got ", x.size(0));
+  return dtype;
 }
 
 inline void check_launch(cudaError_t err, const char* op) {

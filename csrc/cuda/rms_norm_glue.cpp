@@ -39,15 +39,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
                                                           const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                                                           bool need_param_grads, int64_t lanes, int64_t groups) {
   constexpr const char* op = "rms_norm_backward";
-  check_rows(x, at::kCUDA, op, "x");
-  check_rows(grad_y, at::kCUDA, op, "grad_y");
-  const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
-  check_grad_like(grad_y, x, op);
+  const DType dtype = check_norm_backward(grad_y, x, lanes, groups, need_param_grads, op);
   check_stat(rstd, x, op, "rstd");
-  check_lanes(lanes, op);
-  TORCH_CHECK(groups >= 1 && groups <= INT32_MAX, op, ": groups must be in [1, 2^31 - 1], got ", groups);
-  TORCH_CHECK(need_param_grads || x.size(0) <= INT32_MAX, op,
-              ": x may have at most 2^31 - 1 rows (one thread block each), got ", x.size(0));
   const at::Tensor* w = check_param(weight, x, op, "weight");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), n = x.size(1);
