@@ -32,7 +32,8 @@ CPU_HEADLINE_RATIO = 2.0
 GPU_FRACTIONS = {"forward": 0.85, "backward": 0.70}
 
 
-def make_cases(device: torch.device, quick: bool) -> list[Case]:
+def make_cases(device: torch.device, quick: bool, kernel: str = KERNEL) -> list[Case]:
+    """The sweep of a row normalisation (bench_rms_norm.py takes it too)."""
     cuda = device.type == "cuda"
     providers = ("fusedtx_native", "fusedtx_triton", "torch", "torch_compile")
     if quick:
@@ -42,7 +43,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
     else:
         shapes = [(4096, 768), (4096, 1024), (4096, 4096)]
     dtypes = (torch.float32, torch.bfloat16) if cuda else (torch.float32,)
-    return [Case(KERNEL, s, dtype, "N", s[-1], providers) for dtype in dtypes for s in shapes]
+    return [Case(kernel, s, dtype, "N", s[-1], providers) for dtype in dtypes for s in shapes]
 
 
 class LayerNormBench(OpBench):
@@ -79,22 +80,23 @@ class LayerNormBench(OpBench):
         return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
-def summarize(rows: list[dict], ceilings: dict, args) -> None:
+def summarize(rows: list[dict], ceilings: dict, args, kernel: str = KERNEL) -> None:
+    """The ratio table and headline targets of a row normalisation (bench_rms_norm.py's too)."""
     copy_bw = ceilings.get("copy_bandwidth")
     print_summary_header(ceilings, args)
-    bw = print_ratio_table(rows, KERNEL, "torch", "torch_compile")
+    bw = print_ratio_table(rows, kernel, "torch", "torch_compile")
     print()
     print("Headline targets (printed, not asserted):")
     if args.device.type == "cpu":
         for shape in CPU_HEADLINE_SHAPES:
             shape_s = shape_str(shape)
             for mode in ("forward", "backward"):
-                print_target(f"CPU {KERNEL} float32 {shape_s} {mode:8s}: fusedtx_native >= "
+                print_target(f"CPU {kernel} float32 {shape_s} {mode:8s}: fusedtx_native >= "
                              f"{CPU_HEADLINE_RATIO:.1f}x torch eager",
-                             bw.get((KERNEL, "float32", shape_s, mode, "fusedtx_native")),
-                             bw.get((KERNEL, "float32", shape_s, mode, "torch")), CPU_HEADLINE_RATIO)
+                             bw.get((kernel, "float32", shape_s, mode, "fusedtx_native")),
+                             bw.get((kernel, "float32", shape_s, mode, "torch")), CPU_HEADLINE_RATIO)
     else:
-        print_bandwidth_targets(bw, KERNEL, GPU_FRACTIONS, copy_bw)
+        print_bandwidth_targets(bw, kernel, GPU_FRACTIONS, copy_bw)
     if args.quick:
         print("  (--quick: tiny sizes, so the headline shapes were not measured)")
 

@@ -81,6 +81,7 @@ run_for 90 $PY benchmarks/bench_causal_attention.py "${lean[@]}" \
 run_for 60 $PY benchmarks/bench_linear.py "${lean[@]}" --providers fusedtx_triton,fusedtx_native,torch \
     || echo "bench linear FAILED or timed out"
 run_for 45 $PY benchmarks/bench_layer_norm.py "${lean[@]}" || echo "bench layer_norm FAILED or timed out"
+run_for 30 $PY benchmarks/bench_rms_norm.py "${lean[@]}" || echo "bench rms_norm FAILED or timed out"
 run_for 45 $PY benchmarks/bench_softmax.py "${lean[@]}" --providers fusedtx_triton,fusedtx_native,torch \
     || echo "bench softmax FAILED or timed out"
 run_for 75 $PY benchmarks/bench_gpt.py --device cuda --out "$OUT/results.csv" --skip-ceilings --no-plot \

@@ -29,6 +29,9 @@ def main(dev: str = "cuda") -> None:
             b = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
             y = fusedtx.layer_norm(x, n, w, b, backend="native")
             y.backward(torch.randn_like(y))
+            w_rms = (w.detach().float() if dtype == torch.bfloat16 else w.detach()).requires_grad_()  # HF's mix too
+            y = fusedtx.rms_norm(x, n, w_rms, backend="native")
+            y.backward(torch.randn_like(y))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for m, k, n, act in ((1, 7, 5, "gelu"), (130, 300, 129, "gelu_tanh"), (3, 768, 4099, None)):
             x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)

@@ -33,6 +33,13 @@ TORCH_LIBRARY(fusedtx_native, m) {
   m.def(
       "layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool need_param_grads, int lanes, int groups) -> (Tensor, Tensor, Tensor)");
+  // RMSNorm over the last dim of a contiguous (rows, N) tensor, as reference.rms_norm_forward /
+  // rms_norm_backward: rstd and dweight in the compute dtype (float64 for float64 x, else
+  // float32); dweight is empty when need_param_grads is false.
+  m.def("rms_norm_forward(Tensor x, Tensor? weight, float eps, int lanes) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_backward(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, bool need_param_grads, int lanes, "
+      "int groups) -> (Tensor, Tensor)");
   // y = act(a @ b + bias) for 2-D a (M, K) and b (K, N) of any strides (the forward passes
   // weight.t(), the backward weight and grad.t()), as reference.linear_matmul: per element, an FMA
   // chain from +0 over each block of k_block (128) k's in ascending order, the block sums added in

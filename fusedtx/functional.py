@@ -13,6 +13,7 @@ from . import backends
 from .ops import causal_attention as _causal_attention
 from .ops import layer_norm as _layer_norm
 from .ops import linear as _linear
+from .ops import rms_norm as _rms_norm
 from .ops import softmax as _softmax
 
 
@@ -49,6 +50,24 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     """
     grad = _needs_grad(x, weight, bias)
     return _layer_norm.layer_norm(x, normalized_shape, weight, bias, eps, _backend(backend, x), grad=grad)[0]
+
+
+def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None, eps: float | None = None, *,
+             backend: str | None = None) -> torch.Tensor:
+    """torch.nn.functional.rms_norm, fused and batch-invariant: x / sqrt(mean(x^2) + eps) * weight
+    over the trailing `normalized_shape` dims, float32 statistics (float64 for float64 x) with a
+    compensated sum of squares. eps None is torch's default, the machine epsilon of the compute
+    dtype (float32's for float16/bfloat16 x, as torch.rms_norm takes it).
+
+    weight may be float32 beside a float16/bfloat16 x; the output has x's dtype, rounded once
+    after the weight (HF's LlamaRMSNorm rounds before it: docs/design.md, "RMSNorm"). Each row's
+    output and input gradient depend on that row alone; the weight gradient is summed in a
+    fixed order, so it is the same bits run after run.
+    """
+    if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    grad = _needs_grad(x, weight)
+    return _rms_norm.rms_norm(x, normalized_shape, weight, eps, _backend(backend, x), grad=grad)[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -35,6 +35,19 @@ class LayerNorm(torch.nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in for torch.nn.RMSNorm (same arguments, parameters and state_dict) running
+    fusedtx.rms_norm: batch-invariant output and input gradient, a deterministic weight gradient."""
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, backend: str | None = None):
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+
+
 class Linear(torch.nn.Linear):
     """Drop-in for torch.nn.Linear (same arguments, parameters and state_dict) running
     fusedtx.linear: every output row's bits are independent of the batch; optional fused GELU."""

@@ -59,8 +59,8 @@ def triton_row_warps(block: int) -> int:
 
 
 def triton_layer_norm_forward_warps(block: int) -> int:
-    """The layer_norm forward keeps the row, its deviations and the compensated square sum's
-    (sum, error) lanes live: 32 warps above 8192 columns, 16 float32 a thread per vector, the
+    """The layer_norm forward (and the rms_norm forward, with one vector fewer) keeps the row, its
+    deviations and the compensated square sum's (sum, error) lanes live: 32 warps above 8192 columns, 16 float32 a thread per vector, the
     width that spills least under both Triton versions (tests/_lower_triton.py SPILL_BUDGETS).
     The lane fold is explicit (kernels/_common.py fold_lanes*), so the warp count changes no
     bits."""
@@ -68,7 +68,8 @@ def triton_layer_norm_forward_warps(block: int) -> int:
 
 
 def triton_layer_norm_backward_warps(block: int) -> int:
-    """The layer_norm backward keeps ~7 block-wide float32 vectors live (x, dy, w, xhat, g and the
+    """The layer_norm and rms_norm backward (one kernel, kernels/_row_norm.py) keeps ~7 block-wide
+    float32 vectors live (x, dy, w, xhat, g and the
     dw/db partials): 8 elements per thread fit 128 registers up to 4096 columns (ptxas -v, sm_90);
     wider blocks spill some at any width, least with 1024 threads."""
     return min(max(block // 256, 4), 32)

@@ -97,6 +97,27 @@ def layer_norm_rows(backend, dtype):
     yield "layer_norm/6x40/no_params/dx", _grads(y, [x], 8)[0]
 
 
+def rms_norm_rows(backend, dtype):
+    weight_dtypes = [dtype] + ([torch.float32] if dtype in (torch.bfloat16, torch.float16) else [])
+    for shape, norm in (((4, 3, 48), (48,)), ((5, 200), (200,)), ((3, 4, 6), (4, 6))):
+        for wdt in weight_dtypes:
+            tag = f"{'x'.join(map(str, shape))}/weight_{str(wdt).replace('torch.', '')}"
+            x = exact_values(shape, 21, dtype, 3.0)
+            w = exact_values(norm, 22, wdt).requires_grad_(True)
+            with torch.no_grad():
+                yield f"rms_norm/{tag}/forward", fusedtx.rms_norm(x, norm, w, 1e-5, backend=backend)
+            x.requires_grad_(True)
+            y = fusedtx.rms_norm(x, norm, w, 1e-5, backend=backend)
+            yield f"rms_norm/{tag}/forward_grad_mode", y
+            dx, dw = _grads(y, [x, w], 23)
+            yield f"rms_norm/{tag}/dx", dx
+            yield f"rms_norm/{tag}/dweight", dw
+    x = exact_values((6, 40), 24, dtype).requires_grad_(True)
+    y = fusedtx.rms_norm(x, (40,), backend=backend)  # eps None: torch's default
+    yield "rms_norm/6x40/no_weight/forward_grad_mode", y
+    yield "rms_norm/6x40/no_weight/dx", _grads(y, [x], 25)[0]
+
+
 def linear_rows(backend, dtype):
     for act in (None, "gelu", "gelu_tanh"):
         for shape, k, n in (((7, 33), 33, 20), ((2, 3, 150), 150, 44)):
@@ -172,6 +193,7 @@ def model_rows(backend, dtype):
 
 OPS = {"softmax": (softmax_rows, ("float32", "bfloat16", "float16")),
        "layer_norm": (layer_norm_rows, ("float32", "bfloat16", "float16", "float64")),
+       "rms_norm": (rms_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "linear": (linear_rows, ("float32", "bfloat16", "float16", "float64")),
        "causal_attention": (attention_rows, ("float32", "bfloat16", "float16")),
        "gpt": (model_rows, ("float32",))}

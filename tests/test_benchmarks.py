@@ -17,6 +17,7 @@ from results_csv import CSV_COLUMNS  # noqa: E402
 SCRIPTS = {
     "bench_softmax.py": ("fusedtx_native,torch,torch_unfused", {"softmax", "softmax_causal"}),
     "bench_layer_norm.py": ("fusedtx_native,torch", {"layer_norm"}),
+    "bench_rms_norm.py": ("fusedtx_native,torch", {"rms_norm"}),
     "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),
     "bench_causal_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
 }

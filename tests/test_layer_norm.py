@@ -11,28 +11,12 @@ from fusedtx import policy
 import fusedtx
 from fusedtx import reference
 from fusedtx.ops import layer_norm as layer_norm_op
-from helpers import (
-    DEVICE_BACKENDS,
-    assert_accuracy,
-    assert_bitwise_equal,
-    bitwise_equal,
-    garbage_like,
-    poisoned_outputs,
-    record_bitexact,
-    rel_error,
-    require,
-    under_each_thread_count,
-)
+from helpers import assert_accuracy, assert_bitwise_equal, assert_compiled_matches_eager, assert_drop_in
+from helpers import require_parity_case, assert_runs_equal, bitwise_equal, DEVICE_BACKENDS, grads_of, make, NORM_DTYPE_IDS
+from helpers import NORM_DTYPE_PAIRS, poisoned_outputs, record_bitexact, rel_error, require, row_invariance_failures
+from helpers import NormBlock, scattered_row_sum, under_each_thread_count
 
-# (x dtype, parameter dtype): plain precisions and the autocast mix (low-precision x, fp32 params)
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
-DTYPE_IDS = ["f32", "bf16", "f16", "bf16-f32params", "f16-f32params"]
+
 # (x shape, normalized_shape, affine): odd widths, multi-dim normalized shapes, no affine
 CASES = [
     ((4, 1), (1,), "both"),
@@ -47,29 +31,17 @@ CASES = [
 CASE_IDS = ["N1", "N7", "N768", "N1000-noBias", "2d-shape", "no-affine", "0rows", "131rows"]
 
 
-def make(shape, dtype, device, seed=0, scale=2.0, shift=0.5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale + shift).to(dtype).to(device)
-
-
 def make_params(normalized_shape, affine, dtype, device, seed=10):
     weight = make(normalized_shape, dtype, device, seed, 0.5, 1.0) if affine in ("both", "weight") else None
     bias = make(normalized_shape, dtype, device, seed + 1, 0.5, 0.0) if affine == "both" else None
     return weight, bias
 
 
-def grads_of(fn, x, weight, bias, dy):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-    y = fn(*leaves)
-    inputs = [t for t in leaves if t is not None]
-    return (y, *torch.autograd.grad(y, inputs, dy)) if x.numel() else (y, *[torch.zeros_like(t) for t in inputs])
-
-
 # ---------------------------------------------------------------------------------------------
 # accuracy (contract point 1), gradcheck
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtypes", NORM_DTYPE_PAIRS, ids=NORM_DTYPE_IDS)
 @pytest.mark.parametrize("shape,normalized_shape,affine", CASES, ids=CASE_IDS)
 def test_accuracy_output_and_gradients(device, backend, dtypes, shape, normalized_shape, affine):
     require(device, backend)
@@ -221,15 +193,11 @@ def test_negative_control_statistics_accuracy(shape, offset, dtype, seeds):
 # reference parity (point 6)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS + [(torch.float64, torch.float64)], ids=DTYPE_IDS + ["f64"])
+@pytest.mark.parametrize("dtypes", NORM_DTYPE_PAIRS + [(torch.float64, torch.float64)], ids=NORM_DTYPE_IDS + ["f64"])
 @pytest.mark.parametrize("shape,normalized_shape,affine", CASES, ids=CASE_IDS)
 def test_bitwise_equal_to_reference(device, backend, dtypes, shape, normalized_shape, affine):
-    require(device, backend)
-    if backend == "reference":
-        pytest.skip("the reference is compared with itself by the determinism test")
     x_dtype, p_dtype = dtypes
-    if backend == "triton" and x_dtype == torch.float64:
-        pytest.skip("the triton backend computes in float32")
+    require_parity_case(device, backend, x_dtype)
     x = make(shape, x_dtype, device)
     dy = make(shape, x_dtype, device, seed=3, scale=1.0, shift=0.0)
     weight, bias = make_params(normalized_shape, affine, p_dtype, device)
@@ -284,34 +252,19 @@ def matmul_layer_norm(x, weight, bias, backend=None):
     return (d / torch.sqrt((d * d) @ ones / n + 1e-5) * weight + bias).to(x.dtype)
 
 
-def fusedtx_layer_norm(x, weight, bias, backend=None):
-    return fusedtx.layer_norm(x, x.shape[-1], weight, bias, backend=backend)
-
-
-def invariance_failures(fn, backend, device, dtype, n=768):
-    g = torch.Generator().manual_seed(5)
-    weight, bias = make_params((n,), "both", dtype, device)
-    probe = make((1, n), dtype, device, seed=7)
-    alone = fn(probe, weight, bias, backend)
-    failures = []
-    for batch in (2, 3, 17, 64):
-        for index in sorted({0, batch // 2, batch - 1}):
-            x = garbage_like(torch.empty(batch, n, dtype=dtype, device=device), g)
-            x[index] = probe[0]
-            if not bitwise_equal(fn(x, weight, bias, backend)[index : index + 1], alone):
-                failures.append((batch, index))
-    return failures
-
-
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_batch_invariance_of_output(device, backend, dtype):
     require(device, backend)
-    assert invariance_failures(fusedtx_layer_norm, backend, device, dtype) == []
+    weight, bias = make_params((768,), "both", dtype, device)
+    assert row_invariance_failures(lambda x: fusedtx.layer_norm(x, 768, weight, bias, backend=backend), 768, dtype,
+                                   device) == []
 
 
 def test_negative_control_batch_invariance():
-    assert invariance_failures(matmul_layer_norm, None, "cpu", torch.float32), "the check missed a batch-variant LayerNorm"
+    weight, bias = make_params((768,), "both", torch.float32, "cpu")
+    assert row_invariance_failures(lambda x: matmul_layer_norm(x, weight, bias), 768, torch.float32, "cpu"), \
+        "the check missed a batch-variant LayerNorm"
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -342,26 +295,14 @@ def test_gradients_bitwise_run_to_run(device, backend):
     weight, bias = make_params((96,), "both", torch.float32, device)
     runs = [grads_of(lambda a, w, b: fusedtx.layer_norm(a, 96, w, b, backend=backend), x, weight, bias, dy)
             for _ in range(20)]
-    for run in runs[1:]:
-        for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight", "dbias")):
-            assert_bitwise_equal(ours, first, f"{name}, repeated")
-
-
-def scattered_weight_grad(dy, xhat, generator):
-    """dweight summed over rows in an order that changes from run to run, as with atomic adds
-    from whichever block finishes first. The negative control for the determinism check."""
-    order = torch.randperm(dy.shape[0], generator=generator)
-    total = torch.zeros(dy.shape[1])
-    for r in order:
-        total = total + dy[r] * xhat[r]
-    return total
+    assert_runs_equal(runs, ("y", "dx", "dweight", "dbias"), "repeated")
 
 
 def test_negative_control_run_to_run():
     x, dy = make((200, 64), torch.float32, "cpu"), make((200, 64), torch.float32, "cpu", seed=1)
     xhat = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
     g = torch.Generator().manual_seed(0)
-    runs = [scattered_weight_grad(dy, xhat, g) for _ in range(20)]
+    runs = [scattered_row_sum(dy * xhat, g) for _ in range(20)]
     assert any(not bitwise_equal(run, runs[0]) for run in runs[1:]), "the repeat check missed an order-dependent sum"
 
 
@@ -371,9 +312,7 @@ def test_native_thread_count_invariance():
     weight, bias = make_params((768,), "both", torch.float32, "cpu")
     runs = under_each_thread_count(lambda: grads_of(lambda a, w, b: fusedtx.layer_norm(a, 768, w, b, backend="native"),
                                          x, weight, bias, dy))
-    for run in runs[1:]:
-        for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight", "dbias")):
-            assert_bitwise_equal(ours, first, f"{name}: 1 vs 2 vs 3 threads")
+    assert_runs_equal(runs, ("y", "dx", "dweight", "dbias"), "1 vs 2 vs 3 threads")
 
 
 def test_negative_control_thread_count():
@@ -387,36 +326,14 @@ def test_negative_control_thread_count():
 # ---------------------------------------------------------------------------------------------
 # the module: a drop-in for torch.nn.LayerNorm
 # ---------------------------------------------------------------------------------------------
-class TinyBlock(torch.nn.Module):
-    def __init__(self, norm_cls, d=48):
-        super().__init__()
-        self.ln_1 = norm_cls(d)
-        self.fc = torch.nn.Linear(d, d)
-        self.ln_2 = norm_cls(d, elementwise_affine=True, bias=False)
-        self.ln_f = norm_cls((3, d), eps=1e-6)
-
-    def forward(self, x):
-        h = x + self.fc(self.ln_1(x))
-        return self.ln_f(self.ln_2(h).view(-1, 3, h.shape[-1]))
-
-
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_drop_in_module(device, backend):
     require(device, backend)
     torch.manual_seed(0)
-    ref = TinyBlock(torch.nn.LayerNorm).to(device)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    ours = TinyBlock(lambda *a, **k: fusedtx.nn.LayerNorm(*a, **k, backend=backend)).to(device)
-    assert ours.load_state_dict(ref.state_dict()) is not None
-    assert ours.state_dict().keys() == ref.state_dict().keys()
-    x = make((4, 3, 48), torch.float32, device)
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    ours(x).square().sum().backward()
-    ref(x).square().sum().backward()
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    second, final = {"elementwise_affine": True, "bias": False}, {"eps": 1e-6}
+    ref = NormBlock(torch.nn.LayerNorm, second, final).to(device)
+    ours = NormBlock(lambda *a, **k: fusedtx.nn.LayerNorm(*a, **k, backend=backend), second, final).to(device)
+    assert_drop_in(ours, ref, make((4, 3, 48), torch.float32, device))
     m = fusedtx.nn.LayerNorm(16, elementwise_affine=False)
     assert m.weight is None and m.bias is None and isinstance(m, torch.nn.LayerNorm)
 
@@ -468,18 +385,9 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     require(device, backend)
-    torch._dynamo.reset()
     m = fusedtx.nn.LayerNorm(24, backend=backend).to(device)
-
-    def f(x):
-        return m(x * 2.0).square().sum()
-
-    x = make((4, 24), torch.float32, device).requires_grad_()
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    grads = torch.autograd.grad(loss, (x, m.weight, m.bias))
-    expected = torch.autograd.grad(f(x), (x, m.weight, m.bias))
-    for ours, ref in zip(grads, expected):
-        assert_bitwise_equal(ours, ref, "compiled vs eager")
+    assert_compiled_matches_eager(lambda x: m(x * 2.0).square().sum(), make((4, 24), torch.float32, device).requires_grad_(),
+                                  (m.weight, m.bias))
 
 
 def test_torch_compile_inductor():

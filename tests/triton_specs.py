@@ -10,7 +10,7 @@ only: the kernel modules hold kernels and launchers.
 import torch
 
 from fusedtx import policy, reference
-from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, softmax
+from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, rms_norm, softmax
 from fusedtx.kernels._common import log2
 
 
@@ -75,6 +75,32 @@ def layer_norm_specs():
     sig = {"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": "*fp32", "DB": "*fp32",
            "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
     specs.append((layer_norm._layer_norm_bwd_dwdb, sig, {"BLOCK_N": layer_norm.DWDB_BLOCK}, {"num_warps": 1}))
+    return specs
+
+
+def rms_norm_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: layer_norm's
+    three cases per dtype (small without a weight, widest with a float32 weight, looped)."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for w_dtype, block, looped, params in ((dtype, 1024, False, False), ("fp32", policy.TRITON_MAX_BLOCK, False, True),
+                                                (dtype, policy.TRITON_MAX_BLOCK, True, True)):
+            sig = {"X": f"*{dtype}", "W": f"*{w_dtype}", "Y": f"*{dtype}", "Rstd": "*fp32", "n_cols": "i32", "eps": "fp32",
+                   "HAS_WEIGHT": "constexpr", "LOOPED": "constexpr", "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr",
+                   "ROUND_BF16": "constexpr"}
+            specs.append((rms_norm._rms_norm_fwd, sig,
+                          {"HAS_WEIGHT": params, "LOOPED": looped, "BLOCK": block, "LOG2_BLOCK": log2(block),
+                           "ROUND_BF16": False}, {"num_warps": policy.triton_layer_norm_forward_warps(block)}))
+            sig = {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{w_dtype}", "Rstd": "*fp32", "DX": f"*{dtype}",
+                   "DW_partial": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
+                   "HAS_WEIGHT": "constexpr", "PARAM_GRADS": "constexpr", "LOOPED": "constexpr",
+                   "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((rms_norm._rms_norm_bwd_dx_fused, sig,
+                          {"HAS_WEIGHT": params, "PARAM_GRADS": params, "LOOPED": looped, "BLOCK": block,
+                           "LOG2_BLOCK": log2(block), "ROUND_BF16": False},
+                          {"num_warps": policy.triton_layer_norm_backward_warps(block)}))
+    sig = {"DW_partial": "*fp32", "DW": "*fp32", "n_groups": "i32", "n_cols": "i32", "BLOCK_N": "constexpr"}
+    specs.append((rms_norm._rms_norm_bwd_dw, sig, {"BLOCK_N": rms_norm.DW_BLOCK}, {"num_warps": 1}))
     return specs
 
 
@@ -218,4 +244,4 @@ def causal_attention_backward_specs():
 
 
 SPECS = {f"fusedtx.kernels.{fn.__name__[:-len('_specs')]}": fn for fn in (
-    softmax_specs, layer_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs)}
+    softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs)}

@@ -44,6 +44,26 @@ cudaError_t layer_norm_backward(const void* grad_y, const void* x, const void* m
                                 int64_t rows, int64_t n, bool need_param_grads, int lanes, int groups, DType dtype,
                                 DType param_dtype, cudaStream_t stream);
 
+// RMSNorm of each row of a contiguous (rows, n) tensor x, as reference.rms_norm_forward: one
+// block of `lanes` threads (a power of two in [32, 1024]) per row. x and y have dtype `dtype`;
+// weight is (n,) or nullptr, of dtype `param_dtype` (x's dtype or kFloat32); rstd is (rows,) in
+// the compute dtype (double for kFloat64 x, float otherwise).
+cudaError_t rms_norm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t n,
+                             double eps, int lanes, DType dtype, DType param_dtype, cudaStream_t stream);
+
+// Compute-dtype elements of the workspace rms_norm_backward needs when need_param_grads: the
+// (groups, n) partials of dweight.
+inline int64_t rms_norm_backward_workspace_elems(int64_t n, int64_t groups) { return groups * n; }
+
+// Gradients of rms_norm_forward, as reference.rms_norm_backward: grad_x (dtype `dtype`, like
+// grad_y and x) and, when need_param_grads, dweight ((n,), compute dtype) reduced over `groups`
+// fixed row groups through `workspace` (rms_norm_backward_workspace_elems elements); otherwise
+// dweight and workspace are unused and may be nullptr. rows == 0 launches no kernel (and
+// zero-fills dweight).
+cudaError_t rms_norm_backward(const void* grad_y, const void* x, const void* rstd, const void* weight, void* grad_x,
+                              void* dweight, void* workspace, int64_t rows, int64_t n, bool need_param_grads,
+                              int lanes, int groups, DType dtype, DType param_dtype, cudaStream_t stream);
+
 // y = act(a @ b + bias) as reference.linear_matmul: a (m, k) and b (k, n) with any strides (in
 // elements), bias (n,) contiguous or nullptr, all of dtype `dtype` (float32, float16 or
 // bfloat16); y and preact contiguous (m, n) of that dtype. Every element is one float32 FMA

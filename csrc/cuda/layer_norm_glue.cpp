@@ -16,33 +16,6 @@
 namespace fusedtx::cuda {
 namespace {
 
-at::ScalarType compute_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// weight / bias: absent, or a contiguous (N,) tensor on x's device of x's dtype or float32.
-// Returns it, or nullptr when absent.
-const at::Tensor* check_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* op,
-                              const char* name) {
-  if (!p.has_value() || !p->defined()) return nullptr;
-  const at::Tensor& t = *p;
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
-              ",) to match x's last dim, got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name, " must be ",
-              x.scalar_type(), " (x's dtype) or float32, got ", t.scalar_type());
-  return &t;
-}
-
-// mean / rstd from layer_norm_forward: contiguous (rows,) tensors in the compute dtype.
-void check_stat(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.is_contiguous(), op, ": ", name,
-              " must be a contiguous tensor of shape (", x.size(0), ",) (one value per row of x), got sizes ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == compute_dtype(x), op, ": ", name, " must be ", compute_dtype(x), " for ",
-              x.scalar_type(), " x, got ", t.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(const at::Tensor& x,
                                                                       const std::optional<at::Tensor>& weight,
                                                                       const std::optional<at::Tensor>& bias,
@@ -76,18 +49,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool need_param_grads, int64_t lanes, int64_t groups) {
   constexpr const char* op = "layer_norm_backward";
-  check_rows(x, at::kCUDA, op, "x");
-  check_rows(grad_y, at::kCUDA, op, "grad_y");
-  const DType dtype = dtype_of(x, op, /*allow_float64=*/true);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
-              op, ": grad_y must match x in shape, dtype and device: x is ", x.sizes(), " ", x.scalar_type(), " on ",
-              x.device(), ", grad_y is ", grad_y.sizes(), " ", grad_y.scalar_type(), " on ", grad_y.device());
+  const DType dtype = check_norm_backward(grad_y, x, lanes, groups, need_param_grads, op);
   check_stat(mean, x, op, "mean");
   check_stat(rstd, x, op, "rstd");
-  check_lanes(lanes, op);
-  TORCH_CHECK(groups >= 1 && groups <= INT32_MAX, op, ": groups must be in [1, 2^31 - 1], got ", groups);
-  TORCH_CHECK(need_param_grads || x.size(0) <= INT32_MAX, op,
-              ": x may have at most 2^31 - 1 rows (one thread block each), got ", x.size(0));
   const at::Tensor* w = check_param(weight, x, op, "weight");
   const DType param_dtype = w ? dtype_of(*w, op, true) : dtype;
 

@@ -11,18 +11,13 @@ row that fits one block is held in registers (one read, one write); a longer row
 blocks in three passes (the sum for the first mean; the plain sum of the deviations d0 and the
 compensated sum of their squares; normalise + store), the later passes mostly from L2.
 
-Backward, two kernels and no atomics:
-  * `_layer_norm_bwd_dx_fused`: one program per row group (reference.row_group_sum: groups of
-    R = ceil(rows / groups) consecutive rows, policy.ROW_GROUPS groups). It walks its rows in ascending
-    order, writes each row's dx, and adds dy * xhat and dy into its own float32 partial row of a
-    (groups, N) buffer: kept in registers and written once when the row fits a block, else
-    read-modify-written block by block (only this program touches that row, so the order is
-    fixed). Without parameter gradients it is simply one program per row.
+Backward, two kernels and no atomics, written once for LayerNorm and RMSNorm in _row_norm.py:
+  * `_layer_norm_bwd_dx_fused` (_row_norm.bwd_rows): one program per row group
+    (reference.row_group_sum, policy.ROW_GROUPS groups), dx of its rows and its own float32
+    partial rows of dweight and dbias; one program per row without parameter gradients.
   * `_layer_norm_bwd_dwdb`: one program per block of columns adds the partial rows in
-    ascending group order from +0.
-Only the non-empty groups (ceil(rows / R) of them) are launched and summed: an empty group's
-partial is +0, and adding +0 to a sum that started at +0 never changes it, so the result is
-the reference's group sum exactly, without writing and reading rows of zeros.
+    ascending group order from +0 (_row_norm.sum_row_groups).
+Only the non-empty groups are launched and summed (_row_norm.plan_groups).
 """
 from __future__ import annotations
 
@@ -33,8 +28,7 @@ import triton.language as tl
 from ..policy import triton_layer_norm_backward_warps, triton_layer_norm_forward_warps
 from ._common import (LAUNCH_OPTIONS, fold_lanes, fold_lanes_compensated, log2, needs_bf16_rounding, round_to_bf16,
                       two_sum)
-
-JIT_HELPERS = ("_bwd_block",)  # inlined into the kernels; not launched on its own
+from ._row_norm import bwd_rows, plan_groups, sum_row_groups
 DWDB_BLOCK = 128  # columns per program of the partial-sum kernel (one warp); any width gives the same bits
 
 
@@ -103,110 +97,20 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, n_cols, eps,
 
 
 @triton.jit
-def _bwd_block(x_row, dy_row, W, start, cols, n_cols, mean, rstd, HAS_WEIGHT: tl.constexpr):
-    """One block of a wide row for the backward's two passes: (inside, dy, xhat, g)."""
-    inside = start + cols < n_cols
-    x = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-    dy = tl.load(dy_row + start + cols, mask=inside, other=0.0).to(tl.float32)
-    xhat = (x - mean) * rstd
-    if HAS_WEIGHT:
-        g = dy * tl.load(W + start + cols, mask=inside, other=0.0).to(tl.float32)
-    else:
-        g = dy
-    return inside, dy, xhat, g
-
-
-@triton.jit
 def _layer_norm_bwd_dx_fused(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial,
                              n_rows, n_cols, rows_per_program,
                              HAS_WEIGHT: tl.constexpr, PARAM_GRADS: tl.constexpr, LOOPED: tl.constexpr,
                              BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
-    group = tl.program_id(0).to(tl.int64)
-    row_start = group * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    # This program's own partial rows: nobody else reads or writes them until _layer_norm_bwd_dwdb.
-    dw_part = DW_partial + group * n_cols
-    db_part = DB_partial + group * n_cols
-    cols = tl.arange(0, BLOCK)
-    n = tl.cast(n_cols, tl.float32)
-    if not LOOPED:
-        inside = cols < n_cols
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK,), tl.float32)  # the group's partials start at +0
-        db = tl.zeros((BLOCK,), tl.float32)
-        for row in range(row_start, row_end):
-            x = tl.load(X + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + row)
-            rstd = tl.load(Rstd + row)
-            xhat = (x - mean) * rstd
-            if HAS_WEIGHT:
-                g = dy * w
-            else:
-                g = dy
-            # Past the end xhat = -mean * rstd, not 0: mask the products, not just the loads.
-            mean_g = tl.math.div_rn(fold_lanes(0.0 + tl.where(inside, g, 0.0), LOG2_BLOCK), n)
-            mean_gx = tl.math.div_rn(fold_lanes(0.0 + tl.where(inside, g * xhat, 0.0), LOG2_BLOCK), n)
-            dx = (g - (xhat * mean_gx + mean_g)) * rstd
-            if ROUND_BF16:
-                dx = round_to_bf16(dx)
-            tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=inside)
-            if PARAM_GRADS:
-                dw = dw + dy * xhat
-                db = db + dy
-        if PARAM_GRADS:
-            tl.store(dw_part + cols, dw, mask=inside)
-            tl.store(db_part + cols, db, mask=inside)
-    else:
-        for row in range(row_start, row_end):
-            x_row = X + row * n_cols
-            dy_row = DY + row * n_cols
-            mean = tl.load(Mean + row)
-            rstd = tl.load(Rstd + row)
-            # The group's first row reads no partials (other=+0): the buffer needs no zeroing.
-            n_seen = tl.where(row > row_start, n_cols, 0)
-            acc_g = tl.zeros((BLOCK,), tl.float32)
-            acc_gx = tl.zeros((BLOCK,), tl.float32)
-            for start in range(0, n_cols, BLOCK):
-                inside, dy, xhat, g = _bwd_block(x_row, dy_row, W, start, cols, n_cols, mean, rstd, HAS_WEIGHT)
-                acc_g = acc_g + tl.where(inside, g, 0.0)
-                acc_gx = acc_gx + tl.where(inside, g * xhat, 0.0)
-            mean_g = tl.math.div_rn(fold_lanes(acc_g, LOG2_BLOCK), n)
-            mean_gx = tl.math.div_rn(fold_lanes(acc_gx, LOG2_BLOCK), n)
-            for start in range(0, n_cols, BLOCK):
-                inside, dy, xhat, g = _bwd_block(x_row, dy_row, W, start, cols, n_cols, mean, rstd, HAS_WEIGHT)
-                dx = (g - (xhat * mean_gx + mean_g)) * rstd
-                if ROUND_BF16:
-                    dx = round_to_bf16(dx)
-                tl.store(DX + row * n_cols + start + cols, dx.to(DX.dtype.element_ty), mask=inside)
-                if PARAM_GRADS:
-                    seen = start + cols < n_seen
-                    dw = tl.load(dw_part + start + cols, mask=seen, other=0.0)
-                    db = tl.load(db_part + start + cols, mask=seen, other=0.0)
-                    tl.store(dw_part + start + cols, dw + dy * xhat, mask=inside)
-                    tl.store(db_part + start + cols, db + dy, mask=inside)
-            if PARAM_GRADS:
-                # The next row re-reads these partials: make every thread's stores visible to
-                # every other thread of the program, whatever layouts the compiler picked.
-                tl.debug_barrier()
+    bwd_rows(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, n_rows, n_cols, rows_per_program,
+             True, HAS_WEIGHT, PARAM_GRADS, LOOPED, BLOCK, LOG2_BLOCK, ROUND_BF16)
 
 
 @triton.jit
 def _layer_norm_bwd_dwdb(DW_partial, DB_partial, DW, DB, n_groups, n_cols, BLOCK_N: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = cols < n_cols
-    dw_part = DW_partial + cols  # pointers advance by whole rows: 64-bit, no int overflow
-    db_part = DB_partial + cols
-    dw = tl.zeros((BLOCK_N,), tl.float32)
-    db = tl.zeros((BLOCK_N,), tl.float32)
-    for _ in range(0, n_groups):  # ascending group order, as reference.row_group_sum
-        dw = dw + tl.load(dw_part, mask=inside, other=0.0)
-        db = db + tl.load(db_part, mask=inside, other=0.0)
-        dw_part += n_cols
-        db_part += n_cols
-    tl.store(DW + cols, dw, mask=inside)
-    tl.store(DB + cols, db, mask=inside)
+    tl.store(DW + cols, sum_row_groups(DW_partial + cols, n_groups, n_cols, inside, BLOCK_N), mask=inside)
+    tl.store(DB + cols, sum_row_groups(DB_partial + cols, n_groups, n_cols, inside, BLOCK_N), mask=inside)
 
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -245,13 +149,11 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     if rows == 0:
         return dx, dw, db
     block = lanes
+    rows_per_program, n_groups = plan_groups(rows, groups, need_param_grads)
     if need_param_grads:
-        rows_per_program = -(-rows // groups)
-        n_groups = -(-rows // rows_per_program)  # the non-empty groups (module docstring)
         dw_partial = torch.empty(n_groups, cols, dtype=torch.float32, device=x.device)
         db_partial = torch.empty(n_groups, cols, dtype=torch.float32, device=x.device)
     else:
-        rows_per_program, n_groups = 1, rows
         dw_partial = db_partial = dx  # never touched when PARAM_GRADS is False
     _layer_norm_bwd_dx_fused[(n_groups,)](
         grad_y, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial,

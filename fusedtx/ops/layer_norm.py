@@ -12,15 +12,12 @@ atomics, the same bits for any thread count or GPU. Row sums use policy.row_lane
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
 from .. import policy, reference
-from ._dispatch import Kernel, check_backend, check_real, register
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-SUPPORTED_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
+from ._dispatch import Kernel, check_backend, register
+from ._row_norm import as_rows as _as_rows, check_norm_args, flat as _flat, stats_shape as _stats_shape
 
 # (x, weight, bias, eps, lanes) -> (y, mean, rstd)
 forward_kernel = Kernel("layer_norm_forward", "layer_norm")
@@ -28,68 +25,11 @@ forward_kernel = Kernel("layer_norm_forward", "layer_norm")
 backward_kernel = Kernel("layer_norm_backward", "layer_norm")
 
 
-def _is_size(d) -> bool:
-    """An int, or a SymInt: torch.compile(dynamic=True) traces sizes taken from x.shape so."""
-    return isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool)
-
-
-def normalize_shape(normalized_shape) -> tuple[int, ...]:
-    if _is_size(normalized_shape):
-        return (normalized_shape,)
-    if isinstance(normalized_shape, (tuple, list, torch.Size, Sequence)) and all(map(_is_size, normalized_shape)):
-        return tuple(normalized_shape)
-    raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-
-
 def check_args(x, normalized_shape, weight, bias, eps, backend):
     """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"layer_norm: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    check_backend(backend, "layer_norm")
-    if backend == "triton" and x.dtype == torch.float64:
-        raise TypeError("layer_norm: the triton backend computes in float32 and does not take float64 x; "
-                        "use backend='native' or 'reference' for float64")
-    shape = normalize_shape(normalized_shape)
-    if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"layer_norm: normalized_shape must be non-empty with positive sizes, got {list(shape)}")
-    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
-        raise ValueError(f"layer_norm: normalized_shape {list(shape)} must match the trailing dims of x, "
-                         f"got x of shape {list(x.shape)}")
-    param_dtype = None
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"layer_norm: {name} must be a torch.Tensor or None, got {type(p).__name__}")
-        if tuple(p.shape) != shape:
-            raise ValueError(f"layer_norm: {name} must have shape {list(shape)} (normalized_shape), got {list(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"layer_norm: {name} is on {p.device} but x is on {x.device}; put them on one device")
-        allowed = (x.dtype, torch.float32) if x.dtype in LOW_PRECISION else (x.dtype,)
-        if p.dtype not in allowed:
-            raise TypeError(f"layer_norm: {name} must be {' or '.join(map(str, allowed))} for {x.dtype} x, got {p.dtype}")
-        if param_dtype is not None and p.dtype != param_dtype:
-            raise TypeError(f"layer_norm: weight ({param_dtype}) and bias ({p.dtype}) must share a dtype")
-        param_dtype = p.dtype
-    # eps = 0 as torch allows: a constant row then gives NaN, as torch's does.
-    return x, shape, weight, bias, check_real(eps, "layer_norm", "eps", least=0.0), backend
-
-
-def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
-    if p is None or (p.dim() == 1 and p.is_contiguous()):
-        return p
-    return p.contiguous().view(-1)
-
-
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """t as a contiguous (rows, n) tensor: t itself when it is one (a view costs Python time)."""
-    return t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.contiguous().view(-1, n)
-
-
-def _stats_shape(x: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(x.shape[: x.dim() - len(shape)])
+    x, shape, (weight, bias), eps, backend = check_norm_args("layer_norm", x, normalized_shape,
+                                                             {"weight": weight, "bias": bias}, eps, backend)
+    return x, shape, weight, bias, eps, backend
 
 
 def _forward(x, shape, weight, bias, eps, backend):

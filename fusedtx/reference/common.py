@@ -151,6 +151,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_length(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """N = x.shape[1] as a tensor of the compute dtype, the divisor of a row mean. A tensor, not a
+    Python number: PyTorch's CUDA kernels turn division by a Python number into multiplication
+    by its reciprocal, which is not the correctly rounded division the kernels do."""
+    return torch.tensor(x.shape[1], dtype=acc, device=x.device)
+
+
+def rstd_of(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt_rn(var + eps), eps rounded to var's dtype: LayerNorm's and RMSNorm's rstd."""
+    return 1.0 / sqrt_rn(var + torch.tensor(eps, dtype=var.dtype, device=var.device))
+
+
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """a * b + c for float32 tensors with one rounding, as the kernels' FMA instructions do.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import compute_dtype, lane_sum, lane_sum_compensated, row_group_sum, sqrt_rn
+from .common import compute_dtype, lane_sum, lane_sum_compensated, row_group_sum, row_length, rstd_of
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        lanes: int):
@@ -29,16 +29,14 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     any N / lanes (a plain float32 sum of 2**20 squares over 64 lanes is ~8x PyTorch's error).
     """
     acc = compute_dtype(x.dtype)
-    # N as a tensor: PyTorch's CUDA kernels turn division by a Python number into multiplication
-    # by its reciprocal, which is not the correctly rounded division the kernels do.
-    n = torch.tensor(x.shape[1], dtype=acc, device=x.device)
+    n = row_length(x, acc)
     xa = x.to(acc)
     mean0 = lane_sum(xa, lanes) / n
     d0 = xa - mean0[:, None]
     c = lane_sum(d0, lanes) / n
     var = lane_sum_compensated(d0 * d0, lanes) / n - c * c
     var = torch.where(var < 0, torch.zeros_like(var), var)  # rounding only; NaN stays NaN
-    rstd = 1.0 / sqrt_rn(var + torch.tensor(eps, dtype=acc, device=x.device))
+    rstd = rstd_of(var, eps)
     y = (d0 - c[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight.to(acc)
@@ -57,7 +55,7 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
         dweight = row_group_sum(dy * xhat),   dbias = row_group_sum(dy)
     """
     acc = mean.dtype
-    n = torch.tensor(x.shape[1], dtype=acc, device=x.device)  # a tensor: see layer_norm_forward
+    n = row_length(x, acc)
     dy = grad_y.to(acc)
     xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
     g = dy * weight.to(acc) if weight is not None else dy
