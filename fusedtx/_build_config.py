@@ -19,6 +19,7 @@ CPU_SOURCES = [
     "cpu/linear.cpp",
     "cpu/causal_attention.cpp",
     "cpu/causal_attention_backward.cpp",
+    "cpu/rope.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",
