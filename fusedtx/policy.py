@@ -228,7 +228,6 @@ def triton_attention_backward_tiles(head_dim: int, dtype: torch.dtype, interpret
 # ---------------------------------------------------------------------------------------------
 TRITON_ROPE_PAIRS = 2048   # (head, pair) elements a Triton program rotates, at most (fewer for small H)
 TRITON_ROPE_WARPS = 4
-CUDA_ROPE_THREADS = 256    # native CUDA: one thread a pair
 
 
 def triton_rope_tile(heads: int, head_dim: int) -> tuple[int, int]:
