@@ -32,6 +32,8 @@ CUDA_SOURCES = [
     "cuda/causal_attention_glue.cpp",
     "cuda/causal_attention_backward.cu",
     "cuda/causal_attention_backward_glue.cpp",
+    "cuda/rope.cu",
+    "cuda/rope_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so
