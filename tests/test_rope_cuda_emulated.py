@@ -23,8 +23,9 @@ ROPE_WRAPPERS = """
 extern "C" int emu_rope(const void* x, const int64_t* strides, const int64_t* positions, const float* cos,
                         const float* sin, void* y, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
                         int64_t n_positions, bool transposed, int dtype) {
-  return (int)fusedtx::cuda::rope(x, strides, positions, cos, sin, y, batch, heads, tokens, dim, n_positions,
-                                  transposed, (fusedtx::cuda::DType)dtype, nullptr);
+  const auto launch = transposed ? fusedtx::cuda::rope_backward : fusedtx::cuda::rope_forward;
+  return (int)launch(x, strides, positions, cos, sin, y, batch, heads, tokens, dim, n_positions,
+                     (fusedtx::cuda::DType)dtype, nullptr);
 }
 """
 ARGTYPES = [P, P, P, P, P, P, I64, I64, I64, I64, I64, BOOL, INT]

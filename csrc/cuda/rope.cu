@@ -69,8 +69,6 @@ cudaError_t launch(const void* x, const int64_t* strides, const int64_t* positio
   return cudaGetLastError();
 }
 
-}  // namespace
-
 cudaError_t rope(const void* x, const int64_t* x_strides, const int64_t* positions, const float* cos, const float* sin,
                  void* y, int64_t batch, int64_t heads, int64_t tokens, int64_t dim, int64_t n_positions,
                  bool transposed, DType dtype, cudaStream_t stream) {
@@ -91,6 +89,21 @@ cudaError_t rope(const void* x, const int64_t* x_strides, const int64_t* positio
                                     transposed, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t rope_forward(const void* x, const int64_t* x_strides, const int64_t* positions, const float* cos,
+                         const float* sin, void* y, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
+                         int64_t n_positions, DType dtype, cudaStream_t stream) {
+  return rope(x, x_strides, positions, cos, sin, y, batch, heads, tokens, dim, n_positions, false, dtype, stream);
+}
+
+cudaError_t rope_backward(const void* grad_y, const int64_t* strides, const int64_t* positions, const float* cos,
+                          const float* sin, void* grad_x, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
+                          int64_t n_positions, DType dtype, cudaStream_t stream) {
+  return rope(grad_y, strides, positions, cos, sin, grad_x, batch, heads, tokens, dim, n_positions, true, dtype,
+              stream);
 }
 
 }  // namespace fusedtx::cuda

@@ -9,9 +9,10 @@
 namespace fusedtx::cuda {
 namespace {
 
-template <bool kTransposed>
-at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
-                     const char* op) {
+using Launcher = decltype(&rope_forward);
+
+at::Tensor rope_cuda(Launcher launch, const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
+                     const at::Tensor& sin, const char* op) {
   check_device(x, at::kCUDA, op, "x");
   TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0 && (x.size(3) <= 1 || x.stride(3) == 1), op,
               ": x must be 4-D (batch, heads, tokens, head_dim) with an even, contiguous head dim, got sizes ",
@@ -32,9 +33,9 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& positions, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
-  check_launch(rope(x.const_data_ptr(), strides, positions.const_data_ptr<int64_t>(), cos.const_data_ptr<float>(),
+  check_launch(launch(x.const_data_ptr(), strides, positions.const_data_ptr<int64_t>(), cos.const_data_ptr<float>(),
                     sin.const_data_ptr<float>(), y.mutable_data_ptr(), x.size(0), x.size(1), x.size(2), x.size(3),
-                    cos.size(0), kTransposed, dtype_of(x, op, /*allow_float64=*/true),
+                    cos.size(0), dtype_of(x, op, /*allow_float64=*/true),
                     c10::cuda::getCurrentCUDAStream()),
                op);
   return y;
@@ -42,12 +43,12 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& positions, const at:
 
 at::Tensor rope_forward_cuda(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
                              const at::Tensor& sin) {
-  return rope_cuda<false>(x, positions, cos, sin, "rope_forward");
+  return rope_cuda(rope_forward, x, positions, cos, sin, "rope_forward");
 }
 
 at::Tensor rope_backward_cuda(const at::Tensor& grad_y, const at::Tensor& positions, const at::Tensor& cos,
                               const at::Tensor& sin) {
-  return rope_cuda<true>(grad_y, positions, cos, sin, "rope_backward");
+  return rope_cuda(rope_backward, grad_y, positions, cos, sin, "rope_backward");
 }
 
 }  // namespace
