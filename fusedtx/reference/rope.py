@@ -7,11 +7,11 @@ The table (docs/design.md, "Rotary embeddings"). For head dim D and positions p 
     angle[p, i] = float32(float32(p) * inv_freq[i])         one float32 rounding
     cos[p, i]   = float32(cos_float64(angle[p, i]))         sin likewise
 
-float64 cos and sin of a double are within an ulp of the exact value (glibc, and PyTorch's
-float64 CPU kernels, are faithful there), so rounding them to float32 gives the correctly rounded
-float32 value except when the exact value lies within ~2**-53 relative of a float32 halfway point
-(double rounding): deterministic, and the same bits on every x86-64 host. inv_freq is PyTorch's
-float32 CPU pow and division, exactly HF's (its bits are what HF models were trained with).
+float64 cos and sin are faithful (within an ulp of the exact value) in PyTorch's CPU kernels,
+glibc and numpy alike, so rounding them to float32 gives the correctly rounded float32 value
+except where the exact value lies within ~2**-53 (relative) of a float32 halfway point (double
+rounding): deterministic, and the same bits whichever faithful library computes them. inv_freq
+is PyTorch's float32 CPU pow and division, exactly HF's (the bits HF models were trained with).
 The table is built on the CPU once and moved to the device, so every backend reads the same bits,
 and a token's cos/sin depend on its position alone: the same in a full pass, a chunked prefill
 and a decode step.
