@@ -28,6 +28,27 @@ inline void rotate(V x1, V x2, V c, V s, V& y1, V& y2) {
   }
 }
 
+// kVecLen<A> elements of T as a vector of A, and back (rounding to nearest even). float16 and
+// bfloat16 go through the AVX-512 conversions where there are any (common.h: the same roundings
+// as the scalar casts; only a NaN's payload may differ, which the contract leaves open).
+template <typename A, typename T>
+inline Vec<A> load_row(const T* p) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float> && sizeof(T) == 2) return reinterpret_cast<vfloat>(load16<T>(p));
+#endif
+  return load_as<A>(p);
+}
+template <typename T, typename A>
+inline void store_row(T* p, Vec<A> v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float> && sizeof(T) == 2) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16<T>(reinterpret_cast<__m512>(v)));
+    return;
+  }
+#endif
+  store_as<T, A>(p, v);
+}
+
 // One row of h pairs: x and y rows of T, c and s table rows of float; A the compute type.
 template <typename T, typename A, bool kTransposed>
 void rotate_row(const T* x, T* y, const float* c, const float* s, int64_t h) {
@@ -35,9 +56,9 @@ void rotate_row(const T* x, T* y, const float* c, const float* s, int64_t h) {
   int64_t i = 0;
   for (; i + kLen <= h; i += kLen) {
     Vec<A> y1, y2;
-    rotate<kTransposed>(load_as<A>(x + i), load_as<A>(x + h + i), load_as<A>(c + i), load_as<A>(s + i), y1, y2);
-    store_as<T, A>(y + i, y1);
-    store_as<T, A>(y + h + i, y2);
+    rotate<kTransposed>(load_row<A>(x + i), load_row<A>(x + h + i), load_as<A>(c + i), load_as<A>(s + i), y1, y2);
+    store_row<T, A>(y + i, y1);
+    store_row<T, A>(y + h + i, y2);
   }
   for (; i < h; ++i) {
     A y1, y2;
