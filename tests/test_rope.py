@@ -190,6 +190,20 @@ def test_reference_is_hf_in_float32_with_the_same_table():
     assert_bitwise_equal(reference.rope_forward(x, positions, cos, sin), hf_apply(x, full_cos, full_sin), "HF")
 
 
+def test_negative_control_a_fused_multiply_add_is_caught():
+    """The parity comparison can fail: the same rotation with x[i] c - x[i+h] s as one fused
+    multiply-add (reference.fma_f32, one rounding) differs from the spec in some bits."""
+    cos, sin = fusedtx.rope_table(64, 512)
+    x = make_input((2, 2, 8, 64), torch.float32, "cpu")
+    positions = make_positions(2, 8, 512)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    x1, x2 = x[..., :32], x[..., 32:]
+    fused = torch.cat([reference.fma_f32(x1, c, -(x2 * s)), reference.fma_f32(x2, c, x1 * s)], -1)
+    spec = reference.rope_forward(x, positions, cos, sin)
+    torch.testing.assert_close(fused, spec)  # a correct rotation...
+    assert not bitwise_equal(fused, spec)  # ...rounded otherwise
+
+
 def test_poisoning_reaches_kernel_outputs():
     """Control for the poisoning above: an output element no kernel wrote would read NaN."""
     with poisoned_outputs():
