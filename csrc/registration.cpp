@@ -74,6 +74,13 @@ TORCH_LIBRARY(fusedtx_native, m) {
   m.def(
       "causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor m, Tensor l, "
       "float scale, int split_size) -> (Tensor, Tensor, Tensor)");
+  // Rotary position embeddings (rotate-half layout), as reference.rope_forward / rope_backward:
+  // x (B, H, T, D) with a contiguous last dim (D even), positions (B, T) int64 (on the CPU for
+  // the CPU kernels, on x's device for CUDA), cos and sin (P, D / 2) contiguous float32 on x's
+  // device. Returns the rotated x (the backward: the transposed rotation of grad_y), contiguous in
+  // x's dtype (float32, bfloat16, float16 or float64); a position outside [0, P) gives a NaN row.
+  m.def("rope_forward(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_backward(Tensor grad_y, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
 }
 
 // Lets the ahead-of-time build be imported as `fusedtx._C` (which runs the registrations

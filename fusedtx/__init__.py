@@ -20,7 +20,16 @@ from .backends import (  # noqa: F401
     set_backend,
     use_backend,
 )
-from .functional import (attention_with_kv_cache, causal_attention, gelu_ffn, layer_norm, linear,  # noqa: F401
-                         rms_norm, softmax)
+from .functional import (  # noqa: F401
+    attention_with_kv_cache,
+    causal_attention,
+    gelu_ffn,
+    layer_norm,
+    linear,
+    rms_norm,
+    rope,
+    rope_table,
+    softmax,
+)
 from .config import get_split_size, set_split_size  # noqa: F401
 from .info import info  # noqa: F401

@@ -20,6 +20,7 @@ CPU_SOURCES = [
     "cpu/linear.cpp",
     "cpu/causal_attention.cpp",
     "cpu/causal_attention_backward.cpp",
+    "cpu/rope.cpp",
 ]
 CUDA_SOURCES = [
     "cuda/softmax.cu",
@@ -34,6 +35,8 @@ CUDA_SOURCES = [
     "cuda/causal_attention_glue.cpp",
     "cuda/causal_attention_backward.cu",
     "cuda/causal_attention_backward_glue.cpp",
+    "cuda/rope.cu",
+    "cuda/rope_glue.cpp",
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so

@@ -7,13 +7,16 @@ trips (fusedtx/ops/_dispatch.py): same code, same bits.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import backends
+from . import backends, reference
 from .ops import causal_attention as _causal_attention
 from .ops import layer_norm as _layer_norm
 from .ops import linear as _linear
 from .ops import rms_norm as _rms_norm
+from .ops import rope as _rope
 from .ops import softmax as _softmax
 
 
@@ -130,3 +133,42 @@ def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError("attention_with_kv_cache is inference-only and has no gradient; run it under "
                          "torch.no_grad(), or use causal_attention for training")
     return _causal_attention.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split_size, name)
+
+
+def _check_table_args(head_dim, max_positions, theta) -> None:
+    for arg, value, least in (("head_dim", head_dim, 2), ("max_positions", max_positions, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"rope_table: {arg} must be an int, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"rope_table: {arg} must be >= {least}, got {value}")
+    if head_dim % 2:
+        raise ValueError(f"rope_table: head_dim must be even (rotate-half pairs i and i + head_dim / 2), got {head_dim}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise TypeError(f"rope_table: theta must be a real number, got {type(theta).__name__}")
+    if not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"rope_table: theta must be a finite number > 0, got {theta}")
+
+
+def rope_table(head_dim: int, max_positions: int, theta: float = 10000.0, rope_scaling: dict | None = None, *,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary embedding table: (cos, sin), each float32 (max_positions, head_dim // 2).
+
+    inv_freq is HF transformers' (rope_scaling None / {"rope_type": "default"}, or "llama3" with
+    factor, low_freq_factor, high_freq_factor and original_max_position_embeddings); each angle is
+    float32(position) * inv_freq rounded once to float32, its cos and sin taken in float64 and
+    rounded to float32 (reference.rope_table). Built on the CPU, then moved to `device`: every
+    backend and device reads the same bits."""
+    _check_table_args(head_dim, max_positions, theta)
+    cos, sin = reference.rope_table(head_dim, max_positions, float(theta), rope_scaling)
+    return cos.to(device), sin.to(device)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+         backend: str | None = None) -> torch.Tensor:
+    """Rotary position embedding (rotate-half layout) of q or k, x (B, H, T, D) of any strides:
+    y[i] = x[i] cos - x[i + D/2] sin, y[i + D/2] = x[i + D/2] cos + x[i] sin, with the table row of
+    each token's absolute position (positions (B, T) int64; a decode step passes its position),
+    in float32 without fused multiply-add, output contiguous in x's dtype. A token's bits depend
+    on its values and position alone: a full pass, a chunked prefill and a decode step agree.
+    Differentiable with respect to x."""
+    return _rope.rope(x, positions, cos, sin, _backend(backend, x), grad=_needs_grad(x))

@@ -90,6 +90,39 @@ class GeluFFN(torch.nn.Module):
         return f"approximate={self.approximate!r}, backend={self.backend}"
 
 
+class RotaryEmbedding(torch.nn.Module):
+    """Llama's rotary position embeddings for q and k: the fusedtx.rope_table (cos, sin) as
+    non-persistent buffers (rebuilt, never loaded from a state_dict), and
+    forward(q, k, positions) -> (q_rot, k_rot) with fusedtx.rope. positions (B, T) int64 are the
+    tokens' absolute positions: the same bits in a full pass, a chunked prefill and a decode step."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, rope_scaling: dict | None = None,
+                 device=None, *, backend: str | None = None):
+        super().__init__()
+        cos, sin = F.rope_table(head_dim, max_positions, theta, rope_scaling, device=device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.head_dim, self.max_positions, self.theta, self.rope_scaling = head_dim, max_positions, theta, rope_scaling
+        self.backend = backend
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) / .half() / .bfloat16() cast floating buffers: the table stays float32,
+        # rebuilt (the same bits) on the device it was moved to.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = F.rope_table(self.head_dim, self.max_positions, self.theta, self.rope_scaling,
+                                              device=self.cos.device)
+        return self
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (F.rope(q, positions, self.cos, self.sin, backend=self.backend),
+                F.rope(k, positions, self.cos, self.sin, backend=self.backend))
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}, "
+                f"rope_scaling={self.rope_scaling}, backend={self.backend}")
+
+
 def _is_int(value) -> bool:
     """A Python int that is not a bool (True would pass isinstance(value, int))."""
     return isinstance(value, int) and not isinstance(value, bool)

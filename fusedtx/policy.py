@@ -221,3 +221,19 @@ def triton_attention_backward_tiles(head_dim: int, dtype: torch.dtype, interpret
     if head_dim <= 32:
         return AttentionBackwardTiles(16, 64, 8, 64, 16, 4, 3)
     return AttentionBackwardTiles(16, 64, 8, 64, 32, 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings (reference.rope_forward / _backward): elementwise, no order to decide; the
+# tiles below change the work per program, never a bit.
+# ---------------------------------------------------------------------------------------------
+TRITON_ROPE_PAIRS = 2048   # (head, pair) elements a Triton program rotates, at most (fewer for small H)
+TRITON_ROPE_WARPS = 4
+
+
+def triton_rope_tile(heads: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_H, HALF_BLOCK) of the Triton rope kernel: every pair of a row (HALF_BLOCK, the half
+    head dim rounded up to a power of two) for BLOCK_H heads of one token, a function of the head
+    count and head dim only."""
+    half_block = next_power_of_2(max(head_dim // 2, 1))
+    return min(next_power_of_2(max(heads, 1)), max(1, TRITON_ROPE_PAIRS // half_block)), half_block

@@ -227,3 +227,14 @@ def under_each_thread_count(fn, counts=(1, 2, 3)):
     finally:
         torch.set_num_threads(before)
     return results
+
+
+def assert_compiled_equals_eager(f, x: torch.Tensor) -> None:
+    """torch.compile(f, fullgraph=True) (aot_eager: the registered ops' fake and autograd
+    registrations, no codegen) gives eager f's loss and input gradient bit for bit."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x1, x2 = (x.detach().clone().requires_grad_() for _ in range(2))
+    loss, loss2 = compiled(x1), f(x2)
+    (dx,), (dx2,) = torch.autograd.grad(loss, x1), torch.autograd.grad(loss2, x2)
+    assert_bitwise_equal(loss, loss2, "compiled loss")
+    assert_bitwise_equal(dx, dx2, "compiled grad")

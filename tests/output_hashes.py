@@ -166,6 +166,24 @@ def attention_rows(backend, dtype):
         yield f"causal_attention/{name}/dv", dv
 
 
+def rope_rows(backend, dtype):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    for name, head_dim, theta, scaling in (("d16_default", 16, 10000.0, None), ("d64_llama3", 64, 500000.0, llama3)):
+        cos, sin = fusedtx.rope_table(head_dim, 300, theta, scaling)
+        if backend == "reference" and dtype == torch.float32:  # the table: one row per table, not per backend
+            yield f"rope/{name}/table_cos", cos
+            yield f"rope/{name}/table_sin", sin
+        x = exact_values((2, 3, 5, head_dim), 30, dtype, 4.0)
+        positions = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(31))
+        with torch.no_grad():
+            yield f"rope/{name}/forward", fusedtx.rope(x, positions, cos, sin, backend=backend)
+        x.requires_grad_(True)
+        y = fusedtx.rope(x, positions, cos, sin, backend=backend)
+        yield f"rope/{name}/forward_grad_mode", y
+        yield f"rope/{name}/dx", _grads(y, [x], 32)[0]
+
+
 def model_rows(backend, dtype):
     from fusedtx.models import GPT, GPTConfig
 
@@ -196,6 +214,7 @@ OPS = {"softmax": (softmax_rows, ("float32", "bfloat16", "float16")),
        "rms_norm": (rms_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "linear": (linear_rows, ("float32", "bfloat16", "float16", "float64")),
        "causal_attention": (attention_rows, ("float32", "bfloat16", "float16")),
+       "rope": (rope_rows, ("float32", "bfloat16", "float16", "float64")),
        "gpt": (model_rows, ("float32",))}
 
 

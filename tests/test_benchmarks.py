@@ -20,6 +20,7 @@ SCRIPTS = {
     "bench_rms_norm.py": ("fusedtx_native,torch", {"rms_norm"}),
     "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),
     "bench_causal_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
+    "bench_rope.py": ("fusedtx_native,hf_eager", {"rope"}),
 }
 
 

@@ -23,6 +23,14 @@ def _inputs(shapes, device, seed):
     return [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
 
 
+ROPE_TABLE = fusedtx.rope_table(8, 16)
+ROPE_POSITIONS = torch.tensor([[3, 4, 5, 6, 7], [0, 15, 2, 9, 9]])
+
+
+def _rope_args(x):
+    return ROPE_POSITIONS.to(x.device), *(t.to(x.device) for t in ROPE_TABLE)
+
+
 # name -> (input shapes, the functional call, the same computation through the registered op)
 CASES = {
     "softmax": (
@@ -59,6 +67,11 @@ CASES = {
         [(1, 2, 37, 16), (1, 1, 37, 16), (1, 1, 37, 16)],
         lambda q, k, v, b: fusedtx.causal_attention(q, k, v, split_size=16, backend=b),
         lambda q, k, v, b: torch.ops.fusedtx.causal_attention(q, k, v, 0.25, 16, b)[0],
+    ),
+    "rope": (  # positions and the table are constants: the gradient is x's alone
+        [(2, 3, 5, 8)],
+        lambda x, b: fusedtx.rope(x, *_rope_args(x), backend=b),
+        lambda x, b: torch.ops.fusedtx.rope(x, *_rope_args(x), b),
     ),
 }
 

@@ -10,7 +10,7 @@ only: the kernel modules hold kernels and launchers.
 import torch
 
 from fusedtx import policy, reference
-from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, rms_norm, softmax
+from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, rms_norm, rope, softmax
 from fusedtx.kernels._common import log2
 
 
@@ -243,5 +243,28 @@ def causal_attention_backward_specs():
     return specs
 
 
+def rope_specs():
+    """(kernel, signature, constexprs, options, attrs) tuples the PTX lowering test compiles: the
+    rotation and its transpose per dtype, for Llama's head dims 64 and 128 at 32 heads (a (B, H,
+    T, D) tensor or a view of one: strides multiples of D, `aligned`), and D = 6 with an odd head
+    count and odd strides (a (B, T, H, D) view)."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for heads, dim, odd in ((32, 64, ()), (32, 128, ()), (3, 6, ("n_heads", "half", "stride_xb", "stride_xh",
+                                                                      "stride_xt"))):
+            block_h, half_block = policy.triton_rope_tile(heads, dim)
+            sig = {"X": f"*{dtype}", "Positions": "*i64", "Cos": "*fp32", "Sin": "*fp32", "Y": f"*{dtype}",
+                   "n_heads": "i32", "n_tokens": "i32", "n_positions": "i32", "half": "i32",
+                   "stride_xb": "i32", "stride_xh": "i32", "stride_xt": "i32",
+                   "TRANSPOSED": "constexpr", "BLOCK_H": "constexpr", "HALF_BLOCK": "constexpr",
+                   "ROUND_BF16": "constexpr"}
+            for transposed in (False, True):
+                specs.append((rope._rope, sig, {"TRANSPOSED": transposed, "BLOCK_H": block_h, "HALF_BLOCK": half_block,
+                                                "ROUND_BF16": False}, {"num_warps": policy.TRITON_ROPE_WARPS},
+                              aligned(rope._rope, sig, odd + ("n_tokens", "n_positions"))))
+    return specs
+
+
 SPECS = {f"fusedtx.kernels.{fn.__name__[:-len('_specs')]}": fn for fn in (
-    softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs)}
+    softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs,
+    rope_specs)}

@@ -132,4 +132,23 @@ cudaError_t causal_attention_backward(const void* grad_o, const int64_t* go_stri
                                       int64_t length, int64_t dim, float scale, int64_t split_size, DType dtype,
                                       cudaStream_t stream);
 
+// Threads per block of the rope kernel, one thread a pair (elementwise: the count changes no bit).
+constexpr int kRopeThreads = 256;
+
+// Rotary position embeddings, as reference.rope_forward: x (batch, heads, tokens, dim) of dtype
+// `dtype` (float32, float16, bfloat16 or float64), last dim contiguous, the other strides (batch,
+// head, token; in elements) as a 3-element array on the host; positions (batch, tokens) int64 and
+// cos, sin (n_positions, dim / 2) float32, contiguous, on the device; y (batch, heads, tokens,
+// dim) contiguous in `dtype`. dim even; a position outside [0, n_positions) reads nothing and
+// gives a NaN row.
+cudaError_t rope_forward(const void* x, const int64_t* x_strides, const int64_t* positions, const float* cos,
+                         const float* sin, void* y, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
+                         int64_t n_positions, DType dtype, cudaStream_t stream);
+
+// Its gradient with respect to x, as reference.rope_backward (the transposed rotation), with the
+// same layouts: grad_y as x, grad_x as y.
+cudaError_t rope_backward(const void* grad_y, const int64_t* strides, const int64_t* positions, const float* cos,
+                          const float* sin, void* grad_x, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
+                          int64_t n_positions, DType dtype, cudaStream_t stream);
+
 }  // namespace fusedtx::cuda

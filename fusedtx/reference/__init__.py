@@ -29,6 +29,7 @@ from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACTIVATIONS, activation_derivative, activation_forward,
                      erf_f32, linear_backward, linear_bias_act_backward, linear_matmul)
 from .rms_norm import rms_norm_backward, rms_norm_forward
+from .rope import rope_backward, rope_forward, rope_inv_freq, rope_table
 from .softmax import causal_valid_counts, softmax_backward, softmax_forward
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACTIVATIONS", "erf_f32", "activation_forward",
     "activation_derivative", "linear_matmul", "linear_bias_act_backward", "linear_backward",
     "causal_attention_forward", "causal_attention_backward",
+    "rope_inv_freq", "rope_table", "rope_forward", "rope_backward",
 ]
