@@ -20,6 +20,7 @@ from .backends import (  # noqa: F401
     set_backend,
     use_backend,
 )
-from .functional import attention_with_kv_cache, causal_attention, gelu_ffn, layer_norm, linear, softmax  # noqa: F401
+from .functional import (attention_with_kv_cache, causal_attention, gelu_ffn, layer_norm, linear,  # noqa: F401
+                         softmax, swiglu_ffn)
 from .config import get_split_size, set_split_size  # noqa: F401
 from .info import info  # noqa: F401
