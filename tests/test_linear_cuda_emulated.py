@@ -47,7 +47,7 @@ def linear_lib(tmp_path_factory):
 def emu_matmul(lib, a, b, bias, activation, save_preact=True):
     """(y, preact or None) from the kernel, for 2-D a and b of any strides."""
     (m, k), n = a.shape, b.shape[1]
-    y = nan_like((m, n), a.dtype)
+    y = nan_like((m, n // 2 if activation == reference.ACT_SWIGLU else n), a.dtype)
     h = nan_like((m, n), a.dtype) if save_preact and activation else None
     assert lib.emu_matmul(ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(bias), ptr(y), ptr(h),
                           m, n, k, activation, DTYPE_CODE[a.dtype]) == 0
@@ -56,6 +56,8 @@ def emu_matmul(lib, a, b, bias, activation, save_preact=True):
 
 def emu_bias_act_backward(lib, dy, preact, activation, need_bias_grad, groups):
     rows, n = dy.shape
+    if activation == reference.ACT_SWIGLU:
+        n *= 2  # grad_preact, grad_bias and the kernel's n: preact's gate/up pairs
     dh = nan_like((rows, n), dy.dtype) if activation else None
     db = nan_like((n,), torch.float32) if need_bias_grad else None
     ws = nan_like((groups * n,), torch.float32) if need_bias_grad else None
@@ -132,6 +134,54 @@ def test_activation_epilogue_and_derivative_on_every_branch(linear_lib, dtype, a
     dy = torch.linspace(-2, 2, values.shape[1], dtype=torch.float64).to(dtype)[None, :]
     dh, db = emu_bias_act_backward(linear_lib, dy, h, activation, True, 1)
     dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, activation, True, 1)
+    assert_bitwise_equal(dh, dh_ref, "grad_preact")
+    assert_bitwise_equal(db, db_ref, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("m,k,n,bias,b_layout", [
+    (1, 1, 2, False, "col"),      # one pair
+    (3, 7, 50, True, "col"),      # the forward's b = packed.t()
+    (17, 37, 70, False, "row"),   # b row-major
+    (129, 20, 260, True, "col"),  # 2 x 3 tiles, the last one partial (pairs never straddle it)
+    (3, 300, 20, True, "col"),    # K = 128 + 128 + 44
+], ids=["1-pair", "3x7x50", "b-rowmajor", "2x3-tiles", "k300"])
+def test_swiglu_matmul_and_backward_match_reference(linear_lib, dtype, m, k, n, bias, b_layout):
+    """The SwiGLU epilogue (one output per gate/up column pair) and its pair gradients, bit for bit."""
+    swiglu = reference.ACT_SWIGLU
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a = (torch.randn(m, k, generator=g, dtype=torch.float64) * 2).to(dtype)
+    b = laid_out(torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype), b_layout)
+    bias_t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    y, h = emu_matmul(linear_lib, a, b, bias_t, swiglu)
+    y_ref, h_ref = reference.linear_matmul(a, b, bias_t, swiglu, True, K_BLOCK)
+    assert_bitwise_equal(y, y_ref, f"y ({m}x{k}x{n})")
+    assert_bitwise_equal(h, h_ref, f"preact ({m}x{k}x{n})")
+    dy = torch.randn(m, n // 2, generator=g, dtype=torch.float64).to(dtype)
+    for need_bias_grad in (True, False):
+        dh, db = emu_bias_act_backward(linear_lib, dy, h, swiglu, need_bias_grad, 4)
+        dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, swiglu, need_bias_grad, 4)
+        assert_bitwise_equal(dh, dh_ref, "grad_preact")
+        if need_bias_grad:
+            assert_bitwise_equal(db, db_ref, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_swiglu_epilogue_and_gradients_on_every_branch(linear_lib, dtype):
+    """K = 1 and a = 1: the pairs of h are chosen values (the sigmoid's cut at g = -88, signed
+    zeros, infinities, NaN) against every up value, forward and backward, bit for bit."""
+    swiglu = reference.ACT_SWIGLU
+    gates = EPILOGUE_VALUES.to(dtype)
+    ups = torch.roll(EPILOGUE_VALUES, 17).to(dtype)
+    values = torch.stack((gates, ups), dim=1).reshape(1, -1)  # (1, 600): 600 / 128 -> five tiles
+    a = torch.ones(1, 1, dtype=dtype)
+    y, h = emu_matmul(linear_lib, a, values, None, swiglu)
+    y_ref, h_ref = reference.linear_matmul(a, values, None, swiglu, True, K_BLOCK)
+    assert_bitwise_equal(h, h_ref, "preact")
+    assert_bitwise_equal(y, y_ref, "swiglu forward")
+    dy = torch.linspace(-2, 2, y.shape[1], dtype=torch.float64).to(dtype)[None, :]
+    dh, db = emu_bias_act_backward(linear_lib, dy, h, swiglu, True, 1)
+    dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, swiglu, True, 1)
     assert_bitwise_equal(dh, dh_ref, "grad_preact")
     assert_bitwise_equal(db, db_ref, "grad_bias")
 
@@ -222,3 +272,21 @@ def test_negative_control_unblocked_k_is_caught(tmp_path):
     y, _ = emu_matmul(lib, a, w.t(), None, 0)
     assert_bitwise_equal(y, reference.fma_matmul(a, w.t()), "one chain over K")  # the unblocked order...
     assert not torch.equal(y, reference.linear_matmul(a, w.t(), None, 0, False, K_BLOCK)[0])  # ...is not the reference's
+
+
+def test_negative_control_swiglu_rounding_is_caught(tmp_path):
+    """The SwiGLU comparison fails for an epilogue that multiplies in another order, s u first:
+    the same math, other roundings."""
+    product = "return __fmul_rn(__fmul_rn(g, s), u);"
+
+    def mutate(source):
+        assert source.count(product) == 1
+        return source.replace(product, "return __fmul_rn(g, __fmul_rn(s, u));")
+
+    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(17, 37, generator=g), torch.randn(37, 70, generator=g)
+    y, _ = emu_matmul(lib, a, b, None, reference.ACT_SWIGLU)
+    y_ref = reference.linear_matmul(a, b, None, reference.ACT_SWIGLU, False, K_BLOCK)[0]
+    torch.testing.assert_close(y, y_ref)  # still SwiGLU...
+    assert not torch.equal(y, y_ref)  # ...with other roundings
