@@ -148,19 +148,25 @@ def test_activation_epilogue_and_derivative_on_every_branch(linear_lib, dtype, a
 ], ids=["1-pair", "3x7x50", "b-rowmajor", "2x3-tiles", "k300"])
 def test_swiglu_matmul_and_backward_match_reference(linear_lib, dtype, m, k, n, bias, b_layout):
     """The SwiGLU epilogue (one output per gate/up column pair) and its pair gradients, bit for bit."""
-    swiglu = reference.ACT_SWIGLU
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
     a = (torch.randn(m, k, generator=g, dtype=torch.float64) * 2).to(dtype)
     b = laid_out(torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype), b_layout)
     bias_t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
-    y, h = emu_matmul(linear_lib, a, b, bias_t, swiglu)
-    y_ref, h_ref = reference.linear_matmul(a, b, bias_t, swiglu, True, K_BLOCK)
-    assert_bitwise_equal(y, y_ref, f"y ({m}x{k}x{n})")
-    assert_bitwise_equal(h, h_ref, f"preact ({m}x{k}x{n})")
     dy = torch.randn(m, n // 2, generator=g, dtype=torch.float64).to(dtype)
+    check_swiglu(linear_lib, a, b, bias_t, dy, 4)
+
+
+def check_swiglu(lib, a, b, bias, dy, groups):
+    """The SwiGLU matmul (y, preact) and its backward (grad_preact with and without grad_bias)
+    against the reference, bit for bit."""
+    swiglu = reference.ACT_SWIGLU
+    y, h = emu_matmul(lib, a, b, bias, swiglu)
+    y_ref, h_ref = reference.linear_matmul(a, b, bias, swiglu, True, K_BLOCK)
+    assert_bitwise_equal(h, h_ref, f"preact {tuple(a.shape)} x {tuple(b.shape)}")
+    assert_bitwise_equal(y, y_ref, f"y {tuple(a.shape)} x {tuple(b.shape)}")
     for need_bias_grad in (True, False):
-        dh, db = emu_bias_act_backward(linear_lib, dy, h, swiglu, need_bias_grad, 4)
-        dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, swiglu, need_bias_grad, 4)
+        dh, db = emu_bias_act_backward(lib, dy, h, swiglu, need_bias_grad, groups)
+        dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, swiglu, need_bias_grad, groups)
         assert_bitwise_equal(dh, dh_ref, "grad_preact")
         if need_bias_grad:
             assert_bitwise_equal(db, db_ref, "grad_bias")
@@ -170,20 +176,11 @@ def test_swiglu_matmul_and_backward_match_reference(linear_lib, dtype, m, k, n, 
 def test_swiglu_epilogue_and_gradients_on_every_branch(linear_lib, dtype):
     """K = 1 and a = 1: the pairs of h are chosen values (the sigmoid's cut at g = -88, signed
     zeros, infinities, NaN) against every up value, forward and backward, bit for bit."""
-    swiglu = reference.ACT_SWIGLU
     gates = EPILOGUE_VALUES.to(dtype)
     ups = torch.roll(EPILOGUE_VALUES, 17).to(dtype)
     values = torch.stack((gates, ups), dim=1).reshape(1, -1)  # (1, 600): 600 / 128 -> five tiles
-    a = torch.ones(1, 1, dtype=dtype)
-    y, h = emu_matmul(linear_lib, a, values, None, swiglu)
-    y_ref, h_ref = reference.linear_matmul(a, values, None, swiglu, True, K_BLOCK)
-    assert_bitwise_equal(h, h_ref, "preact")
-    assert_bitwise_equal(y, y_ref, "swiglu forward")
-    dy = torch.linspace(-2, 2, y.shape[1], dtype=torch.float64).to(dtype)[None, :]
-    dh, db = emu_bias_act_backward(linear_lib, dy, h, swiglu, True, 1)
-    dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, swiglu, True, 1)
-    assert_bitwise_equal(dh, dh_ref, "grad_preact")
-    assert_bitwise_equal(db, db_ref, "grad_bias")
+    dy = torch.linspace(-2, 2, gates.shape[0], dtype=torch.float64).to(dtype)[None, :]
+    check_swiglu(linear_lib, torch.ones(1, 1, dtype=dtype), values, None, dy, 1)
 
 
 def test_matmul_rows_are_batch_invariant(linear_lib):
@@ -233,19 +230,26 @@ def test_bias_act_backward_of_no_rows_is_zero(linear_lib):
     assert_bitwise_equal(db, torch.zeros(5), "grad_bias over no rows")
 
 
+def mutated_lib(tmp_path, *replacements):
+    """linear.cu built with each (old, new) replaced (old must occur once): a deliberately wrong kernel."""
+    def mutate(source):
+        for old, new in replacements:
+            assert source.count(old) == 1, old
+            source = source.replace(old, new)
+        return source
+
+    return _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+
+
 def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
     """The same comparisons fail for kernels that round the product before adding it (mul + add
     instead of one FMA) and that add the bias-gradient partials in descending group order: the
     same math, other roundings or another order."""
-    fma = "acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);"
-    groups_up = "for (int g = 0; g < groups; ++g) s = __fadd_rn(s, partials[g * n + j]);"
-
-    def mutate(source):
-        assert source.count(fma) == 1 and source.count(groups_up) == 1
-        source = source.replace(fma, "acc[i][j] = __fadd_rn(__fmul_rn(av[i], bv[j]), acc[i][j]);")
-        return source.replace(groups_up, "for (int g = groups - 1; g >= 0; --g) s = __fadd_rn(s, partials[g * n + j]);")
-
-    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    lib = mutated_lib(
+        tmp_path,
+        ("acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);", "acc[i][j] = __fadd_rn(__fmul_rn(av[i], bv[j]), acc[i][j]);"),
+        ("for (int g = 0; g < groups; ++g) s = __fadd_rn(s, partials[g * n + j]);",
+         "for (int g = groups - 1; g >= 0; --g) s = __fadd_rn(s, partials[g * n + j]);"))
     g = torch.Generator().manual_seed(3)
     a, w, bias = torch.randn(17, 37, generator=g), torch.randn(70, 37, generator=g), torch.randn(70, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), bias, 0)
@@ -260,13 +264,8 @@ def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
 def test_negative_control_unblocked_k_is_caught(tmp_path):
     """At K = 300 the comparison fails for a kernel that runs one FMA chain over all of K (the
     order before the K blocks): its bits are the unblocked chain's, not reference.linear_matmul's."""
-    blocks = "constexpr int kTilesPerKBlock = kKBlock / kBK;"
-
-    def mutate(source):
-        assert source.count(blocks) == 1
-        return source.replace(blocks, "constexpr int kTilesPerKBlock = 1 << 30;")
-
-    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    lib = mutated_lib(tmp_path, ("constexpr int kTilesPerKBlock = kKBlock / kBK;",
+                                 "constexpr int kTilesPerKBlock = 1 << 30;"))
     g = torch.Generator().manual_seed(4)
     a, w = torch.randn(3, 300, generator=g), torch.randn(20, 300, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), None, 0)
@@ -277,13 +276,7 @@ def test_negative_control_unblocked_k_is_caught(tmp_path):
 def test_negative_control_swiglu_rounding_is_caught(tmp_path):
     """The SwiGLU comparison fails for an epilogue that multiplies in another order, s u first:
     the same math, other roundings."""
-    product = "return __fmul_rn(__fmul_rn(g, s), u);"
-
-    def mutate(source):
-        assert source.count(product) == 1
-        return source.replace(product, "return __fmul_rn(g, __fmul_rn(s, u));")
-
-    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    lib = mutated_lib(tmp_path, ("return __fmul_rn(__fmul_rn(g, s), u);", "return __fmul_rn(g, __fmul_rn(s, u));"))
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(17, 37, generator=g), torch.randn(37, 70, generator=g)
     y, _ = emu_matmul(lib, a, b, None, reference.ACT_SWIGLU)

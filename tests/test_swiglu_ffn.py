@@ -17,20 +17,18 @@ from helpers import (
     DTYPES,
     assert_accuracy,
     assert_bitwise_equal,
+    assert_compiled_grads_equal,
+    assert_rows_alone_equal,
+    batch_invariance_failures,
     bitwise_equal,
-    garbage_like,
     poisoned_outputs,
     record_bitexact,
     require,
+    seeded_randn as make,
     under_each_thread_count,
 )
 
 SWIGLU = reference.ACT_SWIGLU
-
-
-def make(shape, dtype, device, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
 
 
 def make_weights(d, hidden, dtype, device, bias=False, seed=10):
@@ -201,18 +199,9 @@ BATCH_SIZES = (1, 2, 3, 17, 64, 257)
 def invariance_failures(fn, device, dtype, d=96, hidden=80, batches=BATCH_SIZES):
     """(batch, index) pairs where a row's output in a batch of garbage rows (inf, NaN, huge)
     differs from the row alone."""
-    g = torch.Generator().manual_seed(5)
     weights = make_weights(d, hidden, dtype, device)
-    probe = make((1, d), dtype, device, seed=7)
-    alone = fn(probe, *weights)
-    failures = []
-    for batch in batches:
-        for index in sorted({0, batch // 2, batch - 1}):
-            x = garbage_like(torch.empty(batch, d, dtype=dtype, device=device), g)
-            x[index] = probe[0]
-            if not bitwise_equal(fn(x, *weights)[index: index + 1], alone):
-                failures.append((batch, index))
-    return failures
+    return batch_invariance_failures(lambda x: fn(x, *weights), make((1, d), dtype, device, seed=7), batches,
+                                     torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -237,17 +226,7 @@ def test_batch_invariance_of_input_gradient(device, backend):
     require(device, backend)
     weights = make_weights(40, 24, torch.float32, device)
     x, dy = make((3, 7, 40), torch.float32, device, seed=1), make((3, 7, 40), torch.float32, device, seed=2)
-
-    def y_and_dx(x, dy):
-        x = x.clone().requires_grad_()
-        y = ours(backend)(x, *weights)
-        return y.detach(), torch.autograd.grad(y, x, dy)[0]
-
-    y_all, dx_all = y_and_dx(x, dy)
-    for b, t in ((0, 0), (2, 6)):
-        y_one, dx_one = y_and_dx(x[b, t][None], dy[b, t][None])
-        assert_bitwise_equal(y_all[b, t][None], y_one, f"y[{b}, {t}]")
-        assert_bitwise_equal(dx_all[b, t][None], dx_one, f"dx[{b}, {t}]")
+    assert_rows_alone_equal(lambda x: ours(backend)(x, *weights), x, dy, ((0, 0), (2, 6)))
 
 
 def test_native_thread_count_invariance():
@@ -371,19 +350,9 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     require(device, backend)
-    torch._dynamo.reset()
     torch.manual_seed(0)
     m = fusedtx.nn.SwiGLUFFN(16, 24, backend=backend).to(device)
-
-    def f(x):
-        return m(x * 2.0).square().sum()
-
     x = make((3, 4, 16), torch.float32, device).requires_grad_()
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    params = (x, *m.parameters())
-    grads = torch.autograd.grad(loss, params)
-    expected = torch.autograd.grad(f(x), params)
-    for o, r in zip(grads, expected):
-        assert_bitwise_equal(o, r, "compiled vs eager")
+    assert_compiled_grads_equal(lambda x: m(x * 2.0).square().sum(), x, list(m.parameters()))
     with torch.no_grad():
         assert_bitwise_equal(torch.compile(m, fullgraph=True, backend="aot_eager")(x), m(x), "compiled inference")

@@ -67,15 +67,7 @@ def check_args(x, weight, bias, activation, save_preact, backend, name: str = "l
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{name}: x's last dim ({x.shape[-1]}) must equal weight's in_features "
                          f"(weight.shape[1] = {weight.shape[1]}); weight has shape {list(weight.shape)}")
-    for arg_name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg_name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {arg_name} is on {t.device} but x is on {x.device}; put them on one device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: {arg_name} must have x's dtype {x.dtype}, got {t.dtype}")
+    check_like_x(x, (("weight", weight), ("bias", bias)), name)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{name}: bias must have shape [{weight.shape[0]}] (out_features), got {list(bias.shape)}")
     if activation == reference.ACT_SWIGLU and weight.shape[0] % 2:
@@ -89,6 +81,20 @@ def out_features(weight_rows, activation):
     return weight_rows // 2 if activation == reference.ACT_SWIGLU else weight_rows
 
 
+def check_like_x(x, named, name: str) -> None:
+    """Each (arg name, tensor or None): a tensor on x's device with x's dtype, else TypeError /
+    ValueError naming it."""
+    for arg_name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg_name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {arg_name} is on {t.device} but x is on {x.device}; put them on one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: {arg_name} must have x's dtype {x.dtype}, got {t.dtype}")
+
+
 def check_swiglu_weights(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias,
                          name: str = "swiglu_ffn"):
     """The weights of down(silu(gate(x)) * up(x)): TypeError / ValueError naming the bad one. x's
@@ -100,16 +106,8 @@ def check_swiglu_weights(x, gate_weight, up_weight, down_weight, gate_bias, up_b
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name}: {arg} must be 2-D, got shape {list(t.shape)}")
-    for arg, t in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight),
-                   ("gate_bias", gate_bias), ("up_bias", up_bias), ("down_bias", down_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}; put them on one device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: {arg} must have x's dtype {x.dtype}, got {t.dtype}")
+    check_like_x(x, (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight),
+                     ("gate_bias", gate_bias), ("up_bias", up_bias), ("down_bias", down_bias)), name)
     if gate_weight.shape != up_weight.shape:
         raise ValueError(f"{name}: gate_weight and up_weight must have one shape (hidden, d_model), got "
                          f"{list(gate_weight.shape)} and {list(up_weight.shape)}")
