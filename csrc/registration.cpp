@@ -43,10 +43,10 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // y = act(a @ b + bias) for 2-D a (M, K) and b (K, N) of any strides (the forward passes
   // weight.t(), the backward weight and grad.t()), as reference.linear_matmul: per element, an FMA
   // chain from +0 over each block of k_block (128) k's in ascending order, the block sums added in
-  // order, then + bias, then the activation (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh). a, b
-  // and bias share a dtype (float32, bfloat16, float16); y is contiguous in that dtype. The second
-  // output is the pre-activation a @ b + bias when save_preact (the backward's input), else an
-  // empty tensor.
+  // order, then + bias, then the activation (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh, 3 swiglu:
+  // y (M, N / 2) from b's gate/up column pairs). a, b and bias share a dtype (float32, bfloat16,
+  // float16); y is contiguous in that dtype. The second output is the pre-activation a @ b + bias
+  // when save_preact (the backward's input), else an empty tensor.
   m.def(
       "linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact, int k_block) "
       "-> (Tensor, Tensor)");
@@ -54,7 +54,7 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an
   // empty tensor when activation is 0: the caller uses grad_y), grad_bias =
   // row_group_sum(grad_preact) in float32 over `groups` fixed row groups (an empty tensor unless
-  // need_bias_grad).
+  // need_bias_grad). For swiglu (3) preact and grad_preact are (M, 2N): grad_y's N columns' pairs.
   m.def(
       "linear_bias_act_backward(Tensor grad_y, Tensor? preact, int activation, bool need_bias_grad, int groups) "
       "-> (Tensor, Tensor)");

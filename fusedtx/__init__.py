@@ -30,6 +30,7 @@ from .functional import (  # noqa: F401
     rope,
     rope_table,
     softmax,
+    swiglu_ffn,
 )
 from .config import get_split_size, set_split_size  # noqa: F401
 from .info import info  # noqa: F401

@@ -123,6 +123,50 @@ class RotaryEmbedding(torch.nn.Module):
                 f"rope_scaling={self.rope_scaling}, backend={self.backend}")
 
 
+class SwiGLUFFN(torch.nn.Module):
+    """The Llama / Qwen / Mistral feed-forward block, down_proj(silu(gate_proj(x)) * up_proj(x)),
+    on fusedtx.swiglu_ffn: gate and up as one packed matmul with silu(g) * u in its epilogue.
+
+    Children `gate_proj`, `up_proj` (d_model -> d_hidden) and `down_proj` (d_hidden -> d_model)
+    are fusedtx.nn.Linear, named as in Hugging Face's LlamaMLP, so its state_dict loads
+    unchanged. The packed gate/up weight is made per forward (torch.stack: the gradients flow
+    back to both); without autograd (inference, decode) the packing is cached and reused as long
+    as the four tensors are the same ones, unmodified (their storage and `_version`)."""
+
+    def __init__(self, d_model: int, d_hidden: int, bias: bool = False, device=None, dtype=None, *,
+                 backend: str | None = None):
+        super().__init__()
+        self.gate_proj = Linear(d_model, d_hidden, bias, device, dtype, backend=backend)
+        self.up_proj = Linear(d_model, d_hidden, bias, device, dtype, backend=backend)
+        self.down_proj = Linear(d_hidden, d_model, bias, device, dtype, backend=backend)
+        self.backend = backend
+        self._packed: tuple | None = None  # (key, packed weight, packed bias): the inference cache
+
+    def _packing(self):
+        gate, up = self.gate_proj, self.up_proj
+        tensors = (gate.weight, up.weight, gate.bias, up.bias)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._packed = None  # a packing made here belongs to this step's autograd graph
+            bias = None if gate.bias is None else F.pack_gate_up(gate.bias, up.bias)
+            return F.pack_gate_up(gate.weight, up.weight), bias
+        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape) if t is not None else None
+                    for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            bias = None if gate.bias is None else F.pack_gate_up(gate.bias, up.bias)
+            self._packed = (key, F.pack_gate_up(gate.weight, up.weight), bias)
+        return self._packed[1], self._packed[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        F.check_swiglu_weights(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                               self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias)
+        packed_weight, packed_bias = self._packing()
+        return F.swiglu_ffn_packed(x, packed_weight, packed_bias, self.down_proj.weight, self.down_proj.bias,
+                                   backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
+
+
 def _is_int(value) -> bool:
     """A Python int that is not a bool (True would pass isinstance(value, int))."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -192,6 +192,12 @@ def assert_drop_in(ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def seeded_randn(shape, dtype, device, seed=0, scale=1.0) -> torch.Tensor:
+    """scale * randn(shape) from its own seeded generator, in dtype on device."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
 def garbage_like(t: torch.Tensor, generator=None) -> torch.Tensor:
     """Values that would poison a row that read them: huge, tiny, inf and NaN."""
     g = torch.randn(t.shape, generator=generator) * 1e4
@@ -238,3 +244,44 @@ def assert_compiled_equals_eager(f, x: torch.Tensor) -> None:
     (dx,), (dx2,) = torch.autograd.grad(loss, x1), torch.autograd.grad(loss2, x2)
     assert_bitwise_equal(loss, loss2, "compiled loss")
     assert_bitwise_equal(dx, dx2, "compiled grad")
+
+
+def batch_invariance_failures(fn, probe: torch.Tensor, batches, generator=None) -> list:
+    """(batch, index) pairs where fn(x)[index] differs from fn(probe) (probe: one row, (1, ...)),
+    x being `batch` rows of garbage (inf, NaN, huge) with the probe at `index` (first, middle,
+    last): a row that read another row would show it."""
+    alone = fn(probe)
+    failures = []
+    for batch in batches:
+        for index in sorted({0, batch // 2, batch - 1}):
+            x = garbage_like(torch.empty(batch, *probe.shape[1:], dtype=probe.dtype, device=probe.device), generator)
+            x[index] = probe[0]
+            if not bitwise_equal(fn(x)[index: index + 1], alone):
+                failures.append((batch, index))
+    return failures
+
+
+def assert_rows_alone_equal(fn, x: torch.Tensor, dy: torch.Tensor, positions) -> None:
+    """For a (B, T, ...) input: row (b, t) of y = fn(x) and of dx (for the upstream dy) equals
+    the same row computed alone, for each (b, t) in positions."""
+    def y_and_dx(x, dy):
+        x = x.clone().requires_grad_()
+        y = fn(x)
+        return y.detach(), torch.autograd.grad(y, x, dy)[0]
+
+    y_all, dx_all = y_and_dx(x, dy)
+    for b, t in positions:
+        y_one, dx_one = y_and_dx(x[b, t][None], dy[b, t][None])
+        assert_bitwise_equal(y_all[b, t][None], y_one, f"y[{b}, {t}]")
+        assert_bitwise_equal(dx_all[b, t][None], dx_one, f"dx[{b}, {t}]")
+
+
+def assert_compiled_grads_equal(f, x: torch.Tensor, params) -> None:
+    """The gradients of f(x) (a scalar) w.r.t. x and params: torch.compile(fullgraph=True,
+    aot_eager) == eager, bit for bit."""
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(loss, (x, *params))
+    expected = torch.autograd.grad(f(x), (x, *params))
+    for ours, ref in zip(grads, expected):
+        assert_bitwise_equal(ours, ref, "compiled vs eager")

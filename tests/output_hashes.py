@@ -47,7 +47,7 @@ def digest(t: torch.Tensor) -> str:
 
 def portable(op: str, backend: str, dtype: str) -> bool:
     """Rows whose bits do not depend on the host (see the module docstring)."""
-    return backend in ("native", "reference") and not (op.startswith("linear") and dtype == "float64")
+    return backend in ("native", "reference") and not (op.startswith(("linear", "swiglu_ffn")) and dtype == "float64")
 
 
 def _grads(out, inputs, seed):
@@ -143,6 +143,29 @@ def linear_rows(backend, dtype):
     yield "linear/nobias/5x24to16/dweight", dw
 
 
+def swiglu_rows(backend, dtype):
+    for shape, d, hidden, bias in (((7, 33), 33, 20, False), ((2, 3, 150), 150, 44, True)):
+        tag = f"{'bias' if bias else 'nobias'}/{'x'.join(map(str, shape))}h{hidden}"
+        x = exact_values(shape, 21, dtype, 0.5)
+        weights = [exact_values(s, 22 + i, dtype, 0.25).requires_grad_(True)
+                   for i, s in enumerate(((hidden, d), (hidden, d), (d, hidden)))]
+        biases = [exact_values((n,), 25 + i, dtype).requires_grad_(True) if bias else None
+                  for i, n in enumerate((hidden, hidden, d))]
+
+        def run(x):
+            return fusedtx.swiglu_ffn(x, *weights, gate_bias=biases[0], up_bias=biases[1], down_bias=biases[2],
+                                      backend=backend)
+
+        with torch.no_grad():
+            yield f"swiglu_ffn/{tag}/forward", run(x)
+        x.requires_grad_(True)
+        y = run(x)
+        yield f"swiglu_ffn/{tag}/forward_grad_mode", y
+        names = ["dx", "dgate", "dup", "ddown"] + (["dgate_bias", "dup_bias", "ddown_bias"] if bias else [])
+        for name, grad in zip(names, _grads(y, [x, *weights, *biases], 28)):
+            yield f"swiglu_ffn/{tag}/{name}", grad
+
+
 def attention_rows(backend, dtype):
     for name, (b, h, hkv, t, d, split) in {"mha_d32": (2, 2, 2, 40, 32, 16), "gqa_d64": (1, 4, 2, 37, 64, 16),
                                             "d16_split256": (2, 1, 1, 23, 16, 256)}.items():
@@ -213,6 +236,7 @@ OPS = {"softmax": (softmax_rows, ("float32", "bfloat16", "float16")),
        "layer_norm": (layer_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "rms_norm": (rms_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "linear": (linear_rows, ("float32", "bfloat16", "float16", "float64")),
+       "swiglu_ffn": (swiglu_rows, ("float32", "bfloat16", "float16", "float64")),
        "causal_attention": (attention_rows, ("float32", "bfloat16", "float16")),
        "rope": (rope_rows, ("float32", "bfloat16", "float16", "float64")),
        "gpt": (model_rows, ("float32",))}
@@ -227,7 +251,7 @@ def table(backends=None, ops=None) -> dict[str, str]:
             for dtype in dtypes:
                 if dtype == "float64" and backend == "triton":
                     continue
-                if op == "linear" and dtype == "float64" and backend != "reference":
+                if op in ("linear", "swiglu_ffn") and dtype == "float64" and backend != "reference":
                     continue
                 for name, t in make(backend, DTYPES[dtype]):
                     key = f"{name}|{backend}|{dtype}"

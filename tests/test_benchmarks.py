@@ -19,6 +19,7 @@ SCRIPTS = {
     "bench_layer_norm.py": ("fusedtx_native,torch", {"layer_norm"}),
     "bench_rms_norm.py": ("fusedtx_native,torch", {"rms_norm"}),
     "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),
+    "bench_swiglu.py": ("fusedtx_native,torch", {"swiglu_ffn"}),
     "bench_causal_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
     "bench_rope.py": ("fusedtx_native,hf_eager", {"rope"}),
 }

@@ -17,11 +17,14 @@ from helpers import (
     DTYPES,
     assert_accuracy,
     assert_bitwise_equal,
+    assert_compiled_grads_equal,
+    assert_rows_alone_equal,
+    batch_invariance_failures,
     bitwise_equal,
-    garbage_like,
     poisoned_outputs,
     record_bitexact,
     require,
+    seeded_randn as make,
     under_each_thread_count,
 )
 
@@ -37,11 +40,6 @@ CASES = [
     ((0, 16), 8, True),
 ]
 CASE_IDS = ["K1", "K7-N50", "K769-lead-noBias", "N1", "N50257", "0rows"]
-
-
-def make(shape, dtype, device, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
 
 
 def make_layer(k, n, has_bias, dtype, device, seed=10):
@@ -196,18 +194,9 @@ BATCH_SIZES = (1, 2, 3, 17, 64, 257, 1000)
 def invariance_failures(fn, device, dtype, k=96, n=80, batches=BATCH_SIZES):
     """(batch, index) pairs where a row's output inside a batch differs from the row alone; the
     other rows are garbage (inf, NaN, huge), so a row that read them would show it."""
-    g = torch.Generator().manual_seed(5)
     weight, bias = make_layer(k, n, True, dtype, device)
-    probe = make((1, k), dtype, device, seed=7)
-    alone = fn(probe, weight, bias)
-    failures = []
-    for batch in batches:
-        for index in sorted({0, batch // 2, batch - 1}):
-            x = garbage_like(torch.empty(batch, k, dtype=dtype, device=device), g)
-            x[index] = probe[0]
-            if not bitwise_equal(fn(x, weight, bias)[index: index + 1], alone):
-                failures.append((batch, index))
-    return failures
+    return batch_invariance_failures(lambda x: fn(x, weight, bias), make((1, k), dtype, device, seed=7), batches,
+                                     torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -233,17 +222,8 @@ def test_batch_invariance_with_leading_dims_and_input_gradient(device, backend):
     k, n = 40, 24
     weight, bias = make_layer(k, n, True, torch.float32, device)
     x, dy = make((3, 7, k), torch.float32, device, seed=1), make((3, 7, n), torch.float32, device, seed=2)
-
-    def y_and_dx(x, dy):
-        x = x.clone().requires_grad_()
-        y = fusedtx.linear(x, weight, bias, activation="gelu", backend=backend)
-        return y.detach(), torch.autograd.grad(y, x, dy)[0]
-
-    y_all, dx_all = y_and_dx(x, dy)
-    for b, t in ((0, 0), (1, 3), (2, 6)):
-        y_one, dx_one = y_and_dx(x[b, t][None], dy[b, t][None])
-        assert_bitwise_equal(y_all[b, t][None], y_one, f"y[{b}, {t}]")
-        assert_bitwise_equal(dx_all[b, t][None], dx_one, f"dx[{b}, {t}]")
+    assert_rows_alone_equal(lambda x: fusedtx.linear(x, weight, bias, activation="gelu", backend=backend), x, dy,
+                            ((0, 0), (1, 3), (2, 6)))
 
 
 def test_native_thread_count_invariance():
@@ -390,19 +370,9 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     require(device, backend)
-    torch._dynamo.reset()
     m = fusedtx.nn.GeluFFN(16, 32, approximate="tanh", backend=backend).to(device)
-
-    def f(x):
-        return m(x * 2.0).square().sum()
-
     x = make((3, 4, 16), torch.float32, device).requires_grad_()
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    params = (x, *m.parameters())
-    grads = torch.autograd.grad(loss, params)
-    expected = torch.autograd.grad(f(x), params)
-    for ours, ref in zip(grads, expected):
-        assert_bitwise_equal(ours, ref, "compiled vs eager")
+    assert_compiled_grads_equal(lambda x: m(x * 2.0).square().sum(), x, list(m.parameters()))
 
 
 def test_torch_compile_inductor():

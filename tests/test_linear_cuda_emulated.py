@@ -47,7 +47,7 @@ def linear_lib(tmp_path_factory):
 def emu_matmul(lib, a, b, bias, activation, save_preact=True):
     """(y, preact or None) from the kernel, for 2-D a and b of any strides."""
     (m, k), n = a.shape, b.shape[1]
-    y = nan_like((m, n), a.dtype)
+    y = nan_like((m, n // 2 if activation == reference.ACT_SWIGLU else n), a.dtype)
     h = nan_like((m, n), a.dtype) if save_preact and activation else None
     assert lib.emu_matmul(ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(bias), ptr(y), ptr(h),
                           m, n, k, activation, DTYPE_CODE[a.dtype]) == 0
@@ -56,6 +56,8 @@ def emu_matmul(lib, a, b, bias, activation, save_preact=True):
 
 def emu_bias_act_backward(lib, dy, preact, activation, need_bias_grad, groups):
     rows, n = dy.shape
+    if activation == reference.ACT_SWIGLU:
+        n *= 2  # grad_preact, grad_bias and the kernel's n: preact's gate/up pairs
     dh = nan_like((rows, n), dy.dtype) if activation else None
     db = nan_like((n,), torch.float32) if need_bias_grad else None
     ws = nan_like((groups * n,), torch.float32) if need_bias_grad else None
@@ -136,6 +138,51 @@ def test_activation_epilogue_and_derivative_on_every_branch(linear_lib, dtype, a
     assert_bitwise_equal(db, db_ref, "grad_bias")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("m,k,n,bias,b_layout", [
+    (1, 1, 2, False, "col"),      # one pair
+    (3, 7, 50, True, "col"),      # the forward's b = packed.t()
+    (17, 37, 70, False, "row"),   # b row-major
+    (129, 20, 260, True, "col"),  # 2 x 3 tiles, the last one partial (pairs never straddle it)
+    (3, 300, 20, True, "col"),    # K = 128 + 128 + 44
+], ids=["1-pair", "3x7x50", "b-rowmajor", "2x3-tiles", "k300"])
+def test_swiglu_matmul_and_backward_match_reference(linear_lib, dtype, m, k, n, bias, b_layout):
+    """The SwiGLU epilogue (one output per gate/up column pair) and its pair gradients, bit for bit."""
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a = (torch.randn(m, k, generator=g, dtype=torch.float64) * 2).to(dtype)
+    b = laid_out(torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype), b_layout)
+    bias_t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    dy = torch.randn(m, n // 2, generator=g, dtype=torch.float64).to(dtype)
+    check_swiglu(linear_lib, a, b, bias_t, dy, 4)
+
+
+def check_swiglu(lib, a, b, bias, dy, groups):
+    """The SwiGLU matmul (y, preact) and its backward (grad_preact with and without grad_bias)
+    against the reference, bit for bit."""
+    swiglu = reference.ACT_SWIGLU
+    y, h = emu_matmul(lib, a, b, bias, swiglu)
+    y_ref, h_ref = reference.linear_matmul(a, b, bias, swiglu, True, K_BLOCK)
+    assert_bitwise_equal(h, h_ref, f"preact {tuple(a.shape)} x {tuple(b.shape)}")
+    assert_bitwise_equal(y, y_ref, f"y {tuple(a.shape)} x {tuple(b.shape)}")
+    for need_bias_grad in (True, False):
+        dh, db = emu_bias_act_backward(lib, dy, h, swiglu, need_bias_grad, groups)
+        dh_ref, db_ref = reference.linear_bias_act_backward(dy, h_ref, swiglu, need_bias_grad, groups)
+        assert_bitwise_equal(dh, dh_ref, "grad_preact")
+        if need_bias_grad:
+            assert_bitwise_equal(db, db_ref, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_swiglu_epilogue_and_gradients_on_every_branch(linear_lib, dtype):
+    """K = 1 and a = 1: the pairs of h are chosen values (the sigmoid's cut at g = -88, signed
+    zeros, infinities, NaN) against every up value, forward and backward, bit for bit."""
+    gates = EPILOGUE_VALUES.to(dtype)
+    ups = torch.roll(EPILOGUE_VALUES, 17).to(dtype)
+    values = torch.stack((gates, ups), dim=1).reshape(1, -1)  # (1, 600): 600 / 128 -> five tiles
+    dy = torch.linspace(-2, 2, gates.shape[0], dtype=torch.float64).to(dtype)[None, :]
+    check_swiglu(linear_lib, torch.ones(1, 1, dtype=dtype), values, None, dy, 1)
+
+
 def test_matmul_rows_are_batch_invariant(linear_lib):
     """Row i of an M-row product has the same bits as row i computed alone, wherever the row
     sits in its tile and whatever the other rows hold (NaN, inf, huge)."""
@@ -183,19 +230,26 @@ def test_bias_act_backward_of_no_rows_is_zero(linear_lib):
     assert_bitwise_equal(db, torch.zeros(5), "grad_bias over no rows")
 
 
+def mutated_lib(tmp_path, *replacements):
+    """linear.cu built with each (old, new) replaced (old must occur once): a deliberately wrong kernel."""
+    def mutate(source):
+        for old, new in replacements:
+            assert source.count(old) == 1, old
+            source = source.replace(old, new)
+        return source
+
+    return _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+
+
 def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
     """The same comparisons fail for kernels that round the product before adding it (mul + add
     instead of one FMA) and that add the bias-gradient partials in descending group order: the
     same math, other roundings or another order."""
-    fma = "acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);"
-    groups_up = "for (int g = 0; g < groups; ++g) s = __fadd_rn(s, partials[g * n + j]);"
-
-    def mutate(source):
-        assert source.count(fma) == 1 and source.count(groups_up) == 1
-        source = source.replace(fma, "acc[i][j] = __fadd_rn(__fmul_rn(av[i], bv[j]), acc[i][j]);")
-        return source.replace(groups_up, "for (int g = groups - 1; g >= 0; --g) s = __fadd_rn(s, partials[g * n + j]);")
-
-    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    lib = mutated_lib(
+        tmp_path,
+        ("acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);", "acc[i][j] = __fadd_rn(__fmul_rn(av[i], bv[j]), acc[i][j]);"),
+        ("for (int g = 0; g < groups; ++g) s = __fadd_rn(s, partials[g * n + j]);",
+         "for (int g = groups - 1; g >= 0; --g) s = __fadd_rn(s, partials[g * n + j]);"))
     g = torch.Generator().manual_seed(3)
     a, w, bias = torch.randn(17, 37, generator=g), torch.randn(70, 37, generator=g), torch.randn(70, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), bias, 0)
@@ -210,15 +264,22 @@ def test_negative_control_reordered_linear_kernels_are_caught(tmp_path):
 def test_negative_control_unblocked_k_is_caught(tmp_path):
     """At K = 300 the comparison fails for a kernel that runs one FMA chain over all of K (the
     order before the K blocks): its bits are the unblocked chain's, not reference.linear_matmul's."""
-    blocks = "constexpr int kTilesPerKBlock = kKBlock / kBK;"
-
-    def mutate(source):
-        assert source.count(blocks) == 1
-        return source.replace(blocks, "constexpr int kTilesPerKBlock = 1 << 30;")
-
-    lib = _linear_argtypes(build("linear.cu", LINEAR_WRAPPERS, tmp_path, CUDA_INCLUDE, mutate=mutate))
+    lib = mutated_lib(tmp_path, ("constexpr int kTilesPerKBlock = kKBlock / kBK;",
+                                 "constexpr int kTilesPerKBlock = 1 << 30;"))
     g = torch.Generator().manual_seed(4)
     a, w = torch.randn(3, 300, generator=g), torch.randn(20, 300, generator=g)
     y, _ = emu_matmul(lib, a, w.t(), None, 0)
     assert_bitwise_equal(y, reference.fma_matmul(a, w.t()), "one chain over K")  # the unblocked order...
     assert not torch.equal(y, reference.linear_matmul(a, w.t(), None, 0, False, K_BLOCK)[0])  # ...is not the reference's
+
+
+def test_negative_control_swiglu_rounding_is_caught(tmp_path):
+    """The SwiGLU comparison fails for an epilogue that multiplies in another order, s u first:
+    the same math, other roundings."""
+    lib = mutated_lib(tmp_path, ("return __fmul_rn(__fmul_rn(g, s), u);", "return __fmul_rn(g, __fmul_rn(s, u));"))
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(17, 37, generator=g), torch.randn(37, 70, generator=g)
+    y, _ = emu_matmul(lib, a, b, None, reference.ACT_SWIGLU)
+    y_ref = reference.linear_matmul(a, b, None, reference.ACT_SWIGLU, False, K_BLOCK)[0]
+    torch.testing.assert_close(y, y_ref)  # still SwiGLU...
+    assert not torch.equal(y, y_ref)  # ...with other roundings

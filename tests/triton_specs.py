@@ -113,6 +113,7 @@ def linear_specs():
                bias + gelu_tanh + preact;
       dx       a = g (row-major), b = weight (row-major);
       dweight  a = g.t() (column-major), b = x (row-major);
+      swiglu   the forward's layout with the SwiGLU epilogue, preact saved (swiglu_ffn's gate/up);
     plus, for bf16, the shrunk tiles of tiny N and K with an activation. Each as launched on
     aligned tensors (`aligned`), N, K and strides multiples of 16 except where a variant says:
     the ragged-K forward has an odd K (x's row stride and weight.t()'s column stride with it),
@@ -126,6 +127,7 @@ def linear_specs():
         (("stride_ak", "stride_bk"), True, reference.ACT_GELU_TANH, True, True, ()),
         (("stride_ak", "stride_bn"), False, reference.ACT_NONE, False, True, ()),
         (("stride_am", "stride_bn"), False, reference.ACT_NONE, False, False, ("K",)),
+        (("stride_ak", "stride_bk"), False, reference.ACT_SWIGLU, True, True, ()),  # swiglu_ffn's gate/up
     ]
     small = [  # the shrunk tiles of small N and K (BLOCK_N 16 / 64, BLOCK_K 16), with the epilogue halves
         ((1, 1), (("stride_ak", "stride_bk"), True, reference.ACT_GELU, True, False, ("N", "K", "stride_am", "stride_bn"))),
@@ -154,7 +156,7 @@ def linear_specs():
                                "K_STEPS": k_steps},
                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                               aligned(linear._matmul_fwd, sig, odd)))
-        for act in (reference.ACT_NONE, reference.ACT_GELU, reference.ACT_GELU_TANH):
+        for act in (reference.ACT_NONE, reference.ACT_GELU, reference.ACT_GELU_TANH, reference.ACT_SWIGLU):
             sig = {"DY": f"*{dtype}", "Hp": f"*{dtype}", "DH": f"*{dtype}", "Partial": "*fp32",
                    "n_rows": "i32", "n_cols": "i32", "n_groups": "i32", "rows_per_group": "i32",
                    "ACTIVATION": "constexpr", "BIAS_GRAD": "constexpr", "BLOCK_N": "constexpr",

@@ -1,6 +1,6 @@
-// The Linear op's activations on CPU, as reference.erf_f32, activation_forward and
-// activation_derivative operation for operation (docs/design.md, "exp and erf"). F is float or
-// vfloat (common.h); both compute the same bits. Used by the matmul's epilogue and the
+// The Linear op's activations on CPU, as reference.erf_f32, activation_forward,
+// activation_derivative, swiglu_forward and swiglu_grad_preact operation for operation
+// (docs/design.md, "exp and erf"). F is float or vfloat (common.h); both compute the same bits. Used by the matmul's epilogue and the
 // backward's elementwise part (linear.cpp). A part of linear.cpp: its functions are in an
 // unnamed namespace, local to that file, so that GCC inlines them as file-local code.
 #pragma once
@@ -14,7 +14,14 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kActNone = 0, kActGelu = 1, kActGeluTanh = 2;  // reference.ACT_*
+constexpr int kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActSwiglu = 3;  // reference.ACT_*
+
+// Where an output element goes: at the pre-activation's offset, or, for SwiGLU (one output per
+// gate/up pair, half the width), at half of it (an even offset: tiles hold whole pairs).
+template <int kAct>
+constexpr int64_t out_offset(int64_t preact_offset) {
+  return kAct == kActSwiglu ? preact_offset / 2 : preact_offset;
+}
 
 // The reference's constants are Python floats (doubles) that torch rounds to float32.
 constexpr float f32c(double c) { return static_cast<float>(c); }
@@ -30,7 +37,7 @@ constexpr float kInvSqrt2Pi = f32c(0.39894228040143268);
 constexpr float kTanhCubic = f32c(0.044715);
 constexpr float kTanhCubic3 = f32c(0.134145);
 constexpr float kTanhTwoK = f32c(1.5957691216057308);
-constexpr float kTanhMaxExpArg = f32c(88.0);
+constexpr float kMaxExpArg = f32c(88.0);
 
 template <typename F>
 inline F sign_bits(F x, uint32_t mask) {
@@ -70,16 +77,39 @@ inline F erf_f32(F t) {
   return a < kErfSplit ? small : large;
 }
 
-// reference._gelu_tanh_sigmoid: z = -2 sqrt(2/pi) (h + 0.044715 h^3), e = exp(min(z, 88)),
-// s = z > 88 ? +0 : 1 / (1 + e).
+// reference._sigmoid_of_neg: e = exp(min(z, 88)), s = z > 88 ? +0 : 1 / (1 + e).
+template <typename F>
+inline F sigmoid_of_neg(F z, F* e_out) {
+  const F e = exp_f32(clamp_above(z, kMaxExpArg));
+  *e_out = e;
+  const F s = splat<F>(1.0f) / (splat<F>(1.0f) + e);
+  return z > kMaxExpArg ? splat<F>(0.0f) : s;
+}
+
+// reference._gelu_tanh_sigmoid: sigmoid_of_neg(z), z = -2 sqrt(2/pi) (h + 0.044715 h^3).
 template <typename F>
 inline F gelu_tanh_sigmoid(F h, F* e_out) {
   const F h3 = (h * h) * h;
   const F z = (h + kTanhCubic * h3) * (-kTanhTwoK);
-  const F e = exp_f32(clamp_above(z, kTanhMaxExpArg));
-  *e_out = e;
-  const F s = splat<F>(1.0f) / (splat<F>(1.0f) + e);
-  return z > kTanhMaxExpArg ? splat<F>(0.0f) : s;
+  return sigmoid_of_neg(z, e_out);
+}
+
+// reference.swiglu_forward on one gate/up pair: (g s) u, s = sigmoid_of_neg(-g).
+template <typename F>
+inline F swiglu_forward(F g, F u) {
+  F e;
+  const F s = sigmoid_of_neg(-g, &e);
+  return (g * s) * u;
+}
+
+// reference.swiglu_grad_preact on one pair: dg = (dy u)(s + (g s)(e s)), du = dy (g s).
+template <typename F>
+inline void swiglu_grads(F dy, F g, F u, F* dg, F* du) {
+  F e;
+  const F s = sigmoid_of_neg(-g, &e);
+  const F gs = g * s;
+  *dg = (dy * u) * (s + gs * (e * s));
+  *du = dy * gs;
 }
 
 template <int kAct, typename F>
@@ -116,7 +146,9 @@ void dispatch_activation(int64_t act, const char* op, Fn&& fn) {
     case kActNone: fn(std::integral_constant<int, kActNone>{}); break;
     case kActGelu: fn(std::integral_constant<int, kActGelu>{}); break;
     case kActGeluTanh: fn(std::integral_constant<int, kActGeluTanh>{}); break;
-    default: TORCH_CHECK(false, op, ": unknown activation code ", act, " (expected 0 none, 1 gelu, 2 gelu_tanh)");
+    case kActSwiglu: fn(std::integral_constant<int, kActSwiglu>{}); break;
+    default:
+      TORCH_CHECK(false, op, ": unknown activation code ", act, " (expected 0 none, 1 gelu, 2 gelu_tanh, 3 swiglu)");
   }
 }
 

@@ -4,7 +4,8 @@
 // linear_matmul is reference.linear_matmul bit for bit: per output element, one float32 FMA
 // chain from +0 over each block of kKBlock = 128 k's in ascending order, the block sums added in
 // order from +0 (docs/design.md, "Matmul K blocks"); then h = sum + bias[j]; then the activation
-// (activations.h), operation for operation as in the reference (the extension is compiled with
+// (activations.h; SwiGLU's writes one output per gate/up column pair, at half the offset),
+// operation for operation as in the reference (the extension is compiled with
 // -ffp-contract=off, so only the explicit FMA instructions fuse). BLIS-style: for each packed K
 // block of kKCMax k's (whole 128-k chains), a task packs its kKCMax x kNCMax block of b once and
 // sweeps it with the micro-kernels of linear_gemm.h, a kMCMax-row block of packed a at a time.
@@ -16,7 +17,8 @@
 // tiling or the thread count (docs/design.md, "The contract", point 4).
 //
 // linear_bias_act_backward is reference.linear_bias_act_backward bit for bit: grad_preact =
-// grad_y * act'(preact) (one float32 product, rounded to grad_y's dtype) and grad_bias =
+// grad_y * act'(preact) (one float32 product, rounded to grad_y's dtype; SwiGLU's pair gradients,
+// reference.swiglu_grad_preact) and grad_bias =
 // row_group_sum(grad_preact as stored) in float32 (docs/design.md, "Row groups"). Rows are
 // streamed whole; each of the fixed row groups adds its rows into its own float32 partial row,
 // and the partials are then summed per column in group order.
@@ -107,7 +109,7 @@ void gemm_task(const Problem<T>& p, int64_t i_begin, int64_t i_end, int64_t j0, 
             kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, tile, kTileLd);
             const int64_t off = (i0 + ir) * p.N + j0 + jr;
             epilogue<T, kAct>(tile, rows, std::min<int64_t>(np * kNR, nc - jr), p.bias ? p.bias + j0 + jr : nullptr,
-                              p.y + off, p.preact ? p.preact + off : nullptr, p.N);
+                              p.y + out_offset<kAct>(off), p.preact ? p.preact + off : nullptr, p.N);
           }
           jr += np * kNR;
         }
@@ -215,12 +217,14 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
     TORCH_CHECK(bias->scalar_type() == a.scalar_type(), op, ": bias must have a's dtype ", a.scalar_type(), ", got ",
                 bias->scalar_type());
   }
+  TORCH_CHECK(activation != kActSwiglu || N % 2 == 0, op, ": the SwiGLU epilogue takes gate/up pairs: b must have "
+              "an even number of columns, got ", N);
   at::Tensor y, preact;
   dispatch_activation(activation, op, [&](auto act_tag) {
     constexpr int kAct = decltype(act_tag)::value;
     dispatch_float_types(a.scalar_type(), op, [&](auto t_tag) {
       using T = decltype(t_tag);
-      y = at::empty({M, N}, a.options());
+      y = at::empty({M, kAct == kActSwiglu ? N / 2 : N}, a.options());
       preact = save_preact && kAct != kActNone ? at::empty({M, N}, a.options()) : at::empty({0}, a.options());
       std::vector<float> bias_f;
       if (bias.has_value()) {
@@ -253,8 +257,49 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
 // One row: grad_preact = grad_y * act'(preact) (when kAct) and, with part, part += grad_preact
 // as stored (grad_y when no activation). Rows are streamed whole: the partial row (N floats)
 // stays in cache while grad_y and preact come from memory once.
+// SwiGLU's row: gy has N columns, pre, gp and part 2N (gate/up pairs): gp = swiglu_grads of
+// each pair, part += gp as stored.
+template <typename T>
+void swiglu_grad_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
+#if defined(FUSEDTX_AVX512)
+  for (int64_t c = 0; c < N; c += 16) {
+    const int64_t n = std::min<int64_t>(16, N - c);
+    const __mmask16 m = first_lanes(n), m0 = first_lanes(std::min<int64_t>(16, 2 * n)),
+                    m1 = first_lanes(std::max<int64_t>(0, 2 * n - 16));
+    __m512 g, u, lo, hi;
+    deinterleave(load16(pre + 2 * c, m0), load16(pre + 2 * c + 16, m1), &g, &u);
+    vfloat dg, du;
+    swiglu_grads(reinterpret_cast<vfloat>(load16(gy + c, m)), reinterpret_cast<vfloat>(g),
+                 reinterpret_cast<vfloat>(u), &dg, &du);
+    interleave(reinterpret_cast<__m512>(dg), reinterpret_cast<__m512>(du), &lo, &hi);
+    store16(gp + 2 * c, lo, m0);
+    store16(gp + 2 * c + 16, hi, m1);
+    if (part) {
+      float* p0 = part + 2 * c;
+      _mm512_mask_storeu_ps(p0, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p0), round_trip<T>(lo)));
+      _mm512_mask_storeu_ps(p0 + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p0 + 16), round_trip<T>(hi)));
+    }
+  }
+#else
+  for (int64_t c = 0; c < N; ++c) {
+    float dg, du;
+    swiglu_grads(to_float(gy[c]), to_float(pre[2 * c]), to_float(pre[2 * c + 1]), &dg, &du);
+    store1(gp + 2 * c, dg);
+    store1(gp + 2 * c + 1, du);
+    if (part) {
+      part[2 * c] = part[2 * c] + to_float(gp[2 * c]);
+      part[2 * c + 1] = part[2 * c + 1] + to_float(gp[2 * c + 1]);
+    }
+  }
+#endif
+}
+
 template <typename T, int kAct>
 void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
+  if constexpr (kAct == kActSwiglu) {
+    swiglu_grad_row(gy, pre, gp, part, N);
+    return;
+  }
 #if defined(FUSEDTX_AVX512)
   int64_t c = 0;
   if constexpr (kAct != kActNone) {
@@ -301,12 +346,13 @@ std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cpu(const at::Tensor
   constexpr const char* op = "linear_bias_act_backward";
   check_rows(grad_y, at::kCPU, op, "grad_y");
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
-  const int64_t M = grad_y.size(0), N = grad_y.size(1);
+  // N: grad_y's columns; W: grad_preact's (and preact's), 2N for SwiGLU's gate/up pairs.
+  const int64_t M = grad_y.size(0), N = grad_y.size(1), W = activation == kActSwiglu ? 2 * N : N;
   if (activation != kActNone) {
     TORCH_CHECK(preact.has_value(), op, ": preact is required when activation is ", activation);
     check_device(*preact, at::kCPU, op, "preact");
-    TORCH_CHECK(preact->sizes() == grad_y.sizes() && preact->is_contiguous(), op,
-                ": preact must be contiguous with grad_y's shape ", grad_y.sizes(), ", got ", preact->sizes());
+    TORCH_CHECK(preact->dim() == 2 && preact->size(0) == M && preact->size(1) == W && preact->is_contiguous(), op,
+                ": preact must be contiguous of shape (", M, ", ", W, "), got ", preact->sizes());
     TORCH_CHECK(preact->scalar_type() == grad_y.scalar_type(), op, ": preact must have grad_y's dtype ",
                 grad_y.scalar_type(), ", got ", preact->scalar_type());
   }
@@ -315,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cpu(const at::Tensor
     constexpr int kAct = decltype(act_tag)::value;
     dispatch_float_types(grad_y.scalar_type(), op, [&](auto t_tag) {
       using T = decltype(t_tag);
-      grad_preact = kAct != kActNone ? at::empty_like(grad_y) : at::empty({0}, grad_y.options());
-      grad_bias = need_bias_grad ? at::empty({N}, grad_y.options().dtype(at::kFloat))
+      grad_preact = kAct != kActNone ? at::empty({M, W}, grad_y.options()) : at::empty({0}, grad_y.options());
+      grad_bias = need_bias_grad ? at::empty({W}, grad_y.options().dtype(at::kFloat))
                                  : at::empty({0}, grad_y.options().dtype(at::kFloat));
       if (M == 0 || N == 0) {
         if (need_bias_grad) grad_bias.zero_();
@@ -328,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cpu(const at::Tensor
       T* gp = kAct != kActNone ? grad_preact.mutable_data_ptr<T>() : nullptr;
       if (!need_bias_grad) {
         at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) bias_act_row<T, kAct>(gy + r * N, pre ? pre + r * N : nullptr, gp ? gp + r * N : nullptr, nullptr, N);
+          for (int64_t r = begin; r < end; ++r) bias_act_row<T, kAct>(gy + r * N, pre ? pre + r * W : nullptr, gp ? gp + r * W : nullptr, nullptr, N);
         });
         return;
       }
@@ -338,24 +384,24 @@ std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cpu(const at::Tensor
       // cannot change it.
       const int64_t per_group = std::max<int64_t>(1, ceil_div(M, groups));
       const int64_t used_groups = ceil_div(M, per_group);
-      std::unique_ptr<float[]> partials(new float[used_groups * N]);
+      std::unique_ptr<float[]> partials(new float[used_groups * W]);
       at::parallel_for(0, used_groups, 1, [&](int64_t g_begin, int64_t g_end) {
         for (int64_t g = g_begin; g < g_end; ++g) {
-          float* part = partials.get() + g * N;
-          std::fill(part, part + N, 0.0f);
+          float* part = partials.get() + g * W;
+          std::fill(part, part + W, 0.0f);
           for (int64_t r = g * per_group; r < std::min(M, (g + 1) * per_group); ++r) {
-            bias_act_row<T, kAct>(gy + r * N, pre ? pre + r * N : nullptr, gp ? gp + r * N : nullptr, part, N);
+            bias_act_row<T, kAct>(gy + r * N, pre ? pre + r * W : nullptr, gp ? gp + r * W : nullptr, part, N);
           }
         }
       });
       float* gb = grad_bias.mutable_data_ptr<float>();
       constexpr int64_t kCols = 256;
-      at::parallel_for(0, ceil_div(N, kCols), 1, [&](int64_t b_begin, int64_t b_end) {
+      at::parallel_for(0, ceil_div(W, kCols), 1, [&](int64_t b_begin, int64_t b_end) {
         for (int64_t cb = b_begin; cb < b_end; ++cb) {
-          const int64_t c0 = cb * kCols, width = std::min(kCols, N - c0);
+          const int64_t c0 = cb * kCols, width = std::min(kCols, W - c0);
           float sum[kCols] = {};
           for (int64_t g = 0; g < used_groups; ++g) {
-            const float* part = partials.get() + g * N + c0;
+            const float* part = partials.get() + g * W + c0;
             for (int64_t c = 0; c < width; ++c) sum[c] = sum[c] + part[c];
           }
           std::copy(sum, sum + width, gb + c0);

@@ -53,7 +53,7 @@ struct Problem {
   const T* b;
   int64_t sb0, sb1;
   const float* bias;  // float32, padded to a multiple of kNR, or nullptr
-  T* y;               // (M, N) contiguous
+  T* y;               // (M, N) contiguous; (M, N / 2) for SwiGLU
   T* preact;          // (M, N) contiguous, or nullptr
 };
 
@@ -184,10 +184,54 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
   } while (k < kc);
 }
 
+// Gate/up pairs: the even and odd elements of two vectors (32 consecutive columns), and back.
+inline void deinterleave(__m512 lo, __m512 hi, __m512* even, __m512* odd) {
+  const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  *even = _mm512_permutex2var_ps(lo, even_idx, hi);
+  *odd = _mm512_permutex2var_ps(lo, odd_idx, hi);
+}
+inline void interleave(__m512 even, __m512 odd, __m512* lo, __m512* hi) {
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  *lo = _mm512_permutex2var_ps(even, lo_idx, odd);
+  *hi = _mm512_permutex2var_ps(even, hi_idx, odd);
+}
+
+// The SwiGLU epilogue of a rows x cols tile (cols even: whole gate/up pairs): h = acc (+ bias),
+// preact = h (ld floats per row), y = swiglu(pairs) (ld / 2 per row), 16 pairs at a time.
+template <typename T>
+void swiglu_epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 32) {
+      const int64_t n = std::min<int64_t>(32, cols - c);
+      const __mmask16 m0 = first_lanes(std::min<int64_t>(16, n)), m1 = first_lanes(std::max<int64_t>(0, n - 16));
+      __m512 h0 = _mm512_maskz_loadu_ps(m0, tile + r * kTileLd + c);
+      __m512 h1 = _mm512_maskz_loadu_ps(m1, tile + r * kTileLd + c + 16);
+      if (bias) {
+        h0 = _mm512_add_ps(h0, _mm512_maskz_loadu_ps(m0, bias + c));
+        h1 = _mm512_add_ps(h1, _mm512_maskz_loadu_ps(m1, bias + c + 16));
+      }
+      if (preact) {
+        store16(preact + r * ld + c, h0, m0);
+        store16(preact + r * ld + c + 16, h1, m1);
+      }
+      __m512 g, u;
+      deinterleave(h0, h1, &g, &u);
+      const vfloat out = swiglu_forward(reinterpret_cast<vfloat>(g), reinterpret_cast<vfloat>(u));
+      store16(y + r * (ld / 2) + c / 2, reinterpret_cast<__m512>(out), first_lanes(n / 2));
+    }
+  }
+}
+
 // The epilogue of a rows x cols tile (kTileLd floats per row): h = acc (+ bias), preact = h,
-// y = act(h), in T.
+// y = act(h), in T (for SwiGLU, y at out_offset: swiglu_epilogue).
 template <typename T, int kAct>
 void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  if constexpr (kAct == kActSwiglu) {
+    swiglu_epilogue(tile, rows, cols, bias, y, preact, ld);
+    return;
+  }
   int r = 0;
   if constexpr (kAct != kActNone) {
     if (cols % 32 == 0) {
@@ -281,6 +325,23 @@ void micro_kernel(int64_t kc, const float* a, const float* b, int64_t b_stride, 
 
 template <typename T, int kAct>
 void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  if constexpr (kAct == kActSwiglu) {  // y (ld / 2 per row) at out_offset: one output per pair
+    for (int r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols; j += 2) {
+        float g = tile[r * kTileLd + j], u = tile[r * kTileLd + j + 1];
+        if (bias) {
+          g = g + bias[j];
+          u = u + bias[j + 1];
+        }
+        if (preact) {
+          store1(preact + r * ld + j, g);
+          store1(preact + r * ld + j + 1, u);
+        }
+        store1(y + r * (ld / 2) + j / 2, swiglu_forward(g, u));
+      }
+    }
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; ++j) {
       float h = tile[r * kTileLd + j];

@@ -61,7 +61,7 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
         }
       }
     }
-    epilogue<T, kAct>(tile, MR, jn, p.bias ? p.bias + j : nullptr, p.y + j, p.preact ? p.preact + j : nullptr, p.N);
+    epilogue<T, kAct>(tile, MR, jn, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
   }
 }
 
@@ -109,7 +109,7 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
         }
       }
     }
-    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + j, p.preact ? p.preact + j : nullptr, p.N);
+    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
   }
 }
 

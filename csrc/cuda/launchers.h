@@ -68,8 +68,9 @@ cudaError_t rms_norm_backward(const void* grad_y, const void* x, const void* rst
 // elements), bias (n,) contiguous or nullptr, all of dtype `dtype` (float32, float16 or
 // bfloat16); y and preact contiguous (m, n) of that dtype. Every element is one float32 FMA
 // chain from +0 per block of kLinearKBlock k's, k ascending, the block sums added in order;
-// `activation` is reference.ACT_* (0 none, 1 gelu, 2 gelu_tanh). preact (the pre-activation h) is
-// written when not nullptr and activation != 0. m == 0 or n == 0 launches nothing.
+// `activation` is reference.ACT_* (0 none, 1 gelu, 2 gelu_tanh, 3 swiglu: n even, b's columns
+// gate/up pairs, y (m, n / 2)). preact (the pre-activation h, (m, n)) is written when not nullptr
+// and activation != 0. m == 0 or n == 0 launches nothing.
 // K is summed in blocks of this many k's (reference.linear_matmul's k_block), compiled in.
 constexpr int64_t kLinearKBlock = 128;
 
@@ -86,7 +87,8 @@ inline int64_t linear_bias_act_backward_workspace_elems(int64_t n, int64_t group
 // activation != 0; grad_preact and preact may be nullptr otherwise) and, when need_bias_grad,
 // grad_bias ((n,), float32) = row_group_sum over `groups` fixed row groups of grad_preact as
 // stored (of grad_y without an activation), through `workspace`
-// (linear_bias_act_backward_workspace_elems floats). rows == 0 zero-fills grad_bias.
+// (linear_bias_act_backward_workspace_elems floats). rows == 0 zero-fills grad_bias. For swiglu
+// (activation 3) n is preact's and grad_preact's width, grad_y's is n / 2.
 cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
                                      void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
                                      int groups, DType dtype, cudaStream_t stream);

@@ -1,5 +1,6 @@
-// Linear in CUDA: y = act(a @ b + bias) with the bias + GELU epilogue fused, and the elementwise
-// part of its backward: reference.linear_matmul / reference.linear_bias_act_backward, bit for bit.
+// Linear in CUDA: y = act(a @ b + bias) with the bias + GELU (or SwiGLU) epilogue fused, and the
+// elementwise part of its backward: reference.linear_matmul / reference.linear_bias_act_backward,
+// bit for bit.
 //
 // Forward: a classic shared-memory tiled SGEMM. Each block computes one kBM x kBN tile of the
 // output, 256 threads each holding a kTM x kTN register tile. reference.linear_matmul's order,
@@ -94,14 +95,34 @@ __device__ __forceinline__ float erf_f32(float t) {
   return copysignf(__fsub_rn(1.0f, exp_f32(q)), t);
 }
 
-// reference._gelu_tanh_sigmoid: z = -2 sqrt(2/pi) (h + 0.044715 h^3), e = exp(min(z, 88)),
-// s = z > 88 ? +0 : 1 / (1 + e).
-__device__ __forceinline__ float gelu_tanh_sigmoid(float h, float& e) {
-  const float h3 = __fmul_rn(__fmul_rn(h, h), h);
-  const float z = __fmul_rn(__fadd_rn(h, __fmul_rn(f32(0.044715), h3)), f32(-1.5957691216057308));
+// reference._sigmoid_of_neg: e = exp(min(z, 88)), s = z > 88 ? +0 : 1 / (1 + e).
+__device__ __forceinline__ float sigmoid_of_neg(float z, float& e) {
   const bool beyond = z > f32(88.0);  // false for NaN: NaN stays NaN
   e = exp_f32(beyond ? f32(88.0) : z);
   return beyond ? 0.0f : __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+}
+
+// reference._gelu_tanh_sigmoid: sigmoid_of_neg(z), z = -2 sqrt(2/pi) (h + 0.044715 h^3).
+__device__ __forceinline__ float gelu_tanh_sigmoid(float h, float& e) {
+  const float h3 = __fmul_rn(__fmul_rn(h, h), h);
+  const float z = __fmul_rn(__fadd_rn(h, __fmul_rn(f32(0.044715), h3)), f32(-1.5957691216057308));
+  return sigmoid_of_neg(z, e);
+}
+
+// reference.swiglu_forward on one gate/up pair: (g s) u, s = sigmoid_of_neg(-g).
+__device__ __forceinline__ float swiglu_forward(float g, float u) {
+  float e;
+  const float s = sigmoid_of_neg(-g, e);
+  return __fmul_rn(__fmul_rn(g, s), u);
+}
+
+// reference.swiglu_grad_preact on one pair: dg = (dy u)(s + (g s)(e s)), du = dy (g s).
+__device__ __forceinline__ void swiglu_grads(float dy, float g, float u, float& dg, float& du) {
+  float e;
+  const float s = sigmoid_of_neg(-g, e);
+  const float gs = __fmul_rn(g, s);
+  dg = __fmul_rn(__fmul_rn(dy, u), __fadd_rn(s, __fmul_rn(gs, __fmul_rn(e, s))));
+  du = __fmul_rn(dy, gs);
 }
 
 // reference.activation_forward on float32 h (kAct: reference.ACT_*).
@@ -267,6 +288,23 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < kTM; ++i) {
     const int64_t r = row0 + (i < 4 ? ty * 4 + i : kBM / 2 + ty * 4 + (i - 4));
     if (r >= m) continue;
+    if constexpr (kAct == 3) {
+      // SwiGLU: the thread's columns come in gate/up pairs (j, j + 1), j even (n is even, so a
+      // pair is inside the matrix or outside it whole); y[r, c / 2] of an (m, n / 2) y.
+#pragma unroll
+      for (int j = 0; j < kTN; j += 2) {
+        const int64_t c = col0 + (j < 4 ? tx * 4 + j : kBN / 2 + tx * 4 + (j - 4));
+        if (c >= n) continue;
+        const float g = bias != nullptr ? __fadd_rn(total[i][j], bias_v[j]) : total[i][j];
+        const float u = bias != nullptr ? __fadd_rn(total[i][j + 1], bias_v[j + 1]) : total[i][j + 1];
+        store_f32(y + r * (n / 2) + c / 2, swiglu_forward(g, u));
+        if (preact != nullptr) {
+          store_f32(preact + r * n + c, g);
+          store_f32(preact + r * n + c + 1, u);
+        }
+      }
+      continue;
+    }
 #pragma unroll
     for (int j = 0; j < kTN; ++j) {
       const int64_t c = col0 + (j < 4 ? tx * 4 + j : kBN / 2 + tx * 4 + (j - 4));
@@ -282,6 +320,8 @@ __global__ void __launch_bounds__(kThreads)
 // in ascending order, g < n_groups. With an activation it writes grad_preact = grad_y * act'(preact)
 // (float32 product, rounded to T); kPartials: it also sums the rows' grad_preact as stored (or
 // grad_y without an activation) from +0 into partials[g * n + j] (+0 for an empty group).
+// SwiGLU: n is preact's width (gate/up pairs); the thread reads its column's pair and grad_y's
+// column j / 2 (n / 2 a row) and writes the pair gradient of its own parity.
 template <typename T, int kAct, bool kPartials>
 __global__ void __launch_bounds__(kEltThreads)
     bias_act_bwd_kernel(const T* __restrict__ grad_y, const T* __restrict__ preact, T* __restrict__ grad_preact,
@@ -296,7 +336,14 @@ __global__ void __launch_bounds__(kEltThreads)
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t off = r * n + j;
     float v;
-    if constexpr (kAct != 0) {
+    if constexpr (kAct == 3) {
+      const int64_t pair = r * n + (j & ~int64_t{1});
+      float dg, du;
+      swiglu_grads(load_f32(grad_y + r * (n / 2) + j / 2), load_f32(preact + pair), load_f32(preact + pair + 1), dg,
+                   du);
+      store_f32(grad_preact + off, (j & 1) ? du : dg);
+      v = as_stored<T>((j & 1) ? du : dg);
+    } else if constexpr (kAct != 0) {
       const float d = __fmul_rn(load_f32(grad_y + off), activation_derivative<kAct>(load_f32(preact + off)));
       store_f32(grad_preact + off, d);
       v = as_stored<T>(d);
@@ -335,6 +382,7 @@ cudaError_t dispatch(DType dtype, int activation, F&& f) {
       case 0: return f(t, Act<0>{});
       case 1: return f(t, Act<1>{});
       case 2: return f(t, Act<2>{});
+      case 3: return f(t, Act<3>{});
     }
     return cudaErrorInvalidValue;
   };
@@ -395,7 +443,8 @@ cudaError_t launch_bias_act_backward(const void* grad_y, const void* preact, voi
 cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_k,
                           int64_t b_stride_n, const void* bias, void* y, void* preact, int64_t m, int64_t n, int64_t k,
                           int activation, DType dtype, cudaStream_t stream) {
-  if (m < 0 || n < 0 || k < 0 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
+  if (m < 0 || n < 0 || k < 0 || activation < 0 || activation > 3) return cudaErrorInvalidValue;
+  if (activation == 3 && n % 2 != 0) return cudaErrorInvalidValue;  // SwiGLU: gate/up column pairs
   if (m == 0 || n == 0) return cudaSuccess;  // no element to write
   const int64_t tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
   if (tiles_m > INT32_MAX / tiles_n) return cudaErrorInvalidValue;  // one block per tile, 1-D grid
@@ -410,7 +459,7 @@ cudaError_t linear_matmul(const void* a, int64_t a_stride_m, int64_t a_stride_k,
 cudaError_t linear_bias_act_backward(const void* grad_y, const void* preact, void* grad_preact, void* grad_bias,
                                      void* workspace, int64_t rows, int64_t n, int activation, bool need_bias_grad,
                                      int groups, DType dtype, cudaStream_t stream) {
-  if (rows < 0 || n < 0 || groups < 1 || activation < 0 || activation > 2) return cudaErrorInvalidValue;
+  if (rows < 0 || n < 0 || groups < 1 || activation < 0 || activation > 3) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;  // no element to write anywhere
   if (need_bias_grad && grad_bias == nullptr) return cudaErrorInvalidValue;
   if (rows == 0) {

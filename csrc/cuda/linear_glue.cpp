@@ -18,8 +18,8 @@ namespace fusedtx::cuda {
 namespace {
 
 void check_activation(int64_t activation, const char* op) {
-  TORCH_CHECK(activation >= 0 && activation <= 2, op,
-              ": activation must be 0 (none), 1 (gelu) or 2 (gelu_tanh), got ", activation);
+  TORCH_CHECK(activation >= 0 && activation <= 3, op,
+              ": activation must be 0 (none), 1 (gelu), 2 (gelu_tanh) or 3 (swiglu), got ", activation);
 }
 
 // A 2-D CUDA operand of a matmul, any strides.
@@ -43,6 +43,8 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const
               "); a is ", a.sizes(), ", b is ", b.sizes());
   check_activation(activation, op);
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  TORCH_CHECK(activation != 3 || n % 2 == 0, op, ": the SwiGLU epilogue takes gate/up pairs: b must have an even "
+              "number of columns, got ", n);
   at::Tensor bias_c;  // contiguous (n,), or undefined
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device() == a.device(), op, ": bias must be on a's device ", a.device(), ", got ",
@@ -58,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const
               ": output too large for one launch (", m, " x ", n, ")");
 
   const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor y = at::empty({m, n}, a.options());
+  at::Tensor y = at::empty({m, activation == 3 ? n / 2 : n}, a.options());
   at::Tensor preact = save_preact && activation != 0 ? at::empty({m, n}, a.options()) : at::empty({0}, a.options());
   check_launch(linear_matmul(a.const_data_ptr(), a.stride(0), a.stride(1), b.const_data_ptr(), b.stride(0), b.stride(1),
                       bias_c.defined() ? bias_c.const_data_ptr() : nullptr, y.mutable_data_ptr(),
@@ -78,21 +80,22 @@ std::tuple<at::Tensor, at::Tensor> linear_bias_act_backward_cuda(const at::Tenso
   TORCH_CHECK(groups >= 1 && groups <= INT32_MAX, op, ": groups must be in [1, 2^31 - 1], got ", groups);
   const bool has_preact = preact.has_value() && preact->defined();
   TORCH_CHECK(activation == 0 || has_preact, op, ": preact is required with an activation (", activation, ")");
+  // n: preact's and grad_preact's columns, twice grad_y's for SwiGLU's gate/up pairs.
+  const int64_t rows = grad_y.size(0), n = activation == 3 ? 2 * grad_y.size(1) : grad_y.size(1);
   if (activation != 0) {
     const at::Tensor& h = *preact;
-    TORCH_CHECK(h.sizes() == grad_y.sizes() && h.scalar_type() == grad_y.scalar_type() &&
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == rows && h.size(1) == n && h.scalar_type() == grad_y.scalar_type() &&
                     h.device() == grad_y.device(),
-                op, ": preact must match grad_y in shape, dtype and device: grad_y is ", grad_y.sizes(), " ",
-                grad_y.scalar_type(), " on ", grad_y.device(), ", preact is ", h.sizes(), " ", h.scalar_type(),
+                op, ": preact must be (", rows, ", ", n, ") in grad_y's dtype and device: grad_y is ", grad_y.sizes(),
+                " ", grad_y.scalar_type(), " on ", grad_y.device(), ", preact is ", h.sizes(), " ", h.scalar_type(),
                 " on ", h.device());
     TORCH_CHECK(h.is_contiguous(), op, ": preact must be contiguous");
   }
 
   const c10::cuda::CUDAGuard guard(grad_y.device());
-  const int64_t rows = grad_y.size(0), n = grad_y.size(1);
   const at::TensorOptions f32 = grad_y.options().dtype(at::kFloat);
   // Without an activation grad_preact is grad_y itself: the caller uses grad_y.
-  at::Tensor grad_preact = activation != 0 ? at::empty_like(grad_y) : at::empty({0}, grad_y.options());
+  at::Tensor grad_preact = activation != 0 ? at::empty({rows, n}, grad_y.options()) : at::empty({0}, grad_y.options());
   // The launcher fills grad_bias (zeros for rows == 0), or leaves it empty.
   at::Tensor grad_bias = at::empty({need_bias_grad ? n : 0}, f32);
   // The (groups, N) partials: a fixed size, so a fixed summation order.

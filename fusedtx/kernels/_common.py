@@ -126,6 +126,7 @@ from .. import reference as _reference  # noqa: E402
 ACT_NONE = tl.constexpr(_reference.ACT_NONE)
 ACT_GELU = tl.constexpr(_reference.ACT_GELU)
 ACT_GELU_TANH = tl.constexpr(_reference.ACT_GELU_TANH)
+ACT_SWIGLU = tl.constexpr(_reference.ACT_SWIGLU)
 
 
 @triton.jit
@@ -162,14 +163,34 @@ def erf_f32(t):
 
 
 @triton.jit
-def gelu_tanh_sigmoid(h):
-    """reference._gelu_tanh_sigmoid: (s, e), z = -2 sqrt(2/pi) (h + 0.044715 h^3), e = exp(min(z, 88)),
-    s = z > 88 ? +0 : 1 / (1 + e)."""
-    h3 = (h * h) * h
-    z = (h + 0.044715 * h3) * -1.5957691216057308
+def sigmoid_of_neg(z):
+    """reference._sigmoid_of_neg: (s, e), e = exp(min(z, 88)), s = z > 88 ? +0 : 1 / (1 + e)."""
     beyond = z > 88.0
     e = exp_f32(tl.where(beyond, 88.0, z))
     return tl.where(beyond, 0.0, tl.math.div_rn(1.0, 1.0 + e)), e
+
+
+@triton.jit
+def gelu_tanh_sigmoid(h):
+    """reference._gelu_tanh_sigmoid: sigmoid_of_neg(z), z = -2 sqrt(2/pi) (h + 0.044715 h^3)."""
+    h3 = (h * h) * h
+    z = (h + 0.044715 * h3) * -1.5957691216057308
+    return sigmoid_of_neg(z)
+
+
+@triton.jit
+def swiglu_forward(g, u):
+    """reference.swiglu_forward on gate/up pairs: (g s) u, s = sigmoid_of_neg(-g)."""
+    s, e = sigmoid_of_neg(-g)
+    return (g * s) * u
+
+
+@triton.jit
+def swiglu_grads(dy, g, u):
+    """reference.swiglu_grad_preact on pairs: (dg, du) = ((dy u)(s + (g s)(e s)), dy (g s))."""
+    s, e = sigmoid_of_neg(-g)
+    gs = g * s
+    return (dy * u) * (s + gs * (e * s)), dy * gs
 
 
 @triton.jit

@@ -68,8 +68,8 @@ import triton.language as tl
 
 from .. import policy, reference
 from . import INTERPRETED
-from ._common import (ACT_NONE, LAUNCH_OPTIONS, activation_derivative, activation_forward, bf16_to_f32,
-                      f32_to_bf16_rn, needs_bf16_rounding)
+from ._common import (ACT_NONE, ACT_SWIGLU, LAUNCH_OPTIONS, activation_derivative, activation_forward, bf16_to_f32,
+                      f32_to_bf16_rn, needs_bf16_rounding, swiglu_forward, swiglu_grads)
 
 # @jit helpers inlined into the kernels, never launched on their own
 JIT_HELPERS = ("_to_f32", "_from_f32", "_epilogue", "_grad_preact")
@@ -213,24 +213,44 @@ def _matmul_fwd(A, B, Bias, Y, H, M, N, K,
 @triton.jit
 def _epilogue(acc, Bias, Y, H, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
               SAVE_PREACT: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """h = acc + bias, y = act(h); store y (and h) for the tile's rows offs_m, columns offs_n."""
+    """h = acc + bias, y = act(h); store y (and h) for the tile's rows offs_m, columns offs_n.
+    SwiGLU: offs_n starts even (every tile and half tile holds whole gate/up pairs), y has N / 2
+    columns and column j of it is swiglu(h[:, 2j], h[:, 2j + 1])."""
     if HAS_BIAS:
         h = acc + _to_f32(tl.load(Bias + offs_n % N), ROUND_BF16)[None, :]
     else:
         h = acc
-    y = activation_forward(h, ACTIVATION)
     out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(Y + out, _from_f32(y, Y.dtype.element_ty, ROUND_BF16), mask=inside)
+    if ACTIVATION == ACT_SWIGLU:
+        g, u = tl.split(tl.reshape(h, (h.shape[0], h.shape[1] // 2, 2)))
+        y_cols, _ = tl.split(tl.reshape(offs_n // 2, (offs_n.shape[0] // 2, 2)))
+        y_out = offs_m.to(tl.int64)[:, None] * (N // 2) + y_cols[None, :]
+        y_inside = (offs_m[:, None] < M) & (y_cols[None, :] < N // 2)
+        tl.store(Y + y_out, _from_f32(swiglu_forward(g, u), Y.dtype.element_ty, ROUND_BF16), mask=y_inside)
+    else:
+        y = activation_forward(h, ACTIVATION)
+        tl.store(Y + out, _from_f32(y, Y.dtype.element_ty, ROUND_BF16), mask=inside)
     if SAVE_PREACT:
         tl.store(H + out, _from_f32(h, H.dtype.element_ty, ROUND_BF16), mask=inside)
 
 
 @triton.jit
 def _grad_preact(DY, Hp, DH, offs, mask, ACTIVATION: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """grad_preact = dy * act'(h) at offs, stored in DH's dtype; returned as stored, in float32."""
-    g = _to_f32(tl.load(DY + offs, mask=mask, other=0.0), ROUND_BF16)
-    if ACTIVATION != ACT_NONE:
+    """grad_preact = dy * act'(h) at offs, stored in DH's dtype; returned as stored, in float32.
+    SwiGLU: offs index the (rows, 2H) grad_preact; each element reads its gate/up pair and dy at
+    offs // 2 (H columns), and keeps the pair gradient of its own parity."""
+    if ACTIVATION == ACT_SWIGLU:
+        pair = offs - offs % 2
+        gate = _to_f32(tl.load(Hp + pair, mask=mask, other=0.0), ROUND_BF16)
+        up = _to_f32(tl.load(Hp + pair + 1, mask=mask, other=0.0), ROUND_BF16)
+        dg, du = swiglu_grads(_to_f32(tl.load(DY + offs // 2, mask=mask, other=0.0), ROUND_BF16), gate, up)
+        stored = _from_f32(tl.where(offs % 2 == 0, dg, du), DH.dtype.element_ty, ROUND_BF16)
+        tl.store(DH + offs, stored, mask=mask)
+        g = _to_f32(stored, ROUND_BF16)
+    else:
+        g = _to_f32(tl.load(DY + offs, mask=mask, other=0.0), ROUND_BF16)
+    if ACTIVATION != ACT_NONE and ACTIVATION != ACT_SWIGLU:
         h = _to_f32(tl.load(Hp + offs, mask=mask, other=0.0), ROUND_BF16)
         stored = _from_f32(g * activation_derivative(h, ACTIVATION), DH.dtype.element_ty, ROUND_BF16)
         tl.store(DH + offs, stored, mask=mask)
@@ -300,8 +320,9 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
     m, k = a.shape
     n = b.shape[1]
     assert b.shape[0] == k and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
-    y = torch.empty(m, n, dtype=a.dtype, device=a.device)
-    h = torch.empty_like(y) if save_preact and activation != reference.ACT_NONE else None
+    assert activation != reference.ACT_SWIGLU or n % 2 == 0, n
+    y = torch.empty(m, n // 2 if activation == reference.ACT_SWIGLU else n, dtype=a.dtype, device=a.device)
+    h = torch.empty(m, n, dtype=a.dtype, device=a.device) if save_preact and activation != reference.ACT_NONE else None
     if m == 0 or n == 0:
         return y, h
     if bias is not None:
@@ -325,14 +346,15 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
 
 def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int, need_bias_grad: bool,
                              groups: int):
-    """grad_y, preact: contiguous (M, N), one dtype (preact unused without an activation).
+    """grad_y, preact: contiguous (M, N), one dtype (preact unused without an activation; for
+    ACT_SWIGLU preact and grad_preact are (M, 2N)).
 
     Returns (grad_preact in grad_y's dtype, or None when activation is ACT_NONE — it would be
     grad_y itself; grad_bias float32 (N,) = reference.row_group_sum(grad_preact as stored), or
     None unless need_bias_grad)."""
-    rows, cols = grad_y.shape
+    rows, cols = preact.shape if activation == reference.ACT_SWIGLU else grad_y.shape
     has_act = activation != reference.ACT_NONE
-    grad_preact = torch.empty_like(grad_y) if has_act else None
+    grad_preact = torch.empty(rows, cols, dtype=grad_y.dtype, device=grad_y.device) if has_act else None
     grad_bias = torch.zeros(cols, dtype=torch.float32, device=grad_y.device) if need_bias_grad else None
     if rows == 0 or cols == 0 or not (has_act or need_bias_grad):
         return grad_preact, grad_bias

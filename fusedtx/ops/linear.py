@@ -11,6 +11,10 @@ ascending, the blocks added in order, then + bias, then the activation (GELU erf
 epilogue. No tile shape, split or thread count enters, so a row's bits depend on that row and
 on the weight alone.
 
+activation = reference.ACT_SWIGLU (3) is fusedtx.swiglu_ffn's first half: weight is the gate and
+up projections packed row-interleaved (2H, K) (reference/linear.py), y = silu(h[:, 0::2]) *
+h[:, 1::2] is (..., H), and preact (saved for the backward) is the whole (..., 2H) h.
+
 The backward runs three pieces through the same kernels:
     g       = dy * act'(h)              fused elementwise pass, also summing dbias in row groups
     dx      = linear_matmul(g, weight)  the same M-invariant kernel: dx rows are batch-invariant too
@@ -63,7 +67,24 @@ def check_args(x, weight, bias, activation, save_preact, backend, name: str = "l
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{name}: x's last dim ({x.shape[-1]}) must equal weight's in_features "
                          f"(weight.shape[1] = {weight.shape[1]}); weight has shape {list(weight.shape)}")
-    for arg_name, t in (("weight", weight), ("bias", bias)):
+    check_like_x(x, (("weight", weight), ("bias", bias)), name)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name}: bias must have shape [{weight.shape[0]}] (out_features), got {list(bias.shape)}")
+    if activation == reference.ACT_SWIGLU and weight.shape[0] % 2:
+        raise ValueError(f"{name}: the SwiGLU epilogue takes a packed gate/up weight of an even number of rows "
+                         f"(2 x hidden), got {weight.shape[0]}")
+    return x, weight, bias, activation, save_preact, backend
+
+
+def out_features(weight_rows, activation):
+    """The output width: the weight's rows, half of them for the SwiGLU epilogue (pairs)."""
+    return weight_rows // 2 if activation == reference.ACT_SWIGLU else weight_rows
+
+
+def check_like_x(x, named, name: str) -> None:
+    """Each (arg name, tensor or None): a tensor on x's device with x's dtype, else TypeError /
+    ValueError naming it."""
+    for arg_name, t in named:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -72,9 +93,40 @@ def check_args(x, weight, bias, activation, save_preact, backend, name: str = "l
             raise ValueError(f"{name}: {arg_name} is on {t.device} but x is on {x.device}; put them on one device")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: {arg_name} must have x's dtype {x.dtype}, got {t.dtype}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{name}: bias must have shape [{weight.shape[0]}] (out_features), got {list(bias.shape)}")
-    return x, weight, bias, activation, save_preact, backend
+
+
+def check_swiglu_weights(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias,
+                         name: str = "swiglu_ffn"):
+    """The weights of down(silu(gate(x)) * up(x)): TypeError / ValueError naming the bad one. x's
+    own checks (dtype, last dim) are the linear op's, which reports them as it runs."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    for arg, t in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {arg} must be 2-D, got shape {list(t.shape)}")
+    check_like_x(x, (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight),
+                     ("gate_bias", gate_bias), ("up_bias", up_bias), ("down_bias", down_bias)), name)
+    if gate_weight.shape != up_weight.shape:
+        raise ValueError(f"{name}: gate_weight and up_weight must have one shape (hidden, d_model), got "
+                         f"{list(gate_weight.shape)} and {list(up_weight.shape)}")
+    hidden = gate_weight.shape[0]
+    if down_weight.shape[1] != hidden:
+        raise ValueError(f"{name}: down_weight must be (d_out, hidden = {hidden}), got shape {list(down_weight.shape)}")
+    if (gate_bias is None) != (up_bias is None):
+        raise ValueError(f"{name}: gate_bias and up_bias must both be given or both be None")
+    for arg, t, n in (("gate_bias", gate_bias, hidden), ("up_bias", up_bias, hidden),
+                      ("down_bias", down_bias, down_weight.shape[0])):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: {arg} must have shape [{n}], got {list(t.shape)}")
+
+
+def pack_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU epilogue's packed operand: rows (or elements, for biases) interleaved, packed
+    [2j] = gate[j], packed[2j + 1] = up[j]. A copy, differentiable: autograd hands the packed
+    gradient's even rows to gate and its odd rows to up."""
+    return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
 def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -102,12 +154,13 @@ def _forward(x, weight, bias, activation, save_preact, backend):
     lead, k, n = x.shape[:-1], x.shape[-1], weight.shape[0]
     y, h = _matmul(backend, x.reshape(math.prod(lead), k), weight.t(), bias, activation, save_preact)
     preact = h.view(*lead, n) if h is not None else _empty(x)
-    return y.view(*lead, n), preact
+    return y.view(*lead, out_features(n, activation)), preact
 
 
 def _fake(x, weight, bias, activation, save_preact, backend):
     shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), (x.new_empty(shape) if save_preact and activation else _empty(x))
+    y_shape = (*x.shape[:-1], out_features(weight.shape[0], activation))
+    return x.new_empty(y_shape), (x.new_empty(shape) if save_preact and activation else _empty(x))
 
 
 def _check_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
@@ -117,7 +170,7 @@ def _check_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight
 
 def _backward_body(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
     k, n, m = weight.shape[1], weight.shape[0], math.prod(x.shape[:-1])
-    dy = grad_y.to(x.dtype).reshape(m, n).contiguous()
+    dy = grad_y.to(x.dtype).reshape(m, out_features(n, activation)).contiguous()
     h = preact.reshape(m, n).contiguous() if activation else None
     g, gb = _bias_act_backward(backend, dy, h, activation, need_dbias)
     dx = _matmul(backend, g, weight, None, 0, False)[0].view(x.shape) if need_dx else _empty(x)

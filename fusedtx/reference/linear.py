@@ -1,4 +1,13 @@
-"""Linear: the blocked FMA matmul with a fused bias + GELU epilogue, and its backward.
+"""Linear: the blocked FMA matmul with a fused bias + activation epilogue (GELU, or the SwiGLU
+gate of a packed gate/up matmul), and its backward.
+
+SwiGLU (ACT_SWIGLU) lives here as an activation of the linear epilogue rather than in a file of
+its own: it is the same matmul with another epilogue. Its weight is the gate and up projections
+packed row-interleaved, packed row 2j = gate row j, packed row 2j + 1 = up row j, so the
+pre-activation h = x @ packed.T holds g_j = gate_j . x in column 2j and u_j = up_j . x in column
+2j + 1 — each element's bits are those a separate gate or up matmul gives (an element's K order
+depends on nothing else) — and the epilogue writes y[:, j] = silu(h[:, 2j]) * h[:, 2j + 1]: the
+output has half of h's columns.
 """
 from __future__ import annotations
 
@@ -6,8 +15,9 @@ import torch
 
 from .common import compute_dtype, exp_f32, fma_matmul, row_group_sum
 
-# Activation codes shared by every backend (the native schemas take the int).
-ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
+# Activation codes shared by every backend (the native schemas take the int). ACTIVATIONS are
+# the elementwise ones a plain linear takes; ACT_SWIGLU halves the width (swiglu_ffn's epilogue).
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
 ACTIVATIONS = {None: ACT_NONE, "none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
 
 # erf(t) = t + t * P(t^2) for |t| < ERF_SPLIT, else sign(t) * (1 - exp_f32(Q(min(|t|, 4)))).
@@ -23,7 +33,7 @@ INV_SQRT_2PI = 0.39894228040143268
 GELU_TANH_CUBIC = 0.044715
 GELU_TANH_CUBIC3 = 0.134145              # 3 * 0.044715, for the derivative
 GELU_TANH_TWO_K = 1.5957691216057308     # 2 * sqrt(2 / pi)
-GELU_TANH_MAX_EXP_ARG = 88.0             # exp_f32 stays finite below ~88.7
+MAX_EXP_ARG = 88.0                       # exp_f32 stays finite below ~88.7
 
 
 def _f32(c: float, like: torch.Tensor) -> torch.Tensor:
@@ -49,26 +59,74 @@ def erf_f32(t: torch.Tensor) -> torch.Tensor:
     return torch.where(a < _f32(ERF_SPLIT, t), small, large)
 
 
+def _sigmoid_of_neg(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, e) = (1 / (1 + exp(z)), exp(z)) for float32 z, with e = exp_f32(min(z, 88)) and s = +0
+    where z > 88, where the true s < 1 / exp(88) ~ 6e-39: the product of s with a finite value
+    then rounds to a signed zero or lies within ~1e-36 of it, and with an infinite one is NaN, as
+    PyTorch's. The exponent clamp keeps e finite for the derivatives (e s = 1 - s without its
+    cancellation as s -> 1). NaN stays NaN."""
+    beyond = z > _f32(MAX_EXP_ARG, z)
+    e = exp_f32(torch.where(beyond, _f32(MAX_EXP_ARG, z), z))
+    return torch.where(beyond, _f32(0.0, z), _f32(1.0, z) / (_f32(1.0, z) + e)), e
+
+
 def _gelu_tanh_sigmoid(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, e): z = -2u, u = sqrt(2/pi) (h + 0.044715 h^3), e = exp_f32(min(z, 88)) and
-    s = 1 / (1 + e) = 0.5 (1 + tanh u) without the cancellation of 1 + tanh for negative u; s = +0
-    where z > 88 (h below ~ -9.96), where the true s < 1 / exp(88) ~ 6e-39 and h s rounds to 0 or
-    lies within 1e-37 of it. So gelu_tanh is -0 for large negative h and NaN at -inf (0 * -inf),
-    as PyTorch's; the exponent clamp keeps e finite for the derivative. NaN stays NaN."""
+    """(s, e) = _sigmoid_of_neg(z), z = -2u, u = sqrt(2/pi) (h + 0.044715 h^3): s = 0.5 (1 + tanh u)
+    without the cancellation of 1 + tanh for negative u; s = +0 for h below ~ -9.96. So gelu_tanh
+    is -0 for large negative h and NaN at -inf (0 * -inf), as PyTorch's."""
     h3 = (h * h) * h
     z = (h + _f32(GELU_TANH_CUBIC, h) * h3) * _f32(-GELU_TANH_TWO_K, h)
-    beyond = z > _f32(GELU_TANH_MAX_EXP_ARG, h)
-    e = exp_f32(torch.where(beyond, _f32(GELU_TANH_MAX_EXP_ARG, h), z))
-    return torch.where(beyond, _f32(0.0, h), _f32(1.0, h) / (_f32(1.0, h) + e)), e
+    return _sigmoid_of_neg(z)
+
+
+def _silu_sigmoid(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, e) = _sigmoid_of_neg(-g): s = sigmoid(g), +0 for g < -88 (silu(g) = g s is then -0,
+    within 2e-36 of the true value, and NaN at -inf, as PyTorch's F.silu)."""
+    return _sigmoid_of_neg(-g)
+
+
+def swiglu_pairs(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, u): the gate and up pre-activations of a packed (..., 2H) h (columns 2j and 2j + 1)."""
+    return h[..., 0::2], h[..., 1::2]
+
+
+def swiglu_forward(h: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU epilogue on a packed (..., 2H) pre-activation, (..., H) out:
+        y = (g s) u,   s = sigmoid(g) as _silu_sigmoid,   g = h[..., 2j], u = h[..., 2j + 1]
+    float32 (two roundings after s: silu(g) = g s, then times u); float64 h (gradcheck) uses
+    F.silu."""
+    g, u = swiglu_pairs(h)
+    if h.dtype == torch.float64:
+        return torch.nn.functional.silu(g) * u
+    return (g * _silu_sigmoid(g)[0]) * u
+
+
+def swiglu_grad_preact(grad_y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d loss / dh of y = swiglu_forward(h) for the upstream (..., H) grad_y, (..., 2H) out:
+        dh[2j]     = (dy u) silu'(g),  silu'(g) = s + (g s)(e s)   ((s, e) = _silu_sigmoid(g))
+        dh[2j + 1] = dy (g s)
+    in h's dtype (float32; float64 with the textbook silu')."""
+    g, u = swiglu_pairs(h)
+    if h.dtype == torch.float64:
+        s = torch.sigmoid(g)
+        dg, du = (grad_y * u) * (s * (1.0 + g * (1.0 - s))), grad_y * (g * s)
+    else:
+        s, e = _silu_sigmoid(g)
+        gs = g * s
+        dg, du = (grad_y * u) * (s + gs * (e * s)), grad_y * gs
+    return torch.stack((dg, du), dim=-1).flatten(-2)
 
 
 def activation_forward(h: torch.Tensor, activation: int) -> torch.Tensor:
     """The epilogue on the float32 pre-activation h:
         gelu:      (0.5 h) (1 + erf_f32(h / sqrt 2))
         gelu_tanh: h / (1 + exp_f32(-2 sqrt(2/pi) (h + 0.044715 h^3)))   (= 0.5 h (1 + tanh u))
+        swiglu:    swiglu_forward(h): (..., 2H) -> (..., H)
     float64 h (the reference's float64 path, for gradcheck) uses torch's erf / tanh."""
     if activation == ACT_NONE:
         return h
+    if activation == ACT_SWIGLU:
+        return swiglu_forward(h)
     if h.dtype == torch.float64:
         if activation == ACT_GELU:
             return torch.nn.functional.gelu(h)
@@ -84,7 +142,8 @@ def activation_derivative(h: torch.Tensor, activation: int) -> torch.Tensor:
     """d activation / dh on the float32 pre-activation:
         gelu:      0.5 (1 + erf_f32(h / sqrt 2)) + h (exp_f32(-h^2 / 2) / sqrt(2 pi))
         gelu_tanh: s + ((h s)(e s)) (2 sqrt(2/pi) (1 + 0.134145 h^2)),  (s, e) = _gelu_tanh_sigmoid(h)
-    (e s is 1 - s without its cancellation as s -> 1)
+    (e s is 1 - s without its cancellation as s -> 1). Not for ACT_SWIGLU, whose gradient
+    mixes columns: swiglu_grad_preact.
     """
     if h.dtype == torch.float64:  # the textbook derivatives, for gradcheck
         if activation == ACT_GELU:
@@ -115,6 +174,8 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
     the bits of row i depend on a[i, :] and b alone — for any M, any tile shape, any thread count.
     (One FMA chain over all of K would be simpler but is up to ~4x less accurate than MKL's
     sgemm at K = 3072; blocks of 128 bring it to ~0.85x, inside contract point 1.)
+    With ACT_SWIGLU, N is even, b's columns are the packed gate/up pairs and y is (M, N / 2)
+    (swiglu_forward); h stays (M, N).
     bfloat16/float16 operands are converted to float32 first (their products are exact in
     float32). Returns (y, h) in a's dtype. float64 operands (for gradcheck) are multiplied by
     torch in float64.
@@ -135,11 +196,15 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
 def linear_bias_act_backward(grad_y: torch.Tensor, preact: torch.Tensor | None, activation: int,
                              need_bias_grad: bool, groups: int):
     """The elementwise part of the Linear backward, (M, N) -> (grad_preact, grad_bias):
-        grad_preact = dy * act'(h) in float32, stored in dy's dtype   (dy itself when no activation)
+        grad_preact = dy * act'(h) in float32, stored in dy's dtype   (dy itself when no activation;
+                      swiglu_grad_preact for ACT_SWIGLU, where dy is (M, N / 2) and h (M, N))
         grad_bias   = row_group_sum(grad_preact as stored, in float32)  (None unless need_bias_grad)
     grad_bias is in float32 (float64 for float64); the caller casts it to the bias dtype."""
     if activation == ACT_NONE:
         grad_preact = grad_y
+    elif activation == ACT_SWIGLU:
+        acc = compute_dtype(grad_y.dtype)
+        grad_preact = swiglu_grad_preact(grad_y.to(acc), preact.to(acc)).to(grad_y.dtype)
     else:
         acc = compute_dtype(grad_y.dtype)
         grad_preact = (grad_y.to(acc) * activation_derivative(preact.to(acc), activation)).to(grad_y.dtype)
