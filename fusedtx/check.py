@@ -1,8 +1,9 @@
 """`python -m fusedtx check`: does fusedtx keep its promise on this machine?
 
-Builds a small GPT with random weights from a fixed seed, loads the same weights into a GPT on
-every fusedtx backend that can run here and into PlainGPT (the same model on plain torch.nn
-layers and SDPA, for comparison), and checks each one for:
+For each model family (GPT-2 and Llama: `--model`, both by default) it builds a small model with
+random weights from a fixed seed, loads the same weights into the model on every fusedtx backend
+that can run here and into its plain twin (PlainGPT / PlainLlama: the same model on plain
+torch.nn layers and SDPA, for comparison), and checks each one for:
 
   1. accuracy: its logits are as close to a float64 PyTorch forward as PyTorch's own float32;
   2. batch invariance: a sequence's logits alone == inside batches of 1 ... 16 other sequences
@@ -54,7 +55,7 @@ import torch
 from . import __version__, backends
 from . import check_properties as properties
 from .check_properties import Cell, Workload
-from .models import GPT, GPTConfig, PlainGPT
+from .models import GPT, GPTConfig, Llama, LlamaConfig, PlainGPT, PlainLlama
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,13 +83,27 @@ class Options:
     preset: str = "tiny"
     seed: int = 0
     quick: bool = False
+    model: str = "gpt"
+
+
+MODELS = ("gpt", "llama")
+
+
+def family(model: str):
+    """(config class, fusedtx model class, plain twin) of a model family (read when called, so
+    that tests can swap a class)."""
+    if model == "gpt":
+        return GPTConfig, GPT, PlainGPT
+    if model == "llama":
+        return LlamaConfig, Llama, PlainLlama
+    raise ValueError(f"check: model must be one of {MODELS}, got {model!r}")
 
 
 @dataclass
 class Column:
     """One column of the table: a way to build the model and the workload it gets."""
     name: str
-    build: Callable[[GPTConfig], torch.nn.Module]   # an untrained model of this config
+    build: Callable[[object], torch.nn.Module]      # an untrained model of this config
     workload: Workload
     is_fusedtx: bool = True
 
@@ -135,12 +150,13 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         return str(exc)
 
 
-def columns_for(names: list[str], quick: bool, device: torch.device) -> list[Column]:
+def columns_for(names: list[str], quick: bool, device: torch.device, model: str = "gpt") -> list[Column]:
     """The table's columns, in the order given: fusedtx backends and "plain" (plain PyTorch)."""
+    _, fused, plain = family(model)
     columns = []
     for name in names:
         if name == "plain":
-            columns.append(Column("plain PyTorch", PlainGPT, WORKLOADS["quick" if quick else "default"],
+            columns.append(Column("plain PyTorch", plain, WORKLOADS["quick" if quick else "default"],
                                   is_fusedtx=False))
             continue
         if quick:
@@ -149,7 +165,7 @@ def columns_for(names: list[str], quick: bool, device: torch.device) -> list[Col
             work = WORKLOADS["reference" if name == "reference" else "interpreter"]
         else:
             work = WORKLOADS["default"]
-        columns.append(Column(name, lambda config, backend=name: GPT(config, backend=backend), work))
+        columns.append(Column(name, lambda config, backend=name: fused(config, backend=backend), work))
     return columns
 
 
@@ -178,9 +194,10 @@ def _progress(total: int):
 def run_check(columns: list[Column], options: Options, progress: bool = True) -> dict:
     """Run every property on every column; return the report (a JSON-ready dict)."""
     device = torch.device(options.device)
-    config = GPTConfig.preset(options.preset)
+    config_cls, fused, plain = family(options.model)
+    config = config_cls.preset(options.preset)
     torch.manual_seed(options.seed)
-    state = GPT(config).state_dict()        # one set of random weights for every column
+    state = fused(config).state_dict()      # one set of random weights for every column
 
     def maker(build):
         def make():
@@ -189,8 +206,8 @@ def run_check(columns: list[Column], options: Options, progress: bool = True) ->
             return model
         return make
 
-    plain64 = maker(PlainGPT)().double()
-    plain32 = maker(PlainGPT)()
+    plain64 = maker(plain)().double()
+    plain32 = maker(plain)()
 
     def reference_error(logits, idx):
         truth = plain64(idx)
@@ -217,7 +234,7 @@ def run_check(columns: list[Column], options: Options, progress: bool = True) ->
         device=dict(type=device.type, name=_device_name(device), cpu_threads=torch.get_num_threads()),
         seed=options.seed,
         options=asdict(options),
-        model=dict(preset=options.preset, dtype="float32", **asdict(config)),
+        model=dict(family=options.model, preset=options.preset, dtype="float32", **asdict(config)),
         columns=[dict(name=c.name, fusedtx=c.is_fusedtx) for c in columns],
         property_labels={key: label.strip() for key, label in PROPERTIES},
         results=results,
@@ -318,10 +335,14 @@ def print_report(report: dict, file=None) -> None:
     out = file or sys.stdout
     m, d = report["model"], report["device"]
     yes, no = _marks()
-    print(f"fusedtx {report['versions']['fusedtx']} check: GPT {m['preset']!r} ({m['n_layer']} layers, "
-          f"{m['n_embd']} wide, vocab {m['vocab_size']}, split size {m['split_size']}), random weights "
-          f"(seed {report['seed']}), {m['dtype']}, on {d['type']} ({d['name']}, {d['cpu_threads']} threads)",
-          file=out)
+    if m.get("family", "gpt") == "gpt":
+        shape = f"GPT {m['preset']!r} ({m['n_layer']} layers, {m['n_embd']} wide"
+    else:
+        shape = (f"Llama {m['preset']!r} ({m['model_type']}, {m['num_hidden_layers']} layers, {m['hidden_size']} wide, "
+                 f"{m['num_attention_heads']}/{m['num_key_value_heads']} heads")
+    print(f"fusedtx {report['versions']['fusedtx']} check: {shape}, vocab {m['vocab_size']}, split size "
+          f"{m['split_size']}), random weights (seed {report['seed']}), {m['dtype']}, on {d['type']} ({d['name']}, "
+          f"{d['cpu_threads']} threads)", file=out)
     print(f"{yes} = bitwise identical, else {no} and the largest |difference|; row 1: error within 2x "
           f"PyTorch float32's.\n", file=out)
     print(format_table(report), file=out)
@@ -346,6 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=None,
                         help=f"comma-separated columns from {', '.join(backends.BACKENDS)}, plain (default: "
                              "every fusedtx backend usable here but the Triton interpreter, then plain)")
+    parser.add_argument("--model", default="all", choices=[*MODELS, "all"],
+                        help="model family: GPT-2, Llama, or both one after the other (default all)")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="model size (default tiny)")
     parser.add_argument("--seed", type=int, default=0, help="weights, tokens and schedules (default 0)")
     parser.add_argument("--threads", type=int, default=None,
@@ -381,14 +404,24 @@ def main(args: argparse.Namespace) -> int:
         left_out = {}
     else:
         names, left_out = default_backends(device)
-    options = Options(device=str(device), preset=args.preset, seed=args.seed, quick=args.quick)
-    report = run_check(columns_for(names, args.quick, device), options, progress=not args.no_progress)
-    report["left_out"] = left_out
-    print_report(report)
+    models = MODELS if getattr(args, "model", "all") == "all" else (args.model,)
+    reports = {}
+    for model in models:
+        options = Options(device=str(device), preset=args.preset, seed=args.seed, quick=args.quick, model=model)
+        report = run_check(columns_for(names, args.quick, device, model), options, progress=not args.no_progress)
+        report["left_out"] = left_out
+        if reports:
+            print()
+        print_report(report)
+        reports[model] = report
     if args.json:
+        # one family: its report; several: {"passed", "failed", "reports": {family: report}}
+        out = reports[models[0]] if len(models) == 1 else dict(
+            passed=all(r["passed"] for r in reports.values()),
+            failed=[f"{m}: {f}" for m, r in reports.items() for f in r["failed"]], reports=reports)
         with open(args.json, "w") as f:
-            json.dump(_json_safe(report), f, indent=1)
-    return 0 if report["passed"] else 1
+            json.dump(_json_safe(out), f, indent=1)
+    return 0 if all(r["passed"] for r in reports.values()) else 1
 
 
 def _json_safe(value):

@@ -21,7 +21,7 @@ import torch
 import fusedtx
 from fusedtx import check, check_properties
 from fusedtx.check_properties import Workload
-from fusedtx.models import GPT, GPTConfig, PlainGPT
+from fusedtx.models import GPT, GPTConfig, Llama, PlainGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = GPTConfig.preset("tiny")
@@ -61,7 +61,7 @@ class NoisyPlainGPT(BatchNoise, PlainGPT):
 
 def args(**overrides):
     defaults = dict(device="cpu", backends="native,plain", preset="tiny", seed=0, threads=None, quick=True,
-                    json=None, no_progress=True)
+                    json=None, no_progress=True, model="gpt")
     return argparse.Namespace(**{**defaults, **overrides})
 
 
@@ -158,6 +158,27 @@ def test_json_schema(small_workloads, tmp_path, capsys):
             assert cell["max_abs_diff"] is None or (isinstance(cell["max_abs_diff"], float) and math.isfinite(cell["max_abs_diff"]))
     table = capsys.readouterr().out
     assert "6 continuous batching" in table and "plain PyTorch" in table
+
+
+def test_both_families_by_default(small_workloads, tmp_path, capsys):
+    """--model all (the default) runs GPT, then Llama: one table each, one JSON with both."""
+    path = tmp_path / "report.json"
+    assert check.main(args(json=str(path), model="all")) == 0
+    report = json.loads(path.read_text())
+    assert report["passed"] and report["failed"] == [] and list(report["reports"]) == ["gpt", "llama"]
+    llama = report["reports"]["llama"]
+    assert llama["model"]["family"] == "llama" and llama["passed"]
+    assert all(cell["status"] == "pass" for cell in llama["results"]["native"]["cells"].values())
+    out = capsys.readouterr().out
+    assert "check: GPT 'tiny'" in out and "check: Llama 'tiny' (llama" in out
+
+
+def test_llama_failing_property_fails_the_check(monkeypatch, small_workloads, capsys):
+    class NoisyLlama(BatchNoise, Llama):
+        pass
+    monkeypatch.setattr(check, "Llama", NoisyLlama)
+    assert check.main(args(model="llama", backends="native")) == 1
+    assert "FAILED" in capsys.readouterr().out
 
 
 def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
