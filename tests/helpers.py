@@ -285,3 +285,10 @@ def assert_compiled_grads_equal(f, x: torch.Tensor, params) -> None:
     expected = torch.autograd.grad(f(x), (x, *params))
     for ours, ref in zip(grads, expected):
         assert_bitwise_equal(ours, ref, "compiled vs eager")
+
+
+def repeats(device: str, backend: str) -> int:
+    """How many runs a run-to-run determinism test compares: 20, but 3 under the Triton interpreter
+    on CPU, a single-threaded Python loop over the programs with no atomics and no scheduler to
+    vary, where each run costs seconds (a GPU gets the 20)."""
+    return 3 if device == "cpu" and backend == "triton" else 20

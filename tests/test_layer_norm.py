@@ -11,7 +11,7 @@ from fusedtx import policy
 import fusedtx
 from fusedtx import reference
 from fusedtx.ops import layer_norm as layer_norm_op
-from helpers import assert_accuracy, assert_bitwise_equal, assert_compiled_matches_eager, assert_drop_in
+from helpers import assert_accuracy, assert_bitwise_equal, assert_compiled_matches_eager, assert_drop_in, repeats
 from helpers import require_parity_case, assert_runs_equal, bitwise_equal, DEVICE_BACKENDS, grads_of, make, NORM_DTYPE_IDS
 from helpers import NORM_DTYPE_PAIRS, poisoned_outputs, record_bitexact, rel_error, require, row_invariance_failures
 from helpers import NormBlock, scattered_row_sum, under_each_thread_count
@@ -294,7 +294,7 @@ def test_gradients_bitwise_run_to_run(device, backend):
     dy = make(shape, torch.bfloat16, device, seed=1, scale=1.0, shift=0.0)
     weight, bias = make_params((96,), "both", torch.float32, device)
     runs = [grads_of(lambda a, w, b: fusedtx.layer_norm(a, 96, w, b, backend=backend), x, weight, bias, dy)
-            for _ in range(20)]
+            for _ in range(repeats(device, backend))]
     assert_runs_equal(runs, ("y", "dx", "dweight", "dbias"), "repeated")
 
 

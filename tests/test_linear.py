@@ -13,6 +13,7 @@ import fusedtx
 from fusedtx import reference
 from fusedtx.ops import linear as linear_op
 from helpers import (
+    repeats,
     DEVICE_BACKENDS,
     DTYPES,
     assert_accuracy,
@@ -73,8 +74,9 @@ def test_accuracy_output_and_gradients(device, backend, dtype, activation, shape
     require(device, backend)
     if backend == "reference" and shape[-1] * n > 20000:
         pytest.skip("the reference's emulated FMA loop is slow at this size; native/triton cover it")
-    if backend == "triton" and device == "cpu" and n > 20000 and activation is not None:
-        pytest.skip("the interpreter takes ~15 s per vocabulary-sized case: the LM head (no activation) covers it")
+    if backend == "triton" and device == "cpu" and n > 20000 and (activation is not None or dtype != torch.float32):
+        pytest.skip("the interpreter takes seconds per vocabulary-sized case: the float32 LM head (no "
+                    "activation) covers the width; the other dtypes run at the other shapes")
     x = make(shape, dtype, device)
     weight, bias = make_layer(shape[-1], n, has_bias, dtype, device)
     dy = make((*shape[:-1], n), dtype, device, seed=3)
@@ -258,7 +260,7 @@ def test_gradients_bitwise_run_to_run(device, backend):
     x, dy = make(shape, torch.bfloat16, device), make((shape[0], n), torch.bfloat16, device, seed=1)
     weight, bias = make_layer(k, n, True, torch.bfloat16, device)
     fn = lambda a, w, b: fusedtx.linear(a, w, b, activation="gelu", backend=backend)  # noqa: E731
-    runs = [outputs_and_grads(fn, x, weight, bias, dy) for _ in range(20)]
+    runs = [outputs_and_grads(fn, x, weight, bias, dy) for _ in range(repeats(device, backend))]
     for run in runs[1:]:
         for ours, first, name in zip(run, runs[0], ("y", "dx", "dweight", "dbias")):
             assert_bitwise_equal(ours, first, f"{name}, repeated")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fusedtx
 from fusedtx import policy, reference
 from fusedtx.ops import rms_norm as rms_norm_op
-from helpers import assert_accuracy, assert_bitwise_equal, assert_compiled_matches_eager, assert_drop_in
+from helpers import assert_accuracy, assert_bitwise_equal, assert_compiled_matches_eager, assert_drop_in, repeats
 from helpers import require_parity_case, assert_runs_equal, bitwise_equal, DEVICE_BACKENDS, garbage_like, grads_of, make, NORM_DTYPE_IDS
 from helpers import NORM_DTYPE_PAIRS, poisoned_outputs, record_bitexact, rel_error, require, row_invariance_failures
 from helpers import NormBlock, scattered_row_sum, under_each_thread_count
@@ -224,7 +224,7 @@ def test_gradients_bitwise_run_to_run(device, backend):
     x = make(shape, torch.bfloat16, device)
     dy = make(shape, torch.bfloat16, device, seed=1, scale=1.0, shift=0.0)
     weight = make_weight((96,), torch.float32, device)
-    runs = [grads_of(ours_fn(96, backend), x, weight, dy) for _ in range(20)]
+    runs = [grads_of(ours_fn(96, backend), x, weight, dy) for _ in range(repeats(device, backend))]
     assert_runs_equal(runs, ("y", "dx", "dweight"), "repeated")
 
 

@@ -12,6 +12,7 @@ import torch
 import fusedtx
 from fusedtx import reference
 from helpers import (
+    repeats,
     DEVICE_BACKENDS,
     DTYPES,
     assert_accuracy,
@@ -311,7 +312,7 @@ def test_run_to_run_determinism(device, backend):
     dy = make_input(x.shape, torch.bfloat16, device, seed=2)
     positions = make_positions(batch, tokens, 512).to(device)
     first = None
-    for _ in range(20):
+    for _ in range(repeats(device, backend)):
         y = fusedtx.rope(x, positions, cos, sin, backend=backend)
         out = torch.cat([y.detach(), torch.autograd.grad(y, x, dy)[0]])
         if first is None:
