@@ -128,6 +128,19 @@ def layer_norm_call(p, t, backend):
     return fusedtx.layer_norm(t["x"], p["norm_shape"], t["weight"], t["bias"], p["eps"], backend=backend)
 
 
+# rms_norm ------------------------------------------------------------------------------------
+def rms_norm_gen(rng, backend, edge=True):
+    """layer_norm's rows and parameters without the bias; eps None is the compute dtype's."""
+    p = layer_norm_gen(rng, backend, edge)
+    p["bias"] = False
+    p["eps"] = rng.choice((None, 1e-5, 1e-6, 0.1, 1e-12))
+    return p
+
+
+def rms_norm_call(p, t, backend):
+    return fusedtx.rms_norm(t["x"], p["norm_shape"], t["weight"], p["eps"], backend=backend)
+
+
 # linear --------------------------------------------------------------------------------------
 def linear_gen(rng, backend, edge=True):
     small = backend == "triton"
@@ -228,6 +241,7 @@ SPECS = {
     "softmax": Spec("softmax", softmax_gen, softmax_tensors, softmax_call, ("x",), ("x",)),
     "layer_norm": Spec("layer_norm", layer_norm_gen, layer_norm_tensors, layer_norm_call,
                        ("x", "weight", "bias"), ("x",)),
+    "rms_norm": Spec("rms_norm", rms_norm_gen, layer_norm_tensors, rms_norm_call, ("x", "weight"), ("x",)),
     "linear": Spec("linear", linear_gen, linear_tensors, linear_call, ("x", "weight", "bias"), ("x",)),
     "causal_attention": Spec("causal_attention", attention_gen, attention_tensors, attention_call,
                              ("q", "k", "v"), ("q", "k", "v")),
@@ -274,7 +288,8 @@ ALL_BACKENDS = ("reference", "native", "triton")
 # ---------------------------------------------------------------------------------------------
 # 1. native == reference, bit for bit, forward and backward (NaN-aware)
 # ---------------------------------------------------------------------------------------------
-PARITY_CASES = {"softmax": 40, "layer_norm": 40, "linear": 30, "causal_attention": 12, "attention_with_kv_cache": 15}
+PARITY_CASES = {"softmax": 40, "layer_norm": 40, "rms_norm": 40,
+                "linear": 30, "causal_attention": 12, "attention_with_kv_cache": 15}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -306,7 +321,8 @@ def _neighbours(gen, rng, spec: Spec, name: str, one: torch.Tensor, batch: int, 
     return rows
 
 
-BATCH_CASES = {"softmax": 30, "layer_norm": 30, "linear": 25, "causal_attention": 10, "attention_with_kv_cache": 12}
+BATCH_CASES = {"softmax": 30, "layer_norm": 30, "rms_norm": 30,
+               "linear": 25, "causal_attention": 10, "attention_with_kv_cache": 12}
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -356,7 +372,8 @@ def test_batch_invariance_negative_control():
 # ---------------------------------------------------------------------------------------------
 # 3. layout invariance: the same values in any layout give the same bits
 # ---------------------------------------------------------------------------------------------
-LAYOUT_CASES = {"softmax": 30, "layer_norm": 30, "linear": 25, "causal_attention": 8, "attention_with_kv_cache": 12}
+LAYOUT_CASES = {"softmax": 30, "layer_norm": 30, "rms_norm": 30,
+                "linear": 25, "causal_attention": 8, "attention_with_kv_cache": 12}
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -558,7 +575,8 @@ def test_softmax_causal_masked_never_read(backend):
 # ---------------------------------------------------------------------------------------------
 # 5. thread-count invariance (native)
 # ---------------------------------------------------------------------------------------------
-THREAD_CASES = {"softmax": 12, "layer_norm": 12, "linear": 10, "causal_attention": 6, "attention_with_kv_cache": 6}
+THREAD_CASES = {"softmax": 12, "layer_norm": 12, "rms_norm": 12,
+                "linear": 10, "causal_attention": 6, "attention_with_kv_cache": 6}
 
 
 @pytest.mark.parametrize("op", OPS)
