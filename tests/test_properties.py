@@ -21,7 +21,7 @@ import torch.nn.functional as torch_F
 
 import fusedtx
 from fusedtx import backends
-from fusedtx.models import GPT, GPTConfig
+from fusedtx.models import GPT, GPTConfig, Llama, LlamaConfig
 from properties_gen import (LAYOUTS, SPECIALS, STYLES, assert_same_bits, broadcastable, garbage, rel_error,
                             relayout, run_property, same_bits, size, torch_gen, values, with_threads)
 
@@ -1135,27 +1135,61 @@ def test_gpt_batch_and_cache_invariance(backend):
         torch.manual_seed(p["seed"])
         config = GPTConfig(block_size=64, vocab_size=p["vocab"], n_layer=p["n_layer"], n_head=p["n_head"],
                            n_embd=p["n_head"] * p["head_dim"], split_size=p["split"], gelu_approximate=p["gelu"])
-        model = GPT(config, backend=backend).eval()
-        gen = torch_gen(p["seed"])
-        prompts = [torch.randint(0, p["vocab"], (n,), generator=gen) for n in p["lengths"]]
-        with torch.no_grad():
-            out = model.generate(prompts, p["new"], temperature=p["temperature"],
-                                 generator=torch_gen(p["seed"] + 1))
-            for b, prompt in enumerate(prompts):
-                seq = torch.cat([prompt, out.tokens[b]])[None]
-                lp = model.logprobs(seq, temperature=p["temperature"] or 1.0)
-                if p["temperature"] == 0:
-                    lp = model.logprobs(seq, temperature=0.0)
-                assert_same_bits(out.logprobs[b], lp[0, len(prompt) - 1:], f"sequence {b}: generate vs logprobs")
-            # the same sequence alone and right-padded in a batch at another position
-            seq = prompts[0]
-            alone = model(seq[None])
-            pad = torch.randint(0, p["vocab"], (3, len(seq) + 5), generator=gen)
-            pad[1, :len(seq)] = seq
-            assert_same_bits(alone[0], model(pad)[1, :len(seq)], "logits alone vs padded batch")
+        _model_invariance_check(GPT(config, backend=backend).eval(), p)
 
     run_property(f"gpt-{backend}", generate, check, cases=cases(4, 3, 1, backend=backend),
                  test=f"test_gpt_batch_and_cache_invariance[{backend}]")
+
+
+def _model_invariance_check(model, p) -> None:
+    """generate()'s log-probabilities == logprobs() of each finished sequence; a sequence's logits
+    alone == right-padded in a batch at another position."""
+    gen = torch_gen(p["seed"])
+    prompts = [torch.randint(0, p["vocab"], (n,), generator=gen) for n in p["lengths"]]
+    with torch.no_grad():
+        out = model.generate(prompts, p["new"], temperature=p["temperature"], generator=torch_gen(p["seed"] + 1))
+        for b, prompt in enumerate(prompts):
+            seq = torch.cat([prompt, out.tokens[b]])[None]
+            lp = model.logprobs(seq, temperature=p["temperature"])
+            assert_same_bits(out.logprobs[b], lp[0, len(prompt) - 1:], f"sequence {b}: generate vs logprobs")
+        seq = prompts[0]
+        alone = model(seq[None])
+        pad = torch.randint(0, p["vocab"], (3, len(seq) + 5), generator=gen)
+        pad[1, :len(seq)] = seq
+        assert_same_bits(alone[0], model(pad)[1, :len(seq)], "logits alone vs padded batch")
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_llama_batch_and_cache_invariance(backend):
+    """The same on random Llama-family shapes: model type (Qwen2 q/k/v biases, Qwen3 q/k norm and
+    a head_dim of its own), grouped-query heads, RoPE default or llama3, tied or untied head."""
+    require(backend)
+
+    def generate(rng):
+        small = backend == "triton"
+        heads = rng.choice((1, 2, 4))
+        rope = rng.choice(((), (("factor", 4.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                 ("original_max_position_embeddings", 16), ("rope_type", "llama3"))))
+        return {"model_type": rng.choice(("llama", "qwen2", "qwen3", "mistral")), "n_layer": rng.randint(1, 1 if small else 2),
+                "heads": heads, "kv_heads": rng.choice([d for d in (1, 2, 4) if heads % d == 0]),
+                "head_dim": 16 if small else rng.choice((16, 8, 2)), "vocab": rng.choice((17, 64)),
+                "split": rng.choice((16, 32)), "rope": rope, "tie": rng.random() < 0.5,
+                "lengths": [rng.randint(1, 8 if small else 30) for _ in range(rng.randint(1, 2 if small else 4))],
+                "new": rng.randint(1, 2 if small else 6), "temperature": rng.choice((0.0, 0.7, 1.0))}
+
+    def check(p):
+        torch.manual_seed(p["seed"])
+        hidden = p["heads"] * (p["head_dim"] + (2 if p["model_type"] == "qwen3" else 0))  # Qwen3: head_dim != hidden / heads
+        config = LlamaConfig(model_type=p["model_type"], vocab_size=p["vocab"], hidden_size=hidden,
+                             intermediate_size=2 * hidden + 3, num_hidden_layers=p["n_layer"],
+                             num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"],
+                             rope_scaling=p["rope"], max_position_embeddings=64, tie_word_embeddings=p["tie"],
+                             qkv_bias=p["model_type"] == "qwen2", qk_norm=p["model_type"] == "qwen3",
+                             split_size=p["split"])
+        _model_invariance_check(Llama(config, backend=backend).eval(), p)
+
+    run_property(f"llama-{backend}", generate, check, cases=cases(4, 3, 1, backend=backend),
+                 test=f"test_llama_batch_and_cache_invariance[{backend}]")
 
 
 # ---------------------------------------------------------------------------------------------
