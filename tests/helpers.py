@@ -272,3 +272,16 @@ def repeats(device: str, backend: str) -> int:
     on CPU, a single-threaded Python loop over the programs with no atomics and no scheduler to
     vary, where each run costs seconds (a GPU gets the 20)."""
     return 3 if device == "cpu" and backend == "triton" else 20
+
+
+def generation_mismatches(model, prompts, new_tokens, **sampling):
+    """(generate()'s output, the steps where its logits differ from a full forward over the
+    sequence so far) for a fusedtx language model (models.CausalLM) and its plain twins."""
+    out = model.generate(prompts, new_tokens, return_logits=True, **sampling)
+    device = model.lm_head.weight.device
+    mismatches = 0
+    for b, prompt in enumerate(prompts):
+        full = torch.tensor(prompt + out.tokens[b].tolist()[:-1], device=device)[None]
+        logits = model(full)[0, len(prompt) - 1:]
+        mismatches += sum(not bitwise_equal(logits[t], out.logits[b, t]) for t in range(new_tokens))
+    return out, mismatches

@@ -13,7 +13,6 @@ import fusedtx
 from fusedtx import reference
 from fusedtx.ops import linear as linear_op
 from helpers import (
-    repeats,
     DEVICE_BACKENDS,
     DTYPES,
     assert_accuracy,
@@ -24,6 +23,7 @@ from helpers import (
     bitwise_equal,
     poisoned_outputs,
     record_bitexact,
+    repeats,
     require,
     seeded_randn as make,
     under_each_thread_count,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fusedtx.models import Llama, LlamaConfig, PlainLlama
-from helpers import assert_bitwise_equal, bitwise_equal, rel_error, require
+from helpers import assert_bitwise_equal, bitwise_equal, generation_mismatches, rel_error, require
 
 BACKENDS = ["native", "reference"]  # the Triton interpreter runs the model in tests/test_properties.py only
 HF_FAMILIES = {
@@ -221,15 +221,6 @@ def test_negative_control_plain_pytorch_is_not_batch_invariant():
 
 
 PROMPTS = [tokens((n,), seed=10 + n).tolist() for n in (5, 17, 1, 33)]
-
-
-def generation_mismatches(model, prompts, steps, **sampling):
-    out = model.generate(prompts, steps, return_logits=True, **sampling)
-    mismatches = 0
-    for b, prompt in enumerate(prompts):
-        logits = model(torch.tensor(prompt + out.tokens[b].tolist()[:-1])[None])[0, len(prompt) - 1:]
-        mismatches += sum(not bitwise_equal(logits[t], out.logits[b, t]) for t in range(steps))
-    return out, mismatches
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])

@@ -22,7 +22,7 @@ import torch
 
 from fusedtx.models import GPT, GPTConfig, PlainGPT
 from fusedtx.models.gpt import HF_CONV1D
-from helpers import DEVICE_BACKENDS, assert_bitwise_equal, bitwise_equal, rel_error, require
+from helpers import DEVICE_BACKENDS, assert_bitwise_equal, bitwise_equal, generation_mismatches, rel_error, require
 
 CONFIG = GPTConfig.preset("tiny")  # 2 layers, 2 heads, d=32, vocab 256, S=16
 SLOW_ON_CPU = {"triton"}           # the Triton interpreter: a tiny forward takes seconds
@@ -176,18 +176,6 @@ def test_negative_control_plain_pytorch_is_not_batch_invariant():
 # 3. generation consistency, 4. on-policy log-probabilities
 # ---------------------------------------------------------------------------------------------
 PROMPTS = [tokens((n,), seed=10 + n).tolist() for n in (5, 17, 1, 33, 16)]
-
-
-def generation_mismatches(model, prompts, new_tokens, **sampling):
-    """Steps where generate()'s logits differ from a full forward over the sequence so far."""
-    out = model.generate(prompts, new_tokens, return_logits=True, **sampling)
-    device = model.transformer.wte.weight.device
-    mismatches = 0
-    for b, prompt in enumerate(prompts):
-        full = torch.tensor(prompt + out.tokens[b].tolist()[:-1], device=device)[None]
-        logits = model(full)[0, len(prompt) - 1:]
-        mismatches += sum(not bitwise_equal(logits[t], out.logits[b, t]) for t in range(new_tokens))
-    return out, mismatches
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

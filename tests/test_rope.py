@@ -12,7 +12,6 @@ import torch
 import fusedtx
 from fusedtx import reference
 from helpers import (
-    repeats,
     DEVICE_BACKENDS,
     DTYPES,
     assert_accuracy,
@@ -22,6 +21,7 @@ from helpers import (
     garbage_like,
     poisoned_outputs,
     record_bitexact,
+    repeats,
     require,
     under_each_thread_count,
 )
