@@ -82,11 +82,18 @@ run_for 60 $PY benchmarks/bench_linear.py "${lean[@]}" --providers fusedtx_trito
     || echo "bench linear FAILED or timed out"
 run_for 45 $PY benchmarks/bench_layer_norm.py "${lean[@]}" || echo "bench layer_norm FAILED or timed out"
 run_for 30 $PY benchmarks/bench_rms_norm.py "${lean[@]}" || echo "bench rms_norm FAILED or timed out"
+run_for 30 $PY benchmarks/bench_swiglu.py "${lean[@]}" --providers fusedtx_triton,fusedtx_native,torch \
+    || echo "bench swiglu FAILED or timed out"
+run_for 20 $PY benchmarks/bench_rope.py "${lean[@]}" --providers fusedtx_triton,fusedtx_native,hf_eager \
+    || echo "bench rope FAILED or timed out"
 run_for 45 $PY benchmarks/bench_softmax.py "${lean[@]}" --providers fusedtx_triton,fusedtx_native,torch \
     || echo "bench softmax FAILED or timed out"
 run_for 75 $PY benchmarks/bench_gpt.py --device cuda --out "$OUT/results.csv" --skip-ceilings --no-plot \
     --no-compile --min-reps 3 --min-time 0.3 --providers fusedtx_triton,hf_sdpa,hf_eager \
     || echo "bench gpt FAILED or timed out"
+run_for 75 $PY benchmarks/bench_llama.py --device cuda --out "$OUT/results.csv" --skip-ceilings --no-plot \
+    --no-compile --min-reps 3 --min-time 0.3 --providers fusedtx_triton,hf_sdpa,hf_eager \
+    || echo "bench llama FAILED or timed out"
 run_for 20 $PY benchmarks/bench_overhead.py "${lean[@]}" || echo "bench overhead FAILED or timed out"
 
 stage "5. python -m fusedtx check on CUDA"

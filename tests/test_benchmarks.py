@@ -52,22 +52,29 @@ def test_quick_run_writes_csv_and_plots(script, tmp_path):
     assert {r["mode"] for r in rows if r["kernel"] != "ceiling"} == {"forward", "backward", "full"}
 
 
-def test_quick_gpt_run(tmp_path):
-    """bench_gpt.py on a tiny GPT-2: every workload and provider measured (each passed its
-    correctness guard against float64, or it would have no row), tokens/s in the CSV."""
+@pytest.mark.parametrize("script, prefix, providers", [
+    ("bench_gpt.py", "gpt2", "fusedtx_native,hf_eager,hf_sdpa"),
+    ("bench_llama.py", "smollm2_135m", "fusedtx_native,hf_sdpa"),
+])
+def test_quick_model_run(script, prefix, providers, tmp_path):
+    """bench_gpt.py / bench_llama.py on a tiny model: every workload and provider measured (each
+    passed its correctness guard against float64 and its code-path check, or it would have no
+    row), tokens/s in the CSV, and the weights' bandwidth for generation."""
     pytest.importorskip("transformers")
-    providers = "fusedtx_native,hf_eager,hf_sdpa"
-    kernels = {"gpt2_prefill", "gpt2_generate", "gpt2_train"}
-    rows, stdout = quick_run("bench_gpt.py", providers, kernels, tmp_path, "--no-compile")
+    kernels = {f"{prefix}_prefill", f"{prefix}_generate", f"{prefix}_train"}
+    rows, stdout = quick_run(script, providers, kernels, tmp_path, "--no-compile")
     model_rows = [r for r in rows if r["kernel"] != "ceiling"]
     assert {(r["kernel"], r["mode"]) for r in model_rows} == {
-        ("gpt2_prefill", "forward"), ("gpt2_generate", "forward"), ("gpt2_train", "full")}
-    assert {(r["metric"], r["unit"]) for r in model_rows} == {("throughput", "tokens/s")}
+        (f"{prefix}_prefill", "forward"), (f"{prefix}_generate", "forward"), (f"{prefix}_train", "full")}
+    assert {(r["kernel"].removeprefix(prefix), r["metric"], r["unit"]) for r in model_rows} == {
+        ("_prefill", "throughput", "tokens/s"), ("_train", "throughput", "tokens/s"),
+        ("_generate", "throughput", "tokens/s"), ("_generate", "weight_bandwidth", "GB/s")}
+    count = len(providers.split(","))
     for kernel in kernels:  # every provider at every shape of every workload
-        shapes = {r["shape"] for r in model_rows if r["kernel"] == kernel}
-        assert shapes and all(len([r for r in model_rows if (r["kernel"], r["shape"]) == (kernel, s)]) == 3
-                              for s in shapes), kernel
-    assert "hf_eager" in stdout and "gpt2_generate" in stdout
+        shapes = {r["shape"] for r in model_rows if r["kernel"] == kernel and r["metric"] == "throughput"}
+        assert shapes and all(len([r for r in model_rows if (r["kernel"], r["shape"], r["metric"]) ==
+                                   (kernel, s, "throughput")]) == count for s in shapes), kernel
+    assert "hf_sdpa" in stdout and f"{prefix}_generate" in stdout
 
 
 def test_batch_chosen_split_depends_on_the_batch(monkeypatch):

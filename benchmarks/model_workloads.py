@@ -1,17 +1,19 @@
-"""GPT-2 for bench_gpt.py: one set of seeded weights in every provider's model, and the three
-workloads (prefill, generation, training), each a timed call and a check of its first output
-against a float64 copy of the HF model."""
+"""The models of bench_gpt.py and bench_llama.py: one set of seeded weights in every provider's
+model, and the three workloads (prefill, generation, training), each a timed call and a check of
+its first output against a float64 copy of the HF model. A Family says what differs between GPT-2
+and the Llama family: how the HF model and fusedtx's are built, which kernels must run, which
+gradients are checked."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 HF_ATTENTION = {"hf_eager": "eager", "hf_sdpa": "sdpa", "hf_sdpa_compile": "sdpa"}
-QUICK_HF_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, n_positions=128,
-                       bos_token_id=511, eos_token_id=511)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -24,20 +26,96 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
+# Families: what differs between GPT-2 and the Llama family
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family as the benchmark sees it. `prefix` names its CSV kernels (prefix_prefill,
+    prefix_generate, prefix_train); `hf_model(quick)` builds the HF model (float32, random weights
+    from the current seed); `from_hf(hf, backend)` fusedtx's copy; `native_ops` must run in a
+    fusedtx_native model; `checked(config)`: the parameters whose gradients the training check
+    compares, and `transposed` those stored transposed in fusedtx (GPT-2's Conv1D)."""
+    prefix: str
+    title: str
+    hf_model: Callable
+    from_hf: Callable
+    native_ops: frozenset
+    checked: Callable
+    transposed: tuple = ()
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SystemExit(f"the model benchmarks compare with HuggingFace transformers: pip install transformers ({exc})")
+    transformers.logging.set_verbosity_error()  # e.g. generate's notes on its own defaults
+    return transformers
+
+
+GPT2_QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, n_positions=128, bos_token_id=511, eos_token_id=511)
+
+
+def gpt2_family() -> Family:
+    def hf_model(quick: bool):
+        transformers = _transformers()
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**(GPT2_QUICK if quick else {})))
+
+    def from_hf(hf, backend: str):
+        from fusedtx.models import GPT
+        return GPT.from_hf(hf, backend=backend)
+
+    def checked(config):
+        return ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
+                f"transformer.h.{config.n_layer - 1}.mlp.c_proj.weight", "transformer.ln_f.weight")
+
+    return Family("gpt2", "GPT-2 124M", hf_model, from_hf,
+                  frozenset({"linear_matmul", "layer_norm_forward", "causal_attention_forward"}), checked,
+                  transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
+
+
+def llama_family(preset: str) -> Family:
+    """A fusedtx LlamaConfig preset's sizes (smollm2-135m, qwen2.5-0.5b, ...) in the matching HF
+    class (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM); --quick: the "tiny" preset."""
+    from fusedtx.models import LlamaConfig
+
+    def hf_model(quick: bool):
+        transformers = _transformers()
+        c = LlamaConfig.preset("tiny" if quick else preset)
+        hf_class, config_class = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                                  "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"),
+                                  "mistral": ("MistralForCausalLM", "MistralConfig")}[c.model_type]
+        rope = {"rope_theta": c.rope_theta, "rope_type": "default", **c.rope}
+        config = getattr(transformers, config_class)(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.kv_heads, head_dim=c.head_size, rms_norm_eps=c.rms_norm_eps, rope_parameters=rope,
+            max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+            attention_bias=c.attention_bias, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1)
+        return getattr(transformers, hf_class)(config)
+
+    def from_hf(hf, backend: str):
+        from fusedtx.models import Llama
+        return Llama.from_hf(hf, backend=backend, dtype=torch.float32)
+
+    def checked(config):
+        return ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                f"model.layers.{config.num_hidden_layers - 1}.mlp.down_proj.weight", "model.norm.weight")
+
+    return Family(preset.replace("-", "_").replace(".", "_"), preset, hf_model, from_hf,
+                  frozenset({"linear_matmul", "rms_norm_forward", "rope_forward", "causal_attention_forward"}), checked)
+
+
+# ---------------------------------------------------------------------------------------------
 # Models: one set of weights, every provider's model built from it
 # ---------------------------------------------------------------------------------------------
 class Models:
-    def __init__(self, args):
-        try:
-            import transformers
-        except ImportError as exc:
-            raise SystemExit(f"bench_gpt.py compares with HuggingFace transformers' GPT-2: pip install transformers ({exc})")
-        transformers.logging.set_verbosity_error()  # e.g. generate's notes on its own defaults
-        self.device, self.dtype = args.device, (torch.float32 if args.device.type == "cpu" else torch.bfloat16)
-        config = transformers.GPT2Config(**(QUICK_HF_CONFIG if args.quick else {}))
+    def __init__(self, args, family: Family):
+        self.family = family
+        self.device, self.dtype = args.device, args.dtype
         torch.manual_seed(args.seed)
-        self.hf = transformers.GPT2LMHeadModel(config).eval()  # float32, on CPU: the source of every copy
-        self.config = config
+        self.hf = family.hf_model(args.quick).eval()  # float32, on CPU: the source of every copy
+        self.config = self.hf.config
         self._reference = None
         self._cache: dict[str, torch.nn.Module] = {}
 
@@ -63,10 +141,8 @@ class Models:
     def build(self, provider: str) -> torch.nn.Module:
         """A new model for provider, holding the seeded weights, on the device in the bench dtype."""
         if provider.startswith("fusedtx_"):
-            from fusedtx.models import GPT
-
             backend = provider.removeprefix("fusedtx_")
-            model = GPT.from_hf(self.hf, backend=backend)
+            model = self.family.from_hf(self.hf, backend)
             layers = [m for m in model.modules() if hasattr(m, "backend")]
             assert layers and all(m.backend == backend for m in layers), f"{provider}: a layer's backend is not {backend}"
         else:
@@ -77,6 +153,19 @@ class Models:
         if provider == "hf_sdpa_compile":
             model = torch.compile(model, dynamic=False)
         return model
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step streams: every parameter once in the bench dtype (the
+        LM head's matrix is the tied embedding where they are tied, read once as the head)."""
+        return sum(p.numel() for p in self.hf.parameters()) * self.dtype.itemsize
+
+    def matmul_weights(self) -> int:
+        """Weight elements a token meets in matmuls: every matrix but the input embeddings, and the
+        LM head (vocab x hidden) whether or not it is tied."""
+        inputs = {id(m.weight) for m in self.hf.modules() if isinstance(m, torch.nn.Embedding)}
+        blocks = sum(p.numel() for p in self.hf.parameters() if p.dim() == 2 and id(p) not in inputs)
+        head = self.hf.get_output_embeddings().weight
+        return blocks + (head.numel() if id(head) in inputs else 0)
 
 
 def is_fusedtx(provider: str) -> bool:
@@ -98,11 +187,12 @@ class Workload:
     """One case of a kernel: make_fn(provider, model) is what one timed call runs; first_call
     (the untimed first call, which compiles) returns what check() verifies. `tokens`: the tokens
     one call processes (prefill, training) or generates; x_name/x_value: the CSV's x-axis."""
-    kernel = x_name = ""
+    kind = x_name = ""
     fresh_model = False  # a new model per provider (training changes the weights)
 
     def __init__(self, models: Models, shape: tuple):
         self.models, self.shape = models, shape
+        self.kernel = f"{models.family.prefix}_{self.kind}"
         self.tokens = self.x_value = shape[0] * shape[1]
 
     def make_fn(self, provider, model):
@@ -116,7 +206,7 @@ class Workload:
 
 
 class Prefill(Workload):
-    kernel, x_name = "gpt2_prefill", "tokens"
+    kind, x_name = "prefill", "tokens"
 
     def __init__(self, models: Models, shape):
         super().__init__(models, shape)
@@ -144,7 +234,7 @@ class Prefill(Workload):
 
 
 class Generate(Workload):
-    kernel, x_name = "gpt2_generate", "B"
+    kind, x_name = "generate", "B"
 
     def __init__(self, models: Models, shape):
         super().__init__(models, shape)
@@ -185,19 +275,15 @@ class Generate(Workload):
 
 
 class Train(Workload):
-    kernel, x_name = "gpt2_train", "tokens"
+    kind, x_name = "train", "tokens"
     fresh_model = True
-    # Parameters whose gradients are checked (HF names; fusedtx uses the same, Conv1D ones transposed).
-    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     def __init__(self, models: Models, shape):
         super().__init__(models, shape)
         vocab = models.config.vocab_size
         self.idx = torch.randint(0, vocab, shape, device=models.device)
         self.targets = torch.randint(0, vocab, shape, device=models.device)
-        last = models.config.n_layer - 1
-        self.checked = ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
-                        f"transformer.h.{last}.mlp.c_proj.weight", "transformer.ln_f.weight")
+        self.checked = models.family.checked(models.config)  # HF names; fusedtx uses the same
 
     @functools.cached_property
     def ref(self) -> tuple[float, dict]:
@@ -240,7 +326,7 @@ class Train(Workload):
         grads = {}
         for name in self.checked:
             g = params[prefix + name].grad
-            grads[name] = g.t() if is_fusedtx(provider) and name.endswith(self.CONV1D) else g
+            grads[name] = g.t() if is_fusedtx(provider) and name.endswith(self.models.family.transposed) else g
         model.zero_grad(set_to_none=True)
         return loss.detach(), grads
 
@@ -254,7 +340,7 @@ class Train(Workload):
         worst = max((max_err(grads[n], ref_grads[n]) / ref_grads[n].abs().max().item(), n) for n in self.checked)
         if not worst[0] <= tol:
             raise Skip(f"gradient of {worst[1]} differs from float64's by {worst[0]:.3g} of its largest entry (> {tol})")
-        return f"loss err {loss_err:.2g}, worst gradient err {worst[0]:.2g} of max ({worst[1].removeprefix('transformer.')})"
+        return f"loss err {loss_err:.2g}, worst gradient err {worst[0]:.2g} of max ({worst[1].removeprefix('transformer.').removeprefix('model.')})"
 
 
-WORKLOADS = {"gpt2_prefill": Prefill, "gpt2_generate": Generate, "gpt2_train": Train}
+WORKLOADS = {"prefill": Prefill, "generate": Generate, "train": Train}
