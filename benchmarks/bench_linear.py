@@ -98,20 +98,24 @@ class LinearBench(OpBench):
         return 1e-4 if case.dtype == torch.float32 else 5e-2
 
 
-def summarize(rows: list[dict], ceilings: dict, args) -> None:
+def summarize(rows: list[dict], ceilings: dict, args, kernels: tuple = KERNELS, cpu_targets: dict = CPU_TARGETS,
+              gpu_target: float = GPU_TARGET) -> None:
+    """The ratio tables and headline targets of matmul kernels (bench_swiglu.py's too): on CPU
+    fusedtx_native >= cpu_targets[kernel] x torch in float32 from M = 128, on CUDA
+    fusedtx_triton >= gpu_target x torch in bfloat16 from M = 1024."""
     mm = ceilings.get("matmul")
     print()
     print(f"Summary: p50 TFLOP/s on {device_name(args.device)}"
           + (f"; matmul ceiling (torch.mm) {mm:.3f} TFLOP/s" if mm else ""))
     rates = {}
-    for kernel in KERNELS:
+    for kernel in kernels:
         rates.update(print_ratio_table(rows, kernel, "torch", "torch_compile", metric="throughput"))
     print()
     print("Headline targets (printed, not asserted):")
     cpu = args.device.type == "cpu"
     provider, dtype = ("fusedtx_native", "float32") if cpu else ("fusedtx_triton", "bfloat16")
-    for kernel in KERNELS:
-        target = CPU_TARGETS[kernel] if cpu else GPU_TARGET
+    for kernel in kernels:
+        target = cpu_targets[kernel] if cpu else gpu_target
         min_rows = 128 if cpu else 1024
         for (kern, dt, shape, mode, prov), ours in sorted(rates.items()):
             m = int(shape.split("x")[0])

@@ -287,6 +287,16 @@ def _load_weights(file: str, safe: bool, who: str) -> dict:
     return load_file(file)
 
 
+def hf_state_and_config(model_or_state_dict, config, config_from_hf, who: str) -> tuple:
+    """(config, state_dict) of what from_hf was given: a transformers model (its config read with
+    config_from_hf unless `config` is given) or a bare state_dict, which needs `config`."""
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        return config or config_from_hf(model_or_state_dict.config), model_or_state_dict.state_dict()
+    if config is None:
+        raise ValueError(f"{who}: a bare state_dict needs config= (the heads cannot be read from shapes)")
+    return config, dict(model_or_state_dict)
+
+
 def check_state_dict(state: dict, own_state: dict, who: str) -> None:
     """The checkpoint's names and shapes are the model's, or a ValueError saying which are not."""
     missing, unexpected = sorted(set(own_state) - set(state)), sorted(set(state) - set(own_state))

@@ -25,7 +25,7 @@ import torch
 
 from .. import nn as fnn
 from ..config import _check_split_size
-from ._lm import CausalLM, Generation, check_state_dict, read_hf_checkpoint
+from ._lm import CausalLM, Generation, check_state_dict, hf_state_and_config, read_hf_checkpoint
 
 
 @dataclass(frozen=True)
@@ -175,13 +175,7 @@ class GPT(CausalLM):
     def from_hf(cls, model_or_state_dict, config: GPTConfig | None = None, *, backend: str | None = None) -> "GPT":
         """A GPT holding the weights of a transformers GPT2LMHeadModel (or its state_dict, then
         with `config` or a config inferred from the shapes, which needs n_head from `config`)."""
-        if isinstance(model_or_state_dict, torch.nn.Module):
-            config = config or GPTConfig.from_hf(model_or_state_dict.config)
-            state = model_or_state_dict.state_dict()
-        else:
-            state = dict(model_or_state_dict)
-            if config is None:
-                raise ValueError("GPT.from_hf: a bare state_dict needs config= (n_head cannot be read from shapes)")
+        config, state = hf_state_and_config(model_or_state_dict, config, GPTConfig.from_hf, "GPT.from_hf")
         model = cls(config, backend=backend)
         model.load_state_dict(_from_hf_state_dict(state, model.state_dict()))
         return model

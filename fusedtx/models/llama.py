@@ -31,7 +31,7 @@ import torch
 from .. import functional as F
 from .. import nn as fnn
 from ..config import _check_split_size
-from ._lm import CausalLM, check_state_dict, read_hf_checkpoint
+from ._lm import CausalLM, check_state_dict, hf_state_and_config, read_hf_checkpoint
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "llama3")
@@ -325,13 +325,7 @@ class Llama(CausalLM):
         """A Llama holding the weights of a transformers LlamaForCausalLM / Qwen2ForCausalLM /
         Qwen3ForCausalLM / MistralForCausalLM (or its state_dict, then with `config`). dtype:
         torch.float32 or torch.bfloat16 weights (default: the checkpoint's, float32 for float16)."""
-        if isinstance(model_or_state_dict, torch.nn.Module):
-            config = config or LlamaConfig.from_hf(model_or_state_dict.config)
-            state = model_or_state_dict.state_dict()
-        else:
-            state = dict(model_or_state_dict)
-            if config is None:
-                raise ValueError("Llama.from_hf: a bare state_dict needs config= (heads cannot be read from shapes)")
+        config, state = hf_state_and_config(model_or_state_dict, config, LlamaConfig.from_hf, "Llama.from_hf")
         if dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"Llama.from_hf: dtype must be None, torch.float32 or torch.bfloat16, got {dtype!r}")
         state = {name: t for name, t in state.items() if not name.endswith("rotary_emb.inv_freq")}
