@@ -10,6 +10,7 @@ that fixes them: drop the marker when that branch lands.
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as torch_F
 
 import fusedtx
-from fusedtx import backends
+from fusedtx import backends, reference
 from fusedtx.models import GPT, GPTConfig, Llama, LlamaConfig
 from properties_gen import (LAYOUTS, SPECIALS, STYLES, assert_same_bits, broadcastable, garbage, rel_error,
                             relayout, run_property, same_bits, size, torch_gen, values, with_threads)
@@ -67,6 +68,7 @@ class Spec:
     grad_names: tuple = ()
     batched: tuple = ()  # inputs whose dim 0 is the batch (the rest are shared: weights)
     int_inputs: tuple = field(default=())
+    n_tensors: int = 4   # how many tensors `tensors` returns (None ones included): one layout each
 
 
 def _row_shape(rng, ndim: int, most_numel: int, most: int = 257) -> list[int]:
@@ -139,6 +141,90 @@ def rms_norm_gen(rng, backend, edge=True):
 
 def rms_norm_call(p, t, backend):
     return fusedtx.rms_norm(t["x"], p["norm_shape"], t["weight"], p["eps"], backend=backend)
+
+
+# rope ----------------------------------------------------------------------------------------
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def rope_gen(rng, backend, edge=True):
+    """q or k (B, H, T, D) rotated by the table rows of random positions (repeated, out of order,
+    up to the table's last row), the table default or llama3-scaled."""
+    small = backend == "triton"  # the interpreter runs one program per token
+    p = {"dtype": _dtype(rng, backend, float64=True), "batch": rng.randint(1, 2 if small else 4),
+         "grad": rng.random() < 0.6}
+    p["heads"] = rng.choice((1, 1, 2, 3, 4))
+    p["t"] = size(rng, 6 if small else 40)
+    p["d"] = 2 * size(rng, 32 if small else 64)
+    p["max_positions"] = rng.choice((1, p["t"], p["t"] + rng.randint(1, 50), rng.randint(1, 5000)))
+    p["positions"] = rng.choice(("random", "consecutive", "last"))
+    p["theta"] = rng.choice((10000.0, 500000.0, 10.0, 10 ** rng.uniform(0, 7)))
+    p["scaling"] = rng.random() < 0.4
+    p["original_max"] = rng.choice((4, 16, 64, 8192))
+    _style(rng, p, edge)
+    return p
+
+
+def rope_positions(rng, gen, p, batch):
+    """(batch, T) int64 positions in the table: random, consecutive from a random start (a
+    prefill or decode chunk), or all the table's last row."""
+    t, most = p["t"], p["max_positions"]
+    if p["positions"] == "random" or most < t:
+        return torch.randint(0, most, (batch, t), generator=gen)
+    if p["positions"] == "last":
+        return torch.full((batch, t), most - 1, dtype=torch.int64)
+    starts = torch.randint(0, most - t + 1, (batch, 1), generator=gen)
+    return starts + torch.arange(t)
+
+
+def rope_tensors(p):
+    rng, gen = random.Random(p["seed"]), torch_gen(p["seed"])
+    t = {"x": values(rng, gen, [p["batch"], p["heads"], p["t"], p["d"]], p["dtype"], p["style"], p["specials"])}
+    t["positions"] = rope_positions(rng, gen, p, p["batch"])
+    scaling = dict(ROPE_LLAMA3, original_max_position_embeddings=p["original_max"]) if p["scaling"] else None
+    t["cos"], t["sin"] = fusedtx.rope_table(p["d"], p["max_positions"], p["theta"], scaling)
+    return t
+
+
+def rope_call(p, t, backend):
+    return fusedtx.rope(t["x"], t["positions"], t["cos"], t["sin"], backend=backend)
+
+
+# swiglu_ffn ----------------------------------------------------------------------------------
+SWIGLU_NAMES = ("x", "gate_weight", "up_weight", "down_weight", "gate_bias", "up_bias", "down_bias")
+
+
+def swiglu_gen(rng, backend, edge=True):
+    """linear's rows through gate, up (d_model -> hidden) and down (hidden -> d_out) projections,
+    biases optional (gate and up together)."""
+    small, mid = backend == "triton", backend == "reference"  # the reference emulates each FMA in float64
+    p = {"dtype": _dtype(rng, backend), "batch": rng.randint(1, 4), "grad": rng.random() < 0.6}
+    p["k"] = size(rng, 48 if small else 160)  # past the 128-wide K block of the matmuls
+    p["hidden"], p["n"] = size(rng, 24 if small else 48 if mid else 96), size(rng, 16 if small else 32 if mid else 64)
+    p["lead"] = _row_shape(rng, rng.choice((0, 0, 1, 2)), 3 if small else 8, 8)
+    p["gate_up_bias"], p["down_bias"] = rng.random() < 0.3, rng.random() < 0.3
+    _style(rng, p, edge)
+    if p["style"] == "tiny" and p["k"] > 1:
+        p["style"] = "scaled"  # as linear's: tiny x times a N(0, 1) weight underflows to all zeros
+    return p
+
+
+def swiglu_tensors(p):
+    rng, gen = random.Random(p["seed"]), torch_gen(p["seed"])
+    k, hidden, n, dtype = p["k"], p["hidden"], p["n"], p["dtype"]
+    t = {"x": values(rng, gen, [p["batch"], *p["lead"], k], dtype, p["style"], p["specials"])}
+    t["gate_weight"] = (values(rng, gen, [hidden, k], torch.float64) / math.sqrt(k)).to(dtype)
+    t["up_weight"] = (values(rng, gen, [hidden, k], torch.float64) / math.sqrt(k)).to(dtype)
+    t["down_weight"] = (values(rng, gen, [n, hidden], torch.float64) / math.sqrt(hidden)).to(dtype)
+    for name, width, given in (("gate_bias", hidden, p["gate_up_bias"]), ("up_bias", hidden, p["gate_up_bias"]),
+                               ("down_bias", n, p["down_bias"])):
+        t[name] = values(rng, gen, [width], dtype) if given else None
+    return t
+
+
+def swiglu_call(p, t, backend):
+    return fusedtx.swiglu_ffn(t["x"], t["gate_weight"], t["up_weight"], t["down_weight"], gate_bias=t["gate_bias"],
+                              up_bias=t["up_bias"], down_bias=t["down_bias"], backend=backend)
 
 
 # linear --------------------------------------------------------------------------------------
@@ -242,7 +328,10 @@ SPECS = {
     "layer_norm": Spec("layer_norm", layer_norm_gen, layer_norm_tensors, layer_norm_call,
                        ("x", "weight", "bias"), ("x",)),
     "rms_norm": Spec("rms_norm", rms_norm_gen, layer_norm_tensors, rms_norm_call, ("x", "weight"), ("x",)),
+    "rope": Spec("rope", rope_gen, rope_tensors, rope_call, ("x",), ("x", "positions"), ("positions",)),
     "linear": Spec("linear", linear_gen, linear_tensors, linear_call, ("x", "weight", "bias"), ("x",)),
+    "swiglu_ffn": Spec("swiglu_ffn", swiglu_gen, swiglu_tensors, swiglu_call, SWIGLU_NAMES, ("x",),
+                       n_tensors=len(SWIGLU_NAMES)),
     "causal_attention": Spec("causal_attention", attention_gen, attention_tensors, attention_call,
                              ("q", "k", "v"), ("q", "k", "v")),
     "attention_with_kv_cache": Spec("attention_with_kv_cache", kv_gen, kv_tensors, kv_call, (),
@@ -289,7 +378,7 @@ ALL_BACKENDS = ("reference", "native", "triton")
 # 1. native == reference, bit for bit, forward and backward (NaN-aware)
 # ---------------------------------------------------------------------------------------------
 PARITY_CASES = {"softmax": 40, "layer_norm": 40, "rms_norm": 40,
-                "linear": 30, "causal_attention": 12, "attention_with_kv_cache": 15}
+                "rope": 16, "linear": 30, "swiglu_ffn": 10, "causal_attention": 12, "attention_with_kv_cache": 15}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -310,9 +399,12 @@ def test_native_equals_reference(op):
 # ---------------------------------------------------------------------------------------------
 def _neighbours(gen, rng, spec: Spec, name: str, one: torch.Tensor, batch: int, pos: int, p: dict) -> torch.Tensor:
     """A batch of `batch` rows holding `one` (a batch of 1) at `pos` and garbage or other rows elsewhere."""
-    if name in spec.int_inputs:  # seqlens: other sequences' own valid lengths
-        lo = p.get("tq", 1)
-        rows = torch.tensor([rng.randint(lo, p["tmax"]) for _ in range(batch)], dtype=one.dtype)
+    if name in spec.int_inputs:  # other sequences' own valid lengths (seqlens) or positions in the table
+        if name == "positions":
+            rows = rope_positions(rng, gen, dict(p, positions="random"), batch)
+        else:
+            lo = p.get("tq", 1)
+            rows = torch.tensor([rng.randint(lo, p["tmax"]) for _ in range(batch)], dtype=one.dtype)
     elif rng.random() < 0.5:
         rows = garbage(gen, (batch, *one.shape[1:]), one.dtype)
     else:
@@ -322,7 +414,7 @@ def _neighbours(gen, rng, spec: Spec, name: str, one: torch.Tensor, batch: int, 
 
 
 BATCH_CASES = {"softmax": 30, "layer_norm": 30, "rms_norm": 30,
-               "linear": 25, "causal_attention": 10, "attention_with_kv_cache": 12}
+               "rope": 12, "linear": 25, "swiglu_ffn": 8, "causal_attention": 10, "attention_with_kv_cache": 12}
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -373,7 +465,7 @@ def test_batch_invariance_negative_control():
 # 3. layout invariance: the same values in any layout give the same bits
 # ---------------------------------------------------------------------------------------------
 LAYOUT_CASES = {"softmax": 30, "layer_norm": 30, "rms_norm": 30,
-                "linear": 25, "causal_attention": 8, "attention_with_kv_cache": 12}
+                "rope": 12, "linear": 25, "swiglu_ffn": 8, "causal_attention": 8, "attention_with_kv_cache": 12}
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -386,12 +478,15 @@ def test_layout_invariance(op, backend):
         p = spec.gen(rng, backend)
         p["layouts"] = [rng.choice(LAYOUTS) for _ in range(5)]
         p["grad_layout"] = rng.choice(LAYOUTS)
+        p["layouts"] += [rng.choice(LAYOUTS) for _ in range(spec.n_tensors - 5)]
         return p
 
     def check(p):
         rng, gen = random.Random(p["seed"] + 3), torch_gen(p["seed"] + 3)
         base, laid = {}, {}
-        for (name, v), kind in zip(spec.tensors(p).items(), p["layouts"]):
+        tensors = spec.tensors(p)
+        assert len(tensors) <= len(p["layouts"]), f"{spec.name}: {len(tensors)} tensors, n_tensors too small"
+        for (name, v), kind in zip(tensors.items(), p["layouts"]):
             if v is not None and kind == "expanded":
                 v = broadcastable(v, rng)
             base[name] = None if v is None else v.contiguous()
@@ -576,7 +671,7 @@ def test_softmax_causal_masked_never_read(backend):
 # 5. thread-count invariance (native)
 # ---------------------------------------------------------------------------------------------
 THREAD_CASES = {"softmax": 12, "layer_norm": 12, "rms_norm": 12,
-                "linear": 10, "causal_attention": 6, "attention_with_kv_cache": 6}
+                "rope": 4, "linear": 10, "swiglu_ffn": 4, "causal_attention": 6, "attention_with_kv_cache": 6}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -776,8 +871,12 @@ def _magnitudes(op: str, p: dict, t: dict, gout: torch.Tensor | None, ref: dict)
     (the sum of |terms|), and the number K of terms. A rounding error of a few ulps of M per
     sqrt(K) is unavoidable in any summation order; it matters where the terms cancel (a result
     far below M) or underflow, where a relative error against the result alone says nothing."""
-    t = {n: (None if v is None else v.detach().double()) for n, v in t.items()}
+    t = {n: (None if v is None else v.detach().double() if v.is_floating_point() else v) for n, v in t.items()}
     g = None if gout is None else gout.double().abs()
+    if op == "rope":
+        return _rope_magnitudes(t, g)
+    if op == "swiglu_ffn":
+        return _swiglu_magnitudes(t, g)
     if op == "softmax":
         y, k = ref["out"].double(), t["x"].shape[p["dim"]]
         scale = abs(1.0 if p["scale"] is None else p["scale"])
@@ -826,6 +925,51 @@ def _magnitudes(op: str, p: dict, t: dict, gout: torch.Tensor | None, ref: dict)
     return out
 
 
+def _rope_magnitudes(t: dict, g: torch.Tensor | None) -> dict:
+    """Each rotated element sums two products, x[i] cos and x[i + D/2] sin (or the transposed
+    pair for the gradient): their magnitudes, K = 2."""
+    def terms(z):
+        c, s = (t[n][t["positions"]][:, None].abs() for n in ("cos", "sin"))
+        half = z.shape[-1] // 2
+        a, b = z[..., :half].abs(), z[..., half:].abs()
+        return torch.cat([a * c + b * s, b * c + a * s], -1)
+
+    out = {"out": (terms(t["x"]).norm().item(), 2)}
+    if g is not None:
+        out["grad_x"] = (terms(g).norm().item(), 2)
+    return out
+
+
+def _swiglu_magnitudes(t: dict, g: torch.Tensor | None) -> dict:
+    """down(silu(gate(x)) * up(x)): each result's terms, the rounding errors of the sums feeding
+    it carried through (h = silu(g) u holds g's and u's K-term sums: |silu'(g)| |u| G + |silu(g)| U,
+    G and U their terms' magnitudes; |silu''| <= 0.5). K: the longest sum on the way."""
+    x, gw, uw, dw = (t[n] for n in ("x", "gate_weight", "up_weight", "down_weight"))
+    gate, up = torch_F.linear(x, gw, t["gate_bias"]), torch_F.linear(x, uw, t["up_bias"])
+    sig = torch.sigmoid(gate)
+    silu, dsilu = (gate * sig).abs(), (sig * (1 + gate * (1 - sig))).abs()
+    G, U = (torch_F.linear(x.abs(), w.abs(), None if b is None else b.abs())
+            for w, b in ((gw, t["gate_bias"]), (uw, t["up_bias"])))
+    H = silu * up.abs() + dsilu * up.abs() * G + silu * U
+    k, hidden, n = x.shape[-1], gw.shape[0], dw.shape[0]
+    rows = x.numel() // k
+    db = None if t["down_bias"] is None else t["down_bias"].abs()
+    out = {"out": (torch_F.linear(H, dw.abs(), db).norm().item(), max(k, hidden))}
+    if g is not None:
+        DH = g @ dw.abs()  # dh = g @ down: n terms
+        DG = DH * (dsilu * (up.abs() + U) + 0.5 * up.abs() * G)  # dh u silu'(g)
+        DU = DH * (silu + dsilu * G)                             # dh silu(g)
+        flat = (lambda z: z.reshape(-1, z.shape[-1]))
+        out["grad_x"] = ((DG @ gw.abs() + DU @ uw.abs()).norm().item(), max(2 * hidden, n, k))
+        out["grad_gate_weight"] = ((flat(DG).t() @ flat(x.abs())).norm().item(), max(rows, n, k))
+        out["grad_up_weight"] = ((flat(DU).t() @ flat(x.abs())).norm().item(), max(rows, n, k))
+        out["grad_down_weight"] = ((flat(g).t() @ flat(H)).norm().item(), max(rows, hidden, k))
+        out["grad_gate_bias"] = (flat(DG).sum(0).norm().item(), max(rows, n, k))
+        out["grad_up_bias"] = (flat(DU).sum(0).norm().item(), max(rows, n, k))
+        out["grad_down_bias"] = (flat(g).sum(0).norm().item(), rows)
+    return out
+
+
 def _accuracy_bound(torch_err: float, dtype: torch.dtype, magnitude: float, terms: int, ref_norm: float) -> float:
     """2x PyTorch's relative error, plus 2 sqrt(K) ulps of the terms' magnitude (relative to the result)."""
     ulps = 2 * math.sqrt(max(terms, 1)) * torch.finfo(dtype).eps * magnitude
@@ -834,9 +978,18 @@ def _accuracy_bound(torch_err: float, dtype: torch.dtype, magnitude: float, term
 
 def _torch_result(op: str, p: dict, t: dict, dtype=None) -> dict:
     """PyTorch's eager op (in t's dtype, or the inputs cast to `dtype`): output and input gradients."""
-    cast = {n: (None if v is None else (v.to(dtype) if dtype else v).detach().requires_grad_())
-            for n, v in t.items()}
-    if op == "softmax":
+    cast = {n: (v if v is None or not v.is_floating_point()  # positions: as they are
+                else (v.to(dtype) if dtype else v).detach().requires_grad_()) for n, v in t.items()}
+    if op == "rope":  # Hugging Face's apply_rotary_pos_emb: the table's rows in x's dtype
+        x, half = cast["x"], cast["x"].shape[-1] // 2
+        cos, sin = (torch.cat([cast[n], cast[n]], -1)[cast["positions"]][:, None].to(x.dtype) for n in ("cos", "sin"))
+        out = x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    elif op == "swiglu_ffn":  # Hugging Face's LlamaMLP
+        x = cast["x"]
+        hidden = torch_F.silu(torch_F.linear(x, cast["gate_weight"], cast["gate_bias"])) \
+            * torch_F.linear(x, cast["up_weight"], cast["up_bias"])
+        out = torch_F.linear(hidden, cast["down_weight"], cast["down_bias"])
+    elif op == "softmax":
         x = cast["x"]
         scale = 1.0 if p["scale"] is None else p["scale"]
         out = torch.softmax(x * scale, p["dim"])
@@ -845,7 +998,7 @@ def _torch_result(op: str, p: dict, t: dict, dtype=None) -> dict:
     else:
         out = torch_F.linear(cast["x"], cast["weight"], cast["bias"])
         out = {None: out, "gelu": torch_F.gelu(out), "gelu_tanh": torch_F.gelu(out, approximate="tanh")}[p["activation"]]
-    wrt = [n for n in ("x", "weight", "bias") if cast.get(n) is not None]
+    wrt = [n for n in SPECS[op].grad_names if cast.get(n) is not None]
     gout = grad_out(dict(p, seed=p["seed"] + 5), out.shape, torch.float64).to(p["dtype"]).to(out.dtype)
     grads = torch.autograd.grad(out, [cast[n] for n in wrt], gout) if p["grad"] else []
     return {"out": out.detach(), **{f"grad_{n}": g for n, g in zip(wrt, grads)}}
@@ -870,8 +1023,9 @@ def accuracy_gen(op, backend, styles, dtype=None):
     return generate
 
 
-def accuracy_check(op, backend):
-    spec = SPECS[op]
+def accuracy_check(op, backend, spec: Spec | None = None):
+    """The accuracy property of SPECS[op] (or `spec`, another call of the same op: negative controls)."""
+    spec = spec or SPECS[op]
 
     def check(p):
         t = spec.tensors(p)
@@ -908,16 +1062,58 @@ def test_accuracy_negative_control():
     assert rel_error(lossy, ref["out"]) > bound > rel_error(linear_call(p, t, "native"), ref["out"])
 
 
+def _bfloat16_gradient(x: torch.Tensor) -> torch.Tensor:
+    """x, whose gradient is rounded to bfloat16 on its way back (a lossy backward)."""
+    class Lossy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return z.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.bfloat16().to(g.dtype)
+    return Lossy.apply(x)
+
+
+# (parameters, a lossy call, the result it spoils): a float32 case each, with a gradient
+LOSSY = {
+    "rope": ({"dtype": torch.float32, "batch": 2, "grad": True, "heads": 2, "t": 9, "d": 64, "max_positions": 500,
+              "positions": "random", "theta": 10000.0, "scaling": False, "original_max": 16, "style": "normal",
+              "specials": 0, "seed": 5},
+             # the table read in bfloat16
+             lambda p, t, b: rope_call(p, dict(t, cos=t["cos"].bfloat16().float(), sin=t["sin"].bfloat16().float()), b),
+             "out"),
+    "swiglu_ffn": ({"dtype": torch.float32, "batch": 3, "grad": True, "k": 130, "hidden": 64, "n": 33, "lead": [2],
+                    "gate_up_bias": True, "down_bias": False, "style": "normal", "specials": 0, "seed": 5},
+                   # x's gradient, the loosest bound (its terms carry three sums' errors), rounded to bfloat16
+                   lambda p, t, b: swiglu_call(p, dict(t, x=_bfloat16_gradient(t["x"])), b),
+                   "grad_x"),
+}
+
+
+@pytest.mark.parametrize("op", list(LOSSY))
+def test_accuracy_negative_control_rope_swiglu(op):
+    """The accuracy bounds of rope and swiglu_ffn pass the op and catch a lossy one."""
+    require("native")
+    p, lossy, spoiled = LOSSY[op]
+    accuracy_check(op, "native")(p)
+    with pytest.raises(AssertionError, match=f"^{spoiled}: relative error"):
+        accuracy_check(op, "native", dataclasses.replace(SPECS[op], call=lossy))(p)
+
+
 ACCURACY_STYLES = {"softmax": ("normal", "normal", "flat", "offset"), "linear": ("normal", "normal", "flat", "offset"),
-                   "layer_norm": ("normal",)}
+                   "layer_norm": ("normal",), "rope": ("normal", "normal", "scaled", "flat", "offset"),
+                   "swiglu_ffn": ("normal", "normal", "flat", "offset")}
+ACCURACY_CASES = {"softmax": (20, 10, 3), "layer_norm": (20, 10, 3), "linear": (20, 10, 3), "rope": (10, 4, 2),
+                  "swiglu_ffn": (8, 3, 2)}
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("op", ["softmax", "layer_norm", "linear"])
+@pytest.mark.parametrize("op", list(ACCURACY_CASES))
 def test_accuracy(op, backend):
     require(backend)
     run_property(f"accuracy-{op}-{backend}", accuracy_gen(op, backend, ACCURACY_STYLES[op]),
-                 accuracy_check(op, backend), cases=cases(20, 10, 3, backend=backend),
+                 accuracy_check(op, backend), cases=cases(*ACCURACY_CASES[op], backend=backend),
                  test=f"test_accuracy[{op}-{backend}]")
 
 
@@ -1193,8 +1389,73 @@ def test_llama_batch_and_cache_invariance(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# rope_table: HF's inv_freq, each row rounded once (so a row depends on its position alone)
+# ---------------------------------------------------------------------------------------------
+def _hf_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    # transformers 5 reads theta from the rope parameters dict
+    parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+    config = HFLlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                           max_position_embeddings=1 << 14, rope_parameters=parameters)
+    return LlamaRotaryEmbedding(config).inv_freq
+
+
+def rope_table_gen(rng):
+    p = {"d": 2 * size(rng, 64), "max_positions": rng.choice((size(rng, 257), rng.randint(1, 2000))),
+         "theta": rng.choice((10000.0, 500000.0, 10 ** rng.uniform(0, 7)))}
+    low = rng.uniform(0.5, 2.0)
+    p["scaling"] = None if rng.random() < 0.5 else {
+        "rope_type": "llama3", "factor": rng.uniform(1.0, 32.0), "low_freq_factor": low,
+        "high_freq_factor": low + rng.uniform(0.5, 8.0), "original_max_position_embeddings": rng.choice((4, 64, 8192))}
+    return p
+
+
+def rope_table_check(table=fusedtx.rope_table):
+    def check(p):
+        d, n = p["d"], p["max_positions"]
+        cos, sin = table(d, n, p["theta"], p["scaling"])
+        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (n, d // 2)
+        # row i: cos / sin of the float32 angle float32(i) * inv_freq, correctly rounded to float32
+        # (within half an ulp of the float64 value, whose own error is far below that): a row's
+        # bits depend on its position and the parameters, not on the table's length
+        angle = (torch.arange(n).float()[:, None] * _hf_inv_freq(d, p["theta"], p["scaling"])).double()
+        for what, got, exact in (("cos", cos, angle.cos()), ("sin", sin, angle.sin())):
+            half_ulp = (torch.nextafter(got.abs(), torch.tensor(math.inf)) - got.abs()).double() / 2
+            err = (got.double() - exact).abs()
+            assert bool((err <= half_ulp * (1 + 1e-6)).all()), \
+                f"{what}: {int((err > half_ulp).sum())} elements not correctly rounded, max error {err.max().item():.3e}"
+    return check
+
+
+def test_rope_table_rows():
+    pytest.importorskip("transformers")
+    run_property("rope-table", rope_table_gen, rope_table_check(), cases=8, test="test_rope_table_rows")
+
+
+def test_rope_table_negative_control():
+    """The table check catches angles not rounded to float32 first (taken in float64)."""
+    pytest.importorskip("transformers")
+
+    def float64_angles(d, n, theta, scaling):
+        angle = torch.arange(n).double()[:, None] * reference.rope_inv_freq(d, theta, scaling).double()
+        return angle.cos().float(), angle.sin().float()
+
+    p = {"d": 64, "max_positions": 1000, "theta": 10000.0, "scaling": None}
+    rope_table_check()(p)
+    with pytest.raises(AssertionError, match="not correctly rounded"):
+        rope_table_check(float64_angles)(p)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.compile(dynamic=True) gives eager's bits
 # ---------------------------------------------------------------------------------------------
+# Fast mode's cases per op (default 2): one for the ops whose eager tests compile too (test_rope,
+# test_swiglu_ffn); swiglu_ffn's graph has Inductor code of its own to build (the gate/up packing)
+COMPILE_CASES = {"rope": 1, "swiglu_ffn": 1}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_compile_dynamic_equals_eager(op):
@@ -1220,4 +1481,5 @@ def test_compile_dynamic_equals_eager(op):
             got = compiled(p, t)
         assert_same_bits(eager, got, "compiled vs eager")
 
-    run_property(f"compile-{op}", generate, check, cases=2, test=f"test_compile_dynamic_equals_eager[{op}]")
+    run_property(f"compile-{op}", generate, check, cases=COMPILE_CASES.get(op, 2),
+                 test=f"test_compile_dynamic_equals_eager[{op}]")
