@@ -1,11 +1,25 @@
 """What the row normalisations (fusedtx/ops/layer_norm.py, fusedtx/ops/rms_norm.py) share: the
-argument checks of torch.nn.functional's layer_norm / rms_norm and the (rows, N) views."""
+argument checks of torch.nn.functional's layer_norm / rms_norm, the (rows, N) views, the fakes of
+their forward and backward ops and the check of the backward's.
+
+The two differ only in their parameters (weight; weight and bias) and their per-row statistics
+(rstd; mean and rstd), which their kernels take in one order on every backend:
+
+    forward  (x, *params, eps, lanes) -> (y, *stats)
+    backward (grad_y, x, *stats, weight, need_param_grads, lanes, groups) -> (dx, *param_grads)
+
+The bodies that call the kernels stay in each op, written out for its arity: they run on every
+eager call, where a generic body's star-arguments and extra call cost host time that the
+smallest calls notice.
+"""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
+from .. import reference
 from ._dispatch import check_backend, check_real
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -78,3 +92,24 @@ def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 def stats_shape(x: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of a per-row statistic (mean, rstd): x's leading dims."""
     return tuple(x.shape[: x.dim() - len(shape)])
+
+
+def fake_forward(x, shape, n_stats: int):
+    """The forward's outputs, empty: y like x (contiguous), n_stats per-row statistics in the
+    compute dtype."""
+    lead, acc = stats_shape(x, shape), reference.compute_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            *[x.new_empty(lead, dtype=acc) for _ in range(n_stats)])
+
+
+def check_backward(op: str):
+    """The check of a backward op: its arguments as they are but the backend (the last)."""
+    return lambda *args: (*args[:-1], check_backend(args[-1], op))
+
+
+def fake_backward(x, stat, need_param_grads: bool, n_params: int):
+    """The backward's outputs, empty: dx like x (contiguous), n_params flat parameter gradients
+    in the dtype of the saved statistic `stat` (empty without need_param_grads)."""
+    size = math.prod(x.shape[stat.dim():]) if need_param_grads else 0
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            *[x.new_empty(size, dtype=stat.dtype) for _ in range(n_params)])

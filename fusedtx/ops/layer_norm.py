@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .. import policy, reference
-from ._dispatch import Kernel, check_backend, register
-from ._row_norm import as_rows as _as_rows, check_norm_args, flat as _flat, stats_shape as _stats_shape
+from .. import policy
+from ._dispatch import Kernel, register
+from ._row_norm import as_rows as _as_rows, check_backward, check_norm_args, fake_backward, fake_forward
+from ._row_norm import flat as _flat, stats_shape as _stats_shape
 
 # (x, weight, bias, eps, lanes) -> (y, mean, rstd)
 forward_kernel = Kernel("layer_norm_forward", "layer_norm")
@@ -43,14 +42,7 @@ def _forward(x, shape, weight, bias, eps, backend):
 
 
 def _fake(x, shape, weight, bias, eps, backend):
-    stats = _stats_shape(x, shape)
-    acc = reference.compute_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc))
-
-
-def _check_backward(grad_y, x, mean, rstd, weight, need_param_grads, backend):
-    return grad_y, x, mean, rstd, weight, need_param_grads, check_backend(backend, "layer_norm_backward")
+    return fake_forward(x, shape, n_stats=2)
 
 
 def _backward_body(grad_y, x, mean, rstd, weight, need_param_grads, backend):
@@ -65,16 +57,14 @@ def _backward_body(grad_y, x, mean, rstd, weight, need_param_grads, backend):
 
 
 def _backward_fake(grad_y, x, mean, rstd, weight, need_param_grads, backend):
-    size = math.prod(x.shape[mean.dim():]) if need_param_grads else 0
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(size, dtype=mean.dtype), x.new_empty(size, dtype=mean.dtype))
+    return fake_backward(x, mean, need_param_grads, n_params=2)
 
 
 layer_norm_backward = register(
     "layer_norm_backward",
     "(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool need_param_grads, str backend) "
     "-> (Tensor, Tensor, Tensor)",
-    check=_check_backward, body=_backward_body, fake=_backward_fake)
+    check=check_backward("layer_norm_backward"), body=_backward_body, fake=_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

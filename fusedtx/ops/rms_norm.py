@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .. import policy, reference
-from ._dispatch import Kernel, check_backend, register
-from ._row_norm import as_rows, check_norm_args, flat, stats_shape
+from .. import policy
+from ._dispatch import Kernel, register
+from ._row_norm import as_rows, check_backward, check_norm_args, fake_backward, fake_forward, flat, stats_shape
 
 # (x, weight, eps, lanes) -> (y, rstd)
 forward_kernel = Kernel("rms_norm_forward", "rms_norm")
@@ -43,12 +41,7 @@ def _forward(x, shape, weight, eps, backend):
 
 
 def _fake(x, shape, weight, eps, backend):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(stats_shape(x, shape), dtype=reference.compute_dtype(x.dtype)))
-
-
-def _check_backward(grad_y, x, rstd, weight, need_param_grads, backend):
-    return grad_y, x, rstd, weight, need_param_grads, check_backend(backend, "rms_norm_backward")
+    return fake_forward(x, shape, n_stats=1)
 
 
 def _backward_body(grad_y, x, rstd, weight, need_param_grads, backend):
@@ -62,14 +55,13 @@ def _backward_body(grad_y, x, rstd, weight, need_param_grads, backend):
 
 
 def _backward_fake(grad_y, x, rstd, weight, need_param_grads, backend):
-    size = math.prod(x.shape[rstd.dim():]) if need_param_grads else 0
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(size, dtype=rstd.dtype)
+    return fake_backward(x, rstd, need_param_grads, n_params=1)
 
 
 rms_norm_backward = register(
     "rms_norm_backward",
     "(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, bool need_param_grads, str backend) -> (Tensor, Tensor)",
-    check=_check_backward, body=_backward_body, fake=_backward_fake)
+    check=check_backward("rms_norm_backward"), body=_backward_body, fake=_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
