@@ -9,6 +9,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 namespace {
 bool built_with_cuda() {
 #ifdef FUSEDTX_WITH_CUDA
@@ -17,10 +21,14 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+std::string cpu_isa() { return FUSEDTX_CPU_ISA; }
 }  // namespace
 
 TORCH_LIBRARY(fusedtx_native, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  // The vector instruction set the CPU kernels were compiled for: "avx512", "avx2" or "scalar"
+  // (cpu/isa.h). Every one computes the same bits; only the speed differs.
+  m.def("cpu_isa() -> str", &cpu_isa);
   // softmax over the last dim of a contiguous (rows, cols) tensor, as reference.softmax_forward
   // / softmax_backward; `lanes` is the lane count of the row sums (fusedtx/ops/softmax.py picks
   // it: fixed on CPU, the threads per row on CUDA).

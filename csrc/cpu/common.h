@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -18,11 +19,8 @@
 
 #include "../checks.h"
 
-// The 16-lane AVX-512 helpers below (masked loads and stores of 16-bit types) need BW and VL;
-// without them the kernels take their portable paths, which compute the same bits.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
-#define FUSEDTX_AVX512 1
-#endif
+// FUSEDTX_AVX512 / FUSEDTX_AVX2: the instruction set the kernels are compiled for (isa.h).
+#include "isa.h"
 
 namespace fusedtx::cpu {
 
@@ -229,6 +227,112 @@ inline __m512 round_trip(__m512 v) {
   }
 }
 #endif  // FUSEDTX_AVX512
+
+#if defined(FUSEDTX_AVX2)
+// The 8-lane (ymm) counterparts of load16 / store16 / round_trip / transpose16, for the kernels'
+// AVX2 paths: float16 through F16C, bfloat16 by shifts, rounding as store1 does (to nearest
+// even; a bfloat16 NaN is 0xFFFF).
+template <typename T>
+inline __m256 widen8(__m128i raw) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm256_cvtph_ps(raw);
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+template <typename T>
+inline __m128i narrow8(__m256 v) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // Every lane is in [0, 0xFFFF]: the unsigned-saturating pack keeps it.
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+}
+
+// All-ones in the first n lanes (n clamped to 0 ... 8).
+inline __m256i first_lanes8(int64_t n) {
+  const int m = static_cast<int>(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 elements of T as float32.
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    return widen8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+// The first n elements (n clamped to 0 ... 8; the others are not read and are +0).
+template <typename T>
+inline __m256 load8(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_maskload_ps(p, first_lanes8(n));
+  } else {
+    alignas(16) uint16_t raw[8] = {};
+    std::memcpy(raw, p, static_cast<size_t>(std::clamp<int64_t>(n, 0, 8)) * sizeof(T));
+    return widen8<T>(_mm_load_si128(reinterpret_cast<const __m128i*>(raw)));
+  }
+}
+// v's first n lanes (n clamped to 0 ... 8) to p as T.
+template <typename T>
+inline void store8(T* p, __m256 v, int64_t n = 8) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= 8) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, v);
+      std::memcpy(p, tmp, static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(float));
+    }
+  } else {
+    const __m128i raw = narrow8<T>(v);
+    if (n >= 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), raw);
+    } else {
+      alignas(16) uint16_t tmp[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), raw);
+      std::memcpy(p, tmp, static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T));
+    }
+  }
+}
+// v rounded to T and back (what a store then a load would give).
+template <typename T>
+inline __m256 round_trip8(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return widen8<T>(narrow8<T>(v));
+  }
+}
+
+// r[i] (i < 8) <- column i of the 8 x 8 matrix whose rows are r[0..7].
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4 h + c] (c < 4): columns c | c + 4 of rows 4 h ... 4 h + 3.
+  for (int h = 0; h < 2; ++h) {
+    r[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+    t[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+#endif  // FUSEDTX_AVX2
 
 // float16 <-> float32 for a whole vector with the F16C/AVX-512 conversion instructions
 // (round to nearest even, as c10::Half). Besides being faster, they sidestep GCC 12 -O3

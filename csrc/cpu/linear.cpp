@@ -148,7 +148,7 @@ TaskPlan plan_tasks(int64_t M, int64_t N, int64_t threads) {
 template <typename T, int kAct>
 void gemm(const Problem<T>& p) {
   if (p.M == 0 || p.N == 0) return;
-#if defined(FUSEDTX_AVX512)
+#if defined(FUSEDTX_AVX512) || defined(FUSEDTX_AVX2)
   if (p.M <= kSmallMMax && (p.sb0 == 1 || p.sb1 == 1)) {
     std::vector<float> a_rows;
     const float* a = nullptr;
@@ -280,6 +280,26 @@ void swiglu_grad_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
       _mm512_mask_storeu_ps(p0 + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p0 + 16), round_trip<T>(hi)));
     }
   }
+#elif defined(FUSEDTX_AVX2)
+  for (int64_t c = 0; c < N; c += 16) {
+    const int64_t n = std::min<int64_t>(16, N - c);  // pairs
+    __m256 h[4];
+    for (int q = 0; q < 4; ++q) h[q] = load8(pre + 2 * c + 8 * q, 2 * n - 8 * q);
+    vfloat g, u, dg, du;
+    deinterleave(h, &g, &u);
+    swiglu_grads(load16(gy + c, n), g, u, &dg, &du);
+    __m256 out[4];
+    interleave(dg, du, out);
+    for (int q = 0; q < 4; ++q) {
+      const int64_t nq = 2 * n - 8 * q;
+      if (nq <= 0) break;
+      store8(gp + 2 * c + 8 * q, out[q], nq);
+      if (part) {
+        float* pq = part + 2 * c + 8 * q;
+        store8(pq, _mm256_add_ps(load8(pq, nq), round_trip8<T>(out[q])), nq);
+      }
+    }
+  }
 #else
   for (int64_t c = 0; c < N; ++c) {
     float dg, du;
@@ -328,6 +348,17 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
       g = round_trip<T>(g);
     }
     if (part) _mm512_mask_storeu_ps(part + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, part + c), g));
+  }
+#elif defined(FUSEDTX_AVX2)
+  for (int64_t c = 0; c < N; c += 16) {
+    const int64_t n = std::min<int64_t>(16, N - c);
+    vfloat g = load16(gy + c, n);
+    if constexpr (kAct != kActNone) {
+      g = g * activation_derivative<kAct>(load16(pre + c, n));
+      store16(gp + c, g, n);
+      g = round_trip16<T>(g);
+    }
+    if (part) store16(part + c, load16(part + c, n) + g, n);
   }
 #else
   for (int64_t c = 0; c < N; ++c) {

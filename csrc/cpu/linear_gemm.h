@@ -1,15 +1,18 @@
 // The packed path of the Linear matmul on CPU (linear.cpp drives it): packing, the
-// register-blocked micro-kernels and the bias + activation epilogue, in AVX-512 and, with the
-// same packed layouts and the same bits, in portable scalar code.
+// register-blocked micro-kernels and the bias + activation epilogue, in AVX-512, in AVX2 + FMA
+// and in portable scalar code (isa.h picks one at compile time), all with the same bits.
 //
 // Every output element is one float32 FMA chain from +0 per block of kKBlock k's, k ascending,
 // the block sums added in order (reference.linear_matmul; docs/design.md, "Matmul K blocks").
-// b is packed into panels of kNR = 32 columns (float32, zero-padded columns), a into panels of
-// kMR = 14 rows, k-major; k is never padded. The 14 x 32 micro-kernel keeps 28 zmm accumulators
-// and broadcasts one element of a per row and k; short row panels take 2 or 4 column panels per
-// call so that enough accumulators hide the FMA latency. Any strides: packing reads a and b
-// where they are (16 x 16 in-register transposes where k is the contiguous axis, e.g. b =
-// weight.t()) and converts bfloat16/float16 to float32 on the way.
+// b is packed into panels of kNR columns (float32, zero-padded columns), a into panels of kMR
+// rows, k-major; k is never padded. The tile shape is the instruction set's; an element's
+// arithmetic is the same in every one:
+//   AVX-512 (and the scalar code, with the same layouts): 14 x 32, 28 zmm accumulators.
+//   AVX2: 6 x 16, 12 of the 16 ymm registers accumulate, 2 hold b and 1 a broadcast of a.
+// The micro-kernel broadcasts one element of a per row and k; short row panels take 2 or 4
+// column panels per call so that enough accumulators hide the FMA latency. Any strides:
+// packing reads a and b where they are (in-register transposes, 16 x 16 or 8 x 8, where k is
+// the contiguous axis, e.g. b = weight.t()) and converts bfloat16/float16 to float32 on the way.
 //
 // A part of linear.cpp, included there only: like activations.h, it keeps its functions in an
 // unnamed namespace, so that they are local to that file (GCC inlines and clones them as it
@@ -28,9 +31,15 @@
 namespace fusedtx::cpu {
 namespace {
 
+#if defined(FUSEDTX_AVX2)
+constexpr int kLanes = 8;          // floats per vector register (ymm)
+constexpr int kMR = 6;             // rows of a micro-tile
+#else
+constexpr int kLanes = 16;         // floats per vector register (zmm; the scalar code's layouts)
 constexpr int kMR = 14;            // rows of a micro-tile
-constexpr int kNV = 2;             // 16-float vectors across a micro-tile
-constexpr int kNR = 16 * kNV;      // columns of a micro-tile
+#endif
+constexpr int kNV = 2;             // vectors across a micro-tile
+constexpr int kNR = kLanes * kNV;  // columns of a micro-tile
 // Cache blocking, sized for a core with 48 KB of L1d and 1 MB of L2 (Zen 5): a kMR x kKCMax
 // panel of packed a (21 KB) stays in L1 while it sweeps the kKCMax x kNCMax block of packed b
 // (384 KB) in L2. The b block is packed once per K block and task and serves all the task's rows.
@@ -42,8 +51,13 @@ constexpr int64_t kTaskRowsMax = 1024; // rows per task: bounds the per-thread p
 
 constexpr int kMaxPanels = 4;
 constexpr int64_t kTileLd = kMaxPanels * kNR;  // floats per row of the epilogue's tile
-// Column panels per micro-kernel call for a row panel of `rows` rows: at least ~8 accumulators.
+// Column panels per micro-kernel call for a row panel of `rows` rows: at least ~8 accumulators
+// (and, for AVX2, at most 12, which leave registers for b and a).
+#if defined(FUSEDTX_AVX2)
+constexpr int panels_for_rows(int rows) { return rows <= 1 ? 4 : rows <= 2 ? 2 : 1; }
+#else
 constexpr int panels_for_rows(int rows) { return rows <= 3 ? 4 : rows <= 7 ? 2 : 1; }
+#endif
 
 template <typename T>
 struct Problem {
@@ -270,6 +284,265 @@ void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y
   }
 }
 
+#elif defined(FUSEDTX_AVX2)
+
+static_assert(kMR <= 8, "pack_a keeps the first kMR rows of an 8 x 8 transpose");
+
+// The first N floats of v to p (N <= 8: a packed a panel's kMR rows).
+template <int N>
+inline void store_first(float* p, __m256 v) {
+  if constexpr (N == 8) {
+    _mm256_storeu_ps(p, v);
+  } else if constexpr (N == 4) {
+    _mm_storeu_ps(p, _mm256_castps256_ps128(v));
+  } else if constexpr (N == 6) {
+    _mm_storeu_ps(p, _mm256_castps256_ps128(v));
+    _mm_storel_pi(reinterpret_cast<__m64*>(p + 4), _mm256_extractf128_ps(v, 1));
+  } else {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int i = 0; i < N; ++i) p[i] = t[i];
+  }
+}
+
+// a[i0 : i0 + mc, k0 : k0 + kc] -> ap: panels of kMR rows, each kc x kMR (k-major), rows past
+// mc zero.
+template <typename T>
+void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
+  for (int64_t ir = 0; ir < mc; ir += kMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
+    float* dst = ap + (ir / kMR) * kc * kMR;
+    const T* src = p.a + (i0 + ir) * p.sa0 + k0 * p.sa1;
+    if (p.sa1 == 1) {  // k contiguous: 8 x 8 transposes
+      for (int64_t k = 0; k < kc; k += 8) {
+        const int64_t kn = std::min<int64_t>(8, kc - k);
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+          r[i] = i >= rows ? _mm256_setzero_ps() : kn == 8 ? load8(src + i * p.sa0 + k) : load8(src + i * p.sa0 + k, kn);
+        }
+        transpose8(r);
+        for (int64_t kk = 0; kk < kn; ++kk) store_first<kMR>(dst + (k + kk) * kMR, r[kk]);
+      }
+    } else if (p.sa0 == 1) {  // rows contiguous
+      for (int64_t k = 0; k < kc; ++k) store_first<kMR>(dst + k * kMR, load8(src + k * p.sa1, rows));
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? to_float(src[r * p.sa0 + k * p.sa1]) : 0.0f;
+      }
+    }
+  }
+}
+
+constexpr int64_t kPrefetchB = 64;  // elements ahead
+
+// b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
+template <typename T>
+void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
+  if (p.sb1 == 1) {  // rows of b contiguous: copy, each row of the block in one sweep
+    const int64_t vecs = round_up(nc, kNR) / kLanes;
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = p.b + (k0 + k) * p.sb0 + j0;
+      float* dst = bp + k * kNR;
+      for (int64_t v = 0; v < vecs; ++v) {
+        const int64_t j = v * kLanes;
+        const __m256 x = j + kLanes <= nc ? load8(src + j) : load8(src + j, nc - j);
+        _mm256_store_ps(dst + (v / kNV) * kc * kNR + (v % kNV) * kLanes, x);
+      }
+    }
+    return;
+  }
+  for (int64_t jr = 0; jr < nc; jr += kNR) {
+    const int64_t cols = std::min<int64_t>(kNR, nc - jr);
+    float* dst = bp + (jr / kNR) * kc * kNR;
+    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
+    if (p.sb0 == 1) {  // columns of b contiguous (b = weight.t()): 8 x 8 transposes
+      for (int v = 0; v < kNV; ++v) {
+        const int64_t jn = std::clamp<int64_t>(cols - v * kLanes, 0, kLanes);
+        const T* col = src + v * kLanes * p.sb1;
+        for (int64_t k = 0; k < kc; k += 8) {
+          const int64_t kn = std::min<int64_t>(8, kc - k);
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) {
+            if (i < jn) {
+              // 8 row streams at once outrun the hardware prefetcher: fetch a few lines ahead.
+              _mm_prefetch(reinterpret_cast<const char*>(col + i * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
+              r[i] = kn == 8 ? load8(col + i * p.sb1 + k) : load8(col + i * p.sb1 + k, kn);
+            } else {
+              r[i] = _mm256_setzero_ps();
+            }
+          }
+          transpose8(r);
+          for (int64_t kk = 0; kk < kn; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(src[k * p.sb0 + j * p.sb1]) : 0.0f;
+      }
+    }
+  }
+}
+
+// The AVX-512 micro_kernel's contract and arithmetic on 8-lane vectors: the k's [k0, k0 + kc)
+// of one packed K block, k0 a multiple of kKBlock, as an MR x (NP * kNR) tile; per block of
+// kKBlock k's acc from +0, acc = fma(a[k][r], b[k][j], acc) for k ascending, then
+// total = total + acc (total from cin, nullptr: +0, for the first block, from cout after),
+// written to cout.
+template <int MR, int NP>
+void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, int64_t b_stride, const float* cin,
+                  int64_t ldcin, float* cout, int64_t ldcout) {
+  constexpr int NV = NP * kNV;
+  const float* total = cin;
+  int64_t ld_total = ldcin;
+  int64_t k = 0;
+  do {
+    const int64_t k_end = std::min(kc, k + kKBlock);
+    __m256 acc[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (; k < k_end; ++k) {
+      __m256 bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = _mm256_load_ps(b + (v / kNV) * b_stride + (v % kNV) * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + r);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+      a += kMR;
+      b += kNR;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __m256 t = total ? _mm256_loadu_ps(total + r * ld_total + v * kLanes) : _mm256_setzero_ps();
+        _mm256_storeu_ps(cout + r * ldcout + v * kLanes, _mm256_add_ps(t, acc[r][v]));
+      }
+    }
+    total = cout;
+    ld_total = ldcout;
+  } while (k < kc);
+}
+
+// 16 elements of T (two ymm) as a vfloat, the first n read (n clamped to 0 ... 16; the others
+// +0); the first n lanes of a vfloat to p as T; a vfloat rounded to T and back.
+inline vfloat join(__m256 lo, __m256 hi) {
+  alignas(64) float t[16];
+  _mm256_store_ps(t, lo);
+  _mm256_store_ps(t + 8, hi);
+  return vload(t);
+}
+template <typename T>
+inline vfloat load16(const T* p, int64_t n) {
+  if (n >= 16) return join(load8(p), load8(p + 8));
+  return join(load8(p, n), load8(p + 8, n - 8));
+}
+template <typename T>
+inline void store16(T* p, vfloat v, int64_t n) {
+  alignas(64) float t[16];
+  vstore(t, v);
+  store8(p, _mm256_load_ps(t), n);
+  if (n > 8) store8(p + 8, _mm256_load_ps(t + 8), n - 8);
+}
+template <typename T>
+inline vfloat round_trip16(vfloat v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    alignas(64) float t[16];
+    vstore(t, v);
+    return join(round_trip8<T>(_mm256_load_ps(t)), round_trip8<T>(_mm256_load_ps(t + 8)));
+  }
+}
+
+// Gate/up pairs: the even and odd elements of 32 consecutive columns (four ymm), and back.
+inline void deinterleave(const __m256 h[4], vfloat* even, vfloat* odd) {
+  alignas(64) float e[16], o[16];
+  for (int q = 0; q < 2; ++q) {
+    // shuffle: [x0 x2 y0 y2 | x4 x6 y4 y6]; the 64-bit permute puts the x pairs before the y ones.
+    const __m256 ev = _mm256_shuffle_ps(h[2 * q], h[2 * q + 1], 0x88);
+    const __m256 od = _mm256_shuffle_ps(h[2 * q], h[2 * q + 1], 0xDD);
+    _mm256_store_ps(e + 8 * q, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+    _mm256_store_ps(o + 8 * q, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+  }
+  *even = vload(e);
+  *odd = vload(o);
+}
+inline void interleave(vfloat even, vfloat odd, __m256 out[4]) {
+  alignas(64) float e[16], o[16];
+  vstore(e, even);
+  vstore(o, odd);
+  for (int q = 0; q < 2; ++q) {
+    const __m256 ev = _mm256_load_ps(e + 8 * q), od = _mm256_load_ps(o + 8 * q);
+    const __m256 lo = _mm256_unpacklo_ps(ev, od), hi = _mm256_unpackhi_ps(ev, od);  // [e0 o0 e1 o1 | e4 o4 e5 o5]
+    out[2 * q] = _mm256_permute2f128_ps(lo, hi, 0x20);
+    out[2 * q + 1] = _mm256_permute2f128_ps(lo, hi, 0x31);
+  }
+}
+
+// The SwiGLU epilogue of a rows x cols tile (cols even: whole gate/up pairs): h = acc (+ bias),
+// preact = h (ld floats per row), y = swiglu(pairs) (ld / 2 per row), 16 pairs at a time.
+template <typename T>
+void swiglu_epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 32) {
+      const int64_t n = std::min<int64_t>(32, cols - c);
+      __m256 h[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t nq = n - 8 * q;
+        h[q] = nq >= 8 ? _mm256_loadu_ps(tile + r * kTileLd + c + 8 * q) : load8(tile + r * kTileLd + c + 8 * q, nq);
+        if (bias) h[q] = _mm256_add_ps(h[q], nq >= 8 ? _mm256_loadu_ps(bias + c + 8 * q) : load8(bias + c + 8 * q, nq));
+        if (preact && nq > 0) store8(preact + r * ld + c + 8 * q, h[q], nq);
+      }
+      vfloat g, u;
+      deinterleave(h, &g, &u);
+      store16(y + r * (ld / 2) + c / 2, swiglu_forward(g, u), n / 2);
+    }
+  }
+}
+
+// The epilogue of a rows x cols tile (kTileLd floats per row): h = acc (+ bias), preact = h,
+// y = act(h), in T (for SwiGLU, y at out_offset: swiglu_epilogue). 16 columns (two ymm) at a
+// time, two such chunks in flight where the activation has long erf/exp chains.
+template <typename T, int kAct>
+void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
+  if constexpr (kAct == kActSwiglu) {
+    swiglu_epilogue(tile, rows, cols, bias, y, preact, ld);
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    int64_t c = 0;
+    if constexpr (kAct != kActNone) {
+      for (; c + 32 <= cols; c += 32) {
+        vfloat h0 = vload(tile + r * kTileLd + c), h1 = vload(tile + r * kTileLd + c + 16);
+        if (bias) {
+          h0 = h0 + vload(bias + c);
+          h1 = h1 + vload(bias + c + 16);
+        }
+        if (preact) {
+          store16(preact + r * ld + c, h0, 16);
+          store16(preact + r * ld + c + 16, h1, 16);
+        }
+        store16(y + r * ld + c, activation_forward<kAct>(h0), 16);
+        store16(y + r * ld + c + 16, activation_forward<kAct>(h1), 16);
+      }
+    }
+    for (; c < cols; c += 16) {
+      const int64_t n = std::min<int64_t>(16, cols - c);
+      vfloat h = load16(tile + r * kTileLd + c, n);
+      if (bias) h = h + load16(bias + c, n);
+      if (preact) store16(preact + r * ld + c, h, n);
+      store16(y + r * ld + c, activation_forward<kAct>(h), n);
+    }
+  }
+}
+
 #else  // portable fallback: the same packed layouts, scalar std::fma
 
 template <typename T>
@@ -352,7 +625,7 @@ void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y
   }
 }
 
-#endif  // FUSEDTX_AVX512
+#endif  // FUSEDTX_AVX512, FUSEDTX_AVX2
 
 }  // namespace
 }  // namespace fusedtx::cpu

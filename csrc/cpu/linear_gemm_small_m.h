@@ -1,8 +1,8 @@
 // The few-rows path of the Linear matmul on CPU (decode: at most kSmallMMax rows of a), AVX-512
-// only: b is not packed but streamed once, straight from where it is, and each output element
-// gets exactly the packed path's arithmetic (per block of kKBlock k's an FMA chain from +0, the
-// chain totals added in order, then the epilogue of linear_gemm.h). A part of linear.cpp, in an
-// unnamed namespace like linear_gemm.h.
+// and AVX2 (the scalar build packs whatever M): b is not packed but streamed once,
+// straight from where it is, and each output element gets exactly the packed path's arithmetic
+// (per block of kKBlock k's an FMA chain from +0, the chain totals added in order, then the
+// epilogue of linear_gemm.h). A part of linear.cpp, in an unnamed namespace like linear_gemm.h.
 #pragma once
 
 #include <algorithm>
@@ -125,8 +125,128 @@ void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j
   }
 }
 
+#elif defined(FUSEDTX_AVX2)
 
-#endif  // FUSEDTX_AVX512
+constexpr int64_t kSmallMChunk = 128;  // columns per parallel task of the few-rows path
+constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
+
+// The AVX-512 functions' method on 8-lane vectors. b = weight.t() (k contiguous): G groups of 8
+// columns at a time (independent accumulators for few rows), each 8 x 8 block of b transposed
+// in registers and multiplied at once.
+template <typename T, int kAct, int MR, int G>
+void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  alignas(64) float tile[kSmallMMax * kTileLd];
+  static_assert(G * 8 <= kTileLd);
+  for (int64_t j = j0; j < j1; j += 8 * G) {
+    const int64_t cols = std::min<int64_t>(8 * G, j1 - j);
+    const T* src = p.b + j * p.sb1;
+    // The running totals of the kKBlock chains, from +0, in the tile.
+    for (int i = 0; i < MR; ++i) {
+      for (int g = 0; g < G; ++g) _mm256_store_ps(tile + i * kTileLd + g * 8, _mm256_setzero_ps());
+    }
+    __m256 acc[MR][G];
+    for (int i = 0; i < MR; ++i) {
+      for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < p.K; k += 8) {
+      const int64_t kn = std::min<int64_t>(8, p.K - k);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const int64_t jn = cols - g * 8;
+        __m256 r[8];
+        for (int c = 0; c < 8; ++c) {
+          if (c < jn) {
+            const T* q = src + (g * 8 + c) * p.sb1 + k;
+            _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchB), _MM_HINT_T0);
+            r[c] = kn == 8 ? load8(q) : load8(q, kn);
+          } else {
+            r[c] = _mm256_setzero_ps();
+          }
+        }
+        transpose8(r);
+        if (kn == 8) {
+#pragma GCC unroll 8
+          for (int kk = 0; kk < 8; ++kk) {
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; ++i) acc[i][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k + kk), r[kk], acc[i][g]);
+          }
+        } else {
+          for (int64_t kk = 0; kk < kn; ++kk) {
+            for (int i = 0; i < MR; ++i) acc[i][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k + kk), r[kk], acc[i][g]);
+          }
+        }
+      }
+      if ((k + kn) % kKBlock == 0 || k + kn == p.K) {  // a chain ends: total = total + acc
+        for (int i = 0; i < MR; ++i) {
+          for (int g = 0; g < G; ++g) {
+            float* t = tile + i * kTileLd + g * 8;
+            _mm256_store_ps(t, _mm256_add_ps(_mm256_load_ps(t), acc[i][g]));
+            acc[i][g] = _mm256_setzero_ps();
+          }
+        }
+      }
+    }
+    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
+  }
+}
+
+// b row-major (columns contiguous, e.g. the backward's weight): NV vectors of columns at a time,
+// straight from b's rows.
+template <typename T, int kAct, int MR, int NV>
+void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  alignas(64) float tile[kSmallMMax * kTileLd];
+  static_assert(NV * 8 <= kTileLd);
+  constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
+  for (int64_t j = j0; j < j1; j += 8 * NV) {
+    const int64_t cols = std::min<int64_t>(8 * NV, j1 - j);
+    const T* src = p.b + j;
+    __m256 acc[MR][NV];
+    for (int i = 0; i < MR; ++i) {
+      for (int v = 0; v < NV; ++v) {
+        acc[i][v] = _mm256_setzero_ps();
+        _mm256_store_ps(tile + i * kTileLd + v * 8, _mm256_setzero_ps());  // chain totals, from +0
+      }
+    }
+    const bool full = cols == 8 * NV;
+    for (int64_t k = 0; k < p.K; ++k) {
+      const T* row = src + k * p.sb0;
+      for (int v = 0; v < (NV * 8 * static_cast<int>(sizeof(T)) + 63) / 64; ++v) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * p.sb0) + 64 * v, _MM_HINT_T0);
+      }
+      __m256 bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = full ? load8(row + v * 8) : load8(row + v * 8, cols - v * 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
+      }
+      if ((k + 1) % kKBlock == 0 || k + 1 == p.K) {  // a chain ends: total = total + acc
+        for (int i = 0; i < MR; ++i) {
+          for (int v = 0; v < NV; ++v) {
+            float* t = tile + i * kTileLd + v * 8;
+            _mm256_store_ps(t, _mm256_add_ps(_mm256_load_ps(t), acc[i][v]));
+            acc[i][v] = _mm256_setzero_ps();
+          }
+        }
+      }
+    }
+    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
+  }
+}
+
+// Accumulators per call: at most 12 of the 16 ymm registers, the rest for b and a.
+template <typename T, int kAct, int MR>
+void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  if (p.sb0 == 1) {
+    small_m_kmajor<T, kAct, MR, (MR <= 2 ? 4 : MR <= 4 ? 2 : 1)>(p, a, lda, j0, j1);
+  } else {
+    small_m_nmajor<T, kAct, MR, (MR == 1 ? 8 : MR == 2 ? 4 : MR == 3 ? 3 : MR <= 6 ? 2 : 1)>(p, a, lda, j0, j1);
+  }
+}
+
+#endif  // FUSEDTX_AVX512, FUSEDTX_AVX2
 
 }  // namespace
 }  // namespace fusedtx::cpu
