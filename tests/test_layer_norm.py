@@ -124,7 +124,7 @@ def test_triton_compiled_fold_form_equals_reference(monkeypatch):
         x = make((3, n), torch.float32, "cpu")
         x[0, 1], x[1, 2], x[1, 3], x[2, 0] = -0.0, 3e38, float("inf"), float("nan")
         x[0, 0] = -0.0
-        weight, bias = make_params(LAYER_NORM, (n,), "none", torch.float32, "cpu")
+        weight, bias = make_params(LAYER_NORM, (n,), "both", torch.float32, "cpu")
         y, mean, rstd = layer_norm_op.layer_norm.impl(x, (n,), weight, bias, 1e-5, "triton")
         y_ref, mean_ref, rstd_ref = reference.layer_norm_forward(x, weight, bias, 1e-5, policy.triton_lanes(n))
         for ours, ref, name in ((y, y_ref, "y"), (mean, mean_ref, "mean"), (rstd, rstd_ref, "rstd")):
