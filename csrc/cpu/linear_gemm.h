@@ -313,13 +313,22 @@ void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
     const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
     float* dst = ap + (ir / kMR) * kc * kMR;
     const T* src = p.a + (i0 + ir) * p.sa0 + k0 * p.sa1;
-    if (p.sa1 == 1) {  // k contiguous: 8 x 8 transposes
-      for (int64_t k = 0; k < kc; k += 8) {
+    if (p.sa1 == 1) {  // k contiguous: 8 x 8 transposes (rows kMR ... 7 zero)
+      int64_t k = 0;
+      if (rows == kMR) {
+        for (; k + 8 <= kc; k += 8) {
+          __m256 r[8];
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i) r[i] = i < kMR ? load8(src + i * p.sa0 + k) : _mm256_setzero_ps();
+          transpose8(r);
+#pragma GCC unroll 8
+          for (int kk = 0; kk < 8; ++kk) store_first<kMR>(dst + (k + kk) * kMR, r[kk]);
+        }
+      }
+      for (; k < kc; k += 8) {
         const int64_t kn = std::min<int64_t>(8, kc - k);
         __m256 r[8];
-        for (int i = 0; i < 8; ++i) {
-          r[i] = i >= rows ? _mm256_setzero_ps() : kn == 8 ? load8(src + i * p.sa0 + k) : load8(src + i * p.sa0 + k, kn);
-        }
+        for (int i = 0; i < 8; ++i) r[i] = i < rows ? load8(src + i * p.sa0 + k, kn) : _mm256_setzero_ps();
         transpose8(r);
         for (int64_t kk = 0; kk < kn; ++kk) store_first<kMR>(dst + (k + kk) * kMR, r[kk]);
       }
@@ -332,8 +341,6 @@ void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
     }
   }
 }
-
-constexpr int64_t kPrefetchB = 64;  // elements ahead
 
 // b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
 template <typename T>
@@ -359,18 +366,21 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
       for (int v = 0; v < kNV; ++v) {
         const int64_t jn = std::clamp<int64_t>(cols - v * kLanes, 0, kLanes);
         const T* col = src + v * kLanes * p.sb1;
-        for (int64_t k = 0; k < kc; k += 8) {
+        int64_t k = 0;
+        if (jn == 8) {
+          for (; k + 8 <= kc; k += 8) {
+            __m256 r[8];
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; ++i) r[i] = load8(col + i * p.sb1 + k);
+            transpose8(r);
+#pragma GCC unroll 8
+            for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
+          }
+        }
+        for (; k < kc; k += 8) {
           const int64_t kn = std::min<int64_t>(8, kc - k);
           __m256 r[8];
-          for (int i = 0; i < 8; ++i) {
-            if (i < jn) {
-              // 8 row streams at once outrun the hardware prefetcher: fetch a few lines ahead.
-              _mm_prefetch(reinterpret_cast<const char*>(col + i * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
-              r[i] = kn == 8 ? load8(col + i * p.sb1 + k) : load8(col + i * p.sb1 + k, kn);
-            } else {
-              r[i] = _mm256_setzero_ps();
-            }
-          }
+          for (int i = 0; i < 8; ++i) r[i] = i < jn ? load8(col + i * p.sb1 + k, kn) : _mm256_setzero_ps();
           transpose8(r);
           for (int64_t kk = 0; kk < kn; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
         }
@@ -514,6 +524,18 @@ template <typename T, int kAct>
 void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
   if constexpr (kAct == kActSwiglu) {
     swiglu_epilogue(tile, rows, cols, bias, y, preact, ld);
+    return;
+  }
+  if constexpr (kAct == kActNone) {  // y = h: one ymm at a time
+    for (int r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; c += 8) {
+        const int64_t n = cols - c;
+        __m256 h = _mm256_load_ps(tile + r * kTileLd + c);
+        if (bias) h = _mm256_add_ps(h, n >= 8 ? _mm256_loadu_ps(bias + c) : load8(bias + c, n));
+        if (preact) store8(preact + r * ld + c, h, n);
+        store8(y + r * ld + c, h, n);
+      }
+    }
     return;
   }
   for (int r = 0; r < rows; ++r) {

@@ -132,11 +132,13 @@ constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
 
 // The AVX-512 functions' method on 8-lane vectors. b = weight.t() (k contiguous): G groups of 8
 // columns at a time (independent accumulators for few rows), each 8 x 8 block of b transposed
-// in registers and multiplied at once.
+// in registers and multiplied at once. Each of the 8 G column streams is read a whole 64-byte
+// line (16 k's, two blocks) at a time: with a row stride like 6 KB the streams share a few L1
+// sets, and a line read in two visits far apart would be fetched twice.
 template <typename T, int kAct, int MR, int G>
 void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
   alignas(64) float tile[kSmallMMax * kTileLd];
-  static_assert(G * 8 <= kTileLd);
+  static_assert(G * 8 <= kTileLd && kKBlock % 16 == 0);
   for (int64_t j = j0; j < j1; j += 8 * G) {
     const int64_t cols = std::min<int64_t>(8 * G, j1 - j);
     const T* src = p.b + j * p.sb1;
@@ -148,35 +150,34 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
     for (int i = 0; i < MR; ++i) {
       for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_ps();
     }
-    for (int64_t k = 0; k < p.K; k += 8) {
-      const int64_t kn = std::min<int64_t>(8, p.K - k);
+    for (int64_t k16 = 0; k16 < p.K; k16 += 16) {
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
         const int64_t jn = cols - g * 8;
-        __m256 r[8];
-        for (int c = 0; c < 8; ++c) {
-          if (c < jn) {
+#pragma GCC unroll 2
+        for (int64_t k = k16; k < std::min(k16 + 16, p.K); k += 8) {
+          const int64_t kn = std::min<int64_t>(8, p.K - k);
+          __m256 r[8];
+          for (int c = 0; c < 8; ++c) {
             const T* q = src + (g * 8 + c) * p.sb1 + k;
-            _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchB), _MM_HINT_T0);
-            r[c] = kn == 8 ? load8(q) : load8(q, kn);
+            r[c] = c >= jn ? _mm256_setzero_ps() : kn == 8 ? load8(q) : load8(q, kn);
+          }
+          transpose8(r);
+          if (kn == 8) {
+#pragma GCC unroll 8
+            for (int kk = 0; kk < 8; ++kk) {
+#pragma GCC unroll 8
+              for (int i = 0; i < MR; ++i) acc[i][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k + kk), r[kk], acc[i][g]);
+            }
           } else {
-            r[c] = _mm256_setzero_ps();
-          }
-        }
-        transpose8(r);
-        if (kn == 8) {
-#pragma GCC unroll 8
-          for (int kk = 0; kk < 8; ++kk) {
-#pragma GCC unroll 8
-            for (int i = 0; i < MR; ++i) acc[i][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k + kk), r[kk], acc[i][g]);
-          }
-        } else {
-          for (int64_t kk = 0; kk < kn; ++kk) {
-            for (int i = 0; i < MR; ++i) acc[i][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k + kk), r[kk], acc[i][g]);
+            for (int64_t kk = 0; kk < kn; ++kk) {
+              for (int i = 0; i < MR; ++i) acc[i][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k + kk), r[kk], acc[i][g]);
+            }
           }
         }
       }
-      if ((k + kn) % kKBlock == 0 || k + kn == p.K) {  // a chain ends: total = total + acc
+      // Chains end at the multiples of kKBlock (multiples of 16) and at K: total = total + acc.
+      if ((k16 + 16) % kKBlock == 0 || k16 + 16 >= p.K) {
         for (int i = 0; i < MR; ++i) {
           for (int g = 0; g < G; ++g) {
             float* t = tile + i * kTileLd + g * 8;
@@ -240,7 +241,7 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
 template <typename T, int kAct, int MR>
 void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
   if (p.sb0 == 1) {
-    small_m_kmajor<T, kAct, MR, (MR <= 2 ? 4 : MR <= 4 ? 2 : 1)>(p, a, lda, j0, j1);
+    small_m_kmajor<T, kAct, MR, (MR == 1 ? 4 : MR == 2 ? 3 : MR <= 4 ? 2 : 1)>(p, a, lda, j0, j1);
   } else {
     small_m_nmajor<T, kAct, MR, (MR == 1 ? 8 : MR == 2 ? 4 : MR == 3 ? 3 : MR <= 6 ? 2 : 1)>(p, a, lda, j0, j1);
   }
