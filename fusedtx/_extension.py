@@ -26,6 +26,9 @@ class ExtensionStatus:
     how: str  # "ahead-of-time", "just-in-time" or "not loaded"
     with_cuda: bool
     error: str | None = None
+    # The instruction set the CPU kernels were compiled for (csrc/cpu/isa.h): "avx512", "avx2" or
+    # "scalar". Every one computes the same bits; only the speed differs. None when not loaded.
+    cpu_isa: str | None = None
 
 
 _lock = threading.Lock()
@@ -62,7 +65,7 @@ def _load() -> ExtensionStatus:
     try:
         from . import _C  # noqa: F401  (ahead-of-time build; registers the ops on import)
 
-        return ExtensionStatus(True, "ahead-of-time", _has_cuda_kernels())
+        return ExtensionStatus(True, "ahead-of-time", _has_cuda_kernels(), cpu_isa=_cpu_isa())
     except ImportError:
         pass
     with_cuda = _cuda_wanted()
@@ -88,11 +91,15 @@ def _load() -> ExtensionStatus:
         cpp_extension.load(**kwargs)
     except Exception as exc:  # a compiler error is reported through status(), not raised at import
         return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}")
-    return ExtensionStatus(True, "just-in-time", _has_cuda_kernels())
+    return ExtensionStatus(True, "just-in-time", _has_cuda_kernels(), cpu_isa=_cpu_isa())
 
 
 def _has_cuda_kernels() -> bool:
     return bool(torch.ops.fusedtx_native.built_with_cuda())
+
+
+def _cpu_isa() -> str:
+    return str(torch.ops.fusedtx_native.cpu_isa())
 
 
 def status() -> ExtensionStatus:

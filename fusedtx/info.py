@@ -33,7 +33,8 @@ def info(file=None) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "backends": {d: backends.available_backends(d) for d in devices},
         "default_backend": {d: backends.resolve(None, torch.device(d)) if _can_resolve(d) else None for d in devices},
-        "extension": {"loaded": ext.loaded, "how": ext.how, "with_cuda": ext.with_cuda, "error": ext.error},
+        "extension": {"loaded": ext.loaded, "how": ext.how, "with_cuda": ext.with_cuda, "isa": ext.cpu_isa,
+                      "error": ext.error},
         "triton_mode": backends.triton_mode(),
         "attention_split_size": config.get_split_size(),
     }
