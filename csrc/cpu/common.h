@@ -40,6 +40,26 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using vfloat = Vec<float>;
 typedef uint32_t vuint __attribute__((vector_size(64)));
 
+// The widest vector one register holds: 64 bytes with AVX-512, 32 with AVX, 16 otherwise. GCC
+// has no machine mode for a vector wider than that, keeps it in memory and splits every
+// operation, so code whose values must stay in registers across a loop (the row norms' lane
+// sums) uses RVec. How many lanes share a register changes no lane's arithmetic.
+#if defined(__AVX512F__)
+constexpr int kRegBytes = 64;
+#elif defined(__AVX__)
+constexpr int kRegBytes = 32;
+#else
+constexpr int kRegBytes = 16;
+#endif
+template <typename A>
+struct RVecOf {
+  typedef A type __attribute__((vector_size(kRegBytes)));
+};
+template <typename A>
+using RVec = std::conditional_t<kRegBytes == 64, Vec<A>, typename RVecOf<A>::type>;
+template <typename A>
+constexpr int kRVecLen = kRegBytes / sizeof(A);
+
 template <typename A = float>
 inline Vec<A> vsplat(A v) { return Vec<A>{} + v; }
 // c as an F, for code written once for float and vfloat (F = vfloat: vsplat).
@@ -383,6 +403,51 @@ inline void store_as(T* p, Vec<A> v) {
     for (int l = 0; l < kVecLen<A>; ++l) p[l] = static_cast<T>(tmp[l]);
   }
 }
+// load_as / store_as for register-wide vectors (RVec), with the same conversions.
+template <typename A, typename T>
+inline RVec<A> rload_as(const T* p) {
+  if constexpr (kRegBytes == 64) {
+    return load_as<A>(p);
+  } else if constexpr (std::is_same_v<T, A>) {
+    RVec<A> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+#if defined(FUSEDTX_AVX2)
+  } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<A, float>) {
+    return __builtin_bit_cast(RVec<float>, load8(p));  // exact, as static_cast
+#endif
+  } else {
+    alignas(64) A tmp[kRVecLen<A>];
+    for (int l = 0; l < kRVecLen<A>; ++l) {
+      if constexpr (std::is_same_v<T, at::Half>) {
+        tmp[l] = c10::detail::fp16_ieee_to_fp32_value(p[l].x);  // as half_to_float
+      } else {
+        tmp[l] = static_cast<A>(p[l]);
+      }
+    }
+    RVec<A> v;
+    std::memcpy(&v, tmp, sizeof v);
+    return v;
+  }
+}
+template <typename T, typename A>
+inline void rstore_as(T* p, RVec<A> v) {
+  if constexpr (kRegBytes == 64) {
+    store_as<T, A>(p, v);
+  } else if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    alignas(64) A tmp[kRVecLen<A>];
+    std::memcpy(tmp, &v, sizeof v);
+    for (int l = 0; l < kRVecLen<A>; ++l) {
+      if constexpr (std::is_same_v<T, at::Half>) {
+        p[l] = at::Half(c10::detail::fp16_ieee_from_fp32_value(tmp[l]), at::Half::from_bits());  // as float_to_half
+      } else {
+        p[l] = static_cast<T>(tmp[l]);
+      }
+    }
+  }
+}
 template <typename T>
 inline vfloat load_vec(const T* p) { return load_as<float>(p); }
 template <typename T>
@@ -398,16 +463,22 @@ inline V lanes_from(V x) {
   return lanes_from<W>(x, std::make_index_sequence<sizeof(V) / sizeof(x[0])>{});
 }
 
-// The accumulators of reference.lane_sum (docs/design.md, "Lane sums"): kLanes lanes of A, lane l
-// of a block of kLanes consecutive elements in vector l / kVecLen<A>, slot l % kVecLen<A>.
-template <typename A, int kLanes = 64>
+// The accumulators of reference.lane_sum (docs/design.md, "Lane sums"): kLanes lanes of A in
+// vectors V (Vec<A> or RVec<A>), lane l of a block of kLanes consecutive elements in vector
+// l / kLen, slot l % kLen.
+template <typename A, int kLanes = 64, typename V = Vec<A>>
 struct LaneSum {
-  static constexpr int kVecs = kLanes / kVecLen<A>;
-  Vec<A> acc[kVecs] = {};
+  static constexpr int kLen = sizeof(V) / sizeof(A);
+  static constexpr int kVecs = kLanes / kLen;
+  V acc[kVecs] = {};
 
-  void add(int v, Vec<A> e) { acc[v] = acc[v] + e; }
+  void add(int v, V e) { acc[v] = acc[v] + e; }
   void add_block(const A* e) {
-    for (int v = 0; v < kVecs; ++v) add(v, vload(e + v * kVecLen<A>));
+    for (int v = 0; v < kVecs; ++v) {
+      V x;
+      std::memcpy(&x, e + v * kLen, sizeof x);
+      add(v, x);
+    }
   }
   // Elements [0, n) of a last, partial block; the missing ones count as +0, as in the reference.
   template <typename F>
@@ -422,15 +493,15 @@ struct LaneSum {
   // adds as a scalar loop over a stored copy, which would stall on store forwarding (it stores
   // halves and reloads whole vectors).
   A fold() const {
-    Vec<A> v[kVecs];
+    V v[kVecs];
     for (int i = 0; i < kVecs; ++i) v[i] = acc[i];
     for (int w = kVecs / 2; w >= 1; w /= 2) {
       for (int i = 0; i < w; ++i) v[i] = v[i] + v[i + w];
     }
-    Vec<A> x = v[0];
-    if constexpr (kVecLen<A> >= 16) x = x + lanes_from<8>(x);
-    if constexpr (kVecLen<A> >= 8) x = x + lanes_from<4>(x);
-    x = x + lanes_from<2>(x);
+    V x = v[0];
+    if constexpr (kLen >= 16) x = x + lanes_from<8>(x);
+    if constexpr (kLen >= 8) x = x + lanes_from<4>(x);
+    if constexpr (kLen >= 4) x = x + lanes_from<2>(x);
     x = x + lanes_from<1>(x);
     return x[0];
   }
@@ -448,18 +519,23 @@ inline V two_sum(V a, V b, V& err) {
 
 // The accumulators of reference.lane_sum_compensated: LaneSum's lanes and order, each lane a
 // pair (sum, error) updated by two_sum, folded pairwise.
-template <typename A, int kLanes = 64>
+template <typename A, int kLanes = 64, typename V = Vec<A>>
 struct CompensatedLaneSum {
-  static constexpr int kVecs = kLanes / kVecLen<A>;
-  Vec<A> sum[kVecs] = {}, err[kVecs] = {};
+  static constexpr int kLen = sizeof(V) / sizeof(A);
+  static constexpr int kVecs = kLanes / kLen;
+  V sum[kVecs] = {}, err[kVecs] = {};
 
-  void add(int v, Vec<A> e) {
-    Vec<A> r;
+  void add(int v, V e) {
+    V r;
     sum[v] = two_sum(sum[v], e, r);
     err[v] = err[v] + r;
   }
   void add_block(const A* e) {
-    for (int v = 0; v < kVecs; ++v) add(v, vload(e + v * kVecLen<A>));
+    for (int v = 0; v < kVecs; ++v) {
+      V x;
+      std::memcpy(&x, e + v * kLen, sizeof x);
+      add(v, x);
+    }
   }
   template <typename F>
   void add_partial_block(int64_t n, F&& element) {
@@ -470,27 +546,27 @@ struct CompensatedLaneSum {
   }
   // LaneSum::fold's order on pairs: (s, r) = two_sum(s_l, s_{l+w}), e = (e_l + e_{l+w}) + r.
   A fold() const {
-    Vec<A> s[kVecs], e[kVecs];
+    V s[kVecs], e[kVecs];
     for (int i = 0; i < kVecs; ++i) {
       s[i] = sum[i];
       e[i] = err[i];
     }
     for (int w = kVecs / 2; w >= 1; w /= 2) {
       for (int i = 0; i < w; ++i) {
-        Vec<A> r;
+        V r;
         s[i] = two_sum(s[i], s[i + w], r);
         e[i] = (e[i] + e[i + w]) + r;
       }
     }
-    Vec<A> x = s[0], y = e[0];
+    V x = s[0], y = e[0];
     const auto step = [&](auto w) {
-      Vec<A> r;
+      V r;
       x = two_sum(x, lanes_from<decltype(w)::value>(x), r);
       y = (y + lanes_from<decltype(w)::value>(y)) + r;
     };
-    if constexpr (kVecLen<A> >= 16) step(std::integral_constant<int, 8>{});
-    if constexpr (kVecLen<A> >= 8) step(std::integral_constant<int, 4>{});
-    step(std::integral_constant<int, 2>{});
+    if constexpr (kLen >= 16) step(std::integral_constant<int, 8>{});
+    if constexpr (kLen >= 8) step(std::integral_constant<int, 4>{});
+    if constexpr (kLen >= 4) step(std::integral_constant<int, 2>{});
     step(std::integral_constant<int, 1>{});
     // An overflowed sum stays inf (its error term is inf - inf = NaN).
     return std::isfinite(x[0]) ? x[0] + y[0] : x[0];

@@ -1,7 +1,7 @@
 // LayerNorm on CPU: forward with corrected two-pass statistics, backward with deterministic weight and
 // bias gradients. The arithmetic is reference.layer_norm_forward / layer_norm_backward with 64
 // lanes, operation for operation (float32 compute for float32/float16/bfloat16 inputs, float64
-// for float64), written with 64-byte vectors (common.h).
+// for float64), written with register-wide vectors (common.h, RVec).
 //
 // Forward: rows spread over threads, one row per task step, three passes over a row that stays
 // in cache (the sum; the sums of the deviations and of their squares; normalise). Backward
@@ -22,27 +22,27 @@ using row_norm::kLanes;
 // x: a row of T; params of P; arithmetic in A.
 template <typename T, typename P, typename A>
 struct LayerNormRow {
-  static constexpr int L = kVecLen<A>;
+  static constexpr int L = kRVecLen<A>;
   static constexpr int kVecs = kLanes / L;
 
   // next: the row to be normalised after this one (nullptr if none; row_norm::write_normalized).
   static void forward(const T* x, T* y, const P* w, const P* b, int64_t n, A eps, A* mean_out, A* rstd_out,
                       const T* next) {
-    LaneSum<A, kLanes> sum;
+    LaneSum<A, kLanes, RVec<A>> sum;
     int64_t blk = 0;
     for (; blk + kLanes <= n; blk += kLanes) {
-      for (int v = 0; v < kVecs; ++v) sum.add(v, load_as<A>(x + blk + v * L));
+      for (int v = 0; v < kVecs; ++v) sum.add(v, rload_as<A>(x + blk + v * L));
     }
     sum.add_partial_block(n - blk, [&](int64_t l) { return static_cast<A>(x[blk + l]); });
     const A mean0 = sum.fold() / static_cast<A>(n);
 
     // One pass for both sums of d0 = x - mean0: its plain sum (the mean's correction) and its
     // compensated sum of squares.
-    LaneSum<A, kLanes> dev;
-    CompensatedLaneSum<A, kLanes> sq;
+    LaneSum<A, kLanes, RVec<A>> dev;
+    CompensatedLaneSum<A, kLanes, RVec<A>> sq;
     for (blk = 0; blk + kLanes <= n; blk += kLanes) {
       for (int v = 0; v < kVecs; ++v) {
-        const Vec<A> d = load_as<A>(x + blk + v * L) - mean0;
+        const RVec<A> d = rload_as<A>(x + blk + v * L) - mean0;
         dev.add(v, d);
         sq.add(v, d * d);
       }

@@ -1,7 +1,7 @@
 // RMSNorm on CPU: forward, and a backward with a deterministic weight gradient. The arithmetic is
 // reference.rms_norm_forward / rms_norm_backward with 64 lanes, operation for operation (float32
-// compute for float32/float16/bfloat16 inputs, float64 for float64), written with 64-byte
-// vectors (common.h).
+// compute for float32/float16/bfloat16 inputs, float64 for float64), written with
+// register-wide vectors (common.h, RVec).
 //
 // Forward: rows spread over threads, one row per task step, two passes over a row that stays in
 // cache (the compensated sum of squares; normalise). Backward: row_norm.h's, shared with
@@ -20,12 +20,12 @@ using row_norm::kLanes;
 // x: a row of T, the weight of P, arithmetic in A; next: see row_norm::write_normalized.
 template <typename T, typename P, typename A>
 void rms_norm_row(const T* x, T* y, const P* w, int64_t n, A eps, A* rstd_out, const T* next) {
-  constexpr int L = kVecLen<A>;
-  CompensatedLaneSum<A, kLanes> sq;
+  constexpr int L = kRVecLen<A>;
+  CompensatedLaneSum<A, kLanes, RVec<A>> sq;
   int64_t blk = 0;
   for (; blk + kLanes <= n; blk += kLanes) {
     for (int v = 0; v < kLanes / L; ++v) {
-      const Vec<A> e = load_as<A>(x + blk + v * L);
+      const RVec<A> e = rload_as<A>(x + blk + v * L);
       sq.add(v, e * e);
     }
   }

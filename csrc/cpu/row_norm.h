@@ -56,19 +56,19 @@ inline void check_lanes(int64_t lanes, const char* op) {
 }
 
 // y = ((pre(x) * w) + b) for each element of a row, w and b optional: pre is the normalisation
-// (a callable taking Vec<A> or A). next: the row to be normalised after this one (nullptr if
+// (a callable taking RVec<A> or A). next: the row to be normalised after this one (nullptr if
 // none), prefetched while this one is written out, so that the memory system keeps working
 // while the statistics of a row that is already in L1 are computed.
 template <typename A, typename T, typename P, typename Pre>
 inline void write_normalized(const T* x, T* y, const P* w, const P* b, int64_t n, const T* next, Pre&& pre) {
-  constexpr int L = kVecLen<A>;
+  constexpr int L = kRVecLen<A>;
   int64_t j = 0;
   for (; j + L <= n; j += L) {
     if (next) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
-    Vec<A> out = pre(load_as<A>(x + j));
-    if (w) out = out * load_as<A>(w + j);
-    if (b) out = out + load_as<A>(b + j);
-    store_as<T, A>(y + j, out);
+    RVec<A> out = pre(rload_as<A>(x + j));
+    if (w) out = out * rload_as<A>(w + j);
+    if (b) out = out + rload_as<A>(b + j);
+    rstore_as<T, A>(y + j, out);
   }
   for (; j < n; ++j) {
     A out = pre(static_cast<A>(x[j]));
@@ -81,7 +81,7 @@ inline void write_normalized(const T* x, T* y, const P* w, const P* b, int64_t n
 // The backward of one normalised row layout: x a row of T, the weight of P, arithmetic in A.
 template <typename T, typename P, typename A, bool kCentered>
 struct Backward {
-  static constexpr int L = kVecLen<A>;
+  static constexpr int L = kRVecLen<A>;
   static constexpr int kVecs = kLanes / L;
 
   template <typename V>
@@ -104,14 +104,14 @@ struct Backward {
 
   // The row sums of the backward: the mean of g (kCentered only) and of g * xhat (g = dy * w, or dy).
   static void stats(const T* dy, const T* x, const P* w, A mean, A rstd, int64_t n, A* mean_g, A* mean_gx) {
-    LaneSum<A, kLanes> sum_g, sum_gx;
+    LaneSum<A, kLanes, RVec<A>> sum_g, sum_gx;
     int64_t blk = 0;
     for (; blk + kLanes <= n; blk += kLanes) {
       for (int v = 0; v < kVecs; ++v) {
         const int64_t j = blk + v * L;
-        const Vec<A> g = w ? load_as<A>(dy + j) * load_as<A>(w + j) : load_as<A>(dy + j);
+        const RVec<A> g = w ? rload_as<A>(dy + j) * rload_as<A>(w + j) : rload_as<A>(dy + j);
         if constexpr (kCentered) sum_g.add(v, g);
-        sum_gx.add(v, g * xhat(load_as<A>(x + j), mean, rstd));
+        sum_gx.add(v, g * xhat(rload_as<A>(x + j), mean, rstd));
       }
     }
     auto g_s = [&](int64_t j) { return w ? static_cast<A>(dy[j]) * static_cast<A>(w[j]) : static_cast<A>(dy[j]); };
@@ -140,24 +140,24 @@ struct Backward {
       }
       int64_t j = 0;
       for (; j + L <= n; j += L) {
-        Vec<A> wj = {}, dw_acc = {}, db_acc = {};
-        if (w) wj = load_as<A>(w + j);
+        RVec<A> wj = {}, dw_acc = {}, db_acc = {};
+        if (w) wj = rload_as<A>(w + j);
         if (dw && c0 > r0) {  // the group's first chunk starts its partials at +0 (dw, db are not zeroed)
-          dw_acc = vload(dw + j);
-          if constexpr (kCentered) db_acc = vload(db + j);
+          dw_acc = rload_as<A>(dw + j);
+          if constexpr (kCentered) db_acc = rload_as<A>(db + j);
         }
         for (int i = 0; i < rows; ++i) {
           const int64_t r = c0 + i, off = r * n + j;
-          const Vec<A> d = load_as<A>(dy + off);
-          const Vec<A> xh = xhat(load_as<A>(x + off), mean_of(r), rstd[r]);
-          const Vec<A> g = w ? d * wj : d;
-          store_as<T, A>(dx_out + off, dx(g, xh, mean_g[i], mean_gx[i], rstd[r]));
+          const RVec<A> d = rload_as<A>(dy + off);
+          const RVec<A> xh = xhat(rload_as<A>(x + off), mean_of(r), rstd[r]);
+          const RVec<A> g = w ? d * wj : d;
+          rstore_as<T, A>(dx_out + off, dx(g, xh, mean_g[i], mean_gx[i], rstd[r]));
           dw_acc = dw_acc + d * xh;
           if constexpr (kCentered) db_acc = db_acc + d;
         }
         if (dw) {
-          vstore(dw + j, dw_acc);
-          if constexpr (kCentered) vstore(db + j, db_acc);
+          rstore_as<A, A>(dw + j, dw_acc);
+          if constexpr (kCentered) rstore_as<A, A>(db + j, db_acc);
         }
       }
       for (; j < n; ++j) {
