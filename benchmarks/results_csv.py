@@ -87,9 +87,13 @@ def read_rows(path: str | Path = DEFAULT_CSV) -> list[dict]:
     """The CSV's rows as dicts, with x_value/p50/p20/p80 as floats."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    for row in rows:
+    for line, row in enumerate(rows, start=2):
         for key in ("x_value", "p50", "p20", "p80"):
-            row[key] = float(row[key])
+            try:
+                row[key] = float(row[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {line}: {key} is {row[key]!r}, not a number "
+                                 f"(a second header, or a row with the wrong number of columns?)") from None
     return rows
 
 

@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 from plot import slug  # noqa: E402
-from results_csv import CSV_COLUMNS  # noqa: E402
+from results_csv import CSV_COLUMNS, read_rows  # noqa: E402
 
 # script -> (providers to run, kernels it writes)
 SCRIPTS = {
@@ -23,6 +23,22 @@ SCRIPTS = {
     "bench_causal_attention.py": ("fusedtx_native,fusedtx_native_unsplit,torch", {"attention_prefill", "attention_decode"}),
     "bench_rope.py": ("fusedtx_native,hf_eager", {"rope"}),
 }
+
+
+def test_committed_results_parse():
+    """The README's figures and the plots read the committed CSV: every row must parse."""
+    rows = read_rows(BENCH / "results" / "results.csv")
+    assert rows and all(tuple(r.keys()) == CSV_COLUMNS for r in rows)
+
+
+def test_read_rows_names_a_bad_line(tmp_path):
+    """Negative control: a second header (what a careless merge leaves) is reported with its line."""
+    good = ",".join(["ceiling", "copy_", "forward", "copy_bandwidth", "GB/s", "bytes", "1", "2", "1", "3", "float32",
+                     "8", "cpu", "0", "2", "t"])
+    bad = tmp_path / "results.csv"
+    bad.write_text("\n".join([",".join(CSV_COLUMNS), good, ",".join(CSV_COLUMNS), good]) + "\n")
+    with pytest.raises(ValueError, match="line 3: x_value is 'x_value'"):
+        read_rows(bad)
 
 
 def quick_run(script, providers, kernels, tmp_path, *flags) -> tuple[list[dict], str]:
