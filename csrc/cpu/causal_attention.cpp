@@ -193,11 +193,41 @@ inline void key_lane_softmax(const float* s, int64_t n_valid, int64_t n_keys, fl
 template <int NQ, int NE>
 inline void pv_tile(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, int q0, int64_t e0, float* o,
                     int64_t o_ld, bool first, const float* alpha, const float* beta) {
+  const int64_t all_see = std::min(n_keys, seen + q0);            // keys every query of the tile sees
+  const int64_t any_sees = std::min(n_keys, seen + q0 + NQ - 1);  // keys its last query sees
+#if defined(FUSEDTX_AVX2)
+  // AVX2's 16 ymm registers hold NQ x 2 accumulators, not NQ x NE x 2: one pass per vector of
+  // e. Each (query, e) chain is unchanged.
+  for (int e = 0; e < NE; ++e) {
+    __m256 acc[NQ][2];
+    for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < any_sees; ++j) {
+      const float* vrow = v.ptr + j * v.ld + e0 + e * kVec;
+      const __m256 v0 = _mm256_loadu_ps(vrow), v1 = _mm256_loadu_ps(vrow + 8);
+      const bool all = j < all_see;
+      for (int i = 0; i < NQ; ++i) {
+        if (!all && j >= seen + q0 + i) continue;
+        const __m256 pj = _mm256_broadcast_ss(p_tile + j * kBlockQ + q0 + i);
+        acc[i][0] = _mm256_fmadd_ps(pj, v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(pj, v1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      float* orow = o + (q0 + i) * o_ld + e0 + e * kVec;
+      for (int h = 0; h < 2; ++h) {
+        __m256 out = acc[i][h];
+        if (!first) {
+          const __m256 a = _mm256_set1_ps(alpha[q0 + i]), b = _mm256_set1_ps(beta[q0 + i]);
+          out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
+        }
+        _mm256_storeu_ps(orow + 8 * h, out);
+      }
+    }
+  }
+#else
   vfloat acc[NQ][NE];
   for (int i = 0; i < NQ; ++i)
     for (int e = 0; e < NE; ++e) acc[i][e] = vsplat(0.0f);
-  const int64_t all_see = std::min(n_keys, seen + q0);            // keys every query of the tile sees
-  const int64_t any_sees = std::min(n_keys, seen + q0 + NQ - 1);  // keys its last query sees
   for (int64_t j = 0; j < any_sees; ++j) {
     const float* vrow = v.ptr + j * v.ld + e0;
     vfloat vj[NE];
@@ -218,6 +248,7 @@ inline void pv_tile(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, i
       for (int e = 0; e < NE; ++e) vstore(orow + e * kVec, vload(orow + e * kVec) * a + acc[i][e] * b);
     }
   }
+#endif
 }
 
 template <int NQ>

@@ -597,6 +597,16 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #if defined(__AVX512F__)
   return reinterpret_cast<vfloat>(
       _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#elif defined(FUSEDTX_AVX2)
+  // Two ymm FMAs on the halves (an FMA rounds once however it is issued).
+  typedef float half_t __attribute__((vector_size(32)));
+  const auto lo = [](vfloat v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); };
+  const auto hi = [](vfloat v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); };
+  const half_t r_lo = reinterpret_cast<half_t>(_mm256_fmadd_ps(reinterpret_cast<__m256>(lo(a)),
+                                                               reinterpret_cast<__m256>(lo(b)), reinterpret_cast<__m256>(lo(c))));
+  const half_t r_hi = reinterpret_cast<half_t>(_mm256_fmadd_ps(reinterpret_cast<__m256>(hi(a)),
+                                                               reinterpret_cast<__m256>(hi(b)), reinterpret_cast<__m256>(hi(c))));
+  return __builtin_shufflevector(r_lo, r_hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
   alignas(64) float x[kVec], y[kVec], z[kVec];
   vstore(x, a);
@@ -632,6 +642,22 @@ constexpr int kLaneGroups = kLaneBlock / kVec;
 // forward's task, the N row pointers get spilled and reloaded on every d.
 template <int N, int NG>
 [[gnu::noinline]] void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
+#if defined(FUSEDTX_AVX2)
+  // AVX2 has 16 ymm registers, too few for N x NG x 2 accumulators: one pass per 8 lanes, each
+  // lane's chain unchanged (FMAs over d ascending from +0).
+  float* out_f = reinterpret_cast<float*>(out);
+  for (int h = 0; h < 2 * NG; ++h) {
+    __m256 acc[N];
+    for (int r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
+    const float* xs = xt + h * 8;
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m256 xd = _mm256_loadu_ps(xs + d * kLaneBlock);
+      for (int r = 0; r < N; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ld + d), xd, acc[r]);
+    }
+    // out[g * N + r] holds group g = h / 2; this pass fills its lanes 8 (h % 2) ...
+    for (int r = 0; r < N; ++r) _mm256_storeu_ps(out_f + ((h / 2) * N + r) * kVec + (h % 2) * 8, acc[r]);
+  }
+#else
   vfloat acc[NG][N];
   const float* rows[N];
   for (int r = 0; r < N; ++r) {
@@ -648,6 +674,7 @@ template <int N, int NG>
   }
   for (int g = 0; g < NG; ++g)
     for (int r = 0; r < N; ++r) out[g * N + r] = acc[g][r];
+#endif
 }
 
 // lane_dots for ng (1 or 2) groups.
