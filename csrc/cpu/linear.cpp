@@ -166,8 +166,15 @@ void gemm(const Problem<T>& p) {
       }
       a = a_rows.data();
     }
-    at::parallel_for(0, ceil_div(p.N, kSmallMChunk), 1, [&](int64_t begin, int64_t end) {
-      const int64_t j0 = begin * kSmallMChunk, j1 = std::min(p.N, end * kSmallMChunk);
+    // Column chunks of at most kSmallMChunk, as many as a multiple of the thread count and of
+    // equal width (a multiple of 32), so that no thread gets one chunk more than another: with
+    // 576 columns, chunks of 128 would give two threads 384 and 192. Each column's arithmetic is
+    // the same in any chunk, so the partition changes no bits.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t n_chunks = round_up(ceil_div(p.N, kSmallMChunk), threads);
+    const int64_t chunk = round_up(ceil_div(p.N, n_chunks), 32);
+    at::parallel_for(0, ceil_div(p.N, chunk), 1, [&](int64_t begin, int64_t end) {
+      const int64_t j0 = begin * chunk, j1 = std::min(p.N, end * chunk);
       switch (p.M) {
         case 1: small_m_columns<T, kAct, 1>(p, a, lda, j0, j1); break;
         case 2: small_m_columns<T, kAct, 2>(p, a, lda, j0, j1); break;
