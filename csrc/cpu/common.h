@@ -87,7 +87,8 @@ inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits
-// (docs/design.md, "exp and erf"). F is float or vfloat; both compute the same bits. Always
+// (docs/design.md, "exp and erf"). F is float or a float vector (vfloat, RVec<float>); all
+// compute the same bits. Always
 // inlined: it sits in the innermost loops, and in a large caller (the attention forward's task)
 // GCC would otherwise make it an out-of-line call through the PLT.
 template <typename F>
@@ -113,9 +114,10 @@ template <typename F>
     y = y * std::bit_cast<float>((n_bits + 127u) << 23);
     return x < kMinArg ? 0.0f : y;
   } else {
-    const vuint n_bits = __builtin_bit_cast(vuint, shifted) - 0x4B400000u;
-    y = y * __builtin_bit_cast(vfloat, (n_bits + 127u) << 23);
-    return x < kMinArg ? vsplat(0.0f) : y;
+    typedef uint32_t U __attribute__((vector_size(sizeof(F))));
+    const U n_bits = __builtin_bit_cast(U, shifted) - 0x4B400000u;
+    y = y * __builtin_bit_cast(F, (n_bits + 127u) << 23);
+    return x < kMinArg ? F{} : y;
   }
 }
 

@@ -3,7 +3,8 @@
 // One row at a time, rows spread over threads (never a row split between threads, so the
 // thread count cannot change bits). Each row makes three passes over data that stays in cache:
 // scale + max, exp + lane sums (exponentials kept in the output row), divide. Written with
-// 16-float vectors (common.h), lane-wise IEEE arithmetic: the same bits as the scalar spec. The
+// register-wide vectors (common.h, RVec), lane-wise IEEE arithmetic: the same bits as the
+// scalar spec. The
 // arithmetic is reference.softmax_forward / softmax_backward with 64 lanes, operation for
 // operation (docs/design.md, "Lane sums").
 #include <ATen/Parallel.h>
@@ -16,19 +17,29 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kLanes = 64;  // reference.SOFTMAX_LANES: 4 vectors of kVec
-constexpr int kVecsPerBlock = kLanes / kVec;
-using RowSum = LaneSum<float, kLanes>;
+constexpr int kLanes = 64;  // reference.SOFTMAX_LANES
+constexpr int kLen = kRVecLen<float>;
+constexpr int kVecsPerBlock = kLanes / kLen;
+using V = RVec<float>;
+using RowSum = LaneSum<float, kLanes, V>;
+
+inline V vstore_r(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+  return v;
+}
 
 // max_j scale * x[j] over j < n. Max is exact, so any order will do. A NaN may be skipped
 // here (the reference's amax keeps it), but it still makes the row sum, so the row, NaN.
 template <typename T>
 float scaled_max(const T* x, int64_t n, float scale) {
-  vfloat m = vsplat(kNegInf);
+  V m = V{} + kNegInf;
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) m = vmax(m, load_vec(x + j) * scale);
+  for (; j + kLen <= n; j += kLen) {
+    const V z = rload_as<float>(x + j) * scale;
+    m = m > z ? m : z;
+  }
   float out = kNegInf;
-  for (int l = 0; l < kVec; ++l) out = m[l] > out ? m[l] : out;
+  for (int l = 0; l < kLen; ++l) out = m[l] > out ? m[l] : out;
   for (; j < n; ++j) {
     const float z = to_float(x[j]) * scale;
     out = z > out ? z : out;
@@ -47,15 +58,13 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
   int64_t b = 0;
   for (; b + kLanes <= n_valid; b += kLanes) {
     for (int v = 0; v < kVecsPerBlock; ++v) {
-      const vfloat ev = exp_f32(load_vec(x + b + v * kVec) * scale - m);
-      vstore(e + b + v * kVec, ev);
-      sum.add(v, ev);
+      sum.add(v, vstore_r(e + b + v * kLen, exp_f32(rload_as<float>(x + b + v * kLen) * scale - m)));
     }
   }
   sum.add_partial_block(n_valid - b, [&](int64_t l) { return e[b + l] = exp_f32(to_float(x[b + l]) * scale - m); });
   const float s = sum.fold();
   int64_t j = 0;
-  for (; j + kVec <= n_valid; j += kVec) store_vec(y + j, vload(e + j) / s);
+  for (; j + kLen <= n_valid; j += kLen) rstore_as<T, float>(y + j, rload_as<float>(e + j) / s);
   for (; j < n_valid; ++j) y[j] = from_float<T>(e[j] / s);
 }
 
@@ -65,14 +74,14 @@ void backward_row(const T* dy, const T* y, T* dx, int64_t n, float scale) {
   RowSum sum;
   int64_t b = 0;
   for (; b + kLanes <= n; b += kLanes) {
-    for (int v = 0; v < kVecsPerBlock; ++v) sum.add(v, load_vec(dy + b + v * kVec) * load_vec(y + b + v * kVec));
+    for (int v = 0; v < kVecsPerBlock; ++v) sum.add(v, rload_as<float>(dy + b + v * kLen) * rload_as<float>(y + b + v * kLen));
   }
   sum.add_partial_block(n - b, [&](int64_t l) { return to_float(dy[b + l]) * to_float(y[b + l]); });
   const float dot = sum.fold();
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) {
-    const vfloat yv = load_vec(y + j);
-    store_vec(dx + j, (yv * (load_vec(dy + j) - dot)) * scale);
+  for (; j + kLen <= n; j += kLen) {
+    const V yv = rload_as<float>(y + j);
+    rstore_as<T, float>(dx + j, (yv * (rload_as<float>(dy + j) - dot)) * scale);
   }
   for (; j < n; ++j) dx[j] = from_float<T>((to_float(y[j]) * (to_float(dy[j]) - dot)) * scale);
 }
