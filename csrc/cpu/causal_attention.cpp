@@ -214,12 +214,10 @@ inline void pv_tile(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, i
     }
     for (int i = 0; i < NQ; ++i) {
       float* orow = o + (q0 + i) * o_ld + e0 + e * kVec;
+      const __m256 a = _mm256_set1_ps(first ? 0.0f : alpha[q0 + i]), b = _mm256_set1_ps(first ? 0.0f : beta[q0 + i]);
       for (int h = 0; h < 2; ++h) {
         __m256 out = acc[i][h];
-        if (!first) {
-          const __m256 a = _mm256_set1_ps(alpha[q0 + i]), b = _mm256_set1_ps(beta[q0 + i]);
-          out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
-        }
+        if (!first) out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
         _mm256_storeu_ps(orow + 8 * h, out);
       }
     }

@@ -84,13 +84,13 @@ inline Vec<A> vload(const A* p) {
 }
 template <typename A>
 inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof v); }
-inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+template <typename V>
+inline V vmax(V a, V b) { return a > b ? a : b; }
 
 // reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits
 // (docs/design.md, "exp and erf"). F is float or a float vector (vfloat, RVec<float>); all
-// compute the same bits. Always
-// inlined: it sits in the innermost loops, and in a large caller (the attention forward's task)
-// GCC would otherwise make it an out-of-line call through the PLT.
+// compute the same bits. Always inlined: it sits in the innermost loops, and in a large caller
+// (the attention forward's task) GCC would otherwise make it an out-of-line call through the PLT.
 template <typename F>
 [[gnu::always_inline]] inline F exp_f32(F x) {
   constexpr float kLog2e = 1.44269504088896341f;

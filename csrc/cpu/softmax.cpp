@@ -4,9 +4,8 @@
 // thread count cannot change bits). Each row makes three passes over data that stays in cache:
 // scale + max, exp + lane sums (exponentials kept in the output row), divide. Written with
 // register-wide vectors (common.h, RVec), lane-wise IEEE arithmetic: the same bits as the
-// scalar spec. The
-// arithmetic is reference.softmax_forward / softmax_backward with 64 lanes, operation for
-// operation (docs/design.md, "Lane sums").
+// scalar spec. The arithmetic is reference.softmax_forward / softmax_backward with 64 lanes,
+// operation for operation (docs/design.md, "Lane sums").
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,21 +22,13 @@ constexpr int kVecsPerBlock = kLanes / kLen;
 using V = RVec<float>;
 using RowSum = LaneSum<float, kLanes, V>;
 
-inline V vstore_r(float* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-  return v;
-}
-
 // max_j scale * x[j] over j < n. Max is exact, so any order will do. A NaN may be skipped
 // here (the reference's amax keeps it), but it still makes the row sum, so the row, NaN.
 template <typename T>
 float scaled_max(const T* x, int64_t n, float scale) {
   V m = V{} + kNegInf;
   int64_t j = 0;
-  for (; j + kLen <= n; j += kLen) {
-    const V z = rload_as<float>(x + j) * scale;
-    m = m > z ? m : z;
-  }
+  for (; j + kLen <= n; j += kLen) m = vmax(m, rload_as<float>(x + j) * scale);
   float out = kNegInf;
   for (int l = 0; l < kLen; ++l) out = m[l] > out ? m[l] : out;
   for (; j < n; ++j) {
@@ -58,7 +49,9 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
   int64_t b = 0;
   for (; b + kLanes <= n_valid; b += kLanes) {
     for (int v = 0; v < kVecsPerBlock; ++v) {
-      sum.add(v, vstore_r(e + b + v * kLen, exp_f32(rload_as<float>(x + b + v * kLen) * scale - m)));
+      const V ev = exp_f32(rload_as<float>(x + b + v * kLen) * scale - m);
+      rstore_as<float, float>(e + b + v * kLen, ev);
+      sum.add(v, ev);
     }
   }
   sum.add_partial_block(n_valid - b, [&](int64_t l) { return e[b + l] = exp_f32(to_float(x[b + l]) * scale - m); });
