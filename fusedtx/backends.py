@@ -139,9 +139,14 @@ def triton_mode() -> str:
 
 # Evaluated eagerly even while torch.compile traces (it imports triton and may build the C++
 # extension, which cannot be traced); whether a backend can run does not change during a run.
+# The device types the native backend was found able to run on: once the extension is loaded it
+# stays loaded, so the check (an import and a status lookup, as long as a small kernel) runs once.
+_NATIVE_RUNS_ON: set[str] = set()
+
+
 @torch.compiler.assume_constant_result
 def _unavailable_reason(backend: str, device_type: str) -> str | None:
-    if backend == "reference":
+    if backend == "reference" or (backend == "native" and device_type in _NATIVE_RUNS_ON):
         return None
     if backend == "triton":
         mode = triton_mode()
@@ -169,6 +174,7 @@ def _unavailable_reason(backend: str, device_type: str) -> str | None:
                     "on a machine with CUDA, or use backend='triton'")
         if device_type not in ("cpu", "cuda"):
             return f"the native backend runs on cpu and cuda tensors, got {device_type}"
+        _NATIVE_RUNS_ON.add(device_type)
         return None
     raise AssertionError(backend)
 

@@ -115,12 +115,48 @@ class RotaryEmbedding(torch.nn.Module):
         return self
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (F.rope(q, positions, self.cos, self.sin, backend=self.backend),
-                F.rope(k, positions, self.cos, self.sin, backend=self.backend))
+        return self.rotate(q, positions), self.rotate(k, positions)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One tensor (B, H, T, D) rotated, e.g. q and k heads side by side: rope is elementwise
+        per token and head, so rotating them together gives each the bits of rotating it alone."""
+        return F.rope(x, positions, self.cos, self.sin, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}, "
                 f"rope_scaling={self.rope_scaling}, backend={self.backend}")
+
+
+class PackingCache:
+    """A tensor made from some parameters (gate and up interleaved, q, k and v stacked) for the
+    inference path, made once and reused as long as the parameters are the same tensors,
+    unmodified: the key is each one's identity, storage, `_version`, dtype, device and shape, so
+    an in-place update (an optimizer step, load_state_dict) or a new tensor packs again. Usable
+    only without autograd and outside torch.compile (usable()): a packing made with autograd on
+    belongs to that step's graph, and a compiled graph packs for itself."""
+
+    def __init__(self):
+        self.key = self.value = None
+
+    @staticmethod
+    def usable() -> bool:
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def get(self, tensors, pack):
+        """pack(*tensors), from the cache when the tensors are the ones it was made from."""
+        key = tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+                    for t in tensors)
+        if self.value is None or self.key != key:
+            self.key, self.value = key, pack(*tensors)
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+
+def _pack_gate_up(gate_weight, up_weight, gate_bias, up_bias):
+    bias = None if gate_bias is None else F.pack_gate_up(gate_bias, up_bias)
+    return F.pack_gate_up(gate_weight, up_weight), bias
 
 
 class SwiGLUFFN(torch.nn.Module):
@@ -130,8 +166,7 @@ class SwiGLUFFN(torch.nn.Module):
     Children `gate_proj`, `up_proj` (d_model -> d_hidden) and `down_proj` (d_hidden -> d_model)
     are fusedtx.nn.Linear, named as in Hugging Face's LlamaMLP, so its state_dict loads
     unchanged. The packed gate/up weight is made per forward (torch.stack: the gradients flow
-    back to both); without autograd (inference, decode) the packing is cached and reused as long
-    as the four tensors are the same ones, unmodified (their storage and `_version`)."""
+    back to both); without autograd (inference, decode) the packing is cached (PackingCache)."""
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = False, device=None, dtype=None, *,
                  backend: str | None = None):
@@ -140,21 +175,15 @@ class SwiGLUFFN(torch.nn.Module):
         self.up_proj = Linear(d_model, d_hidden, bias, device, dtype, backend=backend)
         self.down_proj = Linear(d_hidden, d_model, bias, device, dtype, backend=backend)
         self.backend = backend
-        self._packed: tuple | None = None  # (key, packed weight, packed bias): the inference cache
+        self._packed = PackingCache()  # (packed weight, packed bias) for inference
 
     def _packing(self):
         gate, up = self.gate_proj, self.up_proj
         tensors = (gate.weight, up.weight, gate.bias, up.bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self._packed = None  # a packing made here belongs to this step's autograd graph
-            bias = None if gate.bias is None else F.pack_gate_up(gate.bias, up.bias)
-            return F.pack_gate_up(gate.weight, up.weight), bias
-        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape) if t is not None else None
-                    for t in tensors)
-        if self._packed is None or self._packed[0] != key:
-            bias = None if gate.bias is None else F.pack_gate_up(gate.bias, up.bias)
-            self._packed = (key, F.pack_gate_up(gate.weight, up.weight), bias)
-        return self._packed[1], self._packed[2]
+        if not PackingCache.usable():
+            self._packed.clear()  # a packing made here belongs to this step's autograd graph
+            return _pack_gate_up(*tensors)
+        return self._packed.get(tensors, _pack_gate_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         F.check_swiglu_weights(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
@@ -208,16 +237,20 @@ class KVCache:
             raise ValueError(f"KVCache.append: k and v must be (batch, kv_heads, T, head_dim) = "
                              f"({self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}), "
                              f"got {_shape_of(k)} and {_shape_of(v)}")
-        new_lengths = self.lengths + k.shape[2]
-        if new_lengths.numel() and int(new_lengths.max()) > self.max_len:
-            raise ValueError(f"KVCache.append: {k.shape[2]} more tokens overflow the cache "
-                             f"(lengths up to {int(self.lengths.max())}, max_len {self.max_len})")
-        positions = (self.lengths[:, None] + torch.arange(k.shape[2])).to(self.k.device)      # (B, T)
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
-        self.lengths = new_lengths
-        return new_lengths
+        tokens, lengths = k.shape[2], self.lengths.tolist()
+        if lengths and max(lengths) + tokens > self.max_len:
+            raise ValueError(f"KVCache.append: {tokens} more tokens overflow the cache "
+                             f"(lengths up to {max(lengths)}, max_len {self.max_len})")
+        if lengths and min(lengths) == max(lengths):  # one length (a single sequence, a uniform batch): a slice
+            self.k[:, :, lengths[0]:lengths[0] + tokens] = k
+            self.v[:, :, lengths[0]:lengths[0] + tokens] = v
+        else:
+            positions = (self.lengths[:, None] + torch.arange(tokens)).to(self.k.device)      # (B, T)
+            index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
+        self.lengths = self.lengths + tokens
+        return self.lengths
 
     def truncate(self, lengths) -> None:
         """Forget every sequence's keys beyond lengths[b] (e.g. after a right-padded prefill):

@@ -272,6 +272,52 @@ def test_generate_logprobs_equal_training_forward_logprobs(backend):
         assert_bitwise_equal(out.logprobs[b], theirs, f"sequence {b}: sampler vs trainer log-probs")
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
+def test_inference_stacked_qkv_equals_the_training_forward(preset):
+    """Without autograd q, k and v come from one matmul on the stacked weights and q and k are
+    rotated in one call (LlamaAttention.project); with autograd each projection runs alone. The
+    logits -- what a sampler and a trainer see -- must be the same bits, with and without biases
+    (Qwen2), after an in-place weight update (the stacked cache is rebuilt), and with a hook on a
+    projection (which turns the stacking off, so that the hook sees its call)."""
+    model = make_model("native", preset=preset)
+    idx = tokens((3, 21), seed=4)
+    attn = model.model.layers[0].self_attn
+
+    def both():
+        trained = model(idx)[0]
+        with torch.no_grad():
+            inferred = model(idx)[0]
+        return trained.detach(), inferred
+
+    trained, inferred = both()
+    assert attn._stacked.value is not None, "the inference forward did not take the stacked path"
+    assert_bitwise_equal(inferred, trained, "stacked q/k/v vs separate projections")
+    stacked = attn._stacked.value[0]
+    with torch.no_grad():
+        attn.v_proj.weight.mul_(1.5)
+    trained2, inferred2 = both()
+    assert attn._stacked.value[0] is not stacked and not torch.equal(inferred2, inferred)
+    assert_bitwise_equal(inferred2, trained2, "after an in-place update of v_proj")
+    calls = []
+    attn.k_proj.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    with torch.no_grad():
+        assert_bitwise_equal(model(idx)[0], inferred2, "with a hook on k_proj")
+    assert len(calls) == 1, "the hook on k_proj did not see its call"
+
+
+def test_negative_control_stacked_qkv_sees_a_wrong_stacking():
+    """The check above can fail: a stacked cache that no longer matches the projections (its key
+    faked) gives other logits."""
+    model = make_model("native")
+    idx = tokens((2, 9), seed=5)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        good = model(idx)[0]
+        weight, bias = attn._stacked.value
+        attn._stacked.value = (weight.flip(0), bias)
+        assert not torch.equal(model(idx)[0], good)
+
+
 # A tiny Qwen3 (q/k norm, GQA) with an odd FFN width, on 3 x 95 tokens: its F.silu input, 3 x 95 x
 # 129 elements, is past PyTorch's parallel grain (32768), so 2 threads split it at element 18383,
 # no multiple of the vector loop's step (16 floats on AVX2): the 15 elements before the split take

@@ -289,18 +289,18 @@ def test_module_inference_cache_follows_the_weights():
     x = make((3, 16), torch.float32, "cpu")
     with torch.no_grad():
         y0 = mod(x)
-        packed = mod._packed[1]
+        packed = mod._packed.value[0]
         assert_bitwise_equal(mod(x), y0, "cached")
-        assert mod._packed[1] is packed
+        assert mod._packed.value[0] is packed
         mod.up_proj.weight.mul_(2.0)
         y1 = mod(x)
-        assert mod._packed[1] is not packed and not torch.equal(y1, y0)
+        assert mod._packed.value[0] is not packed and not torch.equal(y1, y0)
         mod.gate_proj.weight = torch.nn.Parameter(mod.gate_proj.weight * 0.5)
         y2 = mod(x)
     assert_bitwise_equal(y2, fusedtx.swiglu_ffn(x, mod.gate_proj.weight, mod.up_proj.weight, mod.down_proj.weight,
                                                 backend="native"), "after a new weight")
     mod(x).sum().backward()
-    assert mod._packed is None and mod.gate_proj.weight.grad is not None and mod.up_proj.weight.grad is not None
+    assert mod._packed.value is None and mod.gate_proj.weight.grad is not None and mod.up_proj.weight.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,6 +198,7 @@ class LlamaAttention(torch.nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.split_size, self.backend = config.split_size, backend
+        self._stacked = fnn.PackingCache()  # [q; k; v] weights (and biases) for inference
 
     def new_kv_cache(self, batch: int, max_len: int) -> fnn.KVCache:
         w = self.k_proj.weight
@@ -206,12 +207,7 @@ class LlamaAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: "fnn.RotaryEmbedding",
                 kv_cache: fnn.KVCache | None = None) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q = self.q_proj(x).view(batch, tokens, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(batch, tokens, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(batch, tokens, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), positions.expand(batch, tokens))  # (B, heads, T, hd)
+        q, k, v = self.project(x, positions.expand(batch, tokens), rotary)  # (B, heads, T, hd)
         if kv_cache is None:
             y = self.attend(q, k, v)
         else:
@@ -224,6 +220,44 @@ class LlamaAttention(torch.nn.Module):
                 raise
         return self.o_proj(y.transpose(1, 2).reshape(batch, tokens, self.n_head * self.head_dim))
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]:
+        """q and k rotated, and v, each (B, heads, T, hd). Without autograd and outside
+        torch.compile (inference, decode), q, k and v come from one matmul on the stacked weights
+        (cached, fnn.PackingCache) and q and k are rotated in one call: an output column's bits
+        depend on x's row and that column's weights alone, and rope is elementwise, so these are
+        the bits of the separate calls, in two kernel calls instead of five."""
+        if self.q_norm is None and fnn.PackingCache.usable() and self._stackable():
+            batch, tokens, _ = x.shape
+            qk_heads = self.n_head + self.n_kv_head
+            proj = (self.q_proj, self.k_proj, self.v_proj)
+            weight, bias = self._stacked.get(tuple(p.weight for p in proj) + tuple(p.bias for p in proj), _stack_qkv)
+            h = F.linear(x, weight, bias, backend=self.backend).view(batch, tokens, qk_heads + self.n_kv_head,
+                                                                     self.head_dim)
+            qk = rotary.rotate(h[:, :, :qk_heads].transpose(1, 2), positions)
+            return qk[:, :self.n_head], qk[:, self.n_head:], h[:, :, qk_heads:].transpose(1, 2)
+        return self.project_separately(x, positions, rotary)
+
+    def project_separately(self, x: torch.Tensor, positions: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]:
+        """project() through each projection module and rotary's forward (autograd, hooks, other
+        layers)."""
+        batch, tokens, _ = x.shape
+        q = self.q_proj(x).view(batch, tokens, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(batch, tokens, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(batch, tokens, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), positions)
+        return q, k, v
+
+    def _stackable(self) -> bool:
+        """Whether one matmul on the stacked weights is what the three projections would compute:
+        each is a plain fusedtx Linear without hooks (a hook, or a module swapped in, e.g. an
+        adapter, must see its own call), and the biases are all there or all absent."""
+        proj = (self.q_proj, self.k_proj, self.v_proj)
+        return (all(type(p) is fnn.Linear and p.activation is None and not p._forward_hooks
+                    and not p._forward_pre_hooks for p in proj)
+                and len({p.bias is None for p in proj}) == 1)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The full causal pass over (B, heads, T, hd) tensors."""
         return F.causal_attention(q, k, v, split_size=self.split_size, backend=self.backend)
@@ -232,6 +266,11 @@ class LlamaAttention(torch.nn.Module):
         """The queries q (the last q.shape[2] tokens of each sequence) against the cache."""
         return F.attention_with_kv_cache(q, kv_cache.k, kv_cache.v, seqlens, split_size=self.split_size,
                                          backend=self.backend)
+
+
+def _stack_qkv(q_weight, k_weight, v_weight, q_bias, k_bias, v_bias):
+    bias = None if q_bias is None else torch.cat((q_bias, k_bias, v_bias))
+    return torch.cat((q_weight, k_weight, v_weight)), bias
 
 
 # The layers a Llama is built from.

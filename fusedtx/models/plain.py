@@ -114,6 +114,9 @@ class _RotaryEmbedding(torch.nn.Module):
 
 
 class _LlamaAttention(LlamaAttention):
+    def project(self, x, positions, rotary):
+        return self.project_separately(x, positions, rotary)
+
     def attend(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
 
