@@ -6,8 +6,10 @@
 Kernel `swiglu_ffn`: y = down(silu(gate(x)) * up(x)), no biases, x (M, D), gate and up (H, D),
 down (D, H), for the feed-forward shapes D -> H of SmolLM2-135M (576 -> 1536) and Qwen2.5-0.5B
 (896 -> 4864), M swept from decode (1, 16) to prefill / training (128, 512). CSV shape = M x D x H.
-Providers: fusedtx_native, fusedtx_triton (compiled, CUDA only), torch (what LlamaMLP runs:
-F.linear x 3 and F.silu), torch_compile (torch.compile of the same).
+Providers: fusedtx_native, fusedtx_triton (compiled, CUDA only): fusedtx.nn.SwiGLUFFN, the drop-in
+module, on the same weights (its packed gate/up weight is made once per weight set when no
+gradient flows to the weights, as in inference, and on every call in training); torch (what
+LlamaMLP runs: F.linear x 3 and F.silu), torch_compile (torch.compile of the same).
 
 Modes: forward (no autograd graph), backward (dx and the three weight gradients; forward once
 outside the timer), full. Metric: TFLOP/s counting 2 M D H flops per matmul (forward three,
@@ -54,6 +56,25 @@ def hf_llama_mlp(x, gate, up, down):
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def _module_call(backend: str):
+    """fn(x, gate, up, down) = fusedtx.nn.SwiGLUFFN on these weights (shared, not copied): one
+    module per weight set, as a model has one per layer; the gradients reach gate, up and down."""
+    modules = {}
+
+    def call(x, gate, up, down):
+        key = (id(gate), id(up), id(down))
+        if key not in modules:
+            h, d = gate.shape
+            mod = fusedtx.nn.SwiGLUFFN(d, h, bias=False, device=x.device, dtype=x.dtype, backend=backend)
+            for proj, weight in ((mod.gate_proj, gate), (mod.up_proj, up), (mod.down_proj, down)):
+                del proj.weight  # the benchmark's tensor itself, so that autograd reaches it
+                proj.weight = weight
+            modules[key] = (mod, (gate, up, down))  # the tensors kept alive: their ids stay theirs
+        return modules[key][0](x)
+
+    return call
+
+
 class SwigluBench(OpBench):
     name = "swiglu_ffn"
     metric, unit = "throughput", "TFLOP/s"
@@ -68,8 +89,7 @@ class SwigluBench(OpBench):
 
     def make_fn(self, provider, case, device):
         if provider.startswith("fusedtx_"):
-            backend = provider.removeprefix("fusedtx_")
-            return lambda x, g, u, d: fusedtx.swiglu_ffn(x, g, u, d, backend=backend)
+            return _module_call(provider.removeprefix("fusedtx_"))
         if provider == "torch":
             return hf_llama_mlp
         if provider == "torch_compile":

@@ -132,15 +132,18 @@ class PackingCache:
     inference path, made once and reused as long as the parameters are the same tensors,
     unmodified: the key is each one's identity, storage, `_version`, dtype, device and shape, so
     an in-place update (an optimizer step, load_state_dict) or a new tensor packs again. Usable
-    only without autograd and outside torch.compile (usable()): a packing made with autograd on
-    belongs to that step's graph, and a compiled graph packs for itself."""
+    when autograd records nothing from these tensors and outside torch.compile (usable()): a
+    packing of tensors that require grad belongs to that step's graph, and a compiled graph
+    packs for itself."""
 
     def __init__(self):
         self.key = self.value = None
 
     @staticmethod
-    def usable() -> bool:
-        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    def usable(tensors=()) -> bool:
+        """No autograd graph through `tensors` (grad mode off, or none requires grad), no tracing."""
+        return ((not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors))
+                and not torch.compiler.is_compiling())
 
     def get(self, tensors, pack):
         """pack(*tensors), from the cache when the tensors are the ones it was made from."""
@@ -166,7 +169,8 @@ class SwiGLUFFN(torch.nn.Module):
     Children `gate_proj`, `up_proj` (d_model -> d_hidden) and `down_proj` (d_hidden -> d_model)
     are fusedtx.nn.Linear, named as in Hugging Face's LlamaMLP, so its state_dict loads
     unchanged. The packed gate/up weight is made per forward (torch.stack: the gradients flow
-    back to both); without autograd (inference, decode) the packing is cached (PackingCache)."""
+    back to both); when no gradient flows to them (inference, decode, frozen weights) the packing
+    is cached (PackingCache)."""
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = False, device=None, dtype=None, *,
                  backend: str | None = None):
@@ -180,7 +184,7 @@ class SwiGLUFFN(torch.nn.Module):
     def _packing(self):
         gate, up = self.gate_proj, self.up_proj
         tensors = (gate.weight, up.weight, gate.bias, up.bias)
-        if not PackingCache.usable():
+        if not PackingCache.usable(tensors):
             self._packed.clear()  # a packing made here belongs to this step's autograd graph
             return _pack_gate_up(*tensors)
         return self._packed.get(tensors, _pack_gate_up)

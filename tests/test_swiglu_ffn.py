@@ -303,6 +303,22 @@ def test_module_inference_cache_follows_the_weights():
     assert mod._packed.value is None and mod.gate_proj.weight.grad is not None and mod.up_proj.weight.grad is not None
 
 
+def test_module_caches_the_packing_of_frozen_weights():
+    """With grad mode on but weights that require no gradient (frozen, as a LoRA base), the
+    packing is cached too; x's gradient is the bits of the trainable module's."""
+    torch.manual_seed(0)
+    mod = fusedtx.nn.SwiGLUFFN(16, 24, backend="native")
+    x = make((3, 16), torch.float32, "cpu").requires_grad_()
+    mod(x).sum().backward()
+    dx_trainable = x.grad.clone()
+    assert mod._packed.value is None
+    mod.requires_grad_(False)
+    x.grad = None
+    mod(x).sum().backward()
+    assert mod._packed.value is not None, "frozen weights were packed per call"
+    assert_bitwise_equal(x.grad, dx_trainable, "dx with frozen weights")
+
+
 # ---------------------------------------------------------------------------------------------
 # errors (point 7), torch.library integration
 # ---------------------------------------------------------------------------------------------

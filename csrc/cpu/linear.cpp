@@ -93,24 +93,34 @@ void gemm_task(const Problem<T>& p, int64_t i_begin, int64_t i_end, int64_t j0, 
     for (int64_t i0 = i_begin; i0 < i_end; i0 += mc_max) {
       const int64_t mc = std::min(mc_max, i_end - i0);
       pack_a(p, i0, mc, k0, kc, ap);
-      for (int64_t ir = 0; ir < mc; ir += kMR) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
+      // One micro-tile: the row panel at ir (rows rows) against np column panels from jr.
+      auto tile_at = [&](int64_t ir, int rows, int64_t jr, int np, MicroKernel kernel) {
         const float* a_panel = ap + (ir / kMR) * kc * kMR;
+        const float* b_panel = bp + (jr / kNR) * b_stride;
+        float* c = part ? part + (i0 - i_begin + ir) * nc_pad + jr : nullptr;
+        if (!last) {
+          kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, c, nc_pad);
+        } else {
+          kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, tile, kTileLd);
+          const int64_t off = (i0 + ir) * p.N + j0 + jr;
+          epilogue<T, kAct>(tile, rows, std::min<int64_t>(np * kNR, nc - jr), p.bias ? p.bias + j0 + jr : nullptr,
+                            p.y + out_offset<kAct>(off), p.preact ? p.preact + off : nullptr, p.N);
+        }
+      };
+      int64_t full_rows = 0;  // the whole kMR-row panels, taken column panel by column panel
+      if constexpr (kColumnPanelOuter) {
+        full_rows = mc / kMR * kMR;
+        static_assert(panels_for_rows(kMR) == 1);
+        for (int64_t jr = 0; jr < nc; jr += kNR) {
+          for (int64_t ir = 0; ir < full_rows; ir += kMR) tile_at(ir, kMR, jr, 1, kOneKernels[kMR - 1]);
+        }
+      }
+      for (int64_t ir = full_rows; ir < mc; ir += kMR) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
         const int wide = panels_for_rows(rows);
-        float* c_rows = part ? part + (i0 - i_begin + ir) * nc_pad : nullptr;
         for (int64_t jr = 0; jr < nc;) {
           const int np = ceil_div(nc - jr, kNR) >= wide ? wide : 1;
-          const MicroKernel kernel = np == wide ? kWideKernels[rows - 1] : kOneKernels[rows - 1];
-          const float* b_panel = bp + (jr / kNR) * b_stride;
-          float* c = c_rows ? c_rows + jr : nullptr;
-          if (!last) {
-            kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, c, nc_pad);
-          } else {
-            kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, tile, kTileLd);
-            const int64_t off = (i0 + ir) * p.N + j0 + jr;
-            epilogue<T, kAct>(tile, rows, std::min<int64_t>(np * kNR, nc - jr), p.bias ? p.bias + j0 + jr : nullptr,
-                              p.y + out_offset<kAct>(off), p.preact ? p.preact + off : nullptr, p.N);
-          }
+          tile_at(ir, rows, jr, np, np == wide ? kWideKernels[rows - 1] : kOneKernels[rows - 1]);
           jr += np * kNR;
         }
       }

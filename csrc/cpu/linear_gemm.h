@@ -44,7 +44,15 @@ constexpr int kNR = kLanes * kNV;  // columns of a micro-tile
 // panel of packed a (21 KB) stays in L1 while it sweeps the kKCMax x kNCMax block of packed b
 // (384 KB) in L2. The b block is packed once per K block and task and serves all the task's rows.
 constexpr int64_t kKBlock = 128;       // reference.MATMUL_K_BLOCK: k's per FMA chain
+#if defined(FUSEDTX_AVX2)
+// AVX2 (32 KB L1d on the hosts measured): a kKCMax x kNR panel of packed b (16 KB) stays in L1
+// while the row panels of the packed a block (96 KB, in L2) stream past it, column panel outer.
+constexpr int64_t kKCMax = 2 * kKBlock; // k per packed block (whole chains only)
+constexpr bool kColumnPanelOuter = true;
+#else
 constexpr int64_t kKCMax = 3 * kKBlock; // k per packed block (whole chains only)
+constexpr bool kColumnPanelOuter = false;
+#endif
 constexpr int64_t kMCMax = 16 * kMR;   // rows of a per packed block
 constexpr int64_t kNCMax = 256;        // columns per task
 constexpr int64_t kTaskRowsMax = 1024; // rows per task: bounds the per-thread partials buffer
@@ -78,6 +86,18 @@ struct Problem {
 template <typename T>
 void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
   constexpr __mmask16 kPanelMask = (1u << kMR) - 1u;
+  if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = x.t() in a weight gradient): row k of the block
+    // at a time, one sequential read, into every panel (a panel at a time would read kc rows
+    // far apart for kMR floats each: a TLB miss per k).
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = p.a + i0 + (k0 + k) * p.sa1;
+      for (int64_t ir = 0; ir < mc; ir += kMR) {
+        const __m512 v = load16(src + ir, first_lanes(std::min<int64_t>(kMR, mc - ir)));
+        _mm512_mask_storeu_ps(ap + (ir / kMR) * kc * kMR + k * kMR, kPanelMask, v);
+      }
+    }
+    return;
+  }
   for (int64_t ir = 0; ir < mc; ir += kMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
     float* dst = ap + (ir / kMR) * kc * kMR;
@@ -91,9 +111,6 @@ void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
         transpose16(r);
         for (int64_t kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(dst + (k + kk) * kMR, kPanelMask, r[kk]);
       }
-    } else if (p.sa0 == 1) {  // rows contiguous
-      const __mmask16 rm = first_lanes(rows);
-      for (int64_t k = 0; k < kc; ++k) _mm512_mask_storeu_ps(dst + k * kMR, kPanelMask, load16(src + k * p.sa1, rm));
     } else {
       for (int64_t k = 0; k < kc; ++k) {
         for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? to_float(src[r * p.sa0 + k * p.sa1]) : 0.0f;
@@ -309,6 +326,18 @@ inline void store_first(float* p, __m256 v) {
 // mc zero.
 template <typename T>
 void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
+  if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = x.t() in a weight gradient): row k of the block
+    // at a time, one sequential read, into every panel (a panel at a time would read kc rows
+    // far apart for kMR floats each: a TLB miss per k).
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = p.a + i0 + (k0 + k) * p.sa1;
+      for (int64_t ir = 0; ir < mc; ir += kMR) {
+        const __m256 v = ir + 8 <= mc ? load8(src + ir) : load8(src + ir, mc - ir);
+        store_first<kMR>(ap + (ir / kMR) * kc * kMR + k * kMR, v);
+      }
+    }
+    return;
+  }
   for (int64_t ir = 0; ir < mc; ir += kMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
     float* dst = ap + (ir / kMR) * kc * kMR;
@@ -332,8 +361,6 @@ void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
         transpose8(r);
         for (int64_t kk = 0; kk < kn; ++kk) store_first<kMR>(dst + (k + kk) * kMR, r[kk]);
       }
-    } else if (p.sa0 == 1) {  // rows contiguous
-      for (int64_t k = 0; k < kc; ++k) store_first<kMR>(dst + k * kMR, load8(src + k * p.sa1, rows));
     } else {
       for (int64_t k = 0; k < kc; ++k) {
         for (int r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? to_float(src[r * p.sa0 + k * p.sa1]) : 0.0f;

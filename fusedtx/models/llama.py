@@ -221,16 +221,17 @@ class LlamaAttention(torch.nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(batch, tokens, self.n_head * self.head_dim))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]:
-        """q and k rotated, and v, each (B, heads, T, hd). Without autograd and outside
-        torch.compile (inference, decode), q, k and v come from one matmul on the stacked weights
+        """q and k rotated, and v, each (B, heads, T, hd). When autograd records nothing (no
+        gradient to x or the weights) and outside torch.compile (inference, decode), q, k and v
+        come from one matmul on the stacked weights
         (cached, fnn.PackingCache) and q and k are rotated in one call: an output column's bits
         depend on x's row and that column's weights alone, and rope is elementwise, so these are
         the bits of the separate calls, in two kernel calls instead of five."""
-        if self.q_norm is None and fnn.PackingCache.usable() and self._stackable():
+        params = self._stackable_params()
+        if params is not None and fnn.PackingCache.usable((x, *params)):
             batch, tokens, _ = x.shape
             qk_heads = self.n_head + self.n_kv_head
-            proj = (self.q_proj, self.k_proj, self.v_proj)
-            weight, bias = self._stacked.get(tuple(p.weight for p in proj) + tuple(p.bias for p in proj), _stack_qkv)
+            weight, bias = self._stacked.get(params, _stack_qkv)
             h = F.linear(x, weight, bias, backend=self.backend).view(batch, tokens, qk_heads + self.n_kv_head,
                                                                      self.head_dim)
             qk = rotary.rotate(h[:, :, :qk_heads].transpose(1, 2), positions)
@@ -249,14 +250,19 @@ class LlamaAttention(torch.nn.Module):
         q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), positions)
         return q, k, v
 
-    def _stackable(self) -> bool:
-        """Whether one matmul on the stacked weights is what the three projections would compute:
-        each is a plain fusedtx Linear without hooks (a hook, or a module swapped in, e.g. an
-        adapter, must see its own call), and the biases are all there or all absent."""
+    def _stackable_params(self) -> tuple | None:
+        """(q, k, v weights, q, k, v biases) when one matmul on the stacked weights is what the
+        three projections would compute, else None: no q/k norm between projection and rope, each
+        projection a plain fusedtx Linear without hooks (a hook, or a module swapped in, e.g. an
+        adapter, must see its own call), and the biases all there or all absent."""
         proj = (self.q_proj, self.k_proj, self.v_proj)
-        return (all(type(p) is fnn.Linear and p.activation is None and not p._forward_hooks
-                    and not p._forward_pre_hooks for p in proj)
-                and len({p.bias is None for p in proj}) == 1)
+        if self.q_norm is not None or not all(type(p) is fnn.Linear and p.activation is None and not p._forward_hooks
+                                              and not p._forward_pre_hooks for p in proj):
+            return None
+        biases = tuple(p.bias for p in proj)
+        if len({b is None for b in biases}) != 1:
+            return None
+        return tuple(p.weight for p in proj) + biases
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The full causal pass over (B, heads, T, hd) tensors."""
