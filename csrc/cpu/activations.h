@@ -39,12 +39,19 @@ constexpr float kTanhCubic3 = f32c(0.134145);
 constexpr float kTanhTwoK = f32c(1.5957691216057308);
 constexpr float kMaxExpArg = f32c(88.0);
 
+// The unsigned integer vector as wide as the float vector F.
+template <typename F>
+struct BitsOf {
+  typedef uint32_t type __attribute__((vector_size(sizeof(F))));
+};
+
 template <typename F>
 inline F sign_bits(F x, uint32_t mask) {
   if constexpr (std::is_same_v<F, float>) {
     return std::bit_cast<float>(std::bit_cast<uint32_t>(x) & mask);
   } else {
-    return __builtin_bit_cast(vfloat, __builtin_bit_cast(vuint, x) & mask);
+    using U = typename BitsOf<F>::type;
+    return __builtin_bit_cast(F, __builtin_bit_cast(U, x) & mask);
   }
 }
 template <typename F>
@@ -55,7 +62,8 @@ inline F copysign_f(F mag, F sgn) {
   if constexpr (std::is_same_v<F, float>) {
     return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (std::bit_cast<uint32_t>(sgn) & 0x80000000u));
   } else {
-    return __builtin_bit_cast(vfloat, __builtin_bit_cast(vuint, mag) | (__builtin_bit_cast(vuint, sgn) & 0x80000000u));
+    using U = typename BitsOf<F>::type;
+    return __builtin_bit_cast(F, __builtin_bit_cast(U, mag) | (__builtin_bit_cast(U, sgn) & 0x80000000u));
   }
 }
 // x > c ? c : x -- a NaN x stays NaN.

@@ -62,13 +62,13 @@ constexpr int kRVecLen = kRegBytes / sizeof(A);
 
 template <typename A = float>
 inline Vec<A> vsplat(A v) { return Vec<A>{} + v; }
-// c as an F, for code written once for float and vfloat (F = vfloat: vsplat).
+// c as an F, for code written once for float and float vectors (vfloat, RVec<float>).
 template <typename F>
 inline F splat(float c) {
   if constexpr (std::is_same_v<F, float>) {
     return c;
   } else {
-    return vsplat(c);
+    return F{} + c;
   }
 }
 // x in every lane, -0 kept. vsplat(x) is 0 + x: an add per use (the compiler must turn -0 into

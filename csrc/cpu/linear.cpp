@@ -298,16 +298,15 @@ void swiglu_grad_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
     }
   }
 #elif defined(FUSEDTX_AVX2)
-  for (int64_t c = 0; c < N; c += 16) {
-    const int64_t n = std::min<int64_t>(16, N - c);  // pairs
-    __m256 h[4];
-    for (int q = 0; q < 4; ++q) h[q] = load8(pre + 2 * c + 8 * q, 2 * n - 8 * q);
-    vfloat g, u, dg, du;
-    deinterleave(h, &g, &u);
-    swiglu_grads(load16(gy + c, n), g, u, &dg, &du);
-    __m256 out[4];
-    interleave(dg, du, out);
-    for (int q = 0; q < 4; ++q) {
+  for (int64_t c = 0; c < N; c += 8) {
+    const int64_t n = std::min<int64_t>(8, N - c);  // pairs
+    __m256 g, u, lo, hi;
+    deinterleave(load8(pre + 2 * c, 2 * n), load8(pre + 2 * c + 8, 2 * n - 8), &g, &u);
+    R8 dg, du;
+    swiglu_grads(r8(load8(gy + c, n)), r8(g), r8(u), &dg, &du);
+    interleave(m256(dg), m256(du), &lo, &hi);
+    const __m256 out[2] = {lo, hi};
+    for (int q = 0; q < 2; ++q) {
       const int64_t nq = 2 * n - 8 * q;
       if (nq <= 0) break;
       store8(gp + 2 * c + 8 * q, out[q], nq);
@@ -367,15 +366,15 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
     if (part) _mm512_mask_storeu_ps(part + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, part + c), g));
   }
 #elif defined(FUSEDTX_AVX2)
-  for (int64_t c = 0; c < N; c += 16) {
-    const int64_t n = std::min<int64_t>(16, N - c);
-    vfloat g = load16(gy + c, n);
+  for (int64_t c = 0; c < N; c += 8) {
+    const int64_t n = std::min<int64_t>(8, N - c);
+    __m256 g = load_upto8(gy + c, n);
     if constexpr (kAct != kActNone) {
-      g = g * activation_derivative<kAct>(load16(pre + c, n));
-      store16(gp + c, g, n);
-      g = round_trip16<T>(g);
+      g = _mm256_mul_ps(g, m256(activation_derivative<kAct>(r8(load_upto8(pre + c, n)))));
+      store8(gp + c, g, n);
+      g = round_trip8<T>(g);
     }
-    if (part) store16(part + c, load16(part + c, n) + g, n);
+    if (part) store8(part + c, _mm256_add_ps(load8(part + c, n), g), n);
   }
 #else
   for (int64_t c = 0; c < N; ++c) {

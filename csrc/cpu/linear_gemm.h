@@ -467,127 +467,87 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
   } while (k < kc);
 }
 
-// 16 elements of T (two ymm) as a vfloat, the first n read (n clamped to 0 ... 16; the others
-// +0); the first n lanes of a vfloat to p as T; a vfloat rounded to T and back.
-inline vfloat join(__m256 lo, __m256 hi) {
-  alignas(64) float t[16];
-  _mm256_store_ps(t, lo);
-  _mm256_store_ps(t + 8, hi);
-  return vload(t);
-}
+// The epilogues and the backward's rows work on RVec<float>: one ymm, 8 lanes (a 16-lane vfloat
+// has no machine mode without AVX-512: GCC would keep it in memory). Each lane computes what
+// any other vector width does: the same bits.
+using R8 = RVec<float>;
+static_assert(sizeof(R8) == sizeof(__m256));
+inline R8 r8(__m256 v) { return __builtin_bit_cast(R8, v); }
+inline __m256 m256(R8 v) { return __builtin_bit_cast(__m256, v); }
+
+// The first n (<= 8) elements of T at p as float32, +0 beyond; nothing past p + n is read.
 template <typename T>
-inline vfloat load16(const T* p, int64_t n) {
-  if (n >= 16) return join(load8(p), load8(p + 8));
-  return join(load8(p, n), load8(p + 8, n - 8));
-}
-template <typename T>
-inline void store16(T* p, vfloat v, int64_t n) {
-  alignas(64) float t[16];
-  vstore(t, v);
-  store8(p, _mm256_load_ps(t), n);
-  if (n > 8) store8(p + 8, _mm256_load_ps(t + 8), n - 8);
-}
-template <typename T>
-inline vfloat round_trip16(vfloat v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    alignas(64) float t[16];
-    vstore(t, v);
-    return join(round_trip8<T>(_mm256_load_ps(t)), round_trip8<T>(_mm256_load_ps(t + 8)));
-  }
+inline __m256 load_upto8(const T* p, int64_t n) {
+  return n >= 8 ? load8(p) : load8(p, n);
 }
 
-// Gate/up pairs: the even and odd elements of 32 consecutive columns (four ymm), and back.
-inline void deinterleave(const __m256 h[4], vfloat* even, vfloat* odd) {
-  alignas(64) float e[16], o[16];
-  for (int q = 0; q < 2; ++q) {
-    // shuffle: [x0 x2 y0 y2 | x4 x6 y4 y6]; the 64-bit permute puts the x pairs before the y ones.
-    const __m256 ev = _mm256_shuffle_ps(h[2 * q], h[2 * q + 1], 0x88);
-    const __m256 od = _mm256_shuffle_ps(h[2 * q], h[2 * q + 1], 0xDD);
-    _mm256_store_ps(e + 8 * q, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-    _mm256_store_ps(o + 8 * q, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
-  }
-  *even = vload(e);
-  *odd = vload(o);
+// Gate/up pairs: the even and odd elements of 16 consecutive columns (two ymm), and back.
+inline void deinterleave(__m256 lo, __m256 hi, __m256* even, __m256* odd) {
+  // shuffle: [x0 x2 y0 y2 | x4 x6 y4 y6]; the 64-bit permute puts the x pairs before the y ones.
+  *even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
+  *odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
 }
-inline void interleave(vfloat even, vfloat odd, __m256 out[4]) {
-  alignas(64) float e[16], o[16];
-  vstore(e, even);
-  vstore(o, odd);
-  for (int q = 0; q < 2; ++q) {
-    const __m256 ev = _mm256_load_ps(e + 8 * q), od = _mm256_load_ps(o + 8 * q);
-    const __m256 lo = _mm256_unpacklo_ps(ev, od), hi = _mm256_unpackhi_ps(ev, od);  // [e0 o0 e1 o1 | e4 o4 e5 o5]
-    out[2 * q] = _mm256_permute2f128_ps(lo, hi, 0x20);
-    out[2 * q + 1] = _mm256_permute2f128_ps(lo, hi, 0x31);
-  }
+inline void interleave(__m256 even, __m256 odd, __m256* lo, __m256* hi) {
+  const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);  // [e0 o0 e1 o1 | e4 o4 e5 o5]
+  *lo = _mm256_permute2f128_ps(a, b, 0x20);
+  *hi = _mm256_permute2f128_ps(a, b, 0x31);
 }
 
 // The SwiGLU epilogue of a rows x cols tile (cols even: whole gate/up pairs): h = acc (+ bias),
-// preact = h (ld floats per row), y = swiglu(pairs) (ld / 2 per row), 16 pairs at a time.
+// preact = h (ld floats per row), y = swiglu(pairs) (ld / 2 per row), 8 pairs at a time.
 template <typename T>
 void swiglu_epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
   for (int r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; c += 32) {
-      const int64_t n = std::min<int64_t>(32, cols - c);
-      __m256 h[4];
-      for (int q = 0; q < 4; ++q) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t n = std::min<int64_t>(16, cols - c);
+      __m256 h[2];
+      for (int q = 0; q < 2; ++q) {
         const int64_t nq = n - 8 * q;
-        h[q] = nq >= 8 ? _mm256_loadu_ps(tile + r * kTileLd + c + 8 * q) : load8(tile + r * kTileLd + c + 8 * q, nq);
-        if (bias) h[q] = _mm256_add_ps(h[q], nq >= 8 ? _mm256_loadu_ps(bias + c + 8 * q) : load8(bias + c + 8 * q, nq));
+        h[q] = load_upto8(tile + r * kTileLd + c + 8 * q, nq);
+        if (bias) h[q] = _mm256_add_ps(h[q], load_upto8(bias + c + 8 * q, nq));
         if (preact && nq > 0) store8(preact + r * ld + c + 8 * q, h[q], nq);
       }
-      vfloat g, u;
-      deinterleave(h, &g, &u);
-      store16(y + r * (ld / 2) + c / 2, swiglu_forward(g, u), n / 2);
+      __m256 g, u;
+      deinterleave(h[0], h[1], &g, &u);
+      store8(y + r * (ld / 2) + c / 2, m256(swiglu_forward(r8(g), r8(u))), n / 2);
     }
   }
 }
 
 // The epilogue of a rows x cols tile (kTileLd floats per row): h = acc (+ bias), preact = h,
-// y = act(h), in T (for SwiGLU, y at out_offset: swiglu_epilogue). 16 columns (two ymm) at a
-// time, two such chunks in flight where the activation has long erf/exp chains.
+// y = act(h), in T (for SwiGLU, y at out_offset: swiglu_epilogue). Two ymm at a time where
+// the activation has long erf/exp chains, so that two are in flight.
 template <typename T, int kAct>
 void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y, T* preact, int64_t ld) {
   if constexpr (kAct == kActSwiglu) {
     swiglu_epilogue(tile, rows, cols, bias, y, preact, ld);
     return;
   }
-  if constexpr (kAct == kActNone) {  // y = h: one ymm at a time
-    for (int r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < cols; c += 8) {
-        const int64_t n = cols - c;
-        __m256 h = _mm256_load_ps(tile + r * kTileLd + c);
-        if (bias) h = _mm256_add_ps(h, n >= 8 ? _mm256_loadu_ps(bias + c) : load8(bias + c, n));
-        if (preact) store8(preact + r * ld + c, h, n);
-        store8(y + r * ld + c, h, n);
-      }
-    }
-    return;
-  }
   for (int r = 0; r < rows; ++r) {
     int64_t c = 0;
     if constexpr (kAct != kActNone) {
-      for (; c + 32 <= cols; c += 32) {
-        vfloat h0 = vload(tile + r * kTileLd + c), h1 = vload(tile + r * kTileLd + c + 16);
+      for (; c + 16 <= cols; c += 16) {
+        __m256 h0 = _mm256_load_ps(tile + r * kTileLd + c), h1 = _mm256_load_ps(tile + r * kTileLd + c + 8);
         if (bias) {
-          h0 = h0 + vload(bias + c);
-          h1 = h1 + vload(bias + c + 16);
+          h0 = _mm256_add_ps(h0, _mm256_loadu_ps(bias + c));
+          h1 = _mm256_add_ps(h1, _mm256_loadu_ps(bias + c + 8));
         }
         if (preact) {
-          store16(preact + r * ld + c, h0, 16);
-          store16(preact + r * ld + c + 16, h1, 16);
+          store8(preact + r * ld + c, h0);
+          store8(preact + r * ld + c + 8, h1);
         }
-        store16(y + r * ld + c, activation_forward<kAct>(h0), 16);
-        store16(y + r * ld + c + 16, activation_forward<kAct>(h1), 16);
+        const R8 y0 = activation_forward<kAct>(r8(h0)), y1 = activation_forward<kAct>(r8(h1));
+        store8(y + r * ld + c, m256(y0));
+        store8(y + r * ld + c + 8, m256(y1));
       }
     }
-    for (; c < cols; c += 16) {
-      const int64_t n = std::min<int64_t>(16, cols - c);
-      vfloat h = load16(tile + r * kTileLd + c, n);
-      if (bias) h = h + load16(bias + c, n);
-      if (preact) store16(preact + r * ld + c, h, n);
-      store16(y + r * ld + c, activation_forward<kAct>(h), n);
+    for (; c < cols; c += 8) {
+      const int64_t n = cols - c;
+      __m256 h = _mm256_load_ps(tile + r * kTileLd + c);
+      if (bias) h = _mm256_add_ps(h, load_upto8(bias + c, n));
+      if (preact) store8(preact + r * ld + c, h, n);
+      if constexpr (kAct != kActNone) h = m256(activation_forward<kAct>(r8(h)));
+      store8(y + r * ld + c, h, n);
     }
   }
 }
