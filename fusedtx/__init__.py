@@ -33,4 +33,5 @@ from .functional import (  # noqa: F401
     swiglu_ffn,
 )
 from .config import get_split_size, set_split_size  # noqa: F401
+from .convert import ConversionReport, convert  # noqa: F401
 from .info import info  # noqa: F401

@@ -65,6 +65,27 @@ class Linear(torch.nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation}, backend={self.backend}"
 
 
+class Conv1D(torch.nn.Module):
+    """Hugging Face GPT-2's Conv1D, y = x @ weight + bias with weight laid out (in_features,
+    out_features), on fusedtx.linear (same parameters and state_dict): what fusedtx.convert puts
+    in its place. The kernels read the weight through its transpose's strides, no copy; an output
+    element's bits are those of a Linear holding weight.t()."""
+
+    def __init__(self, out_features: int, in_features: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str | None = None):
+        super().__init__()
+        self.nf, self.nx = out_features, in_features
+        self.weight = torch.nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.t(), self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.nx}, out_features={self.nf}, bias={self.bias is not None}, backend={self.backend}"
+
+
 class GeluFFN(torch.nn.Module):
     """The GPT-2 feed-forward block, c_proj(gelu(c_fc(x))), with the GELU fused into c_fc's matmul.
 

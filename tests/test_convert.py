@@ -1,0 +1,230 @@
+"""Bring your own model: fusedtx.convert, the "fusedtx" attention implementation for Hugging Face
+transformers (fusedtx.hf) and the assertions of fusedtx.testing, on HF models built from small
+configs with random weights (offline).
+
+Unconverted, the HF models are the negative controls: their bits change with the batch and
+between a cached decode step and a full forward, so the same assertions fail on them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedtx
+from fusedtx.testing import Divergence, assert_batch_invariant, assert_decode_consistent, first_divergence
+from helpers import assert_bitwise_equal
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 29
+
+
+def hf_gpt2(seed=0):
+    config = transformers.GPT2Config(vocab_size=300, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                     attn_implementation="eager")
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def hf_llama(family="llama", seed=0):
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    config = getattr(transformers, config_cls)(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # RMSNorm weights away from 1, so that the probe sees them
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def tokens(shape, seed):
+    return torch.randint(0, 300, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def converted(model):
+    report = fusedtx.convert(model)
+    return model, report
+
+
+# ---------------------------------------------------------------------------------------------
+# convert: what is swapped, what stays the same
+# ---------------------------------------------------------------------------------------------
+def test_convert_gpt2_swaps_conv1d_layernorm_and_linear_keeping_the_parameters():
+    model = hf_gpt2()
+    before = {k: v for k, v in model.state_dict().items()}
+    params_before = {id(p) for p in model.parameters()}
+    idx = tokens((2, SEQ), seed=1)
+    with torch.no_grad():
+        want = model(idx).logits
+    report = fusedtx.convert(model)
+    kinds = {path: now for path, _, now in report.converted}
+    assert kinds["transformer.h.0.attn.c_attn"] == "fusedtx.nn.Conv1D"
+    assert kinds["transformer.h.1.mlp.c_fc"] == "fusedtx.nn.Conv1D"
+    assert kinds["transformer.h.0.ln_1"] == "fusedtx.nn.LayerNorm"
+    assert kinds["transformer.ln_f"] == "fusedtx.nn.LayerNorm"
+    assert kinds["lm_head"] == "fusedtx.nn.Linear"
+    assert report.left == [], str(report)
+    assert "fusedtx" in report.attention and model.config._attn_implementation == "fusedtx"
+    assert {id(p) for p in model.parameters()} == params_before, "convert must keep the Parameter objects"
+    assert model.lm_head.weight is model.transformer.wte.weight, "tied weights came untied"
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert_bitwise_equal(after[k], before[k], k)
+    with torch.no_grad():
+        got = model(idx).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert "converted  lm_head: Linear -> fusedtx.nn.Linear" in str(report)
+
+
+def test_convert_llama_recognises_hf_rmsnorm_by_behaviour():
+    model = hf_llama()
+    report = fusedtx.convert(model)
+    kinds = {path: (was, now) for path, was, now in report.converted}
+    assert kinds["model.layers.0.input_layernorm"] == ("LlamaRMSNorm", "fusedtx.nn.RMSNorm")
+    assert kinds["model.norm"] == ("LlamaRMSNorm", "fusedtx.nn.RMSNorm")
+    assert kinds["model.layers.1.mlp.down_proj"] == ("Linear", "fusedtx.nn.Linear")
+    assert report.left == [], str(report)
+
+
+def test_convert_reports_what_it_leaves_and_why():
+    """A subclass of nn.Linear with its own forward (an adapter), an RMSNorm that scales by
+    1 + weight (Gemma's: it fails the behaviour probe) and an unknown layer with parameters are
+    left and reported; nothing is silently skipped."""
+
+    class Adapter(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class OnePlusRMSNorm(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.randn(n)), 1e-6
+
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps) * (1 + self.weight)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Adapter(8, 8), OnePlusRMSNorm(8), torch.nn.Conv1d(8, 8, 1),
+                                torch.nn.GELU())
+    report = fusedtx.convert(model)
+    assert [(p, now) for p, _, now in report.converted] == [("0", "fusedtx.nn.Linear")]
+    left = {path: why for path, _, why in report.left}
+    assert set(left) == {"1", "2", "3"}
+    assert "subclass of torch.nn.Linear" in left["1"] and "not recognised" in left["2"]
+    assert isinstance(model[1], Adapter) and isinstance(model[0], fusedtx.nn.Linear)
+    with pytest.raises(TypeError, match="convert: model itself is a Linear"):
+        fusedtx.convert(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fusedtx.convert("gpt2")
+
+
+# ---------------------------------------------------------------------------------------------
+# the promise on converted HF models, and the unconverted ones as negative controls
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama, lambda: hf_llama("qwen2")], ids=["gpt2", "llama", "qwen2"])
+def test_converted_hf_model_is_batch_invariant(make):
+    model, _ = converted(make())
+    assert_batch_invariant(model, tokens((2, SEQ), seed=2), extra_tokens=(0, 3, 19))
+
+
+def test_negative_control_unconverted_hf_model_is_not_batch_invariant():
+    with pytest.raises(AssertionError, match="not batch-invariant: row"):
+        assert_batch_invariant(hf_llama(), tokens((3, SEQ), seed=2), extra_tokens=(0, 3, 19))
+
+
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama], ids=["gpt2", "llama"])
+def test_hf_generate_with_cache_equals_full_forward_after_convert(make):
+    model, _ = converted(make())
+    assert_decode_consistent(model, tokens((2, 7), seed=3), max_new_tokens=12)
+
+
+def test_negative_control_unconverted_hf_generate_differs_from_full_forward():
+    with pytest.raises(AssertionError, match="generate\\(\\)'s logits differ"):
+        assert_decode_consistent(hf_llama(), tokens((2, 7), seed=3), max_new_tokens=12)
+
+
+def test_converted_training_gradients_repeat_and_ignore_the_thread_count():
+    def grads(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model, _ = converted(hf_llama())
+            model.train()
+            idx = tokens((3, 21), seed=4)
+            model(idx, labels=idx).loss.backward()
+            return [p.grad.clone() for p in model.parameters()]
+        finally:
+            torch.set_num_threads(before)
+
+    first = grads(2)
+    for other in (grads(2), grads(1)):
+        for a, b in zip(first, other):
+            assert_bitwise_equal(a, b, "gradient")
+
+
+def test_padded_batches_are_refused_clearly():
+    model, _ = converted(hf_llama())
+    idx = tokens((2, 9), seed=5)
+    mask = torch.ones_like(idx)
+    mask[0, :3] = 0  # left padding, as HF pads a batch of unequal prompts
+    with pytest.raises(ValueError, match="fusedtx attention: the attention mask is not the plain causal mask"):
+        with torch.no_grad():
+            model(idx, attention_mask=mask)
+    with torch.no_grad():  # a mask with no padding is the causal one: accepted
+        model(idx, attention_mask=torch.ones_like(idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# first_divergence and the testing helpers' own failure modes
+# ---------------------------------------------------------------------------------------------
+class BatchMean(torch.nn.Module):
+    """A layer whose output depends on the batch: it adds a little of the batch mean."""
+
+    def forward(self, x):
+        return x + 1e-3 * x.mean(dim=0, keepdim=True)
+
+
+def test_first_divergence_names_the_layer_that_depends_on_the_batch():
+    model, _ = converted(hf_gpt2())
+    alone, batch = tokens((1, SEQ), seed=6), tokens((5, SEQ), seed=7)
+    batch[3] = alone[0]
+    assert first_divergence(model, alone, batch, row_a=0, row_b=3) is None
+    model.transformer.h[1].mlp.act = BatchMean()
+    found = first_divergence(model, alone, batch, row_a=0, row_b=3)
+    assert isinstance(found, Divergence) and found.path == "transformer.h.1.mlp.act", found
+    assert found.module_type == "BatchMean" and found.max_abs_diff > 0
+    assert "transformer.h.1.mlp.act (BatchMean)" in str(found)
+
+
+def test_assert_batch_invariant_fails_on_a_batch_dependent_function():
+    x = torch.randn(3, 8)
+    assert_batch_invariant(lambda t: t * 2 + 1, x)
+    assert_batch_invariant(lambda t: t.cumsum(1), x, extra_tokens=(0, 5))  # causal along dim 1
+    assert_batch_invariant(lambda t: t * 2, torch.randn(4))                  # rows that are scalars
+    with pytest.raises(AssertionError, match="5 tokens longer"):
+        assert_batch_invariant(lambda t: t - t.mean(1, keepdim=True), x, extra_tokens=(0, 5))  # not causal
+    with pytest.raises(ValueError, match="extra_tokens must be ints"):
+        assert_batch_invariant(lambda t: t, torch.randn(4), extra_tokens=(2,))
+    with pytest.raises(AssertionError, match=r"row 0 alone vs at position 0 of a batch of 2 rows"):
+        assert_batch_invariant(BatchMean(), x)
+    with pytest.raises(ValueError, match="inputs must be a tensor with at least one row"):
+        assert_batch_invariant(BatchMean(), torch.empty(0, 3))
+
+
+def test_readme_bring_your_own_model_example_runs(capsys):
+    """The README's example is code that runs, and what it prints is what it says."""
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Bring your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "the README's 'Bring your own model' section has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out
+    assert "fusedtx.convert:" in printed and "attention  transformers attention implementation 'fusedtx'" in printed
+    assert printed.rstrip().endswith("None")
