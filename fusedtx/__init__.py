@@ -34,4 +34,6 @@ from .functional import (  # noqa: F401
 )
 from .config import get_split_size, set_split_size  # noqa: F401
 from .convert import ConversionReport, convert  # noqa: F401
+from .guard import guard  # noqa: F401
+from .mode import batch_invariant_mode  # noqa: F401
 from .info import info  # noqa: F401

@@ -223,8 +223,48 @@ def test_readme_bring_your_own_model_example_runs(capsys):
     section = readme.split("## Bring your own model", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, "the README's 'Bring your own model' section has no python example"
+    namespace = {"__name__": "readme_example"}  # the blocks run in order, as one script
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
-    printed = capsys.readouterr().out
-    assert "fusedtx.convert:" in printed and "attention  transformers attention implementation 'fusedtx'" in printed
-    assert printed.rstrip().endswith("None")
+        exec(compile(block, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("fusedtx.convert:")
+    assert any(line.startswith("  attention  transformers attention implementation 'fusedtx'") for line in printed)
+    assert "None" in printed and printed[-1] == "fusedtx.guard: no reduction ran outside fusedtx"
+
+
+# ---------------------------------------------------------------------------------------------
+# guard: which reductions still run outside fusedtx, and where
+# ---------------------------------------------------------------------------------------------
+def test_guard_lists_the_unconverted_models_reductions_and_none_after_convert():
+    model, idx = hf_gpt2(), tokens((2, SEQ), seed=8)
+    with pytest.warns(UserWarning, match="reduction\\(s\\) ran outside fusedtx"):
+        with fusedtx.guard(model) as g:
+            model(idx).logits.sum().backward()
+    where = {path for _, path in g.records}
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "transformer.h.0.ln_1", "lm_head"} <= where, g
+    assert "(backward)" in where
+    assert any(op == "aten.addmm" and path == "transformer.h.0.attn.c_attn" for op, path in g.records)
+    fusedtx.convert(model)
+    model.zero_grad()
+    with fusedtx.guard(model) as g:
+        logits = model(idx).logits
+    assert not g.records, f"a converted GPT-2 still runs reductions outside fusedtx:\n{g}"
+    assert str(g) == "fusedtx.guard: no reduction ran outside fusedtx"
+    # Its backward still sums the embeddings' gradients in ATen (the token and position tables:
+    # sums over the batch, which fusedtx has no kernel for), and nothing else.
+    with pytest.warns(UserWarning):
+        with fusedtx.guard(model) as g:
+            logits.backward(torch.ones_like(logits))
+    assert {op for op, _ in g.records} <= {"aten.embedding_dense_backward", "aten.sum"}, g
+    assert {path for _, path in g.records} == {"(backward)"}, g
+
+
+def test_guard_raise_mode_names_the_op_and_module():
+    model, _ = converted(hf_llama())
+    model.model.layers[1].mlp.up_proj = torch.nn.Linear(64, 160, bias=False)  # one layer left unconverted
+    with pytest.raises(RuntimeError, match=r"fusedtx.guard: aten.(mm|addmm|linear)\S* ran outside fusedtx in "
+                                           r"model.layers.1.mlp.up_proj"):
+        with torch.no_grad(), fusedtx.guard(model, mode="raise"):
+            model(tokens((1, 5), seed=9))
+    with pytest.raises(ValueError, match="mode must be 'warn' or 'raise'"):
+        fusedtx.guard(model, mode="log")
