@@ -34,7 +34,8 @@ asked for, and the interpreter must be chosen before triton is imported:
 `TRITON_INTERPRET=1 python -m fusedtx check --backends triton`. The reference backend (float64
 emulation of every fused multiply-add) gets a reduced workload too.
 
-The properties themselves are in fusedtx/check_properties.py, the continuous-batching server
+`--hf PATH` checks a local Hugging Face checkpoint instead, converted with fusedtx.convert and
+unconverted (fusedtx/check_hf.py). The properties themselves are in fusedtx/check_properties.py, the continuous-batching server
 of property 6 in fusedtx/serving.py; this module picks the columns, runs the table, prints it
 and is the command line.
 """
@@ -320,10 +321,10 @@ def format_cell(cell: dict) -> str:
     return " ".join(parts)
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict, properties=PROPERTIES) -> str:
     names = [c["name"] for c in report["columns"]]
     results = report["results"]
-    rows = [[label] + [format_cell(results[n]["cells"][key]) for n in names] for key, label in PROPERTIES]
+    rows = [[label] + [format_cell(results[n]["cells"][key]) for n in names] for key, label in properties]
     rows.append(["seconds"] + [f"{results[n]['seconds']:.1f}" for n in names])
     header = ["property"] + names
     widths = [max(len(r[i]) for r in rows + [header]) + 2 for i in range(len(header))]
@@ -374,6 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: as is)")
     parser.add_argument("--quick", action="store_true", help="a smaller workload (seconds, not a minute)")
+    parser.add_argument("--hf", metavar="PATH",
+                        help="check a local Hugging Face checkpoint directory instead: converted with "
+                             "fusedtx.convert, beside the same checkpoint unconverted")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -389,6 +393,15 @@ def main(args: argparse.Namespace) -> int:
     if _extension._status is None and not args.no_progress:  # resolving "native" loads it, or builds it
         print("fusedtx check: loading the C++ extension (compiled on first use: about a minute) ...",
               file=sys.stderr, flush=True)
+    if getattr(args, "hf", None):
+        from .check_hf import print_hf_report, run_hf_check
+
+        report = run_hf_check(args.hf, device, args.seed, args.quick)
+        print_hf_report(report)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(_json_safe(report), f, indent=1)
+        return 0 if report["passed"] else 1
     if args.backends:
         names = list(dict.fromkeys(n.strip() for n in args.backends.split(",") if n.strip()))
         unknown = [n for n in names if n not in (*backends.BACKENDS, "plain")]

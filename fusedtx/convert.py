@@ -26,6 +26,7 @@ fusedtx does not recognise. Forward hooks and the training flag move with each m
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,15 @@ class ConversionReport:
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     left: list[tuple[str, str, str]] = field(default_factory=list)
     attention: str = "unchanged: not a transformers model (use fusedtx layers or causal_attention for attention)"
+
+    def summary(self) -> str:
+        """One line per kind of conversion (counts), the modules left, and the attention."""
+        kinds = Counter((was, now) for _, was, now in self.converted)
+        lines = [f"fusedtx.convert: {len(self.converted)} module(s) converted, {len(self.left)} left"]
+        lines += [f"  converted  {n} x {was} -> {now}" for (was, now), n in sorted(kinds.items())]
+        lines += [f"  left       {path or '(root)'}: {kind}: {why}" for path, kind, why in self.left]
+        lines.append(f"  attention  {self.attention}")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         lines = [f"fusedtx.convert: {len(self.converted)} module(s) converted, {len(self.left)} left"]

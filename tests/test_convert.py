@@ -78,6 +78,7 @@ def test_convert_gpt2_swaps_conv1d_layernorm_and_linear_keeping_the_parameters()
         got = model(idx).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert "converted  lm_head: Linear -> fusedtx.nn.Linear" in str(report)
+    assert "converted  8 x Conv1D -> fusedtx.nn.Conv1D" in report.summary()
 
 
 def test_convert_llama_recognises_hf_rmsnorm_by_behaviour():
@@ -268,3 +269,29 @@ def test_guard_raise_mode_names_the_op_and_module():
             model(tokens((1, 5), seed=9))
     with pytest.raises(ValueError, match="mode must be 'warn' or 'raise'"):
         fusedtx.guard(model, mode="log")
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m fusedtx check --hf PATH
+# ---------------------------------------------------------------------------------------------
+def test_check_hf_on_a_saved_checkpoint(tmp_path, capsys):
+    """The properties on a save_pretrained directory: every one holds converted (exit code 0),
+    and the unconverted column is there beside it."""
+    import argparse
+    import json
+
+    from fusedtx import check
+
+    hf_llama().save_pretrained(tmp_path / "ckpt")
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    out = tmp_path / "report.json"
+    args = parser.parse_args(["--hf", str(tmp_path / "ckpt"), "--quick", "--no-progress", "--json", str(out)])
+    assert check.main(args) == 0, capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "check --hf" in printed and "fusedtx.convert" in printed and "unconverted" in printed
+    assert "every property holds on the converted checkpoint" in printed
+    report = json.loads(out.read_text())
+    cells = report["results"]["fusedtx.convert"]["cells"]
+    assert {c["status"] for c in cells.values()} == {"pass"}, cells
+    assert set(report["results"]["unconverted"]["cells"]) == set(cells)
