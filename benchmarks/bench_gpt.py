@@ -38,6 +38,10 @@ Providers:
     compiled forward under HF generate's DynamicCache would recompile at every new length; HF's
     compiled decoding needs its static cache, not benchmarked here). --no-compile skips it.
     It runs by default, its compile cost recorded apart (compile_time, above).
+  * hf_converted: the HF model after fusedtx.convert (its Conv1D, LayerNorm and lm_head as fusedtx
+    layers, attention through the "fusedtx" implementation, HF's own generate), checked to run
+    fusedtx attention and no aten matmul: what invariance costs a user who keeps their HF code
+    (target on CPU: >= 0.9x hf_eager).
 
 Correctness guard, before any figure is recorded: every provider's output is compared with a
 float64 copy of the HF model (eager attention). Prefill: the logits of the last positions

@@ -26,7 +26,10 @@ in tokens/s, as in bench_gpt.py:
 Providers: fusedtx_native, fusedtx_triton (CUDA only): Llama with that backend, checked by a
 profiled call to run fusedtx's linear, rms_norm, rope and attention and no aten matmul, RMSNorm,
 softmax or SDPA; hf_eager, hf_sdpa (transformers' default), hf_sdpa_compile (prefill and
-training; --no-compile skips it). Each provider's first output is checked against a float64 copy
+training; --no-compile skips it); hf_converted: the HF model after fusedtx.convert (fusedtx
+layers and the "fusedtx" attention implementation, HF's own generate; checked to run fusedtx
+attention and no aten matmul), the cost of invariance for a user who keeps their HF code
+(target on CPU: >= 0.9x hf_eager). Each provider's first output is checked against a float64 copy
 of the HF model as bench_gpt.py does (gradients: embed_tokens, the first q_proj, the last
 down_proj, the final norm).
 

@@ -33,7 +33,8 @@ from timing import OtherLoad, peak_memory_mb, rate, same, synchronize, time_fn  
 
 KINDS = ("prefill", "generate", "train")
 MODE = {"prefill": "forward", "generate": "forward", "train": "full"}
-PROVIDERS = ("fusedtx_native", "fusedtx_triton", "hf_eager", "hf_sdpa", "hf_sdpa_compile")
+PROVIDERS = ("fusedtx_native", "fusedtx_triton", "hf_eager", "hf_sdpa", "hf_sdpa_compile", "hf_converted")
+CONVERTED_TARGET = 0.9  # hf_converted / hf_eager on CPU: what invariance costs a user who keeps their HF code
 # Ops that must not run in a fusedtx model: every matmul, normalisation and softmax is fusedtx's.
 TORCH_KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::native_layer_norm",
                     "aten::rms_norm", "aten::_fused_rms_norm", "aten::_softmax", "aten::scaled_dot_product_attention")
@@ -60,6 +61,8 @@ def sizes(device: torch.device, quick: bool) -> Sizes:
 
 
 def unavailable_reason(provider: str, kind: str, args) -> str | None:
+    if provider == "hf_converted":  # fusedtx.convert's layers run the device's default backend
+        return fusedtx_unavailable("fusedtx_native" if args.device.type == "cpu" else "fusedtx_triton", args.device)
     if provider == "hf_sdpa_compile":
         if args.no_compile:
             return "--no-compile"
@@ -79,6 +82,14 @@ def check_path(provider: str, fn, family: Family) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     names = {e.name for e in prof.events()}
+    if provider == "hf_converted":
+        torch_ops = sorted(names & set(TORCH_KERNEL_OPS))
+        if torch_ops:
+            raise Skip(f"torch kernels ran inside the converted HF model: {torch_ops}")
+        ours = sorted({n.split("::")[1] for n in names if n.startswith(("fusedtx_native::", "fusedtx::"))})
+        if "causal_attention" not in " ".join(ours):
+            raise Skip(f"fusedtx attention did not run in the converted HF model (fusedtx ops seen: {ours})")
+        return "fusedtx.convert; fusedtx ops: " + ", ".join(ours)
     if is_fusedtx(provider):
         torch_ops = sorted(names & set(TORCH_KERNEL_OPS))
         if torch_ops:
@@ -223,9 +234,9 @@ def summarize(rows: list[dict], ceilings: dict, models: Models, args) -> None:
           + (f"; matmul ceiling (torch.mm) {mm:.3f} TFLOP/s" if mm else "")
           + (f"; copy bandwidth {copy_bw:.1f} GB/s" if copy_bw else ""))
     print("  nat = fusedtx_native, tri = fusedtx_triton, eager = hf_eager, sdpa = hf_sdpa (HF's default), "
-          "comp = hf_sdpa_compile; ratios of " + ours)
+          "comp = hf_sdpa_compile, conv = hf_converted (the HF model after fusedtx.convert); ratios of " + ours)
     short = {"fusedtx_native": "nat", "fusedtx_triton": "tri", "hf_eager": "eager", "hf_sdpa": "sdpa",
-             "hf_sdpa_compile": "comp"}
+             "hf_sdpa_compile": "comp", "hf_converted": "conv"}
     for kind in KINDS:
         kernel = f"{prefix}_{kind}"
         shapes = sorted({k[1] for k in rates if k[0] == kernel}, key=lambda s: [int(v) for v in s.split("x")])
@@ -267,6 +278,10 @@ def summarize(rows: list[dict], ceilings: dict, models: Models, args) -> None:
             else:
                 print_target(f"GPU {kern} {dtype_str(models.dtype)} {shape:>9s}: fusedtx_triton vs hf_sdpa "
                              "(no target set)", value, rates.get((kern, shape, "hf_sdpa")), 1.0)
+    for (kern, shape, provider), value in sorted(rates.items()):
+        if cpu and provider == "hf_converted" and not kern.endswith("_train"):
+            print_target(f"CPU {kern} {dtype_str(models.dtype)} {shape:>9s}: hf_converted >= {CONVERTED_TARGET}x "
+                         "hf_eager", value, rates.get((kern, shape, "hf_eager")), CONVERTED_TARGET)
     if not cpu:
         for (kern, shape, provider), value in sorted(rates.items()):
             if kern == f"{prefix}_train" and provider == ours:

@@ -145,6 +145,12 @@ class Models:
             model = self.family.from_hf(self.hf, backend)
             layers = [m for m in model.modules() if hasattr(m, "backend")]
             assert layers and all(m.backend == backend for m in layers), f"{provider}: a layer's backend is not {backend}"
+        elif provider == "hf_converted":  # the user's HF model, kept, under fusedtx.convert
+            import fusedtx
+
+            model = copy.deepcopy(self.hf)
+            report = fusedtx.convert(model)
+            assert not report.left and model.config._attn_implementation == "fusedtx", str(report)
         else:
             model = copy.deepcopy(self.hf)
             model.set_attn_implementation(HF_ATTENTION[provider])
