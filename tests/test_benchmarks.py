@@ -29,6 +29,24 @@ def test_committed_results_parse():
     """The README's figures and the plots read the committed CSV: every row must parse."""
     rows = read_rows(BENCH / "results" / "results.csv")
     assert rows and all(tuple(r.keys()) == CSV_COLUMNS for r in rows)
+    assert not duplicate_rows(rows), f"rows recorded twice (a merge that concatenated the CSV?): {duplicate_rows(rows)[:3]}"
+
+
+def duplicate_rows(rows: list[dict]) -> list[dict]:
+    """Rows that occur more than once: each carries its run's timestamp, so a repeat is a copy."""
+    seen, repeated = set(), []
+    for r in rows:
+        key = tuple(r.values())
+        if key in seen:
+            repeated.append(r)
+        seen.add(key)
+    return repeated
+
+
+def test_duplicate_rows_are_found():
+    """Negative control for the check above."""
+    row = dict.fromkeys(CSV_COLUMNS, "1")
+    assert duplicate_rows([row, dict(row, p50="2")]) == [] and duplicate_rows([row, dict(row)]) == [row]
 
 
 def test_read_rows_names_a_bad_line(tmp_path):
