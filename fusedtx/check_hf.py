@@ -28,19 +28,13 @@ from dataclasses import asdict
 
 import torch
 
-from . import __version__
+from . import __version__, check
 from .check_properties import Cell, compare
 from .convert import convert
 from .testing import _output
 
-PROPERTIES = [
-    ("batch_invariance", "2 batch invariance"),
-    ("generate_vs_forward", "3 generate == full forward"),
-    ("chunked_prefill", "  chunked prefill == full"),
-    ("on_policy", "4 on-policy logprobs"),
-    ("training_repeat", "5 training, run vs run"),
-    ("training_threads", "  training, thread counts"),
-]
+# check's rows but accuracy and serving (fusedtx-model properties)
+PROPERTIES = [(key, label) for key, label in check.PROPERTIES if key not in ("accuracy", "serving")]
 COLUMNS = ("fusedtx.convert", "unconverted")
 
 
@@ -205,15 +199,13 @@ def convert_copy(base):
 
 
 def print_hf_report(report: dict, file=None) -> None:
-    from .check import _marks, format_table
-
-    yes, no = _marks()
+    yes, no = check._marks()
     m = report["model"]
     print(f"fusedtx {report['versions']['fusedtx']} check --hf {report['path']}: {m['model_type']}, "
           f"{m['parameters'] / 1e6:.1f}M parameters, vocab {m['vocab_size']}, float32, on {report['device']['type']}",
           file=file)
     print(f"{yes} = bitwise identical, else {no} and the largest |difference|.\n", file=file)
-    print(format_table(report, PROPERTIES), file=file)
+    print(check.format_table(report, PROPERTIES), file=file)
     print("\n" + report["conversion"], file=file)
     for column in report["columns"]:
         for key, cell in report["results"][column["name"]]["cells"].items():
