@@ -87,8 +87,8 @@ def test_quick_run_writes_csv_and_plots(script, tmp_path):
 
 
 @pytest.mark.parametrize("script, prefix, providers", [
-    ("bench_gpt.py", "gpt2", "fusedtx_native,hf_eager,hf_sdpa"),
-    ("bench_llama.py", "smollm2_135m", "fusedtx_native,hf_sdpa"),
+    ("bench_gpt.py", "gpt2", "fusedtx_native,hf_eager,hf_sdpa,hf_converted"),
+    ("bench_llama.py", "smollm2_135m", "fusedtx_native,hf_sdpa,hf_converted"),
 ])
 def test_quick_model_run(script, prefix, providers, tmp_path):
     """bench_gpt.py / bench_llama.py on a tiny model: every workload and provider measured (each
