@@ -35,8 +35,8 @@ asked for, and the interpreter must be chosen before triton is imported:
 emulation of every fused multiply-add) gets a reduced workload too.
 
 `--hf PATH` checks a local Hugging Face checkpoint instead, converted with fusedtx.convert and
-unconverted (fusedtx/check_hf.py). The properties themselves are in fusedtx/check_properties.py, the continuous-batching server
-of property 6 in fusedtx/serving.py; this module picks the columns, runs the table, prints it
+unconverted (fusedtx/check_hf.py). The properties themselves are in
+fusedtx/check_properties.py, the continuous-batching server of property 6 in fusedtx/serving.py; this module picks the columns, runs the table, prints it
 and is the command line.
 """
 from __future__ import annotations

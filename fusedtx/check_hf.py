@@ -155,8 +155,8 @@ def run_hf_check(path: str, device: torch.device, seed: int = 0, quick: bool = F
     """Every property on the converted and the unconverted checkpoint: a report like check's."""
     base = load(path, device)
     vocab = base.config.vocab_size
-    converted = convert_copy(base)
-    conversion = convert(copy.deepcopy(base)).summary()
+    converted = copy.deepcopy(base)
+    conversion = convert(converted).summary()
     makers = {"fusedtx.convert": lambda: convert_copy(base), "unconverted": lambda: copy.deepcopy(base)}
     results, started = {}, time.perf_counter()
     for name, model in (("fusedtx.convert", converted), ("unconverted", base)):

@@ -52,15 +52,14 @@ class ConversionReport:
     def summary(self) -> str:
         """One line per kind of conversion (counts), the modules left, and the attention."""
         kinds = Counter((was, now) for _, was, now in self.converted)
-        lines = [f"fusedtx.convert: {len(self.converted)} module(s) converted, {len(self.left)} left"]
-        lines += [f"  converted  {n} x {was} -> {now}" for (was, now), n in sorted(kinds.items())]
-        lines += [f"  left       {path or '(root)'}: {kind}: {why}" for path, kind, why in self.left]
-        lines.append(f"  attention  {self.attention}")
-        return "\n".join(lines)
+        return self._format([f"{n} x {was} -> {now}" for (was, now), n in sorted(kinds.items())])
 
     def __str__(self) -> str:
+        return self._format([f"{path or '(root)'}: {was} -> {now}" for path, was, now in self.converted])
+
+    def _format(self, converted: list[str]) -> str:
         lines = [f"fusedtx.convert: {len(self.converted)} module(s) converted, {len(self.left)} left"]
-        lines += [f"  converted  {path or '(root)'}: {was} -> {now}" for path, was, now in self.converted]
+        lines += [f"  converted  {line}" for line in converted]
         lines += [f"  left       {path or '(root)'}: {kind}: {why}" for path, kind, why in self.left]
         lines.append(f"  attention  {self.attention}")
         return "\n".join(lines)

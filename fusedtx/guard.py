@@ -65,7 +65,7 @@ class Guard(TorchDispatchMode):
             raise ValueError(f"guard: mode must be 'warn' or 'raise', got {mode!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"guard: model must be a torch.nn.Module or None, got {type(model).__name__}")
-        self.model, self.mode = model, mode
+        self.mode = mode
         self.records: Counter = Counter()
         self._stack: list[str] = []
         self._names = {id(m): n for n, m in model.named_modules()} if model is not None else {}

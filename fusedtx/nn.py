@@ -266,14 +266,15 @@ class KVCache:
         if lengths and max(lengths) + tokens > self.max_len:
             raise ValueError(f"KVCache.append: {tokens} more tokens overflow the cache "
                              f"(lengths up to {max(lengths)}, max_len {self.max_len})")
-        if lengths and min(lengths) == max(lengths):  # one length (a single sequence, a uniform batch): a slice
-            self.k[:, :, lengths[0]:lengths[0] + tokens] = k
-            self.v[:, :, lengths[0]:lengths[0] + tokens] = v
-        else:
-            positions = (self.lengths[:, None] + torch.arange(tokens)).to(self.k.device)      # (B, T)
-            index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            self.k.scatter_(2, index, k.to(self.k.dtype))
-            self.v.scatter_(2, index, v.to(self.v.dtype))
+        # One slice write per distinct length (one in all for a single sequence or a uniform batch).
+        starts = sorted(set(lengths))
+        for start in starts:
+            new_k, new_v, rows = k, v, slice(None)
+            if len(starts) > 1:
+                rows = torch.tensor([b for b, n in enumerate(lengths) if n == start], device=self.k.device)
+                new_k, new_v = k[rows], v[rows]
+            self.k[rows, :, start:start + tokens] = new_k
+            self.v[rows, :, start:start + tokens] = new_v
         self.lengths = self.lengths + tokens
         return self.lengths
 

@@ -33,10 +33,12 @@ def _output(out) -> torch.Tensor:
     raise TypeError(f"fusedtx.testing: the call returned a {type(out).__name__}, with no tensor or .logits to compare")
 
 
-def _garbage_rows(inputs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n rows shaped like inputs' rows: token ids drawn from the ids in use for integer inputs,
-    large random values for floating ones."""
+def _garbage_rows(inputs: torch.Tensor, n: int, gen: torch.Generator, extra: int = 0) -> torch.Tensor:
+    """n rows shaped like inputs' rows (dim 1 longer by `extra`): token ids drawn from the ids in
+    use for integer inputs, large random values for floating ones."""
     shape = (n, *inputs.shape[1:])
+    if extra:
+        shape = (n, shape[1] + extra, *shape[2:])
     if inputs.is_floating_point():
         scale = float(inputs.abs().max()) if inputs.numel() else 1.0
         return (torch.randn(shape, generator=gen) * 4 * (scale or 1.0)).to(inputs.device, inputs.dtype)
@@ -50,7 +52,8 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> str:
         return ""
     if a.shape != b.shape or a.dtype != b.dtype:
         return f"shapes/dtypes {list(a.shape)} {a.dtype} vs {list(b.shape)} {b.dtype}"
-    index = tuple(int(i) for i in (a != b).nonzero()[0]) if (a != b).any() else "(NaN payloads)"
+    differ = (a != b).nonzero()
+    index = tuple(int(i) for i in differ[0]) if len(differ) else "(NaN payloads)"
     return f"max |difference| {worst:.3g}, first at index {index}"
 
 
@@ -89,8 +92,7 @@ def assert_batch_invariant(fn: Callable, inputs: torch.Tensor, *, batch_sizes=(2
                     if garbage is not None:
                         batch = garbage(size, length + extra if length is not None else None).clone()
                     else:
-                        wide = inputs if not extra else torch.cat([inputs] + [inputs[:, :1]] * extra, dim=1)
-                        batch = _garbage_rows(wide, size, gen)
+                        batch = _garbage_rows(inputs, size, gen, extra)
                     if length is None:
                         batch[pos] = inputs[row]
                     else:

@@ -86,7 +86,7 @@ struct Problem {
 template <typename T>
 void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
   constexpr __mmask16 kPanelMask = (1u << kMR) - 1u;
-  if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = x.t() in a weight gradient): row k of the block
+  if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = dy.t() in a weight gradient): row k of the block
     // at a time, one sequential read, into every panel (a panel at a time would read kc rows
     // far apart for kMR floats each: a TLB miss per k).
     for (int64_t k = 0; k < kc; ++k) {
@@ -326,7 +326,7 @@ inline void store_first(float* p, __m256 v) {
 // mc zero.
 template <typename T>
 void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
-  if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = x.t() in a weight gradient): row k of the block
+  if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = dy.t() in a weight gradient): row k of the block
     // at a time, one sequential read, into every panel (a panel at a time would read kc rows
     // far apart for kMR floats each: a TLB miss per k).
     for (int64_t k = 0; k < kc; ++k) {

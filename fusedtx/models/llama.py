@@ -223,10 +223,10 @@ class LlamaAttention(torch.nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]:
         """q and k rotated, and v, each (B, heads, T, hd). When autograd records nothing (no
         gradient to x or the weights) and outside torch.compile (inference, decode), q, k and v
-        come from one matmul on the stacked weights
-        (cached, fnn.PackingCache) and q and k are rotated in one call: an output column's bits
-        depend on x's row and that column's weights alone, and rope is elementwise, so these are
-        the bits of the separate calls, in two kernel calls instead of five."""
+        come from one matmul on the stacked weights (cached, fnn.PackingCache) and q and k are
+        rotated in one call: an output column's bits depend on x's row and that column's weights
+        alone, and rope is elementwise, so these are the bits of the separate calls, in two kernel
+        calls instead of five."""
         params = self._stackable_params()
         if params is not None and fnn.PackingCache.usable((x, *params)):
             batch, tokens, _ = x.shape
