@@ -24,6 +24,13 @@ inline void check_rows(const at::Tensor& t, at::DeviceType device, const char* o
               t.sizes());
 }
 
+// A contiguous 1-D tensor: the layout of the elementwise ops.
+inline void check_flat(const at::Tensor& t, at::DeviceType device, const char* op, const char* name) {
+  check_device(t, device, op, name);
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), op, ": ", name, " must be a contiguous 1-D tensor, got sizes ",
+              t.sizes());
+}
+
 // An attention operand: (batch, heads, positions, head_dim) on q's device, any strides but a
 // contiguous last dim (the kernels read rows through the other three strides).
 inline void check_attention_operand(const at::Tensor& t, const at::Tensor& q, at::DeviceType device, const char* op,

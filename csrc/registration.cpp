@@ -29,6 +29,11 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // The vector instruction set the CPU kernels were compiled for: "avx512", "avx2" or "scalar"
   // (cpu/isa.h). Every one computes the same bits; only the speed differs.
   m.def("cpu_isa() -> str", &cpu_isa);
+  // y = act(x) / dx = dy * act'(x) elementwise on a contiguous 1-D tensor, as
+  // reference.activation_forward / activation_backward; activation is a reference.ACT_* code
+  // (1 gelu, 2 gelu_tanh, 4 silu).
+  m.def("activation_forward(Tensor x, int activation) -> Tensor");
+  m.def("activation_backward(Tensor grad_y, Tensor x, int activation) -> Tensor");
   // softmax over the last dim of a contiguous (rows, cols) tensor, as reference.softmax_forward
   // / softmax_backward; `lanes` is the lane count of the row sums (fusedtx/ops/softmax.py picks
   // it: fixed on CPU, the threads per row on CUDA).

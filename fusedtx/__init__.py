@@ -21,6 +21,7 @@ from .backends import (  # noqa: F401
     use_backend,
 )
 from .functional import (  # noqa: F401
+    activation,
     attention_with_kv_cache,
     causal_attention,
     gelu_ffn,

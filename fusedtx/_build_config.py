@@ -14,6 +14,7 @@ from pathlib import Path
 # torch glue that calls it.
 CPU_SOURCES = [
     "registration.cpp",
+    "cpu/activation.cpp",
     "cpu/softmax.cpp",
     "cpu/layer_norm.cpp",
     "cpu/rms_norm.cpp",
@@ -23,6 +24,8 @@ CPU_SOURCES = [
     "cpu/rope.cpp",
 ]
 CUDA_SOURCES = [
+    "cuda/activation.cu",
+    "cuda/activation_glue.cpp",
     "cuda/softmax.cu",
     "cuda/softmax_glue.cpp",
     "cuda/layer_norm.cu",

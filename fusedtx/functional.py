@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import backends, reference
+from .ops import activation as _activation
 from .ops import causal_attention as _causal_attention
 from .ops import layer_norm as _layer_norm
 from .ops import linear as _linear
@@ -39,6 +40,17 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     """
     scale = 1.0 if scale is None else scale
     return _softmax.softmax(x, dim, scale, causal, _backend(backend, x), grad=_needs_grad(x))
+
+
+def activation(x: torch.Tensor, activation: str, *, backend: str | None = None) -> torch.Tensor:
+    """An elementwise activation, float32 math, output in x's dtype: "silu" (F.silu), "gelu"
+    (F.gelu, exact) or "gelu_tanh" (F.gelu(approximate="tanh")), forward and backward.
+
+    Each element's bits depend on its value alone. PyTorch's CPU silu / gelu do not promise
+    that: their vector body and scalar tail differ in the last bit, and which elements take the
+    tail depends on the tensor's size -- on the batch (docs/design.md, "exp and erf")."""
+    code = _activation.activation_code(activation)
+    return _activation.activation(x, code, _backend(backend, x), grad=_needs_grad(x))
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,

@@ -21,6 +21,35 @@ class Softmax(torch.nn.Module):
         return f"dim={self.dim}, scale={self.scale}, causal={self.causal}, backend={self.backend}"
 
 
+class SiLU(torch.nn.Module):
+    """Drop-in for torch.nn.SiLU running fusedtx.activation(x, "silu"): each element's bits
+    depend on its value alone, forward and backward."""
+
+    def __init__(self, inplace: bool = False, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend  # `inplace` is accepted for torch.nn.SiLU's signature; the output is new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.activation(x, "silu", backend=self.backend)
+
+
+class GELU(torch.nn.Module):
+    """Drop-in for torch.nn.GELU(approximate="none" | "tanh") running fusedtx.activation(x,
+    "gelu" | "gelu_tanh"): each element's bits depend on its value alone, forward and backward."""
+
+    def __init__(self, approximate: str = "none", *, backend: str | None = None):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate, self.backend = approximate, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.activation(x, "gelu" if self.approximate == "none" else "gelu_tanh", backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for torch.nn.LayerNorm (same arguments, parameters and state_dict) running
     fusedtx.layer_norm: batch-invariant output and input gradient, deterministic weight and

@@ -60,6 +60,16 @@ def _grads(out, inputs, seed):
     return torch.autograd.grad(out, [t for t in inputs if t is not None], upstream, allow_unused=True)
 
 
+def activation_rows(backend, dtype):
+    for kind in ("silu", "gelu", "gelu_tanh"):
+        x = exact_values((3, 5, 37), 1, dtype, 4.0)
+        with torch.no_grad():
+            yield f"activation/{kind}/forward", fusedtx.activation(x, kind, backend=backend)
+        x.requires_grad_(True)
+        (dx,) = _grads(fusedtx.activation(x, kind, backend=backend), [x], 2)
+        yield f"activation/{kind}/dx", dx
+
+
 def softmax_rows(backend, dtype):
     cases = {
         "plain": dict(shape=(3, 5, 37), dim=-1, scale=None, causal=False),
@@ -237,7 +247,8 @@ def model_rows(backend, dtype):
         yield "gpt/generate_logprobs", out.logprobs
 
 
-OPS = {"softmax": (softmax_rows, ("float32", "bfloat16", "float16")),
+OPS = {"activation": (activation_rows, ("float32", "bfloat16", "float16")),
+       "softmax": (softmax_rows, ("float32", "bfloat16", "float16")),
        "layer_norm": (layer_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "rms_norm": (rms_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "linear": (linear_rows, ("float32", "bfloat16", "float16", "float64")),

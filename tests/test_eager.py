@@ -33,6 +33,11 @@ def _rope_args(x):
 
 # name -> (input shapes, the functional call, the same computation through the registered op)
 CASES = {
+    "activation": (
+        [(3, 5, 40)],
+        lambda x, b: fusedtx.activation(x, "silu", backend=b),
+        lambda x, b: torch.ops.fusedtx.activation(x, 4, b),
+    ),
     "softmax": (
         [(3, 5, 40)],
         lambda x, b: fusedtx.softmax(x, dim=1, scale=0.7, backend=b),

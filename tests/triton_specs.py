@@ -10,7 +10,8 @@ only: the kernel modules hold kernels and launchers.
 import torch
 
 from fusedtx import policy, reference
-from fusedtx.kernels import causal_attention, causal_attention_backward, layer_norm, linear, rms_norm, rope, softmax
+from fusedtx.kernels import (activation, causal_attention, causal_attention_backward, layer_norm, linear, rms_norm, rope,
+                             softmax)
 from fusedtx.kernels._common import log2
 
 
@@ -267,6 +268,25 @@ def rope_specs():
     return specs
 
 
+def activation_specs():
+    """(kernel, signature, constexprs, options, attrs) tuples the PTX lowering test compiles: the
+    forward and backward per dtype and activation, on aligned tensors of any length."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for code in sorted(reference.ELEMENTWISE.values()):
+            constexprs = {"ACTIVATION": code, "BLOCK": activation.BLOCK, "ROUND_BF16": False}
+            options = {"num_warps": activation.NUM_WARPS}
+            sig = {"X": f"*{dtype}", "Y": f"*{dtype}", "n": "i32",
+                   "ACTIVATION": "constexpr", "BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((activation._activation_fwd, sig, constexprs, options,
+                          aligned(activation._activation_fwd, sig, ("n",))))
+            sig = {"DY": f"*{dtype}", "X": f"*{dtype}", "DX": f"*{dtype}", "n": "i32",
+                   "ACTIVATION": "constexpr", "BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((activation._activation_bwd, sig, constexprs, options,
+                          aligned(activation._activation_bwd, sig, ("n",))))
+    return specs
+
+
 SPECS = {f"fusedtx.kernels.{fn.__name__[:-len('_specs')]}": fn for fn in (
-    softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs,
+    activation_specs, softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs,
     rope_specs)}

@@ -1,8 +1,9 @@
-// The Linear op's activations on CPU, as reference.erf_f32, activation_forward,
-// activation_derivative, swiglu_forward and swiglu_grad_preact operation for operation
-// (docs/design.md, "exp and erf"). F is float or vfloat (common.h); both compute the same bits. Used by the matmul's epilogue and the
-// backward's elementwise part (linear.cpp). A part of linear.cpp: its functions are in an
-// unnamed namespace, local to that file, so that GCC inlines them as file-local code.
+// The activations on CPU, as reference.erf_f32, activation_forward, activation_derivative,
+// swiglu_forward and swiglu_grad_preact operation for operation (docs/design.md, "exp and erf").
+// F is float or a float vector (common.h); both compute the same bits. Used by the matmul's
+// epilogue and the backward's elementwise part (linear.cpp) and by the activation op
+// (activation.cpp). Its functions are in an unnamed namespace, local to each including file, so
+// that GCC inlines them as file-local code.
 #pragma once
 
 #include <bit>
@@ -14,7 +15,7 @@
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActSwiglu = 3;  // reference.ACT_*
+constexpr int kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActSwiglu = 3, kActSilu = 4;  // reference.ACT_*
 
 // Where an output element goes: at the pre-activation's offset, or, for SwiGLU (one output per
 // gate/up pair, half the width), at half of it (an even offset: tiles hold whole pairs).
@@ -127,6 +128,9 @@ inline F activation_forward(F h) {
   } else if constexpr (kAct == kActGeluTanh) {
     F e;
     return h * gelu_tanh_sigmoid(h, &e);
+  } else if constexpr (kAct == kActSilu) {
+    F e;
+    return h * sigmoid_of_neg(-h, &e);
   } else {
     return h;
   }
@@ -143,6 +147,10 @@ inline F activation_derivative(F h) {
     const F s = gelu_tanh_sigmoid(h, &e);
     const F slope = kTanhTwoK * (splat<F>(1.0f) + kTanhCubic3 * (h * h));
     return s + ((h * s) * (e * s)) * slope;
+  } else if constexpr (kAct == kActSilu) {
+    F e;
+    const F s = sigmoid_of_neg(-h, &e);
+    return s + (h * s) * (e * s);
   } else {
     return splat<F>(1.0f);
   }

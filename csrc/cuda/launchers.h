@@ -10,6 +10,13 @@ namespace fusedtx::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
+// y = act(x) (activation_forward) and grad_x = grad_y * act'(x) (activation_backward) over n
+// contiguous elements, as reference.activation_forward / activation_backward; activation is a
+// reference.ACT_* code: 1 gelu, 2 gelu_tanh, 4 silu (another gives cudaErrorInvalidValue).
+cudaError_t activation_forward(const void* x, void* y, int64_t n, int activation, DType dtype, cudaStream_t stream);
+cudaError_t activation_backward(const void* grad_y, const void* x, void* grad_x, int64_t n, int activation, DType dtype,
+                                cudaStream_t stream);
+
 // softmax(scale * x) over each row of a contiguous (rows, cols) tensor; `lanes` threads per
 // row (a power of two in [32, 1024]) are the lanes of reference.lane_sum. Causal: row r is
 // query r % n_queries and sees keys j <= r % n_queries + cols - n_queries.

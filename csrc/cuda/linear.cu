@@ -37,6 +37,7 @@
 // partials in ascending group order from +0, as layer_norm.cu does for dweight / dbias. No atomics.
 #include <type_traits>
 
+#include "activations.cuh"
 #include "common.cuh"
 
 namespace fusedtx::cuda {
@@ -60,55 +61,6 @@ constexpr size_t kMatmulSmem = 2 * 2 * kTileFloats * sizeof(float);  // double-b
 constexpr int kEltThreads = 256;                     // threads per block of the backward kernels
 static_assert(kBM == kBN && kThreads == 256 && kLoads * kThreads == kBK * kBN, "tile shape");
 
-// The reference's Python constants, rounded to float32 as torch.tensor(c, dtype=float32) does
-// (double -> float, round to nearest): a float literal could round differently from the decimal.
-constexpr float f32(double c) { return static_cast<float>(c); }
-
-// p * x + c with two roundings: one step of reference._horner.
-__device__ __forceinline__ float horner_step(float p, float x, double c) { return __fadd_rn(__fmul_rn(p, x), f32(c)); }
-
-// reference.erf_f32 (only the selected branch is evaluated: the same bits as computing both).
-__device__ __forceinline__ float erf_f32(float t) {
-  float a = fabsf(t);
-  a = a > f32(4.0) ? f32(4.0) : a;  // written so that NaN stays NaN
-  if (a < f32(0.9)) {
-    const float x = __fmul_rn(t, t);
-    float p = f32(-6.1112584e-04);
-    p = horner_step(p, x, 5.0161984e-03);
-    p = horner_step(p, x, -2.6781915e-02);
-    p = horner_step(p, x, 1.1282228e-01);
-    p = horner_step(p, x, -3.761253e-01);
-    p = horner_step(p, x, 1.2837915e-01);
-    return __fadd_rn(t, __fmul_rn(t, p));
-  }
-  float q = f32(-5.805502e-08);
-  q = horner_step(q, a, 1.3905425e-06);
-  q = horner_step(q, a, -1.3021138e-05);
-  q = horner_step(q, a, 4.3403546e-05);
-  q = horner_step(q, a, 2.4704504e-04);
-  q = horner_step(q, a, -3.844943e-03);
-  q = horner_step(q, a, 2.4801595e-02);
-  q = horner_step(q, a, -1.0816315e-01);
-  q = horner_step(q, a, -6.332778e-01);
-  q = horner_step(q, a, -1.129598e+00);
-  q = horner_step(q, a, 1.9802191e-04);
-  return copysignf(__fsub_rn(1.0f, exp_f32(q)), t);
-}
-
-// reference._sigmoid_of_neg: e = exp(min(z, 88)), s = z > 88 ? +0 : 1 / (1 + e).
-__device__ __forceinline__ float sigmoid_of_neg(float z, float& e) {
-  const bool beyond = z > f32(88.0);  // false for NaN: NaN stays NaN
-  e = exp_f32(beyond ? f32(88.0) : z);
-  return beyond ? 0.0f : __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
-}
-
-// reference._gelu_tanh_sigmoid: sigmoid_of_neg(z), z = -2 sqrt(2/pi) (h + 0.044715 h^3).
-__device__ __forceinline__ float gelu_tanh_sigmoid(float h, float& e) {
-  const float h3 = __fmul_rn(__fmul_rn(h, h), h);
-  const float z = __fmul_rn(__fadd_rn(h, __fmul_rn(f32(0.044715), h3)), f32(-1.5957691216057308));
-  return sigmoid_of_neg(z, e);
-}
-
 // reference.swiglu_forward on one gate/up pair: (g s) u, s = sigmoid_of_neg(-g).
 __device__ __forceinline__ float swiglu_forward(float g, float u) {
   float e;
@@ -123,35 +75,6 @@ __device__ __forceinline__ void swiglu_grads(float dy, float g, float u, float& 
   const float gs = __fmul_rn(g, s);
   dg = __fmul_rn(__fmul_rn(dy, u), __fadd_rn(s, __fmul_rn(gs, __fmul_rn(e, s))));
   du = __fmul_rn(dy, gs);
-}
-
-// reference.activation_forward on float32 h (kAct: reference.ACT_*).
-template <int kAct>
-__device__ __forceinline__ float activation_forward(float h) {
-  if constexpr (kAct == 1) {
-    return __fmul_rn(__fmul_rn(0.5f, h), __fadd_rn(1.0f, erf_f32(__fmul_rn(h, f32(0.70710678118654752)))));
-  } else if constexpr (kAct == 2) {
-    float e;
-    return __fmul_rn(h, gelu_tanh_sigmoid(h, e));
-  } else {
-    return h;
-  }
-}
-
-// reference.activation_derivative on float32 h (kAct 1 or 2).
-template <int kAct>
-__device__ __forceinline__ float activation_derivative(float h) {
-  static_assert(kAct == 1 || kAct == 2, "no derivative without an activation");
-  if constexpr (kAct == 1) {
-    const float cdf = __fmul_rn(0.5f, __fadd_rn(1.0f, erf_f32(__fmul_rn(h, f32(0.70710678118654752)))));
-    const float pdf = __fmul_rn(exp_f32(__fmul_rn(-0.5f, __fmul_rn(h, h))), f32(0.39894228040143268));
-    return __fadd_rn(cdf, __fmul_rn(h, pdf));
-  } else {
-    float e;
-    const float s = gelu_tanh_sigmoid(h, e);
-    const float slope = __fmul_rn(f32(1.5957691216057308), __fadd_rn(1.0f, __fmul_rn(f32(0.134145), __fmul_rn(h, h))));
-    return __fadd_rn(s, __fmul_rn(__fmul_rn(__fmul_rn(h, s), __fmul_rn(e, s)), slope));
-  }
 }
 
 // v rounded to T and widened back: the value a T tensor holding v reads as.
@@ -288,7 +211,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < kTM; ++i) {
     const int64_t r = row0 + (i < 4 ? ty * 4 + i : kBM / 2 + ty * 4 + (i - 4));
     if (r >= m) continue;
-    if constexpr (kAct == 3) {
+    if constexpr (kAct == kActSwiglu) {
       // SwiGLU: the thread's columns come in gate/up pairs (j, j + 1), j even (n is even, so a
       // pair is inside the matrix or outside it whole); y[r, c / 2] of an (m, n / 2) y.
 #pragma unroll
@@ -336,7 +259,7 @@ __global__ void __launch_bounds__(kEltThreads)
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t off = r * n + j;
     float v;
-    if constexpr (kAct == 3) {
+    if constexpr (kAct == kActSwiglu) {
       const int64_t pair = r * n + (j & ~int64_t{1});
       float dg, du;
       swiglu_grads(load_f32(grad_y + r * (n / 2) + j / 2), load_f32(preact + pair), load_f32(preact + pair + 1), dg,

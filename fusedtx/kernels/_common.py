@@ -127,6 +127,7 @@ ACT_NONE = tl.constexpr(_reference.ACT_NONE)
 ACT_GELU = tl.constexpr(_reference.ACT_GELU)
 ACT_GELU_TANH = tl.constexpr(_reference.ACT_GELU_TANH)
 ACT_SWIGLU = tl.constexpr(_reference.ACT_SWIGLU)
+ACT_SILU = tl.constexpr(_reference.ACT_SILU)
 
 
 @triton.jit
@@ -201,6 +202,9 @@ def activation_forward(h, ACTIVATION: tl.constexpr):
     elif ACTIVATION == ACT_GELU_TANH:
         s, e = gelu_tanh_sigmoid(h)
         y = h * s
+    elif ACTIVATION == ACT_SILU:
+        s, e = sigmoid_of_neg(-h)
+        y = h * s
     else:
         y = h
     return y
@@ -208,11 +212,14 @@ def activation_forward(h, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def activation_derivative(h, ACTIVATION: tl.constexpr):
-    """reference.activation_derivative on float32 h (gelu or gelu_tanh)."""
+    """reference.activation_derivative on float32 h (gelu, gelu_tanh or silu)."""
     if ACTIVATION == ACT_GELU:
         cdf = 0.5 * (1.0 + erf_f32(h * 0.70710678118654752))
         pdf = exp_f32(-0.5 * (h * h)) * 0.39894228040143268
         d = cdf + h * pdf
+    elif ACTIVATION == ACT_SILU:
+        s, e = sigmoid_of_neg(-h)
+        d = s + (h * s) * (e * s)
     else:
         tl.static_assert(ACTIVATION == ACT_GELU_TANH)
         s, e = gelu_tanh_sigmoid(h)

@@ -25,10 +25,10 @@ beside common.py's building blocks (docs/design.md, "Reduction orders").
 from .causal_attention import causal_attention_backward, causal_attention_forward
 from .common import (blocked_fma_matmul, compute_dtype, exp_f32, fma_f32, fma_matmul, lane_sum,
                      lane_sum_compensated, row_group_sum, row_length, rstd_of, sqrt_rn, two_sum)
+from .activation import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_SILU, ACT_SWIGLU, ACTIVATIONS, ELEMENTWISE,
+                         activation_backward, activation_derivative, activation_forward, erf_f32)
 from .layer_norm import layer_norm_backward, layer_norm_forward
-from .linear import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_SWIGLU, ACTIVATIONS, activation_derivative,
-                     activation_forward, erf_f32, linear_backward, linear_bias_act_backward, linear_matmul,
-                     swiglu_forward, swiglu_grad_preact)
+from .linear import linear_backward, linear_bias_act_backward, linear_matmul, swiglu_forward, swiglu_grad_preact
 from .rms_norm import rms_norm_backward, rms_norm_forward
 from .rope import rope_backward, rope_forward, rope_inv_freq, rope_table
 from .softmax import causal_valid_counts, softmax_backward, softmax_forward
@@ -37,8 +37,8 @@ __all__ = [
     "exp_f32", "lane_sum", "lane_sum_compensated", "two_sum", "sqrt_rn", "row_group_sum", "row_length", "rstd_of", "compute_dtype", "fma_f32", "fma_matmul", "blocked_fma_matmul",
     "causal_valid_counts", "softmax_forward", "softmax_backward",
     "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
-    "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_SWIGLU", "ACTIVATIONS", "erf_f32", "activation_forward",
-    "activation_derivative", "swiglu_forward", "swiglu_grad_preact", "linear_matmul", "linear_bias_act_backward",
+    "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_SWIGLU", "ACT_SILU", "ACTIVATIONS", "ELEMENTWISE", "erf_f32",
+    "activation_forward", "activation_derivative", "activation_backward", "swiglu_forward", "swiglu_grad_preact", "linear_matmul", "linear_bias_act_backward",
     "linear_backward",
     "causal_attention_forward", "causal_attention_backward",
     "rope_inv_freq", "rope_table", "rope_forward", "rope_backward",
