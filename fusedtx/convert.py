@@ -11,15 +11,22 @@ working, the state_dict is unchanged):
     torch.nn.LayerNorm                    -> fusedtx.nn.LayerNorm
     torch.nn.RMSNorm                      -> fusedtx.nn.RMSNorm
     torch.nn.Softmax                      -> fusedtx.nn.Softmax
+    torch.nn.SiLU, torch.nn.GELU          -> fusedtx.nn.SiLU, fusedtx.nn.GELU
     a module that computes x @ W + b      -> fusedtx.nn.Conv1D (HF GPT-2's Conv1D)
       with W (in, out)
     a module that computes an RMSNorm     -> fusedtx.nn.RMSNorm (HF's LlamaRMSNorm, Qwen2RMSNorm, ...)
       or a LayerNorm of its last dim         or fusedtx.nn.LayerNorm
+    a module that computes SiLU or GELU   -> fusedtx.nn.SiLU / fusedtx.nn.GELU (HF's SiLUActivation,
+      (exact or tanh)                        GELUActivation, NewGELUActivation, GELUTanh, ...)
 
-The last two are recognised by behaviour, not by name: a leaf module whose parameters have the
-right shapes and that has an epsilon attribute is run once on a probe input, and converted
-only when its output matches the fusedtx layer's (RMSNorm variants that scale by 1 + weight, or
-normalise differently, fail the probe and are left, reported). A transformers model is also
+The activations are converted because PyTorch's CPU silu and gelu are not batch invariant
+although elementwise: their vector body and scalar tail differ in the last bit, and which
+elements take the tail depends on the tensor's size. The last three kinds are recognised by
+behaviour, not by name: a leaf module whose parameters have the right shapes and that has an
+epsilon attribute (or, for activations, one without parameters or buffers) is run once on a
+probe input, and converted only when its output matches the fusedtx layer's (RMSNorm variants
+that scale by 1 + weight, or normalise differently, a clipped or "quick" GELU, fail the probe
+and are left). A transformers model is also
 switched to fusedtx attention (fusedtx.hf). Subclasses of the torch layers (adapters, quantized
 layers) have their own forward and are left, reported; so are other modules with parameters
 fusedtx does not recognise. Forward hooks and the training flag move with each module.
@@ -36,9 +43,11 @@ from . import hf
 from . import nn as fnn
 
 # Leaf modules without a reduction: nothing to convert, nothing to report.
-_NO_REDUCTION = (torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity, torch.nn.GELU, torch.nn.SiLU,
-                 torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid)
-_FUSEDTX_LAYERS = (fnn.Linear, fnn.LayerNorm, fnn.RMSNorm, fnn.Softmax, fnn.Conv1D)
+_NO_REDUCTION = (torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity, torch.nn.ReLU, torch.nn.Tanh)
+_FUSEDTX_LAYERS = (fnn.Linear, fnn.LayerNorm, fnn.RMSNorm, fnn.Softmax, fnn.Conv1D, fnn.SiLU, fnn.GELU)
+# Elementwise layers fusedtx has no kernel for whose PyTorch CPU kernels are not batch invariant
+# (vector body and scalar tail differ): left, and said so.
+_POSITION_DEPENDENT = (torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.Mish, torch.nn.ELU, torch.nn.SELU)
 
 
 @dataclass
@@ -141,13 +150,23 @@ def _replacement(module: torch.nn.Module, backend) -> tuple[torch.nn.Module | No
         return _share(new, module, "weight"), ""
     if t is torch.nn.Softmax:
         return fnn.Softmax(-1 if module.dim is None else module.dim, backend=backend), ""
-    if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.Softmax)):
+    if t is torch.nn.SiLU:
+        return fnn.SiLU(backend=backend), ""
+    if t is torch.nn.GELU:
+        return fnn.GELU(module.approximate, backend=backend), ""
+    if isinstance(module, _POSITION_DEPENDENT):
+        return None, (f"elementwise {t.__name__}: PyTorch's CPU kernel gives an element other bits in the vector "
+                      "body than in the scalar tail, so its bits may depend on the batch; fusedtx has no kernel for it")
+    if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.Softmax, torch.nn.SiLU,
+                           torch.nn.GELU)):
         return None, f"a subclass of torch.nn.{t.__mro__[1].__name__} with its own forward (an adapter, a quantized layer?)"
     if isinstance(module, torch.nn.MultiheadAttention):
         return None, "torch.nn.MultiheadAttention is not converted: use fusedtx.causal_attention in its place"
     params = dict(module.named_parameters(recurse=False))
-    if not params or list(module.children()):
+    if list(module.children()):
         return None, ""
+    if not params:
+        return (_activation_by_behaviour(module, backend), "") if not list(module.buffers(recurse=False)) else (None, "")
     probed = _by_behaviour(module, params, backend)
     if probed is not None:
         return probed, ""
@@ -177,6 +196,25 @@ def _probe_matches(module: torch.nn.Module, candidate, x: torch.Tensor) -> bool:
         return False
     tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 3e-2
     return bool(torch.allclose(got.double(), want.double(), rtol=tol, atol=tol / 10))
+
+
+# The activations a parameterless module may compute, and the fusedtx layer for each. The probe
+# reaches |x| = 60, past any clip of a "clipped" GELU and where GELU and its tanh form part.
+_ACTIVATIONS = (
+    (lambda t: torch_F.silu(t), lambda backend: fnn.SiLU(backend=backend)),
+    (lambda t: torch_F.gelu(t), lambda backend: fnn.GELU("none", backend=backend)),
+    (lambda t: torch_F.gelu(t, approximate="tanh"), lambda backend: fnn.GELU("tanh", backend=backend)),
+)
+
+
+def _activation_by_behaviour(module: torch.nn.Module, backend) -> torch.nn.Module | None:
+    """A parameterless leaf module that computes SiLU or GELU (exact or tanh): its fusedtx layer."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(3, 64, generator=gen) * 3, torch.linspace(-60, 60, 64)[None]])
+    for function, layer in _ACTIVATIONS:
+        if _probe_matches(module, function, x):
+            return layer(backend)
+    return None
 
 
 def _by_behaviour(module: torch.nn.Module, params: dict, backend) -> torch.nn.Module | None:

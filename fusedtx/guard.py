@@ -12,7 +12,10 @@ an attention kernel, a convolution, a cumulative sum — is where bits can come 
 batch (a kernel chosen by the batch's shape, a reduction split across threads); fusedtx's own
 kernels are not ATen operators, so a converted model records none. Exact ones are skipped:
 integer and boolean reductions, max / min / argmax, and matmuls whose contraction has length 1
-(one product per element, e.g. HF's rotary angles). Forward calls are attributed to the module
+(one product per element, e.g. HF's rotary angles). On CPU it also records the elementwise
+activations whose PyTorch kernels give an element other bits in their vector body than in
+their scalar tail (silu, gelu, sigmoid, softplus, mish, elu, exp2 and their backwards): which
+elements take the tail depends on the tensor's size, so on the batch. Forward calls are attributed to the module
 path running them (forward hooks); the backward's to "(backward)".
 """
 from __future__ import annotations
@@ -40,12 +43,20 @@ _REDUCTION_NAMES = (
     "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
 )
 _REDUCTIONS = {getattr(aten, name) for name in _REDUCTION_NAMES if hasattr(aten, name)}
+# Elementwise ops whose CPU kernels are not position invariant (measured: a few percent of float32
+# inputs differ in the last bit between a lone element and the same element in a long tensor).
+_POSITION_DEPENDENT_NAMES = ("silu", "silu_backward", "gelu", "gelu_backward", "sigmoid", "sigmoid_backward",
+                             "softplus", "softplus_backward", "mish", "mish_backward", "elu", "elu_backward", "exp2")
+_POSITION_DEPENDENT = {getattr(aten, name) for name in _POSITION_DEPENDENT_NAMES if hasattr(aten, name)}
 # Matmuls: the argument whose last dim is the contraction (length 1: one product per element, exact).
 _MATMUL_FIRST = {aten.mm: 0, aten.addmm: 1, aten.bmm: 0, aten.baddbmm: 1, aten.matmul: 0, aten.mv: 0, aten.addmv: 1}
 
 
 def _is_reduction(func, args) -> bool:
+    """A floating-point reduction, or (on CPU) a position-dependent elementwise op."""
     packet = getattr(func, "overloadpacket", None)
+    if packet in _POSITION_DEPENDENT:
+        return any(isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == "cpu" for a in args)
     if packet not in _REDUCTIONS:
         return False
     if not any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):
@@ -81,7 +92,7 @@ class Guard(TorchDispatchMode):
         if _is_reduction(func, args):
             where = self._path()
             if self.mode == "raise":
-                raise RuntimeError(f"fusedtx.guard: {func} ran outside fusedtx in {where}: a reduction whose bits may "
+                raise RuntimeError(f"fusedtx.guard: {func} ran outside fusedtx in {where}: an op whose bits may "
                                    "depend on the batch (convert the module: fusedtx.convert)")
             self.records[(str(func.overloadpacket), where)] += 1
         return func(*args, **kwargs)

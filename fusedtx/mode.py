@@ -13,6 +13,7 @@ it first, and these are answered by fusedtx ops (forward and backward, on CPU an
     x @ w, torch.matmul / mm / addmm with a 2-D w          fusedtx.linear(x, w.t()) (+ addmm's bias)
     F.layer_norm, F.rms_norm                               fusedtx.layer_norm / rms_norm
     softmax (torch., F., Tensor.)                          fusedtx.softmax
+    F.silu, F.gelu (exact or tanh)                         fusedtx.activation
     F.scaled_dot_product_attention, is_causal=True,        fusedtx.causal_attention
       no mask, no dropout, as many queries as keys
 
@@ -20,7 +21,10 @@ A function mode rather than ATen-level overrides (torch.library): it sees the Py
 its meaning intact (a weight operand, is_causal) before it is decomposed, runs in eager code and
 under autograd alike, and leaves everything else to PyTorch untouched. Calls it cannot serve —
 an unsupported dtype (float64) or device, SDPA with a mask, dropout or top-left causal alignment,
-a matmul of two batched activations (bmm, einsum), log_softmax — run as PyTorch runs them;
+a matmul of two batched activations (bmm, einsum), log_softmax, and on CPU the elementwise
+sigmoid, softplus, mish, elu, selu and exp2 (PyTorch's CPU kernels for those compute an element
+differently in their vector body and scalar tail, so its bits depend on where it sits in the
+tensor) — run as PyTorch runs them;
 with strict=True they raise a RuntimeError naming the call and why, so that a user learns
 which call keeps the model from being invariant. Modules built from fusedtx layers, and
 fusedtx's own calls, pass through the mode unchanged.
@@ -42,6 +46,13 @@ _LAYER_NORM = {torch_F.layer_norm}
 _RMS_NORM = {torch_F.rms_norm}
 _SOFTMAX = {torch.softmax, torch_F.softmax, torch.Tensor.softmax}
 _SDPA = {torch_F.scaled_dot_product_attention}
+_SILU = {torch_F.silu}
+_GELU = {torch_F.gelu}
+# Elementwise functions whose PyTorch CPU kernels are not batch invariant (vector body and scalar
+# tail differ in the last bit) and that fusedtx has no kernel for: strict mode names them on CPU.
+_POSITION_DEPENDENT = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", torch_F.softplus: "softplus",
+                       torch_F.mish: "mish", torch_F.elu: "elu", torch_F.selu: "selu", torch.exp2: "exp2",
+                       torch.Tensor.exp2: "exp2"}
 # Reductions across rows or within a row that fusedtx cannot answer yet: strict mode names them.
 _UNSERVED = {torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",
              torch.einsum: "einsum", torch.log_softmax: "log_softmax", torch_F.log_softmax: "log_softmax",
@@ -116,6 +127,23 @@ def _softmax(args, kwargs):
     return F.softmax(x, dim)
 
 
+def _silu(args, kwargs):
+    x = args[0]
+    if (args[1] if len(args) > 1 else kwargs.get("inplace", False)):
+        raise _Unserved("silu with inplace=True: fusedtx writes a new tensor")
+    _check_tensor(x, "the input")
+    return F.activation(x, "silu")
+
+
+def _gelu(args, kwargs):
+    x = args[0]
+    approximate = args[1] if len(args) > 1 else kwargs.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise _Unserved(f"gelu with approximate={approximate!r}")
+    _check_tensor(x, "the input")
+    return F.activation(x, "gelu" if approximate == "none" else "gelu_tanh")
+
+
 def _sdpa(args, kwargs):
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     bound = dict(zip(names, args))
@@ -162,8 +190,16 @@ class BatchInvariantMode(TorchFunctionMode):
                 return _softmax(args, kwargs)
             if func in _SDPA:
                 return _sdpa(args, kwargs)
+            if func in _SILU:
+                return _silu(args, kwargs)
+            if func in _GELU:
+                return _gelu(args, kwargs)
             if func in _UNSERVED:
                 raise _Unserved(f"{_UNSERVED[func]} has no fusedtx kernel yet")
+            if func in _POSITION_DEPENDENT and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
+                raise _Unserved(f"{_POSITION_DEPENDENT[func]} on CPU: PyTorch's kernel gives an element other bits in "
+                                "its vector body than in its scalar tail, so they depend on the tensor's size; "
+                                "fusedtx has no kernel for it")
         except _Unserved as why:
             if self.strict:
                 raise RuntimeError(f"batch_invariant_mode(strict=True): {why}") from None

@@ -12,7 +12,7 @@ import torch
 
 import fusedtx
 from fusedtx.testing import Divergence, assert_batch_invariant, assert_decode_consistent, first_divergence
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, bitwise_equal
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,11 +26,11 @@ def hf_gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def hf_llama(family="llama", seed=0):
+def hf_llama(family="llama", seed=0, intermediate_size=160):
     config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
                              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
     config = getattr(transformers, config_cls)(
-        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=300, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, attn_implementation="sdpa")
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
@@ -66,6 +66,7 @@ def test_convert_gpt2_swaps_conv1d_layernorm_and_linear_keeping_the_parameters()
     assert kinds["transformer.h.0.ln_1"] == "fusedtx.nn.LayerNorm"
     assert kinds["transformer.ln_f"] == "fusedtx.nn.LayerNorm"
     assert kinds["lm_head"] == "fusedtx.nn.Linear"
+    assert kinds["transformer.h.0.mlp.act"] == "fusedtx.nn.GELU"  # HF's NewGELUActivation, by behaviour
     assert report.left == [], str(report)
     assert "fusedtx" in report.attention and model.config._attn_implementation == "fusedtx"
     assert {id(p) for p in model.parameters()} == params_before, "convert must keep the Parameter objects"
@@ -88,6 +89,7 @@ def test_convert_llama_recognises_hf_rmsnorm_by_behaviour():
     assert kinds["model.layers.0.input_layernorm"] == ("LlamaRMSNorm", "fusedtx.nn.RMSNorm")
     assert kinds["model.norm"] == ("LlamaRMSNorm", "fusedtx.nn.RMSNorm")
     assert kinds["model.layers.1.mlp.down_proj"] == ("Linear", "fusedtx.nn.Linear")
+    assert kinds["model.layers.1.mlp.act_fn"] == ("SiLUActivation", "fusedtx.nn.SiLU")
     assert report.left == [], str(report)
 
 
@@ -109,12 +111,14 @@ def test_convert_reports_what_it_leaves_and_why():
             return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps) * (1 + self.weight)
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), Adapter(8, 8), OnePlusRMSNorm(8), torch.nn.Conv1d(8, 8, 1),
-                                torch.nn.GELU())
+                                torch.nn.GELU("tanh"), torch.nn.Sigmoid(), torch.nn.ReLU())
     report = fusedtx.convert(model)
-    assert [(p, now) for p, _, now in report.converted] == [("0", "fusedtx.nn.Linear")]
+    assert [(p, now) for p, _, now in report.converted] == [("0", "fusedtx.nn.Linear"), ("4", "fusedtx.nn.GELU")]
+    assert model[4].approximate == "tanh"
     left = {path: why for path, _, why in report.left}
-    assert set(left) == {"1", "2", "3"}
+    assert set(left) == {"1", "2", "3", "5"}
     assert "subclass of torch.nn.Linear" in left["1"] and "not recognised" in left["2"]
+    assert "elementwise Sigmoid: PyTorch's CPU kernel" in left["5"]
     assert isinstance(model[1], Adapter) and isinstance(model[0], fusedtx.nn.Linear)
     with pytest.raises(TypeError, match="convert: model itself is a Linear"):
         fusedtx.convert(torch.nn.Linear(4, 4))
@@ -125,7 +129,10 @@ def test_convert_reports_what_it_leaves_and_why():
 # ---------------------------------------------------------------------------------------------
 # the promise on converted HF models, and the unconverted ones as negative controls
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [hf_gpt2, hf_llama, lambda: hf_llama("qwen2")], ids=["gpt2", "llama", "qwen2"])
+# An odd FFN width (129) puts a row's last SiLU inputs in PyTorch's scalar tail when it is alone
+# and in its vector body inside a batch: the activation has to be converted too.
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama, lambda: hf_llama("qwen2"), lambda: hf_llama(intermediate_size=129)],
+                         ids=["gpt2", "llama", "qwen2", "llama-odd-ffn"])
 def test_converted_hf_model_is_batch_invariant(make):
     model, _ = converted(make())
     assert_batch_invariant(model, tokens((2, SEQ), seed=2), extra_tokens=(0, 3, 19))
@@ -134,6 +141,15 @@ def test_converted_hf_model_is_batch_invariant(make):
 def test_negative_control_unconverted_hf_model_is_not_batch_invariant():
     with pytest.raises(AssertionError, match="not batch-invariant: row"):
         assert_batch_invariant(hf_llama(), tokens((3, SEQ), seed=2), extra_tokens=(0, 3, 19))
+
+
+def test_negative_control_converted_linears_alone_leave_silu_batch_dependent():
+    """Converting every layer but the activation (HF's SiLUActivation put back) is not enough."""
+    model, _ = converted(hf_llama(intermediate_size=129))
+    for layer in model.model.layers:
+        layer.mlp.act_fn = transformers.activations.SiLUActivation()
+    with pytest.raises(AssertionError, match="not batch-invariant: row"):
+        assert_batch_invariant(model, tokens((2, SEQ), seed=2), extra_tokens=(0, 3, 19))
 
 
 @pytest.mark.parametrize("make", [hf_gpt2, hf_llama], ids=["gpt2", "llama"])
@@ -147,35 +163,123 @@ def test_negative_control_unconverted_hf_generate_differs_from_full_forward():
         assert_decode_consistent(hf_llama(), tokens((2, 7), seed=3), max_new_tokens=12)
 
 
-def test_converted_training_gradients_repeat_and_ignore_the_thread_count():
-    def grads(threads):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            model, _ = converted(hf_llama())
-            model.train()
-            idx = tokens((3, 21), seed=4)
-            model(idx, labels=idx).loss.backward()
-            return [p.grad.clone() for p in model.parameters()]
-        finally:
-            torch.set_num_threads(before)
+def trained_parameters(threads, convert=True, steps=4):
+    """The parameters of an HF Llama with an odd FFN width after `steps` AdamW steps on `threads`
+    threads (test_llama's TRAIN_CONFIG recipe: one step's gradients can agree by chance, four
+    steps of unconverted PyTorch do not)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = hf_llama(intermediate_size=129)
+        if convert:
+            fusedtx.convert(model)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        idx = tokens((3, 95), seed=4)
+        for _ in range(steps):
+            loss = model(idx, labels=idx).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+    finally:
+        torch.set_num_threads(before)
 
-    first = grads(2)
-    for other in (grads(2), grads(1)):
+
+def test_converted_training_repeats_and_ignores_the_thread_count():
+    first = trained_parameters(2)
+    for other in (trained_parameters(2), trained_parameters(1)):
         for a, b in zip(first, other):
-            assert_bitwise_equal(a, b, "gradient")
+            assert_bitwise_equal(a, b, "trained parameter")
 
 
-def test_padded_batches_are_refused_clearly():
-    model, _ = converted(hf_llama())
-    idx = tokens((2, 9), seed=5)
-    mask = torch.ones_like(idx)
-    mask[0, :3] = 0  # left padding, as HF pads a batch of unequal prompts
-    with pytest.raises(ValueError, match="fusedtx attention: the attention mask is not the plain causal mask"):
-        with torch.no_grad():
-            model(idx, attention_mask=mask)
-    with torch.no_grad():  # a mask with no padding is the causal one: accepted
-        model(idx, attention_mask=torch.ones_like(idx))
+def test_negative_control_unconverted_training_follows_the_thread_count():
+    one, two = trained_parameters(1, convert=False), trained_parameters(2, convert=False)
+    assert not all(bitwise_equal(a, b) for a, b in zip(one, two)), "unconverted HF Llama: 1 and 2 threads agree"
+
+
+def left_padded(lens, seed):
+    """Prompts of lengths `lens` and the batch HF makes of them: left-padded with token 0, a mask."""
+    prompts = [tokens((n,), seed + i) for i, n in enumerate(lens)]
+    idx = torch.zeros(len(lens), max(lens), dtype=torch.int64)
+    mask = torch.zeros_like(idx)
+    for i, p in enumerate(prompts):
+        idx[i, idx.shape[1] - len(p):] = p
+        mask[i, idx.shape[1] - len(p):] = 1
+    return prompts, idx, mask
+
+
+def generate_logits(model, idx, mask):
+    out = model.generate(idx, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, idx.shape[1]:], torch.stack(out.logits, 1)  # (B, new), (B, new, V)
+
+
+def left_padded_generate_differences(model, lens=(7, 4, 10, 1)) -> list[float]:
+    """Per prompt, the largest difference between its logits in HF's left-padded batch generate and
+    generated alone (0.0 when the tokens and the logits of every step are the same bits)."""
+    prompts, idx, mask = left_padded(lens, seed=10)
+    with torch.no_grad():
+        batch_tokens, batch_logits = generate_logits(model, idx, mask)
+        worst = []
+        for i, p in enumerate(prompts):
+            alone_tokens, alone_logits = generate_logits(model, p[None], torch.ones(1, len(p), dtype=torch.int64))
+            same = torch.equal(batch_tokens[i], alone_tokens[0]) and torch.equal(batch_logits[i], alone_logits[0])
+            worst.append(0.0 if same else float((batch_logits[i] - alone_logits[0]).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama], ids=["gpt2", "llama"])
+def test_left_padded_hf_generate_gives_each_prompt_its_bits_alone(make):
+    model, _ = converted(make())
+    assert left_padded_generate_differences(model) == [0.0] * 4
+
+
+def test_negative_control_unconverted_left_padded_generate_differs_from_alone():
+    assert max(left_padded_generate_differences(hf_llama())) > 0.0
+
+
+def test_left_padded_forward_equals_each_row_alone_and_trains():
+    """A plain forward with left padding (positions from the mask, as generate numbers them) gives
+    every real token the bits of its prompt alone; the same batch trains through the shift."""
+    model, _ = converted(hf_llama("qwen2"))
+    prompts, idx, mask = left_padded((9, 3, 33, 17), seed=20)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(idx, attention_mask=mask, position_ids=positions).logits
+        for i, p in enumerate(prompts):
+            alone = model(p[None]).logits[0]
+            assert_bitwise_equal(logits[i, idx.shape[1] - len(p):], alone, f"row {i} (length {len(p)})")
+    model.train()
+    labels = idx.masked_fill(mask == 0, -100)
+    model(idx, attention_mask=mask, position_ids=positions, labels=labels).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_masks_fusedtx_attention_cannot_serve_are_refused_clearly():
+    from fusedtx import hf
+    q, k, v = (torch.randn(2, 4, 6, 16, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+    module = torch.nn.Module()
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    packed = causal.clone()
+    packed[3:, :3] = False  # two sequences packed in one row
+    with pytest.raises(ValueError, match="fusedtx attention: the attention mask is not causal from each row's"):
+        hf.attention_forward(module, q, k, v, torch.stack([causal, packed])[:, None])
+    # A decode chunk of 3 queries against 6 keys where row 0 has 4 padding keys: its first query is padding.
+    chunk = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()[:, :, 3:]   # queries at positions 3, 4, 5
+    chunk[0, :, :, :4] = False
+    with pytest.raises(ValueError, match="a chunk whose queries are still padding"):
+        hf.attention_forward(module, q[:, :, 3:], k, v, chunk)
+    with pytest.raises(ValueError, match="expected a \\(batch, 1, 6, 6\\) attention mask"):
+        hf.attention_forward(module, q, k, v, causal[None, None, :5])
+    # Additive float masks (0 allowed, -inf / min refused) and a per-row left padding are served.
+    padded = causal.clone()
+    padded[:, :2] = False
+    float_mask = torch.zeros(2, 1, 6, 6).masked_fill(~torch.stack([causal, padded])[:, None], torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out, _ = hf.attention_forward(module, q, k, v, float_mask)
+        alone = fusedtx.causal_attention(q[1:, :, 2:], k[1:, :, 2:], v[1:, :, 2:]).transpose(1, 2)
+    assert_bitwise_equal(out[1:, 2:], alone, "left-padded row")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ CALLS = {
     "Tensor.softmax": (lambda x: x.softmax(-1), lambda x: fusedtx.softmax(x, -1), [(6, 24)]),
     "SDPA causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                     lambda q, k, v: fusedtx.causal_attention(q, k, v), [(2, 3, 9, 16)] * 3),
+    "F.silu": (lambda x: F.silu(x), lambda x: fusedtx.activation(x, "silu"), [(6, 37)]),
+    "F.gelu": (lambda x: F.gelu(x), lambda x: fusedtx.activation(x, "gelu"), [(6, 37)]),
+    "F.gelu tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: fusedtx.activation(x, "gelu_tanh"), [(6, 37)]),
 }
 
 
@@ -106,6 +109,8 @@ UNSERVED = {
     "float64 linear": (lambda: F.linear(torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)),
                        "torch.float64"),
     "addmm with beta": (lambda: torch.addmm(torch.randn(5), torch.randn(3, 4), torch.randn(4, 5), beta=0.5), "beta=0.5"),
+    "sigmoid on CPU": (lambda: torch.sigmoid(torch.randn(3, 37)), "sigmoid on CPU: PyTorch's kernel gives an element"),
+    "silu in place": (lambda: F.silu(torch.randn(3, 37), inplace=True), "silu with inplace=True"),
 }
 
 
