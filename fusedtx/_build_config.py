@@ -15,6 +15,7 @@ from pathlib import Path
 CPU_SOURCES = [
     "registration.cpp",
     "cpu/softmax.cpp",
+    "cpu/log_softmax.cpp",
     "cpu/layer_norm.cpp",
     "cpu/rms_norm.cpp",
     "cpu/linear.cpp",
@@ -25,6 +26,8 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "cuda/softmax.cu",
     "cuda/softmax_glue.cpp",
+    "cuda/log_softmax.cu",
+    "cuda/log_softmax_glue.cpp",
     "cuda/layer_norm.cu",
     "cuda/layer_norm_glue.cpp",
     "cuda/rms_norm.cu",

@@ -15,6 +15,7 @@ from . import backends, reference
 from .ops import causal_attention as _causal_attention
 from .ops import layer_norm as _layer_norm
 from .ops import linear as _linear
+from .ops import log_softmax as _log_softmax
 from .ops import rms_norm as _rms_norm
 from .ops import rope as _rope
 from .ops import softmax as _softmax
@@ -39,6 +40,18 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     """
     scale = 1.0 if scale is None else scale
     return _softmax.softmax(x, dim, scale, causal, _backend(backend, x), grad=_needs_grad(x))
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """torch.log_softmax along `dim`, float32 math, output in x's dtype (after the cast to
+    `dtype`, as torch does: float32, float16 or bfloat16). No scale or mask: apply them to x
+    first. Every row's bits depend only on that row; the log is fusedtx's own (reference.log_f32),
+    the same bits on every backend.
+    """
+    if _log_softmax.check_dtype(dtype) is not None and isinstance(x, torch.Tensor):
+        x = x.to(dtype)
+    return _log_softmax.log_softmax(x, dim, _backend(backend, x), grad=_needs_grad(x))
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,

@@ -1,6 +1,6 @@
 // The Linear op's activations on CPU, as reference.erf_f32, activation_forward,
 // activation_derivative, swiglu_forward and swiglu_grad_preact operation for operation
-// (docs/design.md, "exp and erf"). F is float or vfloat (common.h); both compute the same bits. Used by the matmul's epilogue and the
+// (docs/design.md, "exp, log and erf"). F is float or vfloat (common.h); both compute the same bits. Used by the matmul's epilogue and the
 // backward's elementwise part (linear.cpp). A part of linear.cpp: its functions are in an
 // unnamed namespace, local to that file, so that GCC inlines them as file-local code.
 #pragma once
