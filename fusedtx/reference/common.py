@@ -58,7 +58,7 @@ def log_f32(x: torch.Tensor) -> torch.Tensor:
     operations. Measured against float64 torch.log (docs/design.md, "exp, log and erf"): at
     most 0.83 ulp over every float32 in [1, 4) and every 7th in [1, 2**31), 0.80 ulp over every
     127th positive float32; 2 % of the arguments in [1, 2**31) are one ulp off the correctly
-    rounded value. tests/test_log_softmax.py keeps it below 1 ulp.
+    rounded value. tests/test_log_softmax.py holds it below 0.85 ulp.
 
     x = 2**e * m with m in [1, 2) from the bits (integer operations only: no float->int cast,
     which is undefined for NaN in C++); subnormals are first multiplied by 2**23 (exact) and
