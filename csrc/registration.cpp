@@ -39,6 +39,11 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // it: fixed on CPU, the threads per row on CUDA).
   m.def("softmax_forward(Tensor x, float scale, bool causal, int n_queries, int lanes) -> Tensor");
   m.def("softmax_backward(Tensor grad_y, Tensor y, float scale, int lanes) -> Tensor");
+  // log_softmax over the last dim of a contiguous (rows, cols) tensor, as
+  // reference.log_softmax_forward / log_softmax_backward (the backward reads the output y);
+  // `lanes` as for softmax.
+  m.def("log_softmax_forward(Tensor x, int lanes) -> Tensor");
+  m.def("log_softmax_backward(Tensor grad_y, Tensor y, int lanes) -> Tensor");
   // LayerNorm over the last dim of a contiguous (rows, N) tensor, as reference.layer_norm_forward
   // / layer_norm_backward. mean, rstd, dweight and dbias are in the compute dtype (float64 for
   // float64 x, else float32); dweight and dbias are empty when need_param_grads is false.

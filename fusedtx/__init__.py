@@ -27,6 +27,7 @@ from .functional import (  # noqa: F401
     gelu_ffn,
     layer_norm,
     linear,
+    log_softmax,
     rms_norm,
     rope,
     rope_table,

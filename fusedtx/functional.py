@@ -16,6 +16,7 @@ from .ops import activation as _activation
 from .ops import causal_attention as _causal_attention
 from .ops import layer_norm as _layer_norm
 from .ops import linear as _linear
+from .ops import log_softmax as _log_softmax
 from .ops import rms_norm as _rms_norm
 from .ops import rope as _rope
 from .ops import softmax as _softmax
@@ -48,9 +49,21 @@ def activation(x: torch.Tensor, activation: str, *, backend: str | None = None) 
 
     Each element's bits depend on its value alone. PyTorch's CPU silu / gelu do not promise
     that: their vector body and scalar tail differ in the last bit, and which elements take the
-    tail depends on the tensor's size -- on the batch (docs/design.md, "exp and erf")."""
+    tail depends on the tensor's size -- on the batch (docs/design.md, "exp, log and erf")."""
     code = _activation.activation_code(activation)
     return _activation.activation(x, code, _backend(backend, x), grad=_needs_grad(x))
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """torch.log_softmax along `dim`, float32 math, output in x's dtype (after the cast to
+    `dtype`, as torch does: float32, float16 or bfloat16). No scale or mask: apply them to x
+    first. Every row's bits depend only on that row; the log is fusedtx's own (reference.log_f32),
+    the same bits on every backend.
+    """
+    if _log_softmax.check_dtype(dtype) is not None and isinstance(x, torch.Tensor):
+        x = x.to(dtype)
+    return _log_softmax.log_softmax(x, dim, _backend(backend, x), grad=_needs_grad(x))
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,

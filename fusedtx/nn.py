@@ -50,6 +50,22 @@ class GELU(torch.nn.Module):
         return f"approximate={self.approximate!r}"
 
 
+class LogSoftmax(torch.nn.Module):
+    """Drop-in for torch.nn.LogSoftmax(dim) with fusedtx's fused, batch-invariant kernel."""
+
+    def __init__(self, dim: int | None = None, *, backend: str | None = None):
+        super().__init__()
+        self.dim, self.backend = dim, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim is None:
+            raise ValueError("LogSoftmax: dim must be given (torch.nn.LogSoftmax's implicit dim is deprecated), got None")
+        return F.log_softmax(x, self.dim, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, backend={self.backend}"
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for torch.nn.LayerNorm (same arguments, parameters and state_dict) running
     fusedtx.layer_norm: batch-invariant output and input gradient, deterministic weight and

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 # ---------------------------------------------------------------------------------------------
-# Row sums (reference.lane_sum): softmax, layer_norm
+# Row sums (reference.lane_sum): softmax, log_softmax, layer_norm
 # ---------------------------------------------------------------------------------------------
 CPU_LANES = 64             # native CPU kernels: four 16-float AVX-512 vectors (compiled in)
 CUDA_MIN_LANES = 32        # native CUDA kernels: one thread block per row, one lane per thread
@@ -44,7 +44,7 @@ def triton_lanes(n: int) -> int:
 
 
 def row_lanes(backend: str, n: int, device: torch.device) -> int:
-    """Lane count of a softmax or layer_norm row sum over n elements on this backend and device.
+    """Lane count of a softmax, log_softmax or layer_norm row sum over n elements on this backend and device.
     The reference backend uses the native CPU count, so that the two agree bit for bit on CPU."""
     if backend == "triton":
         return triton_lanes(n)

@@ -5,7 +5,8 @@ more registers than its budget (SPILL_BUDGETS).
 Run by tests/test_build.py in a subprocess without TRITON_INTERPRET (the interpreter would
 replace the kernels); run it by hand (`PYTHONPATH=. python tests/_lower_triton.py --table`) to
 print every kernel's worst spills and registers per target under the Triton installed, e.g. a
-second Triton version in its own virtual environment. tests/triton_specs.py lists the
+second Triton version in its own virtual environment (`--only fusedtx.kernels.<op>`: one
+module's kernels). tests/triton_specs.py lists the
 specialisations of each fusedtx/kernels/<op>.py; every @triton.jit kernel of such a module must
 appear there (helpers that kernels call are listed in the module's JIT_HELPERS).
 
@@ -69,6 +70,9 @@ SPILL_BUDGETS = {
         "registers")),
     "_softmax_fwd": ({90: 88}, "16384-column rows only: 32 float32 of each row vector a thread, 128 registers"),
     "_softmax_bwd": ({90: 432}, "16384-column rows only: y and dy, 32 float32 each a thread, 128 registers"),
+    "_log_softmax_bwd": ({90: 80}, "16384-column rows only: softmax's backward body, y and dy, 32 float32 each a "
+                                   "thread, 128 registers (measured under Triton 3.9; loading y after the row sum "
+                                   "changed nothing)"),
     "_attn_bwd_dkdv": ({80: 80, 90: 128}, (
         "float32 D = 64 (sm_80 Triton 3.9, sm_90 Triton 3.6) and bf16/fp16 D = 128 (Triton 3.6): the "
         "program's dk and dv accumulators, the FMA dot's whole operand slices, and masked_dot's select "
@@ -165,7 +169,11 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     failures, tasks = [], []
+    # --only MODULE[,MODULE...]: lower those kernel modules alone (e.g. fusedtx.kernels.log_softmax)
+    only = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv else None
     for module_name in kernel_modules():
+        if only is not None and module_name not in only:
+            continue
         module = importlib.import_module(module_name)
         helpers = set(getattr(module, "JIT_HELPERS", ()))  # @jit functions called by kernels, never launched
         kernels = {name for name, obj in vars(module).items()

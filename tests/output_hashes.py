@@ -2,6 +2,7 @@
 
     python tests/output_hashes.py --write tests/output_hashes.json   # record the table
     python tests/output_hashes.py --check tests/output_hashes.json   # compare with it (exit 1 on a change)
+    python tests/output_hashes.py --write tests/output_hashes.json --ops log_softmax   # one op's rows, merged in
 
 Each row hashes the raw bits (shape, dtype and bit pattern) of one output or gradient of the
 public API on inputs that are exact binary fractions drawn from integers (the same values on any
@@ -87,6 +88,18 @@ def softmax_rows(backend, dtype):
         yield f"softmax/{name}/forward_grad_mode", y
         (dx,) = _grads(y, [x], 2)
         yield f"softmax/{name}/dx", dx
+
+
+def log_softmax_rows(backend, dtype):
+    cases = {"plain": ((3, 5, 37), -1), "dim0": ((19, 6), 0), "long_row": ((2, 700), -1)}
+    for name, (shape, dim) in cases.items():
+        x = exact_values(shape, 31, dtype, 2.0)
+        with torch.no_grad():
+            yield f"log_softmax/{name}/forward", fusedtx.log_softmax(x, dim, backend=backend)
+        x.requires_grad_(True)
+        y = fusedtx.log_softmax(x, dim, backend=backend)
+        yield f"log_softmax/{name}/forward_grad_mode", y
+        yield f"log_softmax/{name}/dx", _grads(y, [x], 32)[0]
 
 
 def layer_norm_rows(backend, dtype):
@@ -249,6 +262,7 @@ def model_rows(backend, dtype):
 
 OPS = {"activation": (activation_rows, ("float32", "bfloat16", "float16")),
        "softmax": (softmax_rows, ("float32", "bfloat16", "float16")),
+       "log_softmax": (log_softmax_rows, ("float32", "bfloat16", "float16")),
        "layer_norm": (layer_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "rms_norm": (rms_norm_rows, ("float32", "bfloat16", "float16", "float64")),
        "linear": (linear_rows, ("float32", "bfloat16", "float16", "float64")),
@@ -283,9 +297,14 @@ def main() -> int:
     group.add_argument("--write", metavar="JSON")
     group.add_argument("--check", metavar="JSON")
     parser.add_argument("--backends", nargs="*", help="default: every backend available on the CPU")
+    parser.add_argument("--ops", nargs="*", choices=sorted(OPS),
+                        help="only these ops' rows (default: all); --write merges them into the table")
     args = parser.parse_args()
-    rows = table(args.backends)
+    rows = table(args.backends, args.ops)
     if args.write:
+        if args.ops and os.path.exists(args.write):  # the other ops' rows stay as they are
+            with open(args.write) as f:
+                rows = {**json.load(f), **rows}
         with open(args.write, "w") as f:
             json.dump(rows, f, indent=0, sort_keys=True)
             f.write("\n")
@@ -294,7 +313,8 @@ def main() -> int:
     with open(args.check) as f:
         expected = json.load(f)
     changed = sorted(k for k in rows if k in expected and rows[k] != expected[k])
-    missing = sorted(k for k in expected if k not in rows and k.split("|")[1] in set(args.backends or rows_backends(rows)))
+    missing = sorted(k for k in expected if k not in rows and k.split("|")[1] in set(args.backends or rows_backends(rows))
+                     and not args.ops)
     new = sorted(k for k in rows if k not in expected)
     for k in changed:
         print(f"CHANGED  {k}: {expected[k]} -> {rows[k]}")

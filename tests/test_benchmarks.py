@@ -16,6 +16,7 @@ from results_csv import CSV_COLUMNS, read_rows  # noqa: E402
 # script -> (providers to run, kernels it writes)
 SCRIPTS = {
     "bench_softmax.py": ("fusedtx_native,torch,torch_unfused", {"softmax", "softmax_causal"}),
+    "bench_log_softmax.py": ("fusedtx_native,torch", {"log_softmax"}),
     "bench_layer_norm.py": ("fusedtx_native,torch", {"layer_norm"}),
     "bench_rms_norm.py": ("fusedtx_native,torch", {"rms_norm"}),
     "bench_linear.py": ("fusedtx_native,torch", {"linear", "linear_gelu"}),

@@ -62,6 +62,18 @@ def test_softmax_and_linear_with_dynamic_shapes():
         assert_same_as_eager(lambda x: fusedtx.linear(x, w, b, activation="gelu_tanh", backend=BACKEND), randn(rows, 20))
 
 
+def test_log_softmax_with_dynamic_shapes_and_dims():
+    require("cpu", BACKEND)
+    for rows, cols in ((3, 17), (6, 40)):
+        assert_same_as_eager(lambda x: fusedtx.log_softmax(x, backend=BACKEND), randn(2, rows, cols))
+        assert_same_as_eager(lambda x: fusedtx.log_softmax(x, 1, dtype=torch.bfloat16, backend=BACKEND).float(),
+                             randn(2, rows, cols))
+    fn = compiled(lambda x, dim: fusedtx.log_softmax(x, dim, backend=BACKEND))
+    for dim in (0, 1):
+        x = randn(5, 7, seed=dim)
+        assert_bitwise_equal(fn(x, dim), fusedtx.log_softmax(x, dim, backend=BACKEND), f"log_softmax dim={dim}")
+
+
 def test_int_arguments_traced_as_symints():
     """dim and split_size passed into a dynamic=True compiled function arrive as SymInts (found
     by the property-based suite: they were rejected as "must be an int, got SymInt")."""

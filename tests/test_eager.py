@@ -48,6 +48,11 @@ CASES = {
         lambda x, b: fusedtx.softmax(x, scale=0.5, causal=True, backend=b),
         lambda x, b: torch.ops.fusedtx.softmax(x, -1, 0.5, True, b),
     ),
+    "log_softmax": (
+        [(3, 5, 40)],
+        lambda x, b: fusedtx.log_softmax(x, dim=1, backend=b),
+        lambda x, b: torch.ops.fusedtx.log_softmax(x, 1, b),
+    ),
     "layer_norm": (
         [(2, 5, 48), (48,), (48,)],
         lambda x, w, bias, b: fusedtx.layer_norm(x, 48, w, bias, backend=b),
@@ -178,7 +183,8 @@ def test_eager_path_errors_match(case):
     assert errors[0] in errors[1] or errors[1] in errors[0], errors
 
 
-SAVES_OUTPUT = {"softmax", "softmax_causal"}  # their backward reads the output, as torch.softmax's does
+# their backward reads the output, as torch.softmax's and torch.log_softmax's do
+SAVES_OUTPUT = {"softmax", "softmax_causal", "log_softmax"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

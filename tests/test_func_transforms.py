@@ -22,6 +22,7 @@ W, B = randn(6, 8, seed=1), randn(6, seed=2)
 ROPE_TABLE, ROPE_POSITIONS = fusedtx.rope_table(8, 16), torch.tensor([[3, 15, 0, 7, 7]])
 OPS = {
     "softmax": (lambda t, be: fusedtx.softmax(t, scale=0.7, causal=True, backend=be), (3, 5, 5)),
+    "log_softmax": (lambda t, be: fusedtx.log_softmax(t, 1, backend=be), (3, 4, 8)),
     "layer_norm": (lambda t, be: fusedtx.layer_norm(t, 8, backend=be), (3, 4, 8)),
     "linear": (lambda t, be: fusedtx.linear(t, W, B, activation="gelu", backend=be), (3, 4, 8)),
     "causal_attention": (lambda t, be: fusedtx.causal_attention(t, t * 0.5, t, split_size=16, backend=be),

@@ -10,8 +10,8 @@ only: the kernel modules hold kernels and launchers.
 import torch
 
 from fusedtx import policy, reference
-from fusedtx.kernels import (activation, causal_attention, causal_attention_backward, layer_norm, linear, rms_norm, rope,
-                             softmax)
+from fusedtx.kernels import (activation, causal_attention, causal_attention_backward, layer_norm, linear, log_softmax,
+                             rms_norm, rope, softmax)
 from fusedtx.kernels._common import log2
 
 
@@ -46,6 +46,21 @@ def softmax_specs():
                    "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
             specs.append((softmax._softmax_bwd, sig, {"BLOCK": block, "LOG2_BLOCK": log2(block), "ROUND_BF16": False},
                           {"num_warps": policy.triton_row_warps(block)}))
+    return specs
+
+
+def log_softmax_specs():
+    """(kernel, signature, constexprs, options) tuples the PTX lowering test compiles: per dtype,
+    a block of 1024 and the widest (both paths are in each binary: BLOCK >= n_cols at runtime)."""
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for block in (1024, policy.TRITON_MAX_BLOCK):
+            constexprs = {"BLOCK": block, "LOG2_BLOCK": log2(block), "ROUND_BF16": False}
+            options = {"num_warps": policy.triton_row_warps(block)}
+            tail = {"n_cols": "i32", "BLOCK": "constexpr", "LOG2_BLOCK": "constexpr", "ROUND_BF16": "constexpr"}
+            specs.append((log_softmax._log_softmax_fwd, {"X": f"*{dtype}", "Y": f"*{dtype}", **tail}, constexprs, options))
+            specs.append((log_softmax._log_softmax_bwd, {"DY": f"*{dtype}", "Y": f"*{dtype}", "DX": f"*{dtype}", **tail},
+                          constexprs, options))
     return specs
 
 
@@ -288,5 +303,5 @@ def activation_specs():
 
 
 SPECS = {f"fusedtx.kernels.{fn.__name__[:-len('_specs')]}": fn for fn in (
-    activation_specs, softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs, causal_attention_backward_specs,
-    rope_specs)}
+    activation_specs, softmax_specs, log_softmax_specs, layer_norm_specs, rms_norm_specs, linear_specs, causal_attention_specs,
+    causal_attention_backward_specs, rope_specs)}

@@ -1,5 +1,5 @@
 // The activations on CPU, as reference.erf_f32, activation_forward, activation_derivative,
-// swiglu_forward and swiglu_grad_preact operation for operation (docs/design.md, "exp and erf").
+// swiglu_forward and swiglu_grad_preact operation for operation (docs/design.md, "exp, log and erf").
 // F is float or a float vector (common.h); both compute the same bits. Used by the matmul's
 // epilogue and the backward's elementwise part (linear.cpp) and by the activation op
 // (activation.cpp). Its functions are in an unnamed namespace, local to each including file, so

@@ -88,7 +88,7 @@ template <typename V>
 inline V vmax(V a, V b) { return a > b ? a : b; }
 
 // reference.exp_f32: Cody-Waite reduction, degree-6 polynomial, 2**n from the exponent bits
-// (docs/design.md, "exp and erf"). F is float or a float vector (vfloat, RVec<float>); all
+// (docs/design.md, "exp, log and erf"). F is float or a float vector (vfloat, RVec<float>); all
 // compute the same bits. Always inlined: it sits in the innermost loops, and in a large caller
 // (the attention forward's task) GCC would otherwise make it an out-of-line call through the PLT.
 template <typename F>
@@ -119,6 +119,45 @@ template <typename F>
     y = y * __builtin_bit_cast(F, (n_bits + 127u) << 23);
     return x < kMinArg ? F{} : y;
   }
+}
+
+// reference.log_f32: Cephes' logf from the exponent bits and a degree-8 polynomial in f = m - 1,
+// every operation separately rounded (docs/design.md, "exp, log and erf"). Scalar: log_softmax
+// takes one log per row. Special values as torch.log: -inf at +-0, NaN below 0, x itself at +inf
+// and NaN.
+inline float log_f32(float x) {
+  constexpr float kMinNormal = 1.17549435e-38f;  // 2**-126
+  constexpr float kSubnormalScale = 8388608.0f;  // 2**23
+  constexpr float kSqrt2 = 1.41421356f;
+  const bool subnormal = x < kMinNormal;
+  const uint32_t bits = std::bit_cast<uint32_t>(subnormal ? x * kSubnormalScale : x);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 - (subnormal ? 23 : 0);
+  float m = std::bit_cast<float>((bits & 0x7FFFFFu) | 0x3F800000u);
+  if (m > kSqrt2) {
+    m = m * 0.5f;
+    e = e + 1;
+  }
+  const float fe = static_cast<float>(e);  // |e| <= 152: exact
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f + -1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f + -1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f + -1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f + -2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  float y = f * (z * p);
+  y = y + fe * -2.12194440e-4f;
+  y = y + -0.5f * z;
+  float r = f + y;
+  r = r + fe * 0.693359375f;
+  if (x != x || x == std::numeric_limits<float>::infinity()) return x;
+  if (x < 0.0f) return std::numeric_limits<float>::quiet_NaN();
+  if (x == 0.0f) return kNegInf;
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------

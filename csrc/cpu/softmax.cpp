@@ -11,32 +11,12 @@
 
 #include <vector>
 
-#include "common.h"
+#include "softmax_rows.h"
 
 namespace fusedtx::cpu {
 namespace {
 
-constexpr int kLanes = 64;  // reference.SOFTMAX_LANES
-constexpr int kLen = kRVecLen<float>;
-constexpr int kVecsPerBlock = kLanes / kLen;
-using V = RVec<float>;
-using RowSum = LaneSum<float, kLanes, V>;
-
-// max_j scale * x[j] over j < n. Max is exact, so any order will do. A NaN may be skipped
-// here (the reference's amax keeps it), but it still makes the row sum, so the row, NaN.
-template <typename T>
-float scaled_max(const T* x, int64_t n, float scale) {
-  V m = V{} + kNegInf;
-  int64_t j = 0;
-  for (; j + kLen <= n; j += kLen) m = vmax(m, rload_as<float>(x + j) * scale);
-  float out = kNegInf;
-  for (int l = 0; l < kLen; ++l) out = m[l] > out ? m[l] : out;
-  for (; j < n; ++j) {
-    const float z = to_float(x[j]) * scale;
-    out = z > out ? z : out;
-  }
-  return out;
-}
+using namespace softmax_rows;  // kLanes, kLen, V, scaled_max, row_lane_sum, exp_lane_sum
 
 // One row of reference.softmax_forward. `e` holds the exponentials between the passes (y
 // itself for float32 rows).
@@ -45,17 +25,7 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
   for (int64_t j = n_valid; j < n_cols; ++j) y[j] = from_float<T>(0.0f);
   if (n_valid == 0) return;
   const float m = scaled_max(x, n_valid, scale);
-  RowSum sum;
-  int64_t b = 0;
-  for (; b + kLanes <= n_valid; b += kLanes) {
-    for (int v = 0; v < kVecsPerBlock; ++v) {
-      const V ev = exp_f32(rload_as<float>(x + b + v * kLen) * scale - m);
-      rstore_as<float, float>(e + b + v * kLen, ev);
-      sum.add(v, ev);
-    }
-  }
-  sum.add_partial_block(n_valid - b, [&](int64_t l) { return e[b + l] = exp_f32(to_float(x[b + l]) * scale - m); });
-  const float s = sum.fold();
+  const float s = exp_lane_sum<true>(x, n_valid, scale, m, e);
   int64_t j = 0;
   for (; j + kLen <= n_valid; j += kLen) rstore_as<T, float>(y + j, rload_as<float>(e + j) / s);
   for (; j < n_valid; ++j) y[j] = from_float<T>(e[j] / s);
@@ -64,13 +34,9 @@ void forward_row(const T* x, T* y, float* e, int64_t n_cols, int64_t n_valid, fl
 // One row of reference.softmax_backward: dx = (y * (dy - sum(dy * y))) * scale.
 template <typename T>
 void backward_row(const T* dy, const T* y, T* dx, int64_t n, float scale) {
-  RowSum sum;
-  int64_t b = 0;
-  for (; b + kLanes <= n; b += kLanes) {
-    for (int v = 0; v < kVecsPerBlock; ++v) sum.add(v, rload_as<float>(dy + b + v * kLen) * rload_as<float>(y + b + v * kLen));
-  }
-  sum.add_partial_block(n - b, [&](int64_t l) { return to_float(dy[b + l]) * to_float(y[b + l]); });
-  const float dot = sum.fold();
+  const float dot = row_lane_sum(
+      n, [&](int64_t j) { return rload_as<float>(dy + j) * rload_as<float>(y + j); },
+      [&](int64_t j) { return to_float(dy[j]) * to_float(y[j]); });
   int64_t j = 0;
   for (; j + kLen <= n; j += kLen) {
     const V yv = rload_as<float>(y + j);

@@ -1,5 +1,5 @@
 // The elementwise activations in CUDA, as reference.erf_f32, activation_forward and
-// activation_derivative operation for operation (docs/design.md, "exp and erf"):
+// activation_derivative operation for operation (docs/design.md, "exp, log and erf"):
 // _rn intrinsics, so nvcc contracts nothing into an FMA. Used by linear.cu's epilogue and
 // backward and by activation.cu. Its functions are in an unnamed namespace, local to each
 // including file.

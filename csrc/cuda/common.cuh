@@ -23,7 +23,7 @@ __device__ __forceinline__ C* shared_memory() {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// reference.exp_f32 (docs/design.md, "exp and erf")
+// reference.exp_f32 (docs/design.md, "exp, log and erf")
 __device__ __forceinline__ float exp_f32(float x) {
   const float t = __fmul_rn(x, 1.44269504088896341f);
   const float shifted = __fadd_rn(t, 12582912.0f);
@@ -40,6 +40,40 @@ __device__ __forceinline__ float exp_f32(float x) {
   const float pow2n = __int_as_float(static_cast<int32_t>(static_cast<uint32_t>(n_int + 127) << 23));
   y = __fmul_rn(y, pow2n);
   return x < -87.0f ? 0.0f : y;
+}
+
+// reference.log_f32 (docs/design.md, "exp, log and erf"): Cephes' logf from the exponent bits,
+// integer operations only, then a degree-8 polynomial in f = m - 1, each operation rounded.
+__device__ __forceinline__ float log_f32(float x) {
+  const bool subnormal = x < 1.17549435e-38f;  // 2**-126: scaled by 2**23 (exact) first
+  const uint32_t bits = static_cast<uint32_t>(__float_as_int(subnormal ? __fmul_rn(x, 8388608.0f) : x));
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 - (subnormal ? 23 : 0);
+  float m = __int_as_float(static_cast<int32_t>((bits & 0x7FFFFFu) | 0x3F800000u));
+  if (m > 1.41421356f) {
+    m = __fmul_rn(m, 0.5f);
+    e = e + 1;
+  }
+  const float fe = static_cast<float>(e);  // |e| <= 152: exact
+  const float f = __fsub_rn(m, 1.0f);
+  const float z = __fmul_rn(f, f);
+  float p = 7.0376836292e-2f;
+  p = __fadd_rn(__fmul_rn(p, f), -1.1514610310e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), 1.1676998740e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), -1.2420140846e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), 1.4249322787e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), -1.6668057665e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), 2.0000714765e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), -2.4999993993e-1f);
+  p = __fadd_rn(__fmul_rn(p, f), 3.3333331174e-1f);
+  float y = __fmul_rn(f, __fmul_rn(z, p));
+  y = __fadd_rn(y, __fmul_rn(fe, -2.12194440e-4f));
+  y = __fadd_rn(y, __fmul_rn(-0.5f, z));
+  float r = __fadd_rn(f, y);
+  r = __fadd_rn(r, __fmul_rn(fe, 0.693359375f));
+  if (x != x || x == INFINITY) return x;  // NaN, +inf: as torch.log
+  if (x < 0.0f) return __int_as_float(0x7FC00000);
+  if (x == 0.0f) return -INFINITY;
+  return r;
 }
 
 template <typename T>

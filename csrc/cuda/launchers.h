@@ -27,6 +27,15 @@ cudaError_t softmax_forward(const void* x, void* y, int64_t rows, int64_t cols, 
 cudaError_t softmax_backward(const void* grad_y, const void* y, void* grad_x, int64_t rows, int64_t cols,
                              float scale, int lanes, DType dtype, cudaStream_t stream);
 
+// log_softmax over each row of a contiguous (rows, cols) tensor, as reference.log_softmax_forward;
+// `lanes` threads per row (a power of two in [32, 1024]) are the lanes of reference.lane_sum.
+cudaError_t log_softmax_forward(const void* x, void* y, int64_t rows, int64_t cols, int lanes, DType dtype,
+                                cudaStream_t stream);
+
+// dx = dy - exp_f32(y) * sum(dy) per row, as reference.log_softmax_backward.
+cudaError_t log_softmax_backward(const void* grad_y, const void* y, void* grad_x, int64_t rows, int64_t cols,
+                                 int lanes, DType dtype, cudaStream_t stream);
+
 // LayerNorm of each row of a contiguous (rows, n) tensor x, as reference.layer_norm_forward:
 // one block of `lanes` threads (a power of two in [32, 1024], the lanes of reference.lane_sum)
 // per row. x and y have dtype `dtype`; weight and bias are (n,) or nullptr, of dtype

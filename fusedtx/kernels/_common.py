@@ -33,6 +33,36 @@ def exp_f32(x):
     return tl.where(x < -87.0, 0.0, y)
 
 
+@triton.jit
+def log_f32(x):
+    """reference.log_f32: Cephes' logf from the exponent bits, degree-8 polynomial in f = m - 1."""
+    subnormal = x < 1.17549435e-38  # 2**-126: scaled by 2**23 (exact) first
+    bits = tl.where(subnormal, x * 8388608.0, x).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 - tl.where(subnormal, 23, 0)
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > 1.41421356
+    m = tl.where(big, m * 0.5, m)
+    fe = tl.where(big, e + 1, e).to(tl.float32)  # |e| <= 152: exact
+    f = m - 1.0
+    z = f * f
+    p = f * 7.0376836292e-2 + -1.1514610310e-1
+    p = p * f + 1.1676998740e-1
+    p = p * f + -1.2420140846e-1
+    p = p * f + 1.4249322787e-1
+    p = p * f + -1.6668057665e-1
+    p = p * f + 2.0000714765e-1
+    p = p * f + -2.4999993993e-1
+    p = p * f + 3.3333331174e-1
+    y = f * (z * p)
+    y = y + fe * -2.12194440e-4
+    y = y + -0.5 * z
+    r = f + y
+    r = r + fe * 0.693359375
+    r = tl.where(x == 0.0, float("-inf"), r)
+    r = tl.where(x < 0.0, float("nan"), r)
+    return tl.where((x != x) | (x == float("inf")), x, r)
+
+
 # How a fold step takes the two halves of a (2w,) vector: both ways extract them exactly, so the
 # bits are the same. Compiled: sums over the (2, w) view's rows, no layout change (a permute +
 # split made Triton 3.6 emit megabytes of PTX at 16384 lanes). Interpreted: permute + split, which

@@ -10,14 +10,11 @@ x's shape.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import policy
 from ._dispatch import Kernel, check_backend, check_real, register
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._rows import as_rows, check_x_dim, from_rows
 
 forward_kernel = Kernel("softmax_forward", "softmax")    # (x, scale, causal, n_queries, lanes) -> y
 backward_kernel = Kernel("softmax_backward", "softmax")  # (grad_y, y, scale, lanes) -> dx
@@ -25,44 +22,14 @@ backward_kernel = Kernel("softmax_backward", "softmax")  # (grad_y, y, scale, la
 
 def check_args(x, dim, scale, causal, backend, name: str = "softmax"):
     """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: x must be float32, float16 or bfloat16 (float32 math inside), got {x.dtype}")
-    if isinstance(dim, torch.SymInt):  # an int argument traced by torch.compile(dynamic=True):
-        dim = int(dim)                  # specialise it (a guard), a dim picks the code path
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
-    ndim = max(x.dim(), 1)
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"{name}: dim must be in [{-ndim}, {ndim - 1}] for a {x.dim()}-d tensor, got {dim}")
+    dim = check_x_dim(x, dim, name)
     scale = check_real(scale, name, "scale")
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
+    ndim = max(x.dim(), 1)
     if causal and dim % ndim != ndim - 1:
         raise ValueError(f"{name}: causal masks the last two dims (queries, keys), so dim must be -1, got {dim}")
     return x, dim, scale, causal, check_backend(backend, name)
-
-
-def _is_last(t: torch.Tensor, dim: int) -> bool:
-    return t.dim() > 0 and dim % t.dim() == t.dim() - 1
-
-
-def as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(rows, cols) contiguous view of t with `dim` last (a copy only when t is not laid out so)."""
-    t = t.reshape(1) if t.dim() == 0 else t
-    if not _is_last(t, dim) or not t.is_contiguous():
-        t = t.movedim(dim, -1).contiguous()
-    return t.view(math.prod(t.shape[:-1]), t.shape[-1])
-
-
-def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inverse of as_rows: rows back to like's shape, contiguous."""
-    if like.dim() == 0 or _is_last(like, dim):
-        return rows.view(like.shape)
-    moved = list(like.shape)
-    moved.append(moved.pop(dim))
-    return rows.view(moved).movedim(-1, dim).contiguous()
 
 
 def _forward(x, dim, scale, causal, backend):
