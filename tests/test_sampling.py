@@ -431,3 +431,16 @@ def test_sample_refuses_bad_arguments():
             sampling.sample(rows, seeds, steps, 0.8)
     with pytest.raises(ValueError, match="uniform: dtype must be torch.float32 or torch.float64"):
         sampling.uniform(seeds, steps, 2, torch.float16)
+
+
+def test_the_readme_example_runs():
+    """README's seed= example, on a tiny model: the code it shows runs and its assertion holds."""
+    require("cpu", "native")
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in readme.split("```python\n")[1:] if "seed=[11, 12]" in b.split("```")[0]]
+    assert len(blocks) == 1, "the README's seed= example is gone"
+    prompt_a, prompt_b = prompts_of([5, 9], 2)
+    exec(compile(blocks[0].split("```")[0], "README.md", "exec"),
+         dict(torch=torch, model=tiny("llama"), prompt_a=prompt_a, prompt_b=prompt_b))
