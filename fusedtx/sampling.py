@@ -32,7 +32,7 @@ per-sequence seeds (derive_seeds). `uniform` turns the words into numbers in [0,
 
     float32: element j is word j % 4 of block j // 4:   (word >> 8) * 2**-24
     float64: element j is words 2(j % 2), 2(j % 2) + 1 of block j // 2:
-             (((first << 21) | (second >> 11))) * 2**-53
+             ((first << 21) | (second >> 11)) * 2**-53
 
 The sampler (`sample`): temperature 0 is the argmax, the lowest index on ties. Otherwise, with
 scaled = float32(logits) / temperature:
