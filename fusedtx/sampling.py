@@ -229,7 +229,8 @@ def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _check_rows(who: str, logits, **rows) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"{who}: logits must be a floating-point (batch, vocab) tensor, got "
-                         f"{getattr(logits, 'dtype', type(logits).__name__)} of shape {list(getattr(logits, 'shape', []))}")
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} "
+                         f"of shape {list(getattr(logits, 'shape', []))}")
     for name, t in rows.items():
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != logits.shape[:1]:
             raise ValueError(f"{who}: {name} must be an int64 tensor of shape [{logits.shape[0]}] (one per row), "

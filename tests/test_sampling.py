@@ -252,7 +252,10 @@ def draws(temperature, top_k=None, top_p=None, vary="seed"):
     """Token counts (V,) of DRAWS draws from STAT_LOGITS: one seed per draw at step 0, or one seed
     over DRAWS steps."""
     index = torch.arange(DRAWS, dtype=torch.int64)
-    seeds, steps = (index * 2654435761 + 17, torch.zeros_like(index)) if vary == "seed" else (torch.full_like(index, 99), index)
+    if vary == "seed":
+        seeds, steps = index * 2654435761 + 17, torch.zeros_like(index)
+    else:
+        seeds, steps = torch.full_like(index, 99), index
     tokens, _ = sampling.sample(STAT_LOGITS.expand(DRAWS, -1), seeds, steps, temperature, top_k, top_p)
     return torch.bincount(tokens, minlength=len(STAT_LOGITS)).double()
 
@@ -378,8 +381,8 @@ def test_generate_base_seed_is_derive_seeds_and_seeds_matter():
     base = model.generate(prompts, 8, temperature=1.0, seed=77)
     explicit = model.generate(prompts, 8, temperature=1.0, seed=sampling.derive_seeds(77, 3))
     assert torch.equal(base.tokens, explicit.tokens) and bitwise_equal(base.logprobs, explicit.logprobs)
-    assert torch.equal(model.generate(prompts, 8, temperature=1.0, seed=torch.tensor(sampling.derive_seeds(77, 3))).tokens,
-                       base.tokens)
+    as_tensor = torch.tensor(sampling.derive_seeds(77, 3))
+    assert torch.equal(model.generate(prompts, 8, temperature=1.0, seed=as_tensor).tokens, base.tokens)
     assert not torch.equal(model.generate(prompts, 8, temperature=1.0, seed=78).tokens, base.tokens)
     greedy = model.generate(prompts, 8)
     assert torch.equal(model.generate(prompts, 8, seed=5).tokens, greedy.tokens)       # temperature 0: no draw
@@ -414,7 +417,8 @@ def test_sample_refuses_bad_arguments():
     cases = [
         ((logits[0], seeds, steps), {}, r"logits must be a floating-point \(batch, vocab\) tensor"),
         ((logits.long(), seeds, steps), {}, "logits must be a floating-point"),
-        ((logits, seeds[:1], steps), {}, r"seeds must be an int64 tensor of shape \[2\] \(one per row\), got torch.int64 of shape \[1\]"),
+        ((logits, seeds[:1], steps), {},
+         r"seeds must be an int64 tensor of shape \[2\] \(one per row\), got torch.int64 of shape \[1\]"),
         ((logits, seeds.int(), steps), {}, "seeds must be an int64 tensor of shape"),
         ((logits, seeds, [0, 0]), {}, "steps must be an int64 tensor of shape .* got list"),
         ((logits, seeds, torch.tensor([0, -3])), {}, "steps must be >= 0, got -3"),
