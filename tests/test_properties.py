@@ -1263,6 +1263,8 @@ def _bad_calls(rng: random.Random, backend: str):
         ("GPT generate tokens", lambda: _tiny_gpt().generate([[1, 2]], rng.choice((neg, 1.5, "3"))),
          ["max_new_tokens"]),
         ("GPT generate temperature", lambda: _tiny_gpt().generate([[1, 2]], 2, temperature=-1.0), ["temperature"]),
+        ("GPT generate seed", lambda: _tiny_gpt().generate([[1, 2]], 2, temperature=1.0, seed=rng.choice(
+            (neg, 2 ** 63, 1.5, "3", [1, 2], [neg], [True]))), ["seed"]),
         ("GPT generate prompt", lambda: _tiny_gpt().generate(rng.choice(([[]], [], [[1, 10 ** 6]], [[-1]], [[1.5]])),
                                                              2), ["prompt"]),
         ("GPT idx dtype", lambda: _tiny_gpt()(torch.zeros(1, 3)), ["idx"]),

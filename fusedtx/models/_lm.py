@@ -9,7 +9,6 @@ forward, and generate()'s log-probabilities equal logprobs() of the finished seq
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import NamedTuple, Sequence
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as torch_F
 
 from .. import nn as fnn
+from .. import sampling
 
 
 class Generation(NamedTuple):
@@ -106,11 +106,9 @@ class CausalLM(torch.nn.Module):
     def logprobs(self, idx: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """log p(idx[:, t] | idx[:, :t]) for t = 1 .. T-1, shape (B, T-1), float32: the
         training-side view of what generate() reports for the tokens it drew."""
-        if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"{type(self).__name__}.logprobs: temperature must be a finite number >= 0, "
-                             f"got {temperature!r}")
+        sampling.check_parameters(f"{type(self).__name__}.logprobs", temperature, None, None)
         logits = self(idx)[:, :-1]
-        return _token_logprobs(logits, idx[:, 1:], temperature)
+        return sampling.token_logprobs(logits, idx[:, 1:], temperature)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> list[fnn.KVCache]:
         """One empty KVCache per layer for `batch` sequences of up to max_len (default: every position) tokens."""
@@ -122,26 +120,41 @@ class CausalLM(torch.nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, return_logits: bool = False) -> Generation:
+                 seed: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False) -> Generation:
         """Continue each prompt by max_new_tokens tokens with a KV cache.
 
         prompts: a list of token lists / 1-D tensors of any lengths (or a (B, T) tensor). Each
         sequence keeps its own positions: prompts are right-padded for one prefill pass, and the
         cache then forgets the padding. temperature 0 is greedy (argmax, lowest index on ties);
         otherwise tokens are drawn from softmax(logits / temperature), optionally restricted to
-        the top_k tokens and to the smallest set whose probability reaches top_p, with
-        `generator` (seeded: the same tokens every run). The returned log-probabilities are those
-        of softmax(logits / temperature) before the top-k / top-p restriction (of the logits for
-        temperature 0) — equal, bit for bit, to logprobs(sequence, temperature=...) of a forward
-        pass over the finished sequences in any batch."""
-        if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (not fnn._is_int(top_k) or top_k < 1):
-            raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
-            raise ValueError(f"generate: top_p must be None or a number in (0, 1], got {top_p!r}")
+        the top_k tokens and to the smallest set whose probability reaches top_p (ties in both
+        go to the lowest token id; fusedtx.sampling says exactly how).
+
+        Where the random numbers come from:
+        - seed (batch invariant): an int base seed, sequence i then drawing with
+          fusedtx.sampling.derive_seeds(seed, len(prompts))[i] (so a sequence's seed depends on
+          its index in `prompts`), or a sequence of ints, one per prompt, each in [0, 2**63).
+          Sequence i's t-th new token (t = 0 for the first) is fusedtx.sampling.sample() with
+          (its seed, t): a function of its own logits, seed and t alone — the same tokens
+          whatever else is in the batch, where it sits, the thread count or the run.
+        - generator (batch DEPENDENT): one torch.Generator drawn by the whole batch, row by row
+          (torch.multinomial): seeded, the same batch gives the same tokens every run, but a
+          sequence's tokens change with the rows before it.
+        - neither: torch's global generator, as with generator (batch dependent, and seeded only
+          by torch.manual_seed).
+        seed and generator together are an error.
+
+        The returned log-probabilities are those of softmax(logits / temperature) before the
+        top-k / top-p restriction (of the logits for temperature 0) — equal, bit for bit, to
+        logprobs(sequence, temperature=...) of a forward pass over the finished sequences in any
+        batch."""
+        sampling.check_parameters("generate", temperature, top_k, top_p)
         if not fnn._is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("generate: pass seed= (per sequence, batch invariant) or generator= (one stream for "
+                             "the batch, batch dependent), not both")
         device = self.lm_head.weight.device
         prompts = self._check_prompts(prompts)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
@@ -149,6 +162,7 @@ class CausalLM(torch.nn.Module):
             raise ValueError(f"generate: prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the model's {self.max_positions} positions ({self._max_positions_name})")
         batch = len(prompts)
+        seeds = None if seed is None else sampling.sequence_seeds(seed, batch).to(device)
         padded = torch.zeros(batch, int(lengths.max()), dtype=torch.int64)
         for b, p in enumerate(prompts):
             padded[b, :len(p)] = p
@@ -160,7 +174,13 @@ class CausalLM(torch.nn.Module):
         tokens, logprobs, all_logits = [], [], []
         for step in range(max_new_tokens):
             logits = self.lm_head(hidden)[:, 0]
-            token, logprob = _sample(logits, temperature, top_k, top_p, generator)
+            if seeds is None:
+                token, logprob = sampling.sample_shared(logits, temperature, top_k, top_p, generator,
+                                                        backend=self._sampling_backend())
+            else:
+                steps = torch.full((batch,), step, dtype=torch.int64, device=device)
+                token, logprob = sampling.sample(logits, seeds, steps, temperature, top_k, top_p,
+                                                 backend=self._sampling_backend())
             tokens.append(token)
             logprobs.append(logprob)
             if return_logits:
@@ -171,6 +191,10 @@ class CausalLM(torch.nn.Module):
         return Generation(torch.stack(tokens, 1) if tokens else empty.long(),
                           torch.stack(logprobs, 1) if logprobs else empty,
                           (torch.stack(all_logits, 1) if all_logits else empty) if return_logits else None)
+
+    def _sampling_backend(self) -> str | None:
+        """The fusedtx backend the sampler's softmax runs on: the model's (None: the default)."""
+        return getattr(self, "backend", None)
 
     def _check_prompts(self, prompts) -> list[torch.Tensor]:
         """generate's prompts as 1-D int64 CPU tensors: one per prompt, each at least one token id
@@ -199,44 +223,6 @@ class CausalLM(torch.nn.Module):
                                  f"[0, vocab_size = {self.vocab_size})")
             checked.append(t)
         return checked
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling
-# ---------------------------------------------------------------------------------------------
-def _is_real(value) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature)[token] in float32, each row reduced on its own (temperature
-    0 means the plain logits, as for greedy decoding)."""
-    logits = logits.float()
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None].to(logits.device))[..., 0]
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of logits (B, vocab) and its log-probability."""
-    if temperature == 0.0:
-        token = torch.argmax(logits, dim=-1)
-    else:
-        scaled = logits.float() / temperature
-        if top_k is not None and top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
-            drop = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, order, before >= top_p)
-            scaled = scaled.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        token = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-    return token, _token_logprobs(logits, token, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
