@@ -12,7 +12,7 @@ it first, and these are answered by fusedtx ops (forward and backward, on CPU an
     F.linear(x, w, b)                                      fusedtx.linear
     x @ w, torch.matmul / mm / addmm with a 2-D w          fusedtx.linear(x, w.t()) (+ addmm's bias)
     F.layer_norm, F.rms_norm                               fusedtx.layer_norm / rms_norm
-    softmax (torch., F., Tensor.)                          fusedtx.softmax
+    softmax, log_softmax (torch., F., Tensor.)             fusedtx.softmax / log_softmax
     F.silu, F.gelu (exact or tanh)                         fusedtx.activation
     F.scaled_dot_product_attention, is_causal=True,        fusedtx.causal_attention
       no mask, no dropout, as many queries as keys
@@ -21,7 +21,7 @@ A function mode rather than ATen-level overrides (torch.library): it sees the Py
 its meaning intact (a weight operand, is_causal) before it is decomposed, runs in eager code and
 under autograd alike, and leaves everything else to PyTorch untouched. Calls it cannot serve —
 an unsupported dtype (float64) or device, SDPA with a mask, dropout or top-left causal alignment,
-a matmul of two batched activations (bmm, einsum), log_softmax, and on CPU the elementwise
+a matmul of two batched activations (bmm, einsum), and on CPU the elementwise
 sigmoid, softplus, mish, elu, selu and exp2 (PyTorch's CPU kernels for those compute an element
 differently in their vector body and scalar tail, so its bits depend on where it sits in the
 tensor) — run as PyTorch runs them;
@@ -45,6 +45,7 @@ _ADDMM = {torch.addmm, torch.Tensor.addmm}
 _LAYER_NORM = {torch_F.layer_norm}
 _RMS_NORM = {torch_F.rms_norm}
 _SOFTMAX = {torch.softmax, torch_F.softmax, torch.Tensor.softmax}
+_LOG_SOFTMAX = {torch.log_softmax, torch_F.log_softmax, torch.Tensor.log_softmax}
 _SDPA = {torch_F.scaled_dot_product_attention}
 _SILU = {torch_F.silu}
 _GELU = {torch_F.gelu}
@@ -55,8 +56,7 @@ _POSITION_DEPENDENT = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid"
                        torch.Tensor.exp2: "exp2"}
 # Reductions across rows or within a row that fusedtx cannot answer yet: strict mode names them.
 _UNSERVED = {torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",
-             torch.einsum: "einsum", torch.log_softmax: "log_softmax", torch_F.log_softmax: "log_softmax",
-             torch.Tensor.log_softmax: "log_softmax"}
+             torch.einsum: "einsum"}
 
 
 class _Unserved(Exception):
@@ -115,16 +115,17 @@ def _rms_norm(args, kwargs):
     return F.rms_norm(x, shape, weight, eps)
 
 
-def _softmax(args, kwargs):
+def _softmax(args, kwargs, op, name: str):
+    """softmax / log_softmax(x, dim, dtype) (F.'s third positional argument is _stacklevel)."""
     x = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     dtype = args[2] if len(args) > 2 and not isinstance(args[2], int) else kwargs.get("dtype")
     if dim is None:
-        raise _Unserved("softmax without dim")
+        raise _Unserved(f"{name} without dim")
     if dtype is not None:
         x = x.to(dtype)
     _check_tensor(x, "the input")
-    return F.softmax(x, dim)
+    return op(x, dim)
 
 
 def _silu(args, kwargs):
@@ -187,7 +188,9 @@ class BatchInvariantMode(TorchFunctionMode):
             if func in _RMS_NORM:
                 return _rms_norm(args, kwargs)
             if func in _SOFTMAX:
-                return _softmax(args, kwargs)
+                return _softmax(args, kwargs, F.softmax, "softmax")
+            if func in _LOG_SOFTMAX:
+                return _softmax(args, kwargs, F.log_softmax, "log_softmax")
             if func in _SDPA:
                 return _sdpa(args, kwargs)
             if func in _SILU:

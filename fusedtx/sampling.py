@@ -182,13 +182,16 @@ def sequence_seeds(seed, count: int, who: str = "generate") -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # the sampler
 # ---------------------------------------------------------------------------------------------
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature)[token] in float32, each row reduced on its own (temperature
-    0 means the plain logits, as for greedy decoding)."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                   backend: str | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] in float32 (temperature 0 means the plain logits,
+    as for greedy decoding), with fusedtx.log_softmax: each row reduced on its own in a fixed
+    order, the same bits on every backend and device, and differentiable (a trainer's loss)."""
     logits = logits.float()
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None].to(logits.device))[..., 0]
+    logp = functional.log_softmax(logits, -1, backend=backend)
+    return logp.gather(-1, tokens[..., None].to(logits.device))[..., 0]
 
 
 def candidate_weights(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -255,7 +258,7 @@ def sample(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, tempe
         weights = candidate_weights(logits, temperature, top_k, top_p, backend)
         u = uniform(seeds.to(logits.device), steps.to(logits.device), 1, torch.float64)[:, 0]
         token = draw(weights, u)
-    return token, token_logprobs(logits, token, temperature)
+    return token, token_logprobs(logits, token, temperature, backend)
 
 
 def sample_shared(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -270,4 +273,4 @@ def sample_shared(logits: torch.Tensor, temperature: float, top_k: int | None = 
     else:
         weights = candidate_weights(logits, temperature, top_k, top_p, backend, who="generate")
         token = torch.multinomial(weights.cpu().double(), 1, generator=generator)[:, 0].to(logits.device)
-    return token, token_logprobs(logits, token, temperature)
+    return token, token_logprobs(logits, token, temperature, backend)

@@ -148,7 +148,7 @@ def test_sample_equals_python_reference(temperature, top_k, top_p):
     tokens, logprobs = sampling.sample(logits, seeds, steps, temperature, top_k, top_p)
     for b in range(24):
         assert int(tokens[b]) == sample_python(logits[b], int(seeds[b]), int(steps[b]), temperature, top_k, top_p), b
-    assert_bitwise_equal(logprobs, torch.log_softmax(logits / temperature, -1).gather(-1, tokens[:, None])[:, 0])
+    assert_bitwise_equal(logprobs, fusedtx.log_softmax(logits / temperature, -1).gather(-1, tokens[:, None])[:, 0])
 
 
 def test_sample_on_the_reference_backend_equals_native():

@@ -108,7 +108,7 @@ class CausalLM(torch.nn.Module):
         training-side view of what generate() reports for the tokens it drew."""
         sampling.check_parameters(f"{type(self).__name__}.logprobs", temperature, None, None)
         logits = self(idx)[:, :-1]
-        return sampling.token_logprobs(logits, idx[:, 1:], temperature)
+        return sampling.token_logprobs(logits, idx[:, 1:], temperature, self._sampling_backend())
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> list[fnn.KVCache]:
         """One empty KVCache per layer for `batch` sequences of up to max_len (default: every position) tokens."""
