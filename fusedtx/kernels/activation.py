@@ -11,25 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, f32_to_bf16_rn, needs_bf16_rounding
+from ._common import LAUNCH_OPTIONS, needs_bf16_rounding
 # aliased: this module's launchers carry the reference's names
 from ._common import activation_derivative as _derivative
 from ._common import activation_forward as _act
 from .causal_attention import _load_f32
+from .causal_attention_backward import _store
 
 BLOCK = 1024
 NUM_WARPS = 4
-
-
-@triton.jit
-def _store(ptrs, v, mask, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        tl.store(ptrs, f32_to_bf16_rn(v), mask=mask)
-    else:
-        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
-
-
-JIT_HELPERS = ("_store",)
 
 
 @triton.jit
