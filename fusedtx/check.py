@@ -118,6 +118,7 @@ PROPERTIES = [  # (key, label in the table)
     ("training_repeat", "5 training, run vs run"),
     ("training_threads", "  training, thread counts"),
     ("serving", "6 continuous batching"),
+    ("serving_sampled", "  sampled, per-request seeds"),
 ]
 
 
@@ -254,6 +255,7 @@ def _run_column(column: Column, make, seed: int, device: torch.device, reference
         "on_policy": lambda: properties.check_on_policy(make, work, seed),
         "training": lambda: properties.check_training(make, work, seed, device),
         "serving": lambda: properties.check_serving(make, work, seed),
+        "serving_sampled": lambda: properties.check_serving_sampled(make, work, seed),
     }
     cells = {}
     for key, task in tasks.items():

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .serving import Request, serve
+from .serving import Engine, Request, SamplingParams, serve
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Workload:
     serves: int = 4                   # serves with different schedules (6); the first one alone
     max_slots: int = 8                # most requests decoded together (6)
     serve_new_tokens: tuple = (8, 32)   # each request wants between these many tokens (6)
+    sample_temperature: float = 0.8   # the sampled serves' temperature (6, sampled)
 
 
 @dataclass
@@ -271,3 +272,49 @@ def check_serving(make, work: Workload, seed: int) -> Cell:
     detail = "1 per prompt" if not diverged else f"up to {max(unique)} per prompt ({diverged}/{work.requests})"
     return Cell("pass" if same and not diverged else "fail", worst, detail,
                 extra=dict(unique_completions=unique, prompts_with_several=diverged, schedules=schedules))
+
+
+def check_serving_sampled(make, work: Workload, seed: int) -> Cell:
+    """Serve the same requests `serves` times with fusedtx.serving.Engine at temperature 0.8, each
+    with its own seed (some with top-k / top-p) — first each alone, then with random arrival
+    steps, batch sizes and prefill chunks (1, 7, 64 or whole prompts) — and count the unique
+    completions per prompt; the log-probabilities must be the same bits in every serve and equal
+    to a training forward's (model.logprobs) over the finished sequences: KL exactly 0."""
+    model = make()
+    rng, vocab = torch.Generator().manual_seed(seed), model.vocab_size
+    low, high = work.serve_new_tokens
+    specs = []
+    for i in range(work.requests):
+        prompt = _tokens(rng, vocab, int(torch.randint(2, work.prefill_len + 1, (), generator=rng))).tolist()
+        n = int(torch.randint(low, high + 1, (), generator=rng))
+        top_k, top_p = [(None, None), (40, None), (None, 0.9), (40, 0.95)][i % 4]
+        specs.append((prompt, SamplingParams(work.sample_temperature, top_k, top_p, n, seed=seed * 1000 + i)))
+    max_len = max(len(p) + params.max_new_tokens for p, params in specs)
+    runs = []
+    for serve_no in range(work.serves):
+        if serve_no == 0:
+            runs.append([Engine(model, max_batch=1, max_len=max_len).generate([p], [params])[0] for p, params in specs])
+            continue
+        engine = Engine(model, max_batch=int(torch.randint(2, work.max_slots + 1, (), generator=rng)), max_len=max_len,
+                        prefill_chunk=[1, 7, 64, None][serve_no % 4])
+        order = torch.randperm(len(specs), generator=rng).tolist()
+        ids, done = {}, {}
+        while order or engine.has_unfinished():
+            for _ in range(int(torch.randint(0, 4, (), generator=rng))):
+                if order:
+                    i = order.pop(0)
+                    ids[engine.add_request(*specs[i])] = i
+            done.update((ids[c.id], c) for c in engine.step())
+        runs.append([done[i] for i in range(len(specs))])
+    unique = [len({tuple(run[i].tokens) for run in runs}) for i in range(len(specs))]
+    pairs = [(torch.tensor(a.logprobs), torch.tensor(b.logprobs)) for run in runs[1:] for a, b in zip(runs[0], run)
+             if a.tokens == b.tokens]
+    for (prompt, params), c in zip(specs, runs[0]):  # the trainer's view of what the sampler drew
+        seq = torch.tensor([prompt + c.tokens], device=_device(model))
+        trained = model.logprobs(seq, temperature=params.temperature)[0, len(prompt) - 1:].cpu()
+        pairs.append((torch.tensor(c.logprobs), trained))
+    same, worst = compare(pairs)
+    diverged = sum(u > 1 for u in unique)
+    detail = "1 per prompt" if not diverged else f"up to {max(unique)} per prompt ({diverged}/{len(specs)})"
+    return Cell("pass" if same and not diverged else "fail", worst, detail,
+                extra=dict(unique_completions=unique, prompts_with_several=diverged))

@@ -87,6 +87,7 @@ def test_every_property_holds(backend):
     assert {key: cell["status"] for key, cell in cells.items()} == {key: "pass" for key, _ in check.PROPERTIES}
     assert all(cell["max_abs_diff"] in (0.0, None) for cell in cells.values())
     assert cells["serving"]["extra"]["unique_completions"] == [1] * SMALL.requests
+    assert cells["serving_sampled"]["extra"]["unique_completions"] == [1] * SMALL.requests
     assert cells["on_policy"]["extra"]["kl"] == 0.0
 
 
@@ -107,6 +108,7 @@ def test_negative_control_batch_dependent_model_fails():
         cell = prop(make, SMALL, 0)
         assert cell.status == "fail" and cell.max_abs_diff > 0, prop.__name__
     assert check_properties.check_serving(make, SMALL, 0).status == "fail"
+    assert check_properties.check_serving_sampled(make, SMALL, 0).status == "fail"
 
 
 def test_exit_code_is_nonzero_when_a_fusedtx_property_fails(monkeypatch, small_workloads, tmp_path, capsys):
