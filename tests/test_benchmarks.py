@@ -131,6 +131,20 @@ def test_batch_chosen_split_depends_on_the_batch(monkeypatch):
         assert config._check_split_size(s, "test") == s
 
 
+def test_quick_serving_run(tmp_path):
+    """bench_serving.py on tiny models: every provider's throughput, and the engines' latencies."""
+    out = tmp_path / "serving.csv"
+    cmd = [sys.executable, str(BENCH / "bench_serving.py"), "--device", "cpu", "--quick", "--out", str(out), "--no-plot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out)
+    for kernel in ("gpt2_serving", "smollm2_135m_serving"):
+        got = {(r["provider"], r["metric"]) for r in rows if r["kernel"] == kernel}
+        assert {(p, "throughput") for p in ("engine_fusedtx", "engine_plain", "hf_static")} <= got, got
+        assert {("engine_fusedtx", "time_to_first_token"), ("engine_fusedtx", "inter_token")} <= got, got
+    assert all(r["p50"] > 0 for r in rows)
+
+
 def test_quick_overhead_run(tmp_path):
     """bench_overhead.py: host microseconds per call for every op, provider and mode (each
     output checked against float64 torch first), time-like percentiles (p20 <= p50 <= p80)."""
