@@ -67,15 +67,25 @@ class Request:
     logits: list = field(default_factory=list)
 
 
+def _span(rows: torch.Tensor) -> slice | None:
+    """rows as a slice when they are consecutive slots (a view of the cache then serves them)."""
+    first = int(rows[0])
+    return slice(first, first + len(rows)) if rows.tolist() == list(range(first, first + len(rows))) else None
+
+
 def _rows(cache, rows: torch.Tensor):
-    """A KVCache holding copies of the given slots' rows of `cache` (one layer)."""
+    """A KVCache of the given slots' rows of `cache` (one layer): a view when the slots are
+    consecutive (appends then land in the cache itself), else copies."""
     sub = copy.copy(cache)
-    sub.k, sub.v, sub.lengths = cache.k[rows], cache.v[rows], cache.lengths[rows]
+    span = _span(rows)
+    index = rows if span is None else span
+    sub.k, sub.v, sub.lengths = cache.k[index], cache.v[index], cache.lengths[index].clone()
     return sub
 
 
 def _write_back(cache, sub, rows: torch.Tensor) -> None:
-    cache.k[rows], cache.v[rows] = sub.k, sub.v
+    if _span(rows) is None:  # copies: put them back (a view wrote in place)
+        cache.k[rows], cache.v[rows] = sub.k, sub.v
     lengths = cache.lengths.clone()
     lengths[rows] = sub.lengths
     cache.lengths = lengths
