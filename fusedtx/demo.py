@@ -5,10 +5,12 @@ The corpus is one every Python installation has: a few modules of the standard l
 source. The model is a 3-layer GPT on fusedtx's default backend (native C++ on CPU, Triton on a
 GPU), trained with AdamW for --seconds (so how far it gets depends on the machine). The checkpoint (--out) holds the state_dict, the config
 and the vocabulary. Then the prompt is completed at temperature 0 alone, and placed among 3 and
-15 other prompts of different lengths: fusedtx gives the same characters every time. The same
-weights in plain PyTorch (models.PlainGPT) are shown beside it — their logits do change with the
-batch, though a minute-old model is often sure enough of its next character that the greedy
-choice survives.
+15 other prompts of different lengths: fusedtx gives the same characters and the same
+log-probabilities every time. The same weights in plain PyTorch (models.PlainGPT) are shown
+beside it: on a CPU its greedy text rarely changes with the batch (a minute-old model is often
+sure enough of its next character that the choice survives), but its log-probabilities do, and
+the demo prints by how much — what an RL trainer that re-scores a sampler's tokens in its own
+batch sees as a KL that is not 0.
 """
 from __future__ import annotations
 
@@ -135,15 +137,17 @@ def evaluate(model: GPT, data: torch.Tensor, batches: int = 8, batch: int = 16) 
 
 
 def completions_in_batches(model: GPT, prompt: list[int], fillers: list[list[int]], new_tokens: int,
-                           sizes=(1, 4, 16)) -> dict[int, tuple[int, torch.Tensor]]:
-    """{batch size: (where the prompt sat, its greedy completion)}: the prompt alone, then among
-    batch size - 1 other prompts of different lengths, at a position that moves."""
+                           sizes=(1, 4, 16)) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
+    """{batch size: (where the prompt sat, its greedy completion, their log-probabilities)}: the
+    prompt alone, then among batch size - 1 other prompts of different lengths, at a position
+    that moves."""
     out = {}
     for size in sizes:
         position = (size * 5) // 7 if size > 1 else 0         # somewhere inside, not always first
         others = fillers[: size - 1]
         prompts = others[:position] + [prompt] + others[position:]
-        out[size] = (position, model.generate(prompts, new_tokens).tokens[position])
+        result = model.generate(prompts, new_tokens)
+        out[size] = (position, result.tokens[position], result.logprobs[position])
     return out
 
 
@@ -178,24 +182,37 @@ def main(args: argparse.Namespace) -> int:
     plain = PlainGPT(config).to(device).eval()   # the same weights on torch.nn layers, for comparison
     plain.load_state_dict(model.state_dict())
     ok, (yes, no), texts = True, _marks(), {}
+    worst = {}
     for name, m in (("fusedtx", model), ("plain PyTorch", plain)):
         results = completions_in_batches(m, prompt, fillers, new_tokens)
-        alone = results[1][1]
+        alone, alone_logprobs = results[1][1], results[1][2]
+        worst[name] = 0.0
         texts[name] = args.prompt + vocab.decode(alone)
         print(f"\n{name}, greedy (temperature 0), {new_tokens} new characters:", end="")
         if texts[name] == texts["fusedtx"] and name != "fusedtx":
             print(" the same text as fusedtx")
         else:
             print("".join("\n    " + line.rstrip() for line in texts[name].split("\n")))
-        for size, (position, tokens) in results.items():
+        for size, (position, tokens, logprobs) in results.items():
             if size == 1:
                 print("  batch size  1 (alone): the text above")
                 continue
             same = torch.equal(tokens, alone)
-            ok &= same or name != "fusedtx"
+            # log-probabilities up to the first character that differs (after it, other contexts)
+            upto = len(tokens) if same else int((tokens != alone).nonzero()[0]) + 1
+            diff = float((logprobs[:upto] - alone_logprobs[:upto]).abs().max()) if upto else 0.0
+            worst[name] = max(worst[name], diff)
+            ok &= (same and diff == 0.0) or name != "fusedtx"
             mark = f"{yes} the same" if same else \
-                f"{no} differs from character {int((tokens != alone).nonzero()[0])} on: " + repr(vocab.decode(tokens))
-            print(f"  batch size {size:>2} (at position {position} of {size}): {mark}")
+                f"{no} differs from character {upto - 1} on: " + repr(vocab.decode(tokens))
+            lp = "log-probabilities identical" if diff == 0.0 else f"log-probabilities differ by up to {diff:.1e}"
+            print(f"  batch size {size:>2} (at position {position} of {size}): {mark}; {lp}")
+    print(f"\nlargest log-probability change with the batch: fusedtx {worst['fusedtx']:.1e}, plain PyTorch "
+          f"{worst['plain PyTorch']:.1e}.")
+    if worst["plain PyTorch"] > 0.0:
+        print("An RL trainer that re-scores the sampler's tokens in its own batch gets other log-probabilities "
+              "from plain PyTorch:\nthe importance ratio is not 1 and the sampler-trainer KL is not 0, even when "
+              "the text is the same. With fusedtx they are the same bits: KL exactly 0.")
     return 0 if ok else 1
 
 

@@ -221,6 +221,8 @@ def test_demo_end_to_end(tmp_path):
     out = run_cli("demo", "--seconds", "2", "--tokens", "12", "--out", str(path), "--no-progress", "--threads", "1")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count(f"{check._marks()[0]} the same") >= 2 and "batch size 16" in out.stdout
+    assert out.stdout.count("log-probabilities identical") >= 2
+    assert "largest log-probability change with the batch: fusedtx 0.0e+00" in out.stdout
     checkpoint = torch.load(path, weights_only=True)
     assert set(checkpoint) >= {"state_dict", "config", "vocab"}
     model = GPT(GPTConfig(**checkpoint["config"]))
