@@ -170,11 +170,13 @@ class SamplingParams:
 class Completion:
     """A finished request: its id, the generated tokens, the log-probability of each (log_softmax
     of logits / temperature, the plain logits at temperature 0, before top-k / top-p) and why it
-    stopped: "stop" (a stop token) or "length" (max_new_tokens)."""
+    stopped: "stop" (a stop token), "length" (max_new_tokens) or "error" (its logits could not
+    be sampled, e.g. NaN: `error` says why; the other requests go on)."""
     id: int
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str
+    error: str | None = None
 
 
 @dataclass
@@ -286,7 +288,13 @@ class Engine:
         for r in self._by_slot():
             if r.logits is None:
                 continue
-            if self._sample(r):
+            try:
+                finished = self._sample(r)
+            except ValueError as exc:  # this request's logits have no distribution: it alone ends
+                del self.running[r.slot]
+                done.append(Completion(r.id, r.tokens, r.logprobs, "error", str(exc)))
+                continue
+            if finished:
                 del self.running[r.slot]
                 reason = "stop" if r.tokens[-1] in r.params.stop_token_ids else "length"
                 done.append(Completion(r.id, r.tokens, r.logprobs, reason))

@@ -168,6 +168,55 @@ def test_negative_control_a_batch_dependent_model_changes_logprobs_with_the_sche
     assert mismatches(one, other), "the check missed a batch-dependent model"
 
 
+def test_negative_control_plain_pytorch_changes_logprobs_with_the_schedule():
+    """PlainGPT (torch.nn layers, the same weights): its log-probabilities move with the batch."""
+    from fusedtx.models import PlainGPT
+
+    model = gpt(PlainGPT)
+    ps = prompts(model)
+    runs = [scheduled(model, ps, max_batch=b, prefill_chunk=c, budget=None, seed=s)
+            for b, c, s in ((1, None, 0), (4, 7, 1), (16, 1, 2))]
+    assert mismatches(runs[1], runs[0]) or mismatches(runs[2], runs[0]), "PlainGPT passed the schedule check"
+
+
+POISON = 7
+
+
+class NaNOnPoisonGPT(GPT):
+    """Logits of NaN after the token POISON: a request that meets it cannot be sampled."""
+
+    def hidden_states(self, idx, kv_cache=None):
+        h = super().hidden_states(idx, kv_cache)
+        return torch.where((idx == POISON)[..., None], torch.full_like(h, float("nan")), h)
+
+
+def test_a_request_that_cannot_be_sampled_ends_alone():
+    """NaN logits end that request with finish_reason "error" and a message; the others in its
+    batch finish with their own bits."""
+    require("cpu", "native")
+    model = gpt(NaNOnPoisonGPT)
+    ps = [p for p in prompts(model) if POISON not in p][:3]
+    want = [alone(model, p, params, i) for i, (p, params) in enumerate(zip(ps, PARAMS[1:4]))]
+    engine = Engine(model, max_batch=4, max_len=MAX_LEN, prefill_chunk=7)
+    got = engine.generate(ps[:1] + [[3, POISON]] + ps[1:], [PARAMS[1], PARAMS[1], PARAMS[2], PARAMS[3]])
+    assert got[1].finish_reason == "error" and "NaN" in got[1].error and got[1].tokens == []
+    for mine, theirs in zip(got[:1] + got[2:], want):
+        assert mine.tokens == theirs.tokens and mine.logprobs == theirs.logprobs and mine.error is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_other_backends_give_each_request_its_bits_alone(backend):
+    """The schedule check on the reference and (interpreted) Triton backends: fewer requests."""
+    require("cpu", backend)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", block_size=MAX_LEN), backend=backend).eval()
+    ps = prompts(model)[:3]
+    want = [alone(model, p, params, i) for i, (p, params) in enumerate(zip(ps, PARAMS[1:4]))]
+    engine = Engine(model, max_batch=3, max_len=MAX_LEN, prefill_chunk=7)
+    got = engine.generate(ps, PARAMS[1:4])
+    assert mismatches(got, want) == []
+
+
 def test_freed_slots_leftovers_are_never_read():
     """Between steps every slot no request holds is filled with NaN (keys and values, all
     positions): the completions do not change."""
