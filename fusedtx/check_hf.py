@@ -34,7 +34,7 @@ from .convert import convert
 from .testing import _output
 
 # check's rows but accuracy and serving (fusedtx-model properties)
-PROPERTIES = [(key, label) for key, label in check.PROPERTIES if key not in ("accuracy", "serving")]
+PROPERTIES = [(key, label) for key, label in check.PROPERTIES if key not in ("accuracy", "serving", "serving_sampled")]
 COLUMNS = ("fusedtx.convert", "unconverted")
 
 
