@@ -126,12 +126,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"--providers: unknown {unknown}; known: {list(PROVIDERS)}")
     n = args.requests or (6 if args.quick else 48)
     rec = Recorder(args.out, args.device)
+    kernels = []
     for name in args.families.split(","):
         family = gpt2_family() if name == "gpt2" else llama_family(name)
         models = Models(args, family)
         work = workload(models.config.vocab_size, n, args.quick)
         tokens = sum(new for _, new, _ in work)
         kernel, shape = f"{family.prefix}_serving", f"{n}req"
+        kernels.append(kernel)
         results = {}
         for provider in providers:
             model = build(models, name, provider)
@@ -162,7 +164,7 @@ def main(argv=None) -> None:
             cost = rates["engine_plain"] / rates["engine_fusedtx"]
             print(f"  target: cost of invariance (engine_plain / engine_fusedtx) <= 1.10: {cost:.2f} -> "
                   f"{'met' if cost <= 1.1 else 'NOT met'}")
-    finish(args, kernels=None)
+    finish(args, kernels=kernels)
 
 
 if __name__ == "__main__":
