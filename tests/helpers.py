@@ -215,6 +215,25 @@ def under_each_thread_count(fn, counts=(1, 2, 3)):
     return results
 
 
+def adamw_trained(make_model, loss_of, threads: int, steps: int, lr: float = 1e-3) -> list[torch.Tensor]:
+    """The parameters of make_model() (in training mode) after `steps` AdamW steps on
+    loss_of(model), run on `threads` CPU threads (restored after): the training determinism and
+    thread-count checks' recipe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = make_model().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = loss_of(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+    finally:
+        torch.set_num_threads(before)
+
+
 def assert_compiled_equals_eager(f, x: torch.Tensor) -> None:
     """torch.compile(f, fullgraph=True) (aot_eager: the registered ops' fake and autograd
     registrations, no codegen) gives eager f's loss and input gradient bit for bit."""

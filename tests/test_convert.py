@@ -12,7 +12,7 @@ import torch
 
 import fusedtx
 from fusedtx.testing import Divergence, assert_batch_invariant, assert_decode_consistent, first_divergence
-from helpers import assert_bitwise_equal, bitwise_equal
+from helpers import adamw_trained, assert_bitwise_equal, bitwise_equal
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,23 +167,14 @@ def trained_parameters(threads, convert=True, steps=4):
     """The parameters of an HF Llama with an odd FFN width after `steps` AdamW steps on `threads`
     threads (test_llama's TRAIN_CONFIG recipe: one step's gradients can agree by chance, four
     steps of unconverted PyTorch do not)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    def make():
         model = hf_llama(intermediate_size=129)
         if convert:
             fusedtx.convert(model)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        idx = tokens((3, 95), seed=4)
-        for _ in range(steps):
-            loss = model(idx, labels=idx).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()]
-    finally:
-        torch.set_num_threads(before)
+        return model
+
+    idx = tokens((3, 95), seed=4)
+    return adamw_trained(make, lambda model: model(idx, labels=idx).loss, threads, steps)
 
 
 def test_converted_training_repeats_and_ignores_the_thread_count():

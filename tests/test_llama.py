@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fusedtx.models import Llama, LlamaConfig, PlainLlama
-from helpers import assert_bitwise_equal, bitwise_equal, generation_mismatches, rel_error, require
+from helpers import adamw_trained, assert_bitwise_equal, bitwise_equal, generation_mismatches, rel_error, require
 
 BACKENDS = ["native", "reference"]  # the Triton interpreter runs the model in tests/test_properties.py only
 HF_FAMILIES = {
@@ -330,21 +330,12 @@ TRAIN_TOKENS, TRAIN_STEPS = (3, 95), 4
 
 def train(threads, cls=Llama):
     """The parameters after TRAIN_STEPS AdamW steps of TRAIN_CONFIG on `threads` threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    def make():
         torch.manual_seed(0)
-        model = cls(TRAIN_CONFIG, backend="native").train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        idx = tokens(TRAIN_TOKENS, seed=9)
-        for _ in range(TRAIN_STEPS):
-            _, loss = model(idx, _shifted(idx))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()]
-    finally:
-        torch.set_num_threads(before)
+        return cls(TRAIN_CONFIG, backend="native")
+
+    idx = tokens(TRAIN_TOKENS, seed=9)
+    return adamw_trained(make, lambda model: model(idx, _shifted(idx))[1], threads, TRAIN_STEPS)
 
 
 def test_training_is_deterministic_across_runs_and_threads():
