@@ -67,27 +67,25 @@ class Request:
     logits: list = field(default_factory=list)
 
 
-def _span(rows: torch.Tensor) -> slice | None:
-    """rows as a slice when they are consecutive slots (a view of the cache then serves them)."""
-    first = int(rows[0])
-    return slice(first, first + len(rows)) if rows.tolist() == list(range(first, first + len(rows))) else None
+def _slots(rows: list[int]):
+    """How to index the cache for these slots: a slice when they are consecutive (a view then
+    serves them, and appends land in the cache itself), else an index tensor (copies)."""
+    first = rows[0]
+    return slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else torch.tensor(rows)
 
 
-def _rows(cache, rows: torch.Tensor):
-    """A KVCache of the given slots' rows of `cache` (one layer): a view when the slots are
-    consecutive (appends then land in the cache itself), else copies."""
+def _rows(cache, index):
+    """A KVCache of the slots `index` (from _slots) of `cache` (one layer)."""
     sub = copy.copy(cache)
-    span = _span(rows)
-    index = rows if span is None else span
     sub.k, sub.v, sub.lengths = cache.k[index], cache.v[index], cache.lengths[index].clone()
     return sub
 
 
-def _write_back(cache, sub, rows: torch.Tensor) -> None:
-    if _span(rows) is None:  # copies: put them back (a view wrote in place)
-        cache.k[rows], cache.v[rows] = sub.k, sub.v
+def _write_back(cache, sub, index) -> None:
+    if not isinstance(index, slice):  # copies: put them back (a view wrote in place)
+        cache.k[index], cache.v[index] = sub.k, sub.v
     lengths = cache.lengths.clone()
-    lengths[rows] = sub.lengths
+    lengths[index] = sub.lengths
     cache.lengths = lengths
 
 
@@ -97,7 +95,7 @@ def _step(model, cache, rows: list[int], idx: torch.Tensor, lengths: list[int], 
     their cached keys (none if fresh: new requests); keep each slot's first lengths[i] new tokens
     in the cache (the rest is padding); return the logits after each slot's last kept token
     (len(rows), vocab)."""
-    index = torch.tensor(rows)
+    index = _slots(rows)
     view = [_rows(layer, index) for layer in cache]   # only these slots: the batch is theirs alone
     if fresh:
         for sub in view:
