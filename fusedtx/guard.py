@@ -43,8 +43,8 @@ _REDUCTION_NAMES = (
     "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
 )
 _REDUCTIONS = {getattr(aten, name) for name in _REDUCTION_NAMES if hasattr(aten, name)}
-# Elementwise ops whose CPU kernels are not position invariant (measured: a few percent of float32
-# inputs differ in the last bit between a lone element and the same element in a long tensor).
+# Elementwise ops whose CPU kernels are not position invariant: their vector body and scalar
+# tail compute an element with different operations, so its last bit depends on where it sits.
 _POSITION_DEPENDENT_NAMES = ("silu", "silu_backward", "gelu", "gelu_backward", "sigmoid", "sigmoid_backward",
                              "softplus", "softplus_backward", "mish", "mish_backward", "elu", "elu_backward", "exp2")
 _POSITION_DEPENDENT = {getattr(aten, name) for name in _POSITION_DEPENDENT_NAMES if hasattr(aten, name)}

@@ -119,7 +119,7 @@ def test_batch_invariance(device, backend, kind):
 def test_negative_control_pytorch_activation_depends_on_the_batch(kind, width):
     """PyTorch's CPU kernels give a row's last elements other bits when they are the tensor's
     scalar tail (alone) than in the vector body (among other rows): the check catches it. Its
-    exact GELU vectorises its tail; it differs for a one-element tensor only (measured)."""
+    exact GELU vectorises its tail: only a one-element tensor takes its scalar path."""
     assert invariance_failures(TORCH[kind], width=width), f"torch {kind} passed the invariance check"
 
 
