@@ -46,9 +46,9 @@ CUDA_SOURCES = [
 ]
 
 # -ffp-contract=off: a fused multiply-add rounds once where the reference rounds twice, so
-# contraction would break bitwise parity with fusedtx/reference/. -march=native is safe
-# because the extension is always compiled on the machine that runs it.
-CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-march=native", "-fno-math-errno"]
+# contraction would break bitwise parity with fusedtx/reference/. No -march here: march_flags()
+# adds the target (the host's own instruction set unless FUSEDTX_MARCH says otherwise).
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 DEFINE_WITH_CUDA = "FUSEDTX_WITH_CUDA"
@@ -76,10 +76,31 @@ def all_cuda_kernel_files() -> list[Path]:
     return sorted(csrc_dir().glob("cuda/*.cu"))
 
 
+def march() -> str | None:
+    """The -march the CPU kernels are compiled for: FUSEDTX_MARCH (e.g. "x86-64", "x86-64-v3",
+    "x86-64-v4", "armv8.2-a"), "native" when it is unset, None ("none", or the older
+    FUSEDTX_NO_MARCH_NATIVE=1) for the compiler's default target: baseline x86-64, or armv8-a.
+
+    "native" suits the just-in-time build, which always runs on the machine it was compiled on;
+    an ahead-of-time build that other machines will load (a wheel) must name a target they all
+    have. Every target computes the same bits (csrc/cpu/isa.h); only the speed differs."""
+    value = os.environ.get("FUSEDTX_MARCH", "").strip()
+    if not value:
+        return None if os.environ.get("FUSEDTX_NO_MARCH_NATIVE") else "native"
+    if value == "none":
+        return None
+    if not all(c.isalnum() or c in "-_.+" for c in value):
+        raise ValueError(f"FUSEDTX_MARCH: expected a -march value such as x86-64-v3 or none, got {value!r}")
+    return value
+
+
+def march_flags() -> list[str]:
+    target = march()
+    return [] if target is None else [f"-march={target}"]
+
+
 def cxx_flags(with_cuda: bool) -> list[str]:
-    flags = list(CXX_FLAGS)
-    if os.environ.get("FUSEDTX_NO_MARCH_NATIVE"):
-        flags.remove("-march=native")
+    flags = CXX_FLAGS + march_flags()
     if with_cuda:
         flags.append(f"-D{DEFINE_WITH_CUDA}")
     return flags

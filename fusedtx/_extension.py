@@ -26,8 +26,8 @@ class ExtensionStatus:
     how: str  # "ahead-of-time", "just-in-time" or "not loaded"
     with_cuda: bool
     error: str | None = None
-    # The instruction set the CPU kernels were compiled for (csrc/cpu/isa.h): "avx512", "avx2" or
-    # "scalar". Every one computes the same bits; only the speed differs. None when not loaded.
+    # The instruction set the CPU kernels were compiled for (csrc/cpu/isa.h): "avx512", "avx2",
+    # "neon" or "scalar". Every one computes the same bits; only the speed differs. None when not loaded.
     cpu_isa: str | None = None
 
 

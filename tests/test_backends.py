@@ -2,6 +2,7 @@
 its errors, and `fusedtx.info()` / `python -m fusedtx info`."""
 import io
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -138,42 +139,48 @@ def test_native_extension_is_loaded():
     assert status.with_cuda == (torch.version.cuda is not None and status.with_cuda)
 
 
-def expected_cpu_isa(flags: set[str], march_native: bool) -> str:
-    """The instruction set csrc/cpu/isa.h picks for a -march=native build on a CPU with these
-    /proc/cpuinfo flags (a build without -march=native targets baseline x86-64)."""
-    if march_native and {"avx512f", "avx512bw", "avx512vl", "fma"} <= flags:
+def expected_cpu_isa(flags: set[str], machine: str, march: str | None) -> str:
+    """The instruction set csrc/cpu/isa.h picks for a build with this -march (None: the compiler's
+    default target) on a CPU of this machine type (platform.machine()) with these /proc/cpuinfo
+    flags."""
+    if machine in ("aarch64", "arm64"):
+        return "neon"  # NEON is part of armv8-a: every aarch64 target has it
+    if march == "native" and {"avx512f", "avx512bw", "avx512vl", "fma"} <= flags:
         return "avx512"
-    if march_native and {"avx2", "fma", "f16c"} <= flags:
+    if march == "native" and {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "scalar"
 
 
 def test_expected_cpu_isa_tells_the_paths_apart():
-    """Negative control for the next test: the flag sets of the three paths map apart."""
+    """Negative control for the next test: the flag sets of the paths map apart."""
     avx2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}
-    assert expected_cpu_isa(avx2, True) == "avx2"
-    assert expected_cpu_isa(avx2 | {"avx512f", "avx512bw", "avx512vl"}, True) == "avx512"
-    assert expected_cpu_isa(avx2 | {"avx512f"}, True) == "avx2"  # no BW/VL: the AVX2 path
-    assert expected_cpu_isa(avx2 - {"fma"}, True) == "scalar"
-    assert expected_cpu_isa(avx2 | {"avx512f", "avx512bw", "avx512vl"}, False) == "scalar"
+    assert expected_cpu_isa(avx2, "x86_64", "native") == "avx2"
+    assert expected_cpu_isa(avx2 | {"avx512f", "avx512bw", "avx512vl"}, "x86_64", "native") == "avx512"
+    assert expected_cpu_isa(avx2 | {"avx512f"}, "x86_64", "native") == "avx2"  # no BW/VL: the AVX2 path
+    assert expected_cpu_isa(avx2 - {"fma"}, "x86_64", "native") == "scalar"
+    assert expected_cpu_isa(avx2 | {"avx512f", "avx512bw", "avx512vl"}, "x86_64", None) == "scalar"
+    assert expected_cpu_isa({"asimd", "fphp"}, "aarch64", "native") == "neon"
 
 
 def test_extension_reports_the_cpu_isa_of_this_host():
     """The extension reports which vector path its CPU kernels run (fusedtx.info()'s
-    extension.isa); a just-in-time build (-march=native unless FUSEDTX_NO_MARCH_NATIVE) matches
-    this host's CPU flags."""
-    from fusedtx import _extension
+    extension.isa); a just-in-time build for the host (-march=native) or for the compiler's
+    default target (FUSEDTX_MARCH=none) picks the path this host's CPU flags call for."""
+    from fusedtx import _build_config, _extension
 
     status = _extension.status()
-    assert status.cpu_isa in ("avx512", "avx2", "scalar")
+    assert status.cpu_isa in ("avx512", "avx2", "neon", "scalar")
     assert fusedtx.info(file=io.StringIO())["extension"]["isa"] == status.cpu_isa
     cpuinfo = Path("/proc/cpuinfo")
     if status.how != "just-in-time" or not cpuinfo.exists():
         pytest.skip("the ahead-of-time build's flags are the build machine's")
+    march = _build_config.march()
+    if march not in ("native", None):
+        pytest.skip(f"FUSEDTX_MARCH={march}: the path is the named target's, not the host's")
     flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), set())
-    march_native = not os.environ.get("FUSEDTX_NO_MARCH_NATIVE")
-    assert status.cpu_isa == expected_cpu_isa(flags, march_native), (status.cpu_isa, sorted(flags))
+                  if line.lower().startswith(("flags", "features"))), set())
+    assert status.cpu_isa == expected_cpu_isa(flags, platform.machine(), march), (status.cpu_isa, sorted(flags))
 
 
 def test_info_reports_everything(capsys):

@@ -316,13 +316,13 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
     const int g_lo = static_cast<int>(std::max<int64_t>(0, start - pos0) / kVec);
     const Rows kr = chunk_rows(kb + start * p.k_strides[2], p.k_strides[2], n_keys, p, s.k_buf.data());
     // Lanes (queries) of group g that see key start + j: position >= start + j, i.e. lane >= start + j - pos(g).
-    auto valid = [&](int g, int64_t j) -> __mmask16 {
-      const __mmask16 lanes = first_lanes(n - g * kVec);
+    auto valid = [&](int g, int64_t j) -> mask16 {
+      const mask16 lanes = first_lanes(n - g * kVec);
       const int64_t lo = start + j - pos0 - g * kVec;
-      return lo <= 0 ? lanes : static_cast<__mmask16>(lanes & ~first_lanes(lo));
+      return lo <= 0 ? lanes : static_cast<mask16>(lanes & ~first_lanes(lo));
     };
     // Groups whose every lane sees the whole chunk skip the masking (a select per key and vector).
-    __mmask16 sees[kGroups];
+    mask16 sees[kGroups];
     bool unmasked[kGroups];
     for (int g = g_lo; g < n_groups; ++g) {
       sees[g] = valid(g, 0);

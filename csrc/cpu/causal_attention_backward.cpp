@@ -225,7 +225,7 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Row
       vfloat chunk_sum = vsplat(0.0f);
       for (int64_t jj = 0; jj < n_keys; ++jj) {
         // query lane i of group g sees key start + jj when i0 + 16 g + i >= start + jj
-        const __mmask16 valid = static_cast<__mmask16>(~first_lanes(start + jj - i0 - g * kVec));
+        const mask16 valid = static_cast<mask16>(~first_lanes(start + jj - i0 - g * kVec));
         float* sj = s_c + jj * kBlock + g * kVec;
         const vfloat pj = vselect(valid, exp_f32((vload(sj) * p.scale) - m_v) / l_v, vsplat(0.0f));
         vstore(sj, pj);
@@ -303,7 +303,7 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
         const vfloat m_i = vsplat(p.m[row0 + i]), l_i = vsplat(p.l[row0 + i]), d_i = vsplat(p.d_row[row0 + i]);
         for (int g = 0; g < n_groups; ++g) {
           // key lane l of group g is seen by query i when j0 + 16 g + l <= i
-          const __mmask16 valid = first_lanes(i - j0 - g * kVec + 1) & first_lanes(n - g * kVec);
+          const mask16 valid = first_lanes(i - j0 - g * kVec + 1) & first_lanes(n - g * kVec);
           const vfloat pi = vselect(valid, exp_f32((s_i[g * stride] * p.scale) - m_i) / l_i, vsplat(0.0f));
           vstore(pt + ii * kBlock + g * kVec, pi);
           vstore(ds + ii * kBlock + g * kVec, pi * (dp_i[g * stride] - d_i));

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // used only behind the ISA guards of isa.h and __F16C__ / __AVX512F__
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -36,6 +38,8 @@ template <typename A>
 constexpr int kVecLen = 64 / sizeof(A);
 
 constexpr int kVec = kVecLen<float>;
+// One bit per lane of a 16-lane vector (the type of AVX-512's __mmask16, on every target).
+using mask16 = uint16_t;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using vfloat = Vec<float>;
 typedef uint32_t vuint __attribute__((vector_size(64)));
@@ -193,10 +197,10 @@ inline void store1(T* p, float v) {
 }
 
 // The first n lanes (n clamped to 0 ... 16).
-inline __mmask16 first_lanes(int64_t n) {
+inline mask16 first_lanes(int64_t n) {
   if (n <= 0) return 0;
   if (n >= kVec) return 0xFFFF;
-  return static_cast<__mmask16>((1u << n) - 1u);
+  return static_cast<mask16>((1u << n) - 1u);
 }
 
 #if defined(__AVX512F__)
@@ -263,7 +267,7 @@ inline void transpose16(__m512 r[16]) {
 #if defined(FUSEDTX_AVX512)
 // 16 elements of T (lanes off the mask read nothing and are +0) as float32.
 template <typename T>
-inline __m512 load16(const T* p, __mmask16 m) {
+inline __m512 load16(const T* p, mask16 m) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_maskz_loadu_ps(m, p);
   } else {
@@ -271,7 +275,7 @@ inline __m512 load16(const T* p, __mmask16 m) {
   }
 }
 template <typename T>
-inline void store16(T* p, __m512 v, __mmask16 m) {
+inline void store16(T* p, __m512 v, mask16 m) {
   if constexpr (std::is_same_v<T, float>) {
     _mm512_mask_storeu_ps(p, m, v);
   } else {
@@ -659,7 +663,7 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 }
 
 // Lanes where `mask` is set take a, the others b.
-inline vfloat vselect(__mmask16 mask, vfloat a, vfloat b) {
+inline vfloat vselect(mask16 mask, vfloat a, vfloat b) {
 #if defined(__AVX512F__)
   return reinterpret_cast<vfloat>(_mm512_mask_mov_ps(reinterpret_cast<__m512>(b), mask, reinterpret_cast<__m512>(a)));
 #else

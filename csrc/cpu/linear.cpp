@@ -281,7 +281,7 @@ void swiglu_grad_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
 #if defined(FUSEDTX_AVX512)
   for (int64_t c = 0; c < N; c += 16) {
     const int64_t n = std::min<int64_t>(16, N - c);
-    const __mmask16 m = first_lanes(n), m0 = first_lanes(std::min<int64_t>(16, 2 * n)),
+    const mask16 m = first_lanes(n), m0 = first_lanes(std::min<int64_t>(16, 2 * n)),
                     m1 = first_lanes(std::max<int64_t>(0, 2 * n - 16));
     __m512 g, u, lo, hi;
     deinterleave(load16(pre + 2 * c, m0), load16(pre + 2 * c + 16, m1), &g, &u);
@@ -355,7 +355,7 @@ void bias_act_row(const T* gy, const T* pre, T* gp, float* part, int64_t N) {
     }
   }
   for (; c < N; c += 16) {
-    const __mmask16 m = first_lanes(N - c);
+    const mask16 m = first_lanes(N - c);
     __m512 g = load16(gy + c, m);
     if constexpr (kAct != kActNone) {
       const __m512 h = load16(pre + c, m);

@@ -85,7 +85,7 @@ struct Problem {
 // mc zero.
 template <typename T>
 void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* ap) {
-  constexpr __mmask16 kPanelMask = (1u << kMR) - 1u;
+  constexpr mask16 kPanelMask = (1u << kMR) - 1u;
   if (p.sa0 == 1 && p.sa1 != 1) {  // rows contiguous (a = dy.t() in a weight gradient): row k of the block
     // at a time, one sequential read, into every panel (a panel at a time would read kc rows
     // far apart for kMR floats each: a TLB miss per k).
@@ -105,7 +105,7 @@ void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
     if (p.sa1 == 1) {  // k contiguous: 16 x 16 transposes
       for (int64_t k = 0; k < kc; k += 16) {
         const int64_t kn = std::min<int64_t>(16, kc - k);
-        const __mmask16 km = first_lanes(kn);
+        const mask16 km = first_lanes(kn);
         __m512 r[16];
         for (int i = 0; i < 16; ++i) r[i] = i < rows ? load16(src + i * p.sa0 + k, km) : _mm512_setzero_ps();
         transpose16(r);
@@ -145,7 +145,7 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
         const int64_t jn = std::clamp<int64_t>(cols - v * 16, 0, 16);
         for (int64_t k = 0; k < kc; k += 16) {
           const int64_t kn = std::min<int64_t>(16, kc - k);
-          const __mmask16 km = first_lanes(kn);
+          const mask16 km = first_lanes(kn);
           __m512 r[16];
           for (int i = 0; i < 16; ++i) {
             if (i < jn) {
@@ -236,7 +236,7 @@ void swiglu_epilogue(const float* tile, int rows, int64_t cols, const float* bia
   for (int r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; c += 32) {
       const int64_t n = std::min<int64_t>(32, cols - c);
-      const __mmask16 m0 = first_lanes(std::min<int64_t>(16, n)), m1 = first_lanes(std::max<int64_t>(0, n - 16));
+      const mask16 m0 = first_lanes(std::min<int64_t>(16, n)), m1 = first_lanes(std::max<int64_t>(0, n - 16));
       __m512 h0 = _mm512_maskz_loadu_ps(m0, tile + r * kTileLd + c);
       __m512 h1 = _mm512_maskz_loadu_ps(m1, tile + r * kTileLd + c + 16);
       if (bias) {
@@ -289,7 +289,7 @@ void epilogue(const float* tile, int rows, int64_t cols, const float* bias, T* y
   }
   for (; r < rows; ++r) {
     for (int v = 0; v * 16 < cols; ++v) {
-      const __mmask16 m = first_lanes(cols - v * 16);
+      const mask16 m = first_lanes(cols - v * 16);
       __m512 h = _mm512_load_ps(tile + r * kTileLd + v * 16);
       if (bias) h = _mm512_add_ps(h, _mm512_loadu_ps(bias + v * 16));
       if (preact) store16(preact + r * ld + v * 16, h, m);

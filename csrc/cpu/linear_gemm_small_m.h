@@ -32,7 +32,7 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t k = 0; k < p.K; k += 16) {
       const int64_t kn = std::min<int64_t>(16, p.K - k);
-      const __mmask16 km = first_lanes(kn);
+      const mask16 km = first_lanes(kn);
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         if (i < jn) {
@@ -82,7 +82,7 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
         _mm512_store_ps(tile + i * kTileLd + v * 16, _mm512_setzero_ps());  // chain totals, from +0
       }
     }
-    __mmask16 masks[NV];
+    mask16 masks[NV];
     for (int v = 0; v < NV; ++v) masks[v] = first_lanes(cols - v * 16);
     const bool full = cols == 16 * NV;
     for (int64_t k = 0; k < p.K; ++k) {

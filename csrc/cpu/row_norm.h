@@ -64,7 +64,7 @@ inline void write_normalized(const T* x, T* y, const P* w, const P* b, int64_t n
   constexpr int L = kRVecLen<A>;
   int64_t j = 0;
   for (; j + L <= n; j += L) {
-    if (next) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
+    if (next) __builtin_prefetch(next + j, 0, 3);  // read, keep in every cache level (T0)
     RVec<A> out = pre(rload_as<A>(x + j));
     if (w) out = out * rload_as<A>(w + j);
     if (b) out = out + rload_as<A>(b + j);
