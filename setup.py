@@ -7,6 +7,7 @@ CUDA sources when that torch has CUDA. Both paths take their source list and fla
 fusedtx/_build_config.py.
 """
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -58,7 +59,18 @@ def _extensions():
             extra_compile_args={"cxx": cfg.cxx_flags(False)},
             extra_link_args=cfg.LD_FLAGS,
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+    class BuildExtWithTarget(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Records beside the module the CPU it was built for (-march), so that a machine
+        lacking that instruction set builds just in time instead of loading it."""
+
+        def run(self):
+            super().run()
+            for e in self.extensions:
+                target = Path(self.get_ext_fullpath(e.name)).parent / cfg.TARGET_FILE
+                target.write_text(json.dumps(cfg.build_target()) + "\n")
+
+    return [ext], {"build_ext": BuildExtWithTarget}
 
 
 ext_modules, cmdclass = _extensions()

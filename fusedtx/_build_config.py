@@ -6,7 +6,9 @@ standard library so that `setup.py` can execute it without importing the package
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
 from pathlib import Path
 
 # Schemas (TORCH_LIBRARY) and the Python module stub live in one file; each op adds a CPU file
@@ -108,3 +110,59 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 
 def nvcc_flags() -> list[str]:
     return list(NVCC_FLAGS)
+
+
+# What an ahead-of-time module needs of the CPU that loads it, written beside it by setup.py and
+# checked before it is imported: a module built for an instruction set the CPU lacks would die
+# of SIGILL on its first vector instruction.
+TARGET_FILE = "_C_target.json"
+_X86_V2 = ["pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16"]
+_X86_V3 = _X86_V2 + ["avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"]
+_X86_LEVELS = {"x86-64": [], "x86-64-v2": _X86_V2, "x86-64-v3": _X86_V3,
+               "x86-64-v4": _X86_V3 + ["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]}
+# The instruction-set flags of /proc/cpuinfo a -march=native build may use on x86.
+_X86_ISA_PREFIXES = ("sse", "ssse", "pni", "avx", "amx", "fma", "f16c", "bmi", "abm", "movbe", "popcnt", "gfni",
+                     "vaes", "vpclmulqdq", "sha_ni", "adx", "aes", "pclmulqdq")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags (/proc/cpuinfo "flags" on x86, "Features" on Arm); empty
+    where they cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines
+                 if line.lower().startswith(("flags", "features"))), set())
+
+
+def build_target(target: str | None = None) -> dict:
+    """The target of a build with -march=target (default: march()) on this machine, and the CPU
+    flags a machine needs to run it: this CPU's for "native", the level's for x86-64-vN, none
+    for the default target; a -march this table does not know is recorded, not checked."""
+    target = march() if target is None else target
+    machine = platform.machine()
+    if target == "native":
+        flags = cpu_flags()
+        requires = sorted(flags if machine in ("aarch64", "arm64") else
+                          {f for f in flags if f.startswith(_X86_ISA_PREFIXES)})
+    else:
+        requires = _X86_LEVELS.get(target, []) if machine == "x86_64" else []
+    return {"machine": machine, "march": target, "requires": requires}
+
+
+def target_mismatch(target: dict, flags: set[str] | None = None) -> str | None:
+    """Why a module built for `target` (build_target()'s dict) cannot run on this CPU, or None."""
+    machine = platform.machine()
+    if target.get("machine") != machine:
+        return f"built for {target.get('machine')}, this machine is {machine}"
+    flags = cpu_flags() if flags is None else flags
+    missing = sorted(set(target.get("requires", [])) - flags) if flags else []
+    if missing:
+        return f"built with -march={target.get('march')} for a CPU with {', '.join(missing)}, which this one lacks"
+    return None
+
+
+def read_target(directory: Path) -> dict | None:
+    path = Path(directory) / TARGET_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

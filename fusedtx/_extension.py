@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -29,6 +30,8 @@ class ExtensionStatus:
     # The instruction set the CPU kernels were compiled for (csrc/cpu/isa.h): "avx512", "avx2",
     # "neon" or "scalar". Every one computes the same bits; only the speed differs. None when not loaded.
     cpu_isa: str | None = None
+    # Why an ahead-of-time fusedtx._C was passed over for the just-in-time build, if it was.
+    note: str | None = None
 
 
 _lock = threading.Lock()
@@ -62,14 +65,21 @@ def _jit_name(with_cuda: bool) -> str:
 
 
 def _load() -> ExtensionStatus:
-    try:
-        from . import _C  # noqa: F401  (ahead-of-time build; registers the ops on import)
+    note = None
+    if importlib.util.find_spec(f"{__package__}._C") is not None:
+        target = _build_config.read_target(Path(__file__).resolve().parent)
+        mismatch = _build_config.target_mismatch(target) if target else None
+        if mismatch is None:
+            try:
+                from . import _C  # noqa: F401  (ahead-of-time build; registers the ops on import)
 
-        return ExtensionStatus(True, "ahead-of-time", _has_cuda_kernels(), cpu_isa=_cpu_isa())
-    except ImportError:
-        pass
-    with_cuda = _cuda_wanted()
+                return ExtensionStatus(True, "ahead-of-time", _has_cuda_kernels(), cpu_isa=_cpu_isa())
+            except ImportError as exc:  # e.g. built against another torch
+                note = f"the ahead-of-time fusedtx._C did not import ({exc}): built just in time instead"
+        else:
+            note = f"the ahead-of-time fusedtx._C was not loaded ({mismatch}): built just in time instead"
     try:
+        with_cuda = _cuda_wanted()  # imports torch.utils.cpp_extension, which needs setuptools
         from torch.utils import cpp_extension
 
         kwargs = dict(
@@ -90,8 +100,8 @@ def _load() -> ExtensionStatus:
                   file=sys.stderr, flush=True)
         cpp_extension.load(**kwargs)
     except Exception as exc:  # a compiler error is reported through status(), not raised at import
-        return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}")
-    return ExtensionStatus(True, "just-in-time", _has_cuda_kernels(), cpu_isa=_cpu_isa())
+        return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}", note=note)
+    return ExtensionStatus(True, "just-in-time", _has_cuda_kernels(), cpu_isa=_cpu_isa(), note=note)
 
 
 def _has_cuda_kernels() -> bool:

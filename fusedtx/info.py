@@ -34,7 +34,7 @@ def info(file=None) -> dict:
         "backends": {d: backends.available_backends(d) for d in devices},
         "default_backend": {d: backends.resolve(None, torch.device(d)) if _can_resolve(d) else None for d in devices},
         "extension": {"loaded": ext.loaded, "how": ext.how, "with_cuda": ext.with_cuda, "isa": ext.cpu_isa,
-                      "error": ext.error},
+                      "error": ext.error, "note": ext.note},
         "triton_mode": backends.triton_mode(),
         "attention_split_size": config.get_split_size(),
     }
