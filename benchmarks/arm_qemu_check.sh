@@ -285,6 +285,7 @@ step "6. under qemu-aarch64 -cpu $QEMU_CPU: every native and reference row of te
 # virtual environment or dist-packages reaches the guest. -E sets the guest's variables only.
 # It runs in WORKDIR, not in the checkout, whose fusedtx/ would come first on sys.path.
 mkdir -p "$WORK/home"
+rm -f "$WORK/compare.txt" "$WORK/arm_hashes.json"
 CHECK_START=$(date +%s)
 set +e
 (cd "$WORK" && env -i PATH=/usr/bin:/bin HOME="$WORK/home" LANG=C.UTF-8 \
