@@ -49,8 +49,16 @@ namespace {
 constexpr int kBlock = kLaneBlock;  // queries (pass 1) or keys (pass 2) per task: the lanes of two vectors
 constexpr int kGroups = kLaneGroups;  // lane group g holds the block's rows 16 g ... 16 g + 15
 constexpr int kDotRows = 8;   // dot products interleaved for ILP
-constexpr int kAxpyLanes = 4; // accumulation tile: lanes x vectors of the head dim
+// The accumulation tile: lanes x 16-float vectors of the head dim, as many accumulators as the
+// registers hold (32 zmm; AVX2's 16 ymm take 4 x 1, two ymm per vector). Each accumulator is its
+// own FMA chain, so the tile shape changes no bit.
+#if defined(FUSEDTX_AVX2)
+constexpr int kAxpyLanes = 4;
+constexpr int kAxpyVecs = 1;
+#else
+constexpr int kAxpyLanes = 4;
 constexpr int kAxpyVecs = 4;
+#endif
 
 // A (batch, heads, positions, dim_pad) float32 view: rows hold dim_pad readable floats.
 struct View {
@@ -107,6 +115,37 @@ struct Seen {
 template <int NL, int NV>
 inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_rows, Seen seen, int l0, int64_t e0,
                       float* out, int64_t out_ld, Total mode) {
+#if defined(FUSEDTX_AVX2)
+  // The same chains on ymm halves, kept in registers (GCC holds a 16-float vector in memory
+  // on AVX2 and splits each FMA with lane shuffles).
+  constexpr int NH = 2 * NV;
+  __m256 acc[NL][NH];
+  for (int a = 0; a < NL; ++a)
+    for (int h = 0; h < NH; ++h) acc[a][h] = _mm256_setzero_ps();
+  const int64_t lo = seen.lo + l0, hi = seen.hi + l0;
+  const int64_t r_end = std::min(n_rows, hi + NL - 1);
+  for (int64_t r = std::max<int64_t>(0, lo); r < r_end; ++r) {
+    const float* xr = x + r * ld + e0;
+    const float* tr = tile + r * kBlock + l0;
+    __m256 xv[NH];
+    for (int h = 0; h < NH; ++h) xv[h] = _mm256_loadu_ps(xr + 8 * h);
+    const bool all = r >= lo + NL - 1 && r < hi;
+    for (int a = 0; a < NL; ++a) {
+      if (!all && (r < lo + a || r >= hi + a)) continue;
+      const __m256 t = _mm256_broadcast_ss(tr + a);
+      for (int h = 0; h < NH; ++h) acc[a][h] = _mm256_fmadd_ps(t, xv[h], acc[a][h]);
+    }
+  }
+  for (int a = 0; a < NL; ++a) {
+    float* o = out + (l0 + a) * out_ld + e0;
+    for (int h = 0; h < NH; ++h) {
+      __m256 r = acc[a][h];
+      if (mode == Total::kZeroPlus) r = _mm256_add_ps(_mm256_setzero_ps(), r);
+      else if (mode == Total::kAdd) r = _mm256_add_ps(_mm256_loadu_ps(o + 8 * h), r);
+      _mm256_storeu_ps(o + 8 * h, r);
+    }
+  }
+#else
   vfloat acc[NL][NV];
   for (int a = 0; a < NL; ++a)
     for (int v = 0; v < NV; ++v) acc[a][v] = vsplat(0.0f);
@@ -133,6 +172,7 @@ inline void lane_axpy(const float* tile, const float* x, int64_t ld, int64_t n_r
       vstore(o + v * kVec, r);
     }
   }
+#endif
 }
 
 // lane_axpy over lanes [lane_lo, n_lanes) and the whole (padded) head dim.
