@@ -132,6 +132,32 @@ inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat
 template <int NQ>
 void score_keys_transposed(const float* q_t, int i_lo, Rows k, int64_t n_keys, int64_t dim, float scale, float* s,
                            int64_t s_ld) {
+#if defined(FUSEDTX_AVX2)
+  // The same chains on ymm halves: keys [j0 + 8 kh, j0 + 8 kh + 8) in acc[i][kh], each 8 x 8
+  // block of K transposed in registers (transpose8), its columns fed in ascending d.
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kVec) {
+    const int64_t cnt = std::min<int64_t>(kVec, n_keys - j0);
+    __m256 acc[NQ][2];
+    for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+      const int64_t dn = std::min<int64_t>(8, dim - d0);
+      for (int kh = 0; kh < 2; ++kh) {
+        __m256 c[8];
+        for (int t = 0; t < 8; ++t)
+          c[t] = 8 * kh + t < cnt ? _mm256_loadu_ps(k.ptr + (j0 + 8 * kh + t) * k.ld + d0) : _mm256_setzero_ps();
+        transpose8(c);
+        for (int64_t l = 0; l < dn; ++l)
+          for (int i = 0; i < NQ; ++i)
+            acc[i][kh] = _mm256_fmadd_ps(_mm256_broadcast_ss(q_t + (d0 + l) * kBlockQ + i_lo + i), c[l], acc[i][kh]);
+      }
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int i = 0; i < NQ; ++i) {
+      _mm256_storeu_ps(s + i * s_ld + j0, _mm256_mul_ps(acc[i][0], sc));
+      _mm256_storeu_ps(s + i * s_ld + j0 + 8, _mm256_mul_ps(acc[i][1], sc));
+    }
+  }
+#else
   for (int64_t j0 = 0; j0 < n_keys; j0 += kVec) {
     const int64_t cnt = std::min<int64_t>(kVec, n_keys - j0);
     vfloat acc[NQ];
@@ -145,6 +171,7 @@ void score_keys_transposed(const float* q_t, int i_lo, Rows k, int64_t n_keys, i
     }
     for (int i = 0; i < NQ; ++i) vstore(s + i * s_ld + j0, acc[i] * scale);
   }
+#endif
 }
 
 // The softmax statistics of one query over its first n_valid scores s[0 .. n_valid) (16 keys a
