@@ -30,7 +30,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_CSV = RESULTS_DIR / "results.csv"
 
 CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
-               "dtype", "shape", "device", "fusedtx_version", "torch_version", "timestamp")
+               "dtype", "shape", "device", "fusedtx_version", "torch_version", "timestamp", "isa")
 MODES = ("forward", "backward", "full")
 
 
@@ -56,6 +56,17 @@ def device_name(device: torch.device | str) -> str:
     # at::parallel_for, so the same count).
     threads = torch.get_num_threads()
     return f"{model} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def cpu_isa(device: torch.device | str) -> str:
+    """What the CSV's `isa` column holds: on CPU, the vector path fusedtx's native kernels were
+    compiled for ("avx512", "avx2", "neon", "scalar": `python -m fusedtx info`); empty on GPUs
+    and where the extension is not loaded (rows from before the column existed are empty too)."""
+    if torch.device(device).type != "cpu":
+        return ""
+    from fusedtx import _extension
+
+    return _extension.status().cpu_isa or ""
 
 
 def now_timestamp() -> str:
@@ -116,6 +127,7 @@ class Recorder:
         self.out = Path(out) if out else None
         self.device = torch.device(device)
         self.device_name = device_name(self.device)
+        self.isa = cpu_isa(self.device)
         self.timestamp = timestamp or now_timestamp()
         self.rows: list[dict] = []   # every row of this run (for summaries)
         self._pending: list[dict] = []
@@ -129,7 +141,7 @@ class Recorder:
             "p80": fmt_value(p80), "dtype": dtype_str(dtype),
             "shape": shape if isinstance(shape, str) else shape_str(shape),
             "device": self.device_name, "fusedtx_version": fusedtx.__version__,
-            "torch_version": torch.__version__, "timestamp": self.timestamp,
+            "torch_version": torch.__version__, "timestamp": self.timestamp, "isa": self.isa,
         }
         self.rows.append(row)
         self._pending.append(row)

@@ -53,11 +53,31 @@ def test_duplicate_rows_are_found():
 def test_read_rows_names_a_bad_line(tmp_path):
     """Negative control: a second header (what a careless merge leaves) is reported with its line."""
     good = ",".join(["ceiling", "copy_", "forward", "copy_bandwidth", "GB/s", "bytes", "1", "2", "1", "3", "float32",
-                     "8", "cpu", "0", "2", "t"])
+                     "8", "cpu", "0", "2", "t", "avx2"])
     bad = tmp_path / "results.csv"
     bad.write_text("\n".join([",".join(CSV_COLUMNS), good, ",".join(CSV_COLUMNS), good]) + "\n")
     with pytest.raises(ValueError, match="line 3: x_value is 'x_value'"):
         read_rows(bad)
+
+
+def test_isa_summary_compares_each_vector_path_with_its_own_eager_run():
+    """benchmarks/isa_summary.py: the newest run per (device, isa), native over the eager peer of
+    the same run; rows without an isa (older than the column) are left out."""
+    from isa_summary import ratios
+
+    def row(isa, provider, p50, stamp, shape="4x8", mode="forward"):
+        return dict(kernel="softmax", provider=provider, mode=mode, metric="bandwidth", dtype="float32", shape=shape,
+                    device="cpu0", isa=isa, timestamp=stamp, p50=p50)
+
+    rows = [row("avx2", "fusedtx_native", 10.0, "t1"), row("avx2", "torch", 20.0, "t1"),      # older run
+            row("avx2", "fusedtx_native", 9.0, "t2"), row("avx2", "torch", 10.0, "t2"),
+            row("avx2", "fusedtx_native", 30.0, "t2", shape="8x8"), row("avx2", "torch", 20.0, "t2", shape="8x8"),
+            row("scalar", "fusedtx_native", 5.0, "t3"), row("scalar", "torch", 10.0, "t3"),
+            row("", "fusedtx_native", 1.0, "t0"), row("", "torch", 10.0, "t0")]
+    table = ratios(rows, None)
+    assert sorted(table[("cpu0", "avx2", "softmax", "float32", "forward")]) == [(0.9, "4x8"), (1.5, "8x8")]
+    assert table[("cpu0", "scalar", "softmax", "float32", "forward")] == [(0.5, "4x8")]
+    assert set(table) == {("cpu0", "avx2", "softmax", "float32", "forward"), ("cpu0", "scalar", "softmax", "float32", "forward")}
 
 
 def quick_run(script, providers, kernels, tmp_path, *flags) -> tuple[list[dict], str]:
@@ -73,8 +93,11 @@ def quick_run(script, providers, kernels, tmp_path, *flags) -> tuple[list[dict],
     assert rows and tuple(rows[0].keys()) == CSV_COLUMNS
     assert {r["kernel"] for r in rows} == kernels | {"ceiling"}
     assert {r["provider"] for r in rows if r["kernel"] != "ceiling"} == set(providers.split(",")), run.stderr[-3000:]
+    from fusedtx import _extension
+
     for r in rows:
         assert float(r["p50"]) > 0 and r["device"] and r["fusedtx_version"] and r["timestamp"]
+        assert r["isa"] == _extension.status().cpu_isa, r  # the native kernels' vector path
     device = slug(rows[0]["device"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{k}_{device}.png" for k in kernels)
     return rows, run.stdout
