@@ -7,6 +7,7 @@ file lock so that two processes building at once wait for each other instead of 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -95,13 +96,36 @@ def _load() -> ExtensionStatus:
             kwargs["extra_cuda_cflags"] = _build_config.nvcc_flags()
         _ninja_on_path()
         build_dir = Path(cpp_extension._get_build_directory(kwargs["name"], verbose=False))
-        if not (build_dir / f"{kwargs['name']}.so").exists():
-            print(f"fusedtx: compiling the C++ extension into {build_dir} (first use only; about a minute)",
-                  file=sys.stderr, flush=True)
-        cpp_extension.load(**kwargs)
+        with _build_lock(build_dir):
+            if not (build_dir / f"{kwargs['name']}.so").exists():
+                print(f"fusedtx: compiling the C++ extension into {build_dir} (first use only; about a minute)",
+                      file=sys.stderr, flush=True)
+            cpp_extension.load(**kwargs)
     except Exception as exc:  # a compiler error is reported through status(), not raised at import
         return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}", note=note)
     return ExtensionStatus(True, "just-in-time", _has_cuda_kernels(), cpu_isa=_cpu_isa(), note=note)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an exclusive flock on build_dir/fusedtx.lock while loading (and building). torch's own
+    lock there is a file created and deleted, which a builder killed mid-build (a timeout, OOM)
+    leaves behind, and every later load then waits on it forever. The flock dies with its
+    process, and whoever holds it is the only fusedtx process in the directory, so a torch lock
+    file found then is stale and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "fusedtx.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _has_cuda_kernels() -> bool:

@@ -258,6 +258,26 @@ def test_two_processes_building_the_extension_at_once(tmp_path):
     assert any("compiling the C++ extension" in err for _, err in outs), "neither process built the library"
 
 
+def test_a_build_killed_mid_way_does_not_hang_the_next_load(tmp_path):
+    """torch's build lock is a file that a builder killed mid-build leaves behind; fusedtx's own
+    flock (released by the kernel when its holder dies) makes it removable: the next load goes on.
+    Negative control: torch's loader alone waits on the stale file."""
+    from fusedtx import _extension
+
+    ext = _extension_objects_without_library(tmp_path)
+    name = _extension._jit_name(_extension.status().with_cuda)
+    (ext / name / "lock").touch()  # what a SIGKILLed builder leaves
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext))
+    waits = ("from torch.utils import cpp_extension\n"
+             f"cpp_extension.load({name!r}, [], is_python_module=False)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", waits], env=env, capture_output=True, timeout=15)
+    code = "from fusedtx import _extension\ns = _extension.status()\nassert s.loaded, s.error\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert not (ext / name / "lock").exists()
+
+
 def test_extension_builds_without_ninja_on_path(tmp_path):
     """`ninja` is a dependency, and the build finds the ninja package's binary when it is not on
     PATH (a virtual environment's python run without activating it). Negative control: with the
