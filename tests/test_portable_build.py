@@ -56,14 +56,6 @@ def _run(cmd, *, timeout, what, **kwargs) -> subprocess.CompletedProcess:
     return out
 
 
-def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.read_text().splitlines()
-                 if line.lower().startswith(("flags", "features"))), set())
-
-
 # ------------------------------------------------------------------------------------------------
 # aarch64: every C++ source cross-compiles, on the portable path.
 
@@ -131,7 +123,7 @@ def test_avx2_build_matches_the_reference_on_an_avx512_host():
     from fusedtx import _extension
 
     status = _extension.status()
-    if platform.machine() != "x86_64" or not {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if platform.machine() != "x86_64" or not {"avx2", "fma", "f16c"} <= _build_config.cpu_flags():
         pytest.skip("not an x86-64 host with AVX2")
     if status.how != "just-in-time":
         pytest.skip("the ahead-of-time extension takes precedence over FUSEDTX_MARCH")
