@@ -239,6 +239,29 @@ def test_native_thread_count_invariance():
             assert_bitwise_equal(ours, first, f"{name}: 1 vs 2 vs 3 threads")
 
 
+# (M, K, N): at 1 thread one task takes all N in several column sub-blocks, its packed a kept
+# across them; 1024 x 2100 is too much a to keep in one task: row groups or narrow columns.
+TASK_PLAN_CASES = [(40, 300, 700), (1024, 2100, 600)]
+
+
+@pytest.mark.parametrize("m,k,n", TASK_PLAN_CASES, ids=["sub-blocks", "row-groups"])
+def test_native_task_plans_equal_reference(m, k, n):
+    """The native GEMM's task plans (wide column blocks cut into sub-blocks sharing one packed a,
+    row groups) leave each row reference.linear_matmul's bits, at 1 and 3 threads: rows at the
+    start, across a 6-row panel and a 96-row block boundary and at the end, against the
+    reference run on those rows alone."""
+    require("cpu", "native")
+    x = make((m, k), torch.float32, "cpu")
+    weight, bias = make_layer(k, n, True, torch.float32, "cpu")
+    act = linear_op.activation_code("gelu")
+    rows = sorted(r for r in {0, 1, 5, 6, 95, 96, m // 2, m - 1} if r < m)
+    y_ref, h_ref = reference.linear_matmul(x[rows], weight.t(), bias, act, True, policy.MATMUL_K_BLOCK)
+    for y, h in under_each_thread_count(lambda: linear_op.linear.impl(x, weight, bias, act, True, "native"),
+                                        counts=(1, 3)):
+        assert_bitwise_equal(y[rows], y_ref, f"y {m}x{k}x{n} vs reference")
+        assert_bitwise_equal(h[rows], h_ref, f"preact {m}x{k}x{n} vs reference")
+
+
 def split_k_linear(x, weight):
     """x @ weight.T with K cut into one slice per thread and the partial products added: the
     shape of a GEMM parallelised over its reduction axis (F.linear itself was thread-invariant

@@ -8,7 +8,8 @@
 // operation for operation as in the reference (the extension is compiled with
 // -ffp-contract=off, so only the explicit FMA instructions fuse). BLIS-style: for each packed K
 // block of kKCMax k's (whole 128-k chains), a task packs its kKCMax x kNCMax block of b once and
-// sweeps it with the micro-kernels of linear_gemm.h, a kMCMax-row block of packed a at a time.
+// sweeps it with the micro-kernels of linear_gemm.h, a kMCMax-row block of packed a at a time; a
+// task wider than kNCMax columns takes them in sub-blocks that share one packed a.
 // Between K blocks an element's float32 total is stored and reloaded (exact), so the blocking
 // never changes its arithmetic; after the last K block the epilogue runs on the tile while it is
 // in L1. Threads share out (row range, column block) tasks and never split K. With at most
@@ -72,87 +73,135 @@ constexpr auto kOneKernels = micro_kernels<1>(std::make_integer_sequence<int, kM
 // Per-thread buffers: packed a block, packed b block, float32 partials between K blocks.
 thread_local Workspace tl_pack_a, tl_pack_b, tl_partial;
 
-// One task: rows [i_begin, i_end) x columns [j0, j0 + nc), all of K. For each K block, the b
-// block is packed once and serves every kMCMax-row block of a.
+// A task whose columns take several sub-blocks packs its a (all its rows, all K) once and keeps
+// it across them; plan_tasks gives such tasks at most this many floats of a (per thread).
+constexpr int64_t kKeepPackedAMax = int64_t{1} << 21;  // 8 MB
+
+// One task: rows [i_begin, i_end) x columns [j_begin, j_end), all of K, in column sub-blocks of
+// at most kNCMax. Per sub-block and K block, the b block is packed once and serves every
+// kMCMax-row block of a. a is packed once: with several sub-blocks, into a buffer of rows_pad x K
+// floats (K block kb's row block at i0 starts at rows_pad * k0 + (i0 - i_begin) * kc).
 template <typename T, int kAct>
-void gemm_task(const Problem<T>& p, int64_t i_begin, int64_t i_end, int64_t j0, int64_t nc, int64_t kc_max) {
-  const int64_t nc_pad = round_up(nc, kNR);
+void gemm_task(const Problem<T>& p, int64_t i_begin, int64_t i_end, int64_t j_begin, int64_t j_end,
+               int64_t kc_max) {
+  const int64_t rows_pad = round_up(i_end - i_begin, kMR);
+  const int64_t sub_blocks = ceil_div(j_end - j_begin, kNCMax);
+  const int64_t sub = round_up(ceil_div(j_end - j_begin, sub_blocks), kNR);
   const int64_t k_blocks = std::max<int64_t>(1, ceil_div(p.K, kc_max));
-  const int64_t mc_max = std::min(round_up(kMCMax, kMR), round_up(i_end - i_begin, kMR));
-  float* ap = tl_pack_a.get(mc_max * kc_max);
-  float* bp = tl_pack_b.get(nc_pad * kc_max);
-  // The float32 partials of all the task's rows between K blocks.
-  float* part = k_blocks > 1 ? tl_partial.get(round_up(i_end - i_begin, kMR) * nc_pad) : nullptr;
+  const int64_t mc_max = std::min(round_up(kMCMax, kMR), rows_pad);
+  const bool keep_a = sub_blocks > 1;
+  TORCH_CHECK(!keep_a || rows_pad * p.K <= kKeepPackedAMax, "linear_matmul: internal error, a task of ", rows_pad,
+              " rows x K = ", p.K, " in ", sub_blocks, " column sub-blocks");
+  float* a_all = tl_pack_a.get(keep_a ? rows_pad * p.K : mc_max * kc_max);
+  float* bp = tl_pack_b.get(round_up(sub, kNR) * kc_max);
+  // The float32 partials of all the task's rows between K blocks, for one sub-block.
+  float* part = k_blocks > 1 ? tl_partial.get(rows_pad * round_up(sub, kNR)) : nullptr;
   alignas(64) float tile[kMR * kTileLd];
-  for (int64_t kb = 0; kb < k_blocks; ++kb) {
-    const int64_t k0 = kb * kc_max;
-    const int64_t kc = std::min(kc_max, p.K - k0);
-    const bool first = kb == 0, last = kb == k_blocks - 1;
-    const int64_t b_stride = kc * kNR;
-    pack_b(p, k0, kc, j0, nc, bp);
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += mc_max) {
-      const int64_t mc = std::min(mc_max, i_end - i0);
-      pack_a(p, i0, mc, k0, kc, ap);
-      // One micro-tile: the row panel at ir (rows rows) against np column panels from jr.
-      auto tile_at = [&](int64_t ir, int rows, int64_t jr, int np, MicroKernel kernel) {
-        const float* a_panel = ap + (ir / kMR) * kc * kMR;
-        const float* b_panel = bp + (jr / kNR) * b_stride;
-        float* c = part ? part + (i0 - i_begin + ir) * nc_pad + jr : nullptr;
-        if (!last) {
-          kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, c, nc_pad);
-        } else {
-          kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, tile, kTileLd);
-          const int64_t off = (i0 + ir) * p.N + j0 + jr;
-          epilogue<T, kAct>(tile, rows, std::min<int64_t>(np * kNR, nc - jr), p.bias ? p.bias + j0 + jr : nullptr,
-                            p.y + out_offset<kAct>(off), p.preact ? p.preact + off : nullptr, p.N);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += sub) {
+    const int64_t nc = std::min(sub, j_end - j0), nc_pad = round_up(nc, kNR);
+    const bool pack_a_now = !keep_a || j0 == j_begin;
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      const int64_t k0 = kb * kc_max;
+      const int64_t kc = std::min(kc_max, p.K - k0);
+      const bool first = kb == 0, last = kb == k_blocks - 1;
+      const int64_t b_stride = kc * kNR;
+      pack_b(p, k0, kc, j0, nc, bp);
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += mc_max) {
+        const int64_t mc = std::min(mc_max, i_end - i0);
+        float* ap = keep_a ? a_all + rows_pad * k0 + (i0 - i_begin) * kc : a_all;
+        if (pack_a_now) pack_a(p, i0, mc, k0, kc, ap);
+        // One micro-tile: the row panel at ir (rows rows) against np column panels from jr.
+        auto tile_at = [&](int64_t ir, int rows, int64_t jr, int np, MicroKernel kernel) {
+          const float* a_panel = ap + (ir / kMR) * kc * kMR;
+          const float* b_panel = bp + (jr / kNR) * b_stride;
+          float* c = part ? part + (i0 - i_begin + ir) * nc_pad + jr : nullptr;
+          if (!last) {
+            kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, c, nc_pad);
+          } else {
+            kernel(kc, a_panel, b_panel, b_stride, first ? nullptr : c, nc_pad, tile, kTileLd);
+            const int64_t off = (i0 + ir) * p.N + j0 + jr;
+            epilogue<T, kAct>(tile, rows, std::min<int64_t>(np * kNR, nc - jr), p.bias ? p.bias + j0 + jr : nullptr,
+                              p.y + out_offset<kAct>(off), p.preact ? p.preact + off : nullptr, p.N);
+          }
+        };
+        int64_t full_rows = 0;  // the whole kMR-row panels, taken column panel by column panel
+        if constexpr (kColumnPanelOuter) {
+          full_rows = mc / kMR * kMR;
+          static_assert(panels_for_rows(kMR) == 1);
+          for (int64_t jr = 0; jr < nc; jr += kNR) {
+            for (int64_t ir = 0; ir < full_rows; ir += kMR) tile_at(ir, kMR, jr, 1, kOneKernels[kMR - 1]);
+          }
         }
-      };
-      int64_t full_rows = 0;  // the whole kMR-row panels, taken column panel by column panel
-      if constexpr (kColumnPanelOuter) {
-        full_rows = mc / kMR * kMR;
-        static_assert(panels_for_rows(kMR) == 1);
-        for (int64_t jr = 0; jr < nc; jr += kNR) {
-          for (int64_t ir = 0; ir < full_rows; ir += kMR) tile_at(ir, kMR, jr, 1, kOneKernels[kMR - 1]);
-        }
-      }
-      for (int64_t ir = full_rows; ir < mc; ir += kMR) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
-        const int wide = panels_for_rows(rows);
-        for (int64_t jr = 0; jr < nc;) {
-          const int np = ceil_div(nc - jr, kNR) >= wide ? wide : 1;
-          tile_at(ir, rows, jr, np, np == wide ? kWideKernels[rows - 1] : kOneKernels[rows - 1]);
-          jr += np * kNR;
+        for (int64_t ir = full_rows; ir < mc; ir += kMR) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMR, mc - ir));
+          const int wide = panels_for_rows(rows);
+          for (int64_t jr = 0; jr < nc;) {
+            const int np = ceil_div(nc - jr, kNR) >= wide ? wide : 1;
+            tile_at(ir, rows, jr, np, np == wide ? kWideKernels[rows - 1] : kOneKernels[rows - 1]);
+            jr += np * kNR;
+          }
         }
       }
     }
   }
 }
 
-// How the output is cut into tasks: column blocks of at most kNCMax columns over all rows, unless
-// that leaves the threads unevenly loaded, then more column blocks, then row groups too. Any cut
-// gives the same bits.
+// How the output is cut into tasks: row_groups x col_blocks, task = cb * row_groups + rg, which
+// at::parallel_for deals out to the threads in contiguous ranges. Chosen by a cost model: a
+// task's FMAs plus kPackCost per element it packs (its a rows and b columns once each), the
+// plan's cost that of its busiest thread. Wide column blocks pack a fewer times, more row groups
+// pack b more times. A task wider than kNCMax keeps its packed a, so its rows x K must fit
+// kKeepPackedAMax; column blocks of at most kNCMax always qualify. Any cut gives the same bits.
 struct TaskPlan {
   int64_t rows, cols, row_groups, col_blocks;
 };
 
-TaskPlan plan_tasks(int64_t M, int64_t N, int64_t threads) {
-  int64_t col_blocks = ceil_div(N, kNCMax), row_groups = ceil_div(M, kTaskRowsMax);
-  const int64_t max_col_blocks = ceil_div(N, kNR), max_row_groups = ceil_div(M, kMR);
-  while (col_blocks * row_groups < 8 * threads && (col_blocks * row_groups) % threads != 0) {
-    if (col_blocks < max_col_blocks) {
-      ++col_blocks;
-    } else if (row_groups < max_row_groups) {
-      ++row_groups;
-    } else {
-      break;
-    }
-  }
+constexpr double kPackCost = 24.0;  // FMAs' time per packed element (measured: AVX2, L3-resident)
+
+TaskPlan task_shape(int64_t M, int64_t N, int64_t row_groups, int64_t col_blocks) {
   TaskPlan t;
   t.cols = round_up(ceil_div(N, col_blocks), kNR);
   t.col_blocks = ceil_div(N, t.cols);
   t.rows = round_up(ceil_div(M, row_groups), kMR);
   t.row_groups = ceil_div(M, t.rows);
   return t;
+}
+
+double plan_cost(const TaskPlan& t, int64_t M, int64_t N, int64_t K, int64_t threads) {
+  const int64_t tasks = t.row_groups * t.col_blocks;
+  const int64_t used = std::min(threads, tasks), chunk = ceil_div(tasks, used);  // at::parallel_for's split
+  double busiest = 0.0;
+  for (int64_t th = 0; th < used; ++th) {
+    double load = 0.0;
+    for (int64_t task = th * chunk; task < std::min(tasks, (th + 1) * chunk); ++task) {
+      const int64_t rg = task % t.row_groups, cb = task / t.row_groups;
+      const double rows = static_cast<double>(std::min(t.rows, M - rg * t.rows));
+      const double cols = static_cast<double>(std::min(t.cols, N - cb * t.cols));
+      load += rows * cols * static_cast<double>(K) + kPackCost * static_cast<double>(K) * (rows + cols);
+    }
+    busiest = std::max(busiest, load);
+  }
+  return busiest;
+}
+
+TaskPlan plan_tasks(int64_t M, int64_t N, int64_t K, int64_t threads) {
+  const int64_t r_min = ceil_div(M, kTaskRowsMax);
+  const int64_t r_max = std::max(r_min, std::min(ceil_div(M, kMR), 8 * threads));
+  const int64_t c_max = std::min(ceil_div(N, kNR), 8 * threads);
+  TaskPlan best = task_shape(M, N, r_min, ceil_div(N, kNCMax));  // always allowed
+  double best_cost = plan_cost(best, M, N, K, threads);
+  for (int64_t r = r_min; r <= r_max; ++r) {
+    for (int64_t c = 1; c <= c_max; ++c) {
+      const TaskPlan t = task_shape(M, N, r, c);
+      if (t.cols > kNCMax && t.rows * K > kKeepPackedAMax) continue;
+      const double cost = plan_cost(t, M, N, K, threads);
+      if (cost < best_cost * (1.0 - 1e-9)) {
+        best = t;
+        best_cost = cost;
+      }
+    }
+  }
+  return best;
 }
 
 template <typename T, int kAct>
@@ -204,12 +253,12 @@ void gemm(const Problem<T>& p) {
   // lies inside one packed block.
   static_assert(kKCMax % kKBlock == 0);
   const int64_t kc_max = std::clamp<int64_t>(p.K, 1, kKCMax);
-  const TaskPlan t = plan_tasks(p.M, p.N, at::get_num_threads());
+  const TaskPlan t = plan_tasks(p.M, p.N, p.K, at::get_num_threads());
   at::parallel_for(0, t.row_groups * t.col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rg = task % t.row_groups, cb = task / t.row_groups;
       const int64_t i0 = rg * t.rows, j0 = cb * t.cols;
-      gemm_task<T, kAct>(p, i0, std::min(p.M, i0 + t.rows), j0, std::min(t.cols, p.N - j0), kc_max);
+      gemm_task<T, kAct>(p, i0, std::min(p.M, i0 + t.rows), j0, std::min(p.N, j0 + t.cols), kc_max);
     }
   });
 }

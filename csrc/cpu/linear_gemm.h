@@ -54,7 +54,7 @@ constexpr int64_t kKCMax = 3 * kKBlock; // k per packed block (whole chains only
 constexpr bool kColumnPanelOuter = false;
 #endif
 constexpr int64_t kMCMax = 16 * kMR;   // rows of a per packed block
-constexpr int64_t kNCMax = 256;        // columns per task
+constexpr int64_t kNCMax = 256;        // columns per packed b block (a task's column sub-block)
 constexpr int64_t kTaskRowsMax = 1024; // rows per task: bounds the per-thread partials buffer
 
 constexpr int kMaxPanels = 4;
@@ -369,6 +369,8 @@ void pack_a(const Problem<T>& p, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
   }
 }
 
+constexpr int64_t kPrefetchRows = 8;  // rows of b ahead
+
 // b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
 template <typename T>
 void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
@@ -377,6 +379,12 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
     for (int64_t k = 0; k < kc; ++k) {
       const T* src = p.b + (k0 + k) * p.sb0 + j0;
       float* dst = bp + k * kNR;
+      // Rows far apart (b = a weight of many columns) defeat the hardware prefetcher: each
+      // row's lines are fetched kPrefetchRows rows ahead.
+      if (k + kPrefetchRows < kc) {
+        for (int64_t j = 0; j < nc; j += 64 / static_cast<int64_t>(sizeof(T)))
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * p.sb0 + j), _MM_HINT_T0);
+      }
       for (int64_t v = 0; v < vecs; ++v) {
         const int64_t j = v * kLanes;
         const __m256 x = j + kLanes <= nc ? load8(src + j) : load8(src + j, nc - j);
