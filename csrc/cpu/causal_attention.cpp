@@ -133,28 +133,39 @@ template <int NQ>
 void score_keys_transposed(const float* q_t, int i_lo, Rows k, int64_t n_keys, int64_t dim, float scale, float* s,
                            int64_t s_ld) {
 #if defined(FUSEDTX_AVX2)
-  // The same chains on ymm halves: keys [j0 + 8 kh, j0 + 8 kh + 8) in acc[i][kh], each 8 x 8
-  // block of K transposed in registers (transpose8), its columns fed in ascending d.
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kVec) {
-    const int64_t cnt = std::min<int64_t>(kVec, n_keys - j0);
-    __m256 acc[NQ][2];
-    for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  // The same chains on ymm halves: keys [j0 + 16 jb + 8 kh, + 8) in acc[jb][i][kh], each 8 x 8
+  // block of K transposed in registers (transpose8), its columns fed in ascending d. A single
+  // query takes two 16-key blocks at once: four chains, not two, hide the FMA latency.
+  constexpr int JB = NQ == 1 ? 2 : 1;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += JB * kVec) {
+    int64_t cnt[JB];
+    __m256 acc[JB][NQ][2];
+    for (int jb = 0; jb < JB; ++jb) {
+      cnt[jb] = std::clamp<int64_t>(n_keys - j0 - jb * kVec, 0, kVec);
+      for (int i = 0; i < NQ; ++i) acc[jb][i][0] = acc[jb][i][1] = _mm256_setzero_ps();
+    }
     for (int64_t d0 = 0; d0 < dim; d0 += 8) {
       const int64_t dn = std::min<int64_t>(8, dim - d0);
-      for (int kh = 0; kh < 2; ++kh) {
-        __m256 c[8];
-        for (int t = 0; t < 8; ++t)
-          c[t] = 8 * kh + t < cnt ? _mm256_loadu_ps(k.ptr + (j0 + 8 * kh + t) * k.ld + d0) : _mm256_setzero_ps();
-        transpose8(c);
-        for (int64_t l = 0; l < dn; ++l)
-          for (int i = 0; i < NQ; ++i)
-            acc[i][kh] = _mm256_fmadd_ps(_mm256_broadcast_ss(q_t + (d0 + l) * kBlockQ + i_lo + i), c[l], acc[i][kh]);
+      for (int jb = 0; jb < JB; ++jb) {
+        for (int kh = 0; kh < 2; ++kh) {
+          const int64_t key0 = j0 + jb * kVec + 8 * kh;
+          __m256 c[8];
+          for (int t = 0; t < 8; ++t)
+            c[t] = 8 * kh + t < cnt[jb] ? _mm256_loadu_ps(k.ptr + (key0 + t) * k.ld + d0) : _mm256_setzero_ps();
+          transpose8(c);
+          for (int64_t l = 0; l < dn; ++l)
+            for (int i = 0; i < NQ; ++i)
+              acc[jb][i][kh] =
+                  _mm256_fmadd_ps(_mm256_broadcast_ss(q_t + (d0 + l) * kBlockQ + i_lo + i), c[l], acc[jb][i][kh]);
+        }
       }
     }
     const __m256 sc = _mm256_set1_ps(scale);
-    for (int i = 0; i < NQ; ++i) {
-      _mm256_storeu_ps(s + i * s_ld + j0, _mm256_mul_ps(acc[i][0], sc));
-      _mm256_storeu_ps(s + i * s_ld + j0 + 8, _mm256_mul_ps(acc[i][1], sc));
+    for (int jb = 0; jb < JB && cnt[jb] > 0; ++jb) {
+      for (int i = 0; i < NQ; ++i) {
+        _mm256_storeu_ps(s + i * s_ld + j0 + jb * kVec, _mm256_mul_ps(acc[jb][i][0], sc));
+        _mm256_storeu_ps(s + i * s_ld + j0 + jb * kVec + 8, _mm256_mul_ps(acc[jb][i][1], sc));
+      }
     }
   }
 #else
@@ -223,29 +234,41 @@ inline void pv_tile(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, i
   const int64_t all_see = std::min(n_keys, seen + q0);            // keys every query of the tile sees
   const int64_t any_sees = std::min(n_keys, seen + q0 + NQ - 1);  // keys its last query sees
 #if defined(FUSEDTX_AVX2)
-  // AVX2's 16 ymm registers hold NQ x 2 accumulators, not NQ x NE x 2: one pass per vector of
-  // e. Each (query, e) chain is unchanged.
-  for (int e = 0; e < NE; ++e) {
-    __m256 acc[NQ][2];
-    for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  // AVX2's 16 ymm registers hold 8 accumulators beside the loads: NQ x NE x 2 of them in one
+  // pass where they fit (a decode query's whole head), else one pass per vector of e with NQ x 2.
+  // Either way each (query, e) chain is unchanged.
+  constexpr bool one_pass = NQ * NE <= 4;
+  constexpr int kPassVecs = one_pass ? NE : 1;
+  for (int e_lo = 0; e_lo < NE; e_lo += kPassVecs) {
+    __m256 acc[NQ][kPassVecs][2];
+    for (int i = 0; i < NQ; ++i)
+      for (int e = 0; e < kPassVecs; ++e) acc[i][e][0] = acc[i][e][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < any_sees; ++j) {
-      const float* vrow = v.ptr + j * v.ld + e0 + e * kVec;
-      const __m256 v0 = _mm256_loadu_ps(vrow), v1 = _mm256_loadu_ps(vrow + 8);
+      const float* vrow = v.ptr + j * v.ld + e0 + e_lo * kVec;
+      __m256 vj[kPassVecs][2];
+      for (int e = 0; e < kPassVecs; ++e) {
+        vj[e][0] = _mm256_loadu_ps(vrow + e * kVec);
+        vj[e][1] = _mm256_loadu_ps(vrow + e * kVec + 8);
+      }
       const bool all = j < all_see;
       for (int i = 0; i < NQ; ++i) {
         if (!all && j >= seen + q0 + i) continue;
         const __m256 pj = _mm256_broadcast_ss(p_tile + j * kBlockQ + q0 + i);
-        acc[i][0] = _mm256_fmadd_ps(pj, v0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(pj, v1, acc[i][1]);
+        for (int e = 0; e < kPassVecs; ++e) {
+          acc[i][e][0] = _mm256_fmadd_ps(pj, vj[e][0], acc[i][e][0]);
+          acc[i][e][1] = _mm256_fmadd_ps(pj, vj[e][1], acc[i][e][1]);
+        }
       }
     }
     for (int i = 0; i < NQ; ++i) {
-      float* orow = o + (q0 + i) * o_ld + e0 + e * kVec;
       const __m256 a = _mm256_set1_ps(first ? 0.0f : alpha[q0 + i]), b = _mm256_set1_ps(first ? 0.0f : beta[q0 + i]);
-      for (int h = 0; h < 2; ++h) {
-        __m256 out = acc[i][h];
-        if (!first) out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
-        _mm256_storeu_ps(orow + 8 * h, out);
+      for (int e = 0; e < kPassVecs; ++e) {
+        float* orow = o + (q0 + i) * o_ld + e0 + (e_lo + e) * kVec;
+        for (int h = 0; h < 2; ++h) {
+          __m256 out = acc[i][e][h];
+          if (!first) out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
+          _mm256_storeu_ps(orow + 8 * h, out);
+        }
       }
     }
   }
