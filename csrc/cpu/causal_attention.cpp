@@ -107,6 +107,19 @@ Rows chunk_rows(const T* base, int64_t row_stride, int64_t n_rows, const Problem
   return {buffer, p.dim_pad};
 }
 
+#if defined(FUSEDTX_AVX2)
+// One ymm of floats (RVec<float>), for the loops whose 16-lane values must stay in registers.
+using R8 = RVec<float>;
+inline R8 r8_load(const float* p) { return __builtin_bit_cast(R8, _mm256_loadu_ps(p)); }
+inline void r8_store(float* p, R8 v) { _mm256_storeu_ps(p, __builtin_bit_cast(__m256, v)); }
+// Lanes whose bit of `bits` (bit l for lane l) is set take a, the others b.
+inline R8 r8_select(uint32_t bits, R8 a, R8 b) {
+  typedef uint32_t u8x __attribute__((vector_size(32)));
+  const u8x bit = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u << 5, 1u << 6, 1u << 7};
+  return ((u8x{} + bits) & bit) != 0 ? a : b;
+}
+#endif
+
 // c[l] = column d0 + l of the 16 x 16 block of K at keys [j0, j0 + 16): lane t holds
 // k[j0 + t][d0 + l], +0 for the keys t >= cnt (which are not read). k's rows hold dim_pad readable floats.
 inline void transposed_block(Rows k, int64_t j0, int64_t cnt, int64_t d0, vfloat c[kVec]) {
@@ -222,6 +235,60 @@ inline void key_lane_softmax(const float* s, int64_t n_valid, int64_t n_keys, fl
   *l_out = l;
 }
 
+#if defined(FUSEDTX_AVX2)
+// pv_tile's arithmetic for NQ queries from q0 and NE vectors of e from e0, on ymm halves, in
+// registers (NQ x NE x 2 <= 12 accumulators, beside NE x 2 of v and a broadcast; fully unrolled
+// loops).
+template <int NQ, int NE>
+inline void pv_pass(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, int q0, int64_t e0, float* o,
+                    int64_t o_ld, bool first, const float* alpha, const float* beta) {
+  static_assert(NQ * NE <= 6 && NE <= 4, "at most 12 ymm accumulators");
+  const int64_t all_see = std::min(n_keys, seen + q0);
+  const int64_t any_sees = std::min(n_keys, seen + q0 + NQ - 1);
+  __m256 acc[NQ][NE][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+    for (int e = 0; e < NE; ++e) acc[i][e][0] = acc[i][e][1] = _mm256_setzero_ps();
+  auto key = [&](int64_t j, bool all) __attribute__((always_inline)) {
+    const float* vrow = v.ptr + j * v.ld + e0;
+    __m256 vj[NE][2];
+#pragma GCC unroll 4
+    for (int e = 0; e < NE; ++e) {
+      vj[e][0] = _mm256_loadu_ps(vrow + e * kVec);
+      vj[e][1] = _mm256_loadu_ps(vrow + e * kVec + 8);
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < NQ; ++i) {
+      if (!all && j >= seen + q0 + i) continue;
+      const __m256 pj = _mm256_broadcast_ss(p_tile + j * kBlockQ + q0 + i);
+#pragma GCC unroll 4
+      for (int e = 0; e < NE; ++e) {
+        acc[i][e][0] = _mm256_fmadd_ps(pj, vj[e][0], acc[i][e][0]);
+        acc[i][e][1] = _mm256_fmadd_ps(pj, vj[e][1], acc[i][e][1]);
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j < all_see; ++j) key(j, true);    // keys every query of the pass sees
+  for (; j < any_sees; ++j) key(j, false);  // keys only its later queries see
+#pragma GCC unroll 6
+  for (int i = 0; i < NQ; ++i) {
+    const __m256 a = _mm256_set1_ps(first ? 0.0f : alpha[q0 + i]), b = _mm256_set1_ps(first ? 0.0f : beta[q0 + i]);
+#pragma GCC unroll 4
+    for (int e = 0; e < NE; ++e) {
+      float* orow = o + (q0 + i) * o_ld + e0 + e * kVec;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256 out = acc[i][e][h];
+        if (!first) out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
+        _mm256_storeu_ps(orow + 8 * h, out);
+      }
+    }
+  }
+}
+#endif
+
 // acc_c = p @ v for NQ queries (lanes q0 ... of the P tile) and NE vectors of e starting at e0:
 // per query one FMA chain over the keys it sees, ascending from +0. Lane q sees the chunk's keys
 // j < seen + q (its position is the block's first plus q); the keys after it are no terms of its
@@ -231,48 +298,19 @@ inline void key_lane_softmax(const float* s, int64_t n_valid, int64_t n_keys, fl
 template <int NQ, int NE>
 inline void pv_tile(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, int q0, int64_t e0, float* o,
                     int64_t o_ld, bool first, const float* alpha, const float* beta) {
+#if defined(FUSEDTX_AVX2)
+  // AVX2's 16 ymm registers hold 8 accumulators beside the loads: passes of QP queries x EP
+  // vectors of e (2 x 2, or a single query's whole head), the EP vectors of v loaded once per key
+  // for QP queries. Each (query, e) chain is unchanged.
+  constexpr int QP = NQ >= 2 ? 2 : 1;
+  static_assert(NQ % QP == 0, "pv_tile takes 1 or an even number of queries");
+  constexpr int EP = QP == 1 ? NE : (NE % 2 == 0 ? 2 : 1);
+  for (int qi = 0; qi < NQ; qi += QP)
+    for (int e = 0; e < NE; e += EP)
+      pv_pass<QP, EP>(p_tile, n_keys, seen, v, q0 + qi, e0 + e * kVec, o, o_ld, first, alpha, beta);
+#else
   const int64_t all_see = std::min(n_keys, seen + q0);            // keys every query of the tile sees
   const int64_t any_sees = std::min(n_keys, seen + q0 + NQ - 1);  // keys its last query sees
-#if defined(FUSEDTX_AVX2)
-  // AVX2's 16 ymm registers hold 8 accumulators beside the loads: NQ x NE x 2 of them in one
-  // pass where they fit (a decode query's whole head), else one pass per vector of e with NQ x 2.
-  // Either way each (query, e) chain is unchanged.
-  constexpr bool one_pass = NQ * NE <= 4;
-  constexpr int kPassVecs = one_pass ? NE : 1;
-  for (int e_lo = 0; e_lo < NE; e_lo += kPassVecs) {
-    __m256 acc[NQ][kPassVecs][2];
-    for (int i = 0; i < NQ; ++i)
-      for (int e = 0; e < kPassVecs; ++e) acc[i][e][0] = acc[i][e][1] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < any_sees; ++j) {
-      const float* vrow = v.ptr + j * v.ld + e0 + e_lo * kVec;
-      __m256 vj[kPassVecs][2];
-      for (int e = 0; e < kPassVecs; ++e) {
-        vj[e][0] = _mm256_loadu_ps(vrow + e * kVec);
-        vj[e][1] = _mm256_loadu_ps(vrow + e * kVec + 8);
-      }
-      const bool all = j < all_see;
-      for (int i = 0; i < NQ; ++i) {
-        if (!all && j >= seen + q0 + i) continue;
-        const __m256 pj = _mm256_broadcast_ss(p_tile + j * kBlockQ + q0 + i);
-        for (int e = 0; e < kPassVecs; ++e) {
-          acc[i][e][0] = _mm256_fmadd_ps(pj, vj[e][0], acc[i][e][0]);
-          acc[i][e][1] = _mm256_fmadd_ps(pj, vj[e][1], acc[i][e][1]);
-        }
-      }
-    }
-    for (int i = 0; i < NQ; ++i) {
-      const __m256 a = _mm256_set1_ps(first ? 0.0f : alpha[q0 + i]), b = _mm256_set1_ps(first ? 0.0f : beta[q0 + i]);
-      for (int e = 0; e < kPassVecs; ++e) {
-        float* orow = o + (q0 + i) * o_ld + e0 + (e_lo + e) * kVec;
-        for (int h = 0; h < 2; ++h) {
-          __m256 out = acc[i][e][h];
-          if (!first) out = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(orow + 8 * h), a), _mm256_mul_ps(out, b));
-          _mm256_storeu_ps(orow + 8 * h, out);
-        }
-      }
-    }
-  }
-#else
   vfloat acc[NQ][NE];
   for (int i = 0; i < NQ; ++i)
     for (int e = 0; e < NE; ++e) acc[i][e] = vsplat(0.0f);
@@ -414,6 +452,46 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
       const float* q_t = s.q_t.data() + g_lo * kVec;
       const int ng = n_groups - g_lo;
       // s = (FMA chain over d of q[d] k_j[d]) * scale, kScoreKeys keys at a time.
+#if defined(FUSEDTX_AVX2)
+      // keep() on one-register halves, the running maxima in registers (a 16-lane m_c has none
+      // without AVX-512): the same lanes, the same fold over the keys.
+      R8 m_h[kGroups][2];
+#pragma GCC unroll 2
+      for (int g = 0; g < kGroups; ++g) m_h[g][0] = m_h[g][1] = R8{} + kNegInf;
+      auto keep8 = [&](int g, int64_t jj, const vfloat& sc16) __attribute__((always_inline)) {
+        const mask16 live = unmasked[g] ? mask16{0xFFFF} : valid(g, jj);
+        const float* sc_f = reinterpret_cast<const float*>(&sc16);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          R8 sc = r8_load(sc_f + 8 * h) * p.scale;
+          if (!unmasked[g]) sc = r8_select(static_cast<uint32_t>(live >> (8 * h)), sc, R8{} + kNegInf);
+          m_h[g][h] = (m_h[g][h] > sc) | (m_h[g][h] != m_h[g][h]) ? m_h[g][h] : sc;
+          r8_store(p_tile + jj * kBlockQ + g * kVec + 8 * h, sc);
+        }
+      };
+      for (; j + kScoreKeys <= n_keys; j += kScoreKeys) {
+        lane_dots_groups<kScoreKeys>(ng, q_t, kr.ptr + j * kr.ld, kr.ld, p.dim, scores);
+#pragma GCC unroll 2
+        for (int g = 0; g < kGroups; ++g) {
+          if (g < g_lo || g >= n_groups) continue;
+#pragma GCC unroll 8
+          for (int i = 0; i < kScoreKeys; ++i) keep8(g, j + i, scores[(g - g_lo) * kScoreKeys + i]);
+        }
+      }
+      for (; j < n_keys; ++j) {
+        lane_dots_groups<1>(ng, q_t, kr.ptr + j * kr.ld, kr.ld, p.dim, scores);
+#pragma GCC unroll 2
+        for (int g = 0; g < kGroups; ++g) {
+          if (g >= g_lo && g < n_groups) keep8(g, j, scores[g - g_lo]);
+        }
+      }
+      for (int g = g_lo; g < n_groups; ++g) {
+        alignas(64) float m_lanes[kVec];
+        r8_store(m_lanes, m_h[g][0]);
+        r8_store(m_lanes + 8, m_h[g][1]);
+        m_c[g] = vload(m_lanes);
+      }
+#else
       for (; j + kScoreKeys <= n_keys; j += kScoreKeys) {
         lane_dots_groups<kScoreKeys>(ng, q_t, kr.ptr + j * kr.ld, kr.ld, p.dim, scores);
         for (int g = 0; g < ng; ++g)
@@ -423,6 +501,7 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
         lane_dots_groups<1>(ng, q_t, kr.ptr + j * kr.ld, kr.ld, p.dim, scores);
         for (int g = 0; g < ng; ++g) keep(g_lo + g, j, scores[g] * p.scale);
       }
+#endif
     }
     for (int g = g_lo; g < n_groups; ++g) {
       // p = exp_f32(s - m_c) (+0 where masked) and l_c, ascending over keys from +0 (a decode
@@ -431,12 +510,37 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
       if (!key_lanes) {
         const vfloat m_sub = vselect(sees[g], m_c[g], vsplat(0.0f));
         float* p_col = p_tile + g * kVec;
+#if defined(FUSEDTX_AVX2)
+        // The same lanes on two one-register halves: a 16-lane l_c and m_sub have no register
+        // without AVX-512, and GCC kept them in memory, a store and reload per key.
+        alignas(64) float halves[2][kVec];
+        vstore(halves[0], m_sub);
+        vstore(halves[1], l_c);
+        R8 m_h[2], l_h[2];
+        for (int h = 0; h < 2; ++h) {
+          m_h[h] = r8_load(halves[0] + 8 * h);
+          l_h[h] = r8_load(halves[1] + 8 * h);
+        }
+        for (j = 0; j < n_keys; ++j) {
+          const mask16 live = unmasked[g] ? mask16{0xFFFF} : valid(g, j);
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {
+            R8 pj = exp_f32(r8_load(p_col + j * kBlockQ + 8 * h) - m_h[h]);
+            if (!unmasked[g]) pj = r8_select(static_cast<uint32_t>(live >> (8 * h)), pj, R8{});
+            r8_store(p_col + j * kBlockQ + 8 * h, pj);
+            l_h[h] = l_h[h] + pj;
+          }
+        }
+        for (int h = 0; h < 2; ++h) r8_store(halves[1] + 8 * h, l_h[h]);
+        l_c = vload(halves[1]);
+#else
         for (j = 0; j < n_keys; ++j) {
           vfloat pj = exp_f32(vload(p_col + j * kBlockQ) - m_sub);
           if (!unmasked[g]) pj = vselect(valid(g, j), pj, vsplat(0.0f));
           vstore(p_col + j * kBlockQ, pj);
           l_c = l_c + pj;
         }
+#endif
       }
       // Merge the statistics; alpha, beta for the accumulators.
       if (first) {
@@ -457,6 +561,25 @@ void attend_block(const Problem& p, const T* q, const T* k, const T* v, T* out, 
     // Lane q of the block sees the chunk's keys j < seen + q.
     const int64_t seen = pos0 - start + 1;
     int q0 = static_cast<int>(std::max<int64_t>(0, start - pos0));
+#if defined(FUSEDTX_AVX2)
+    if (n - q0 > kKeyLaneQueries) {
+      // e outer: a 16-float column panel of V (16 KB of a 256-key chunk) stays in L1 while every
+      // 6-query pass of the block reads it (query tiles outer streamed V from L2 once per tile).
+      for (int64_t e0 = 0; e0 < p.dim_pad; e0 += kVec) {
+        int qq = q0;
+        for (; qq + 6 <= n; qq += 6) pv_pass<6, 1>(p_tile, n_keys, seen, vr, qq, e0, o_acc, p.dim_pad, first, alpha, beta);
+        switch (n - qq) {
+          case 0: break;
+          case 1: pv_pass<1, 1>(p_tile, n_keys, seen, vr, qq, e0, o_acc, p.dim_pad, first, alpha, beta); break;
+          case 2: pv_pass<2, 1>(p_tile, n_keys, seen, vr, qq, e0, o_acc, p.dim_pad, first, alpha, beta); break;
+          case 3: pv_pass<3, 1>(p_tile, n_keys, seen, vr, qq, e0, o_acc, p.dim_pad, first, alpha, beta); break;
+          case 4: pv_pass<4, 1>(p_tile, n_keys, seen, vr, qq, e0, o_acc, p.dim_pad, first, alpha, beta); break;
+          default: pv_pass<5, 1>(p_tile, n_keys, seen, vr, qq, e0, o_acc, p.dim_pad, first, alpha, beta); break;
+        }
+      }
+      q0 = static_cast<int>(n);
+    }
+#endif
     for (; q0 + kPvQueries <= n; q0 += kPvQueries)
       pv_queries<kPvQueries>(p_tile, n_keys, seen, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
     for (; q0 < n; ++q0) pv_queries<1>(p_tile, n_keys, seen, vr, q0, p.dim_pad, o_acc, first, alpha, beta);
