@@ -108,16 +108,7 @@ Rows chunk_rows(const T* base, int64_t row_stride, int64_t n_rows, const Problem
 }
 
 #if defined(FUSEDTX_AVX2)
-// One ymm of floats (RVec<float>), for the loops whose 16-lane values must stay in registers.
-using R8 = RVec<float>;
-inline R8 r8_load(const float* p) { return __builtin_bit_cast(R8, _mm256_loadu_ps(p)); }
-inline void r8_store(float* p, R8 v) { _mm256_storeu_ps(p, __builtin_bit_cast(__m256, v)); }
-// Lanes whose bit of `bits` (bit l for lane l) is set take a, the others b.
-inline R8 r8_select(uint32_t bits, R8 a, R8 b) {
-  typedef uint32_t u8x __attribute__((vector_size(32)));
-  const u8x bit = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u << 5, 1u << 6, 1u << 7};
-  return ((u8x{} + bits) & bit) != 0 ? a : b;
-}
+using R8 = RVec<float>;  // one ymm: the r8_* helpers of common.h
 #endif
 
 // c[l] = column d0 + l of the 16 x 16 block of K at keys [j0, j0 + 16): lane t holds
@@ -257,6 +248,7 @@ inline void pv_pass(const float* p_tile, int64_t n_keys, int64_t seen, Rows v, i
     for (int e = 0; e < NE; ++e) {
       vj[e][0] = _mm256_loadu_ps(vrow + e * kVec);
       vj[e][1] = _mm256_loadu_ps(vrow + e * kVec + 8);
+      asm("" : "+x"(vj[e][0]), "+x"(vj[e][1]));  // loaded once, not folded into each query's FMA
     }
 #pragma GCC unroll 6
     for (int i = 0; i < NQ; ++i) {

@@ -261,6 +261,24 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Row
     lane_dots_to(got + g_lo * kVec, p.v.row(b, kvh, start), p.v.s2, n_keys, p.dim, n_groups - g_lo,
                  dp_c + g_lo * kVec);
     for (int g = g_lo; g < n_groups; ++g) {
+#if defined(FUSEDTX_AVX2)
+      // The same lanes on one-register halves (a 16-lane vfloat lives in memory on AVX2).
+      alignas(64) float sums[kVec];
+      for (int hh = 0; hh < 2; ++hh) {
+        const int off = g * kVec + 8 * hh;
+        const RVec<float> m_h = r8_load(m_l + off), l_h = r8_load(l_l + off);
+        RVec<float> sum = RVec<float>{};
+        for (int64_t jj = 0; jj < n_keys; ++jj) {
+          const uint32_t valid = static_cast<mask16>(~first_lanes(start + jj - i0 - g * kVec)) >> (8 * hh);
+          float* sj = s_c + jj * kBlock + off;
+          const RVec<float> pj = r8_select(valid, exp_f32((r8_load(sj) * p.scale) - m_h) / l_h, RVec<float>{});
+          r8_store(sj, pj);
+          sum = r8_select(valid, r8_fma(pj, r8_load(dp_c + jj * kBlock + off), sum), sum);
+        }
+        r8_store(sums + 8 * hh, sum);
+      }
+      const vfloat chunk_sum = vload(sums);
+#else
       const vfloat m_v = vload(m_l + g * kVec), l_v = vload(l_l + g * kVec);
       vfloat chunk_sum = vsplat(0.0f);
       for (int64_t jj = 0; jj < n_keys; ++jj) {
@@ -272,6 +290,7 @@ void dq_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t n, Row
         // a pair above the diagonal is no term of D's chain (its dP may be inf or NaN)
         chunk_sum = vselect(valid, vfma(pj, vload(dp_c + jj * kBlock + g * kVec), chunk_sum), chunk_sum);
       }
+#endif
       d_v[g] = c == 0 ? chunk_sum : d_v[g] + chunk_sum;
     }
   }
@@ -340,6 +359,23 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
       // s_i[g * stride], dp_i[g * stride]: query start + ii's dot products with group g's keys.
       auto finish = [&](int64_t ii, const vfloat* s_i, const vfloat* dp_i, int stride) {
         const int64_t i = start + ii;
+#if defined(FUSEDTX_AVX2)
+        // The same lanes on one-register halves (a 16-lane vfloat lives in memory on AVX2).
+        const RVec<float> m_i = RVec<float>{} + p.m[row0 + i], l_i = RVec<float>{} + p.l[row0 + i],
+                          d_i = RVec<float>{} + p.d_row[row0 + i];
+        for (int g = 0; g < n_groups; ++g) {
+          const uint32_t valid = first_lanes(i - j0 - g * kVec + 1) & first_lanes(n - g * kVec);
+          const float* s_f = reinterpret_cast<const float*>(&s_i[g * stride]);
+          const float* dp_f = reinterpret_cast<const float*>(&dp_i[g * stride]);
+#pragma GCC unroll 2
+          for (int hh = 0; hh < 2; ++hh) {
+            const RVec<float> pi =
+                r8_select(valid >> (8 * hh), exp_f32((r8_load(s_f + 8 * hh) * p.scale) - m_i) / l_i, RVec<float>{});
+            r8_store(pt + ii * kBlock + g * kVec + 8 * hh, pi);
+            r8_store(ds + ii * kBlock + g * kVec + 8 * hh, pi * (r8_load(dp_f + 8 * hh) - d_i));
+          }
+        }
+#else
         const vfloat m_i = vsplat(p.m[row0 + i]), l_i = vsplat(p.l[row0 + i]), d_i = vsplat(p.d_row[row0 + i]);
         for (int g = 0; g < n_groups; ++g) {
           // key lane l of group g is seen by query i when j0 + 16 g + l <= i
@@ -348,6 +384,7 @@ void dkdv_block(const Problem& p, int64_t b, int64_t kvh, int64_t j0, int64_t n,
           vstore(pt + ii * kBlock + g * kVec, pi);
           vstore(ds + ii * kBlock + g * kVec, pi * (dp_i[g * stride] - d_i));
         }
+#endif
       };
       int64_t ii = 0;
       for (; ii + kDotRows <= n_queries; ii += kDotRows) {

@@ -675,6 +675,23 @@ inline vfloat vselect(mask16 mask, vfloat a, vfloat b) {
 #endif
 }
 
+#if defined(FUSEDTX_AVX2)
+// One ymm of floats (RVec<float>) for the AVX2 loops whose 16-lane values must stay in
+// registers: GCC keeps a 16-lane vfloat in memory without AVX-512.
+inline RVec<float> r8_load(const float* p) { return __builtin_bit_cast(RVec<float>, _mm256_loadu_ps(p)); }
+inline void r8_store(float* p, RVec<float> v) { _mm256_storeu_ps(p, __builtin_bit_cast(__m256, v)); }
+inline RVec<float> r8_fma(RVec<float> a, RVec<float> b, RVec<float> c) {
+  return __builtin_bit_cast(RVec<float>, _mm256_fmadd_ps(__builtin_bit_cast(__m256, a), __builtin_bit_cast(__m256, b),
+                                                         __builtin_bit_cast(__m256, c)));
+}
+// Lanes whose bit of `bits` (bit l for lane l) is set take a, the others b.
+inline RVec<float> r8_select(uint32_t bits, RVec<float> a, RVec<float> b) {
+  typedef uint32_t u8x __attribute__((vector_size(32)));
+  const u8x bit = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u << 5, 1u << 6, 1u << 7};
+  return ((u8x{} + bits) & bit) != 0 ? a : b;
+}
+#endif
+
 // The attention kernels' tasks: kLaneBlock rows (queries, or keys in the backward's second
 // pass) in the lanes of kLaneGroups 16-lane vectors, group g holding rows 16 g ... 16 g + 15.
 constexpr int kLaneBlock = 32;
@@ -688,19 +705,45 @@ constexpr int kLaneGroups = kLaneBlock / kVec;
 template <int N, int NG>
 [[gnu::noinline]] void lane_dots(const float* xt, const float* x, int64_t ld, int64_t dim, vfloat* out) {
 #if defined(FUSEDTX_AVX2)
-  // AVX2 has 16 ymm registers, too few for N x NG x 2 accumulators: one pass per 8 lanes, each
+  // AVX2 has 16 ymm registers, too few for N x NG x 2 accumulators: passes of RB rows x HB
+  // 8-lane halves (at most 8 accumulators; each xt vector loaded once per d for RB rows), each
   // lane's chain unchanged (FMAs over d ascending from +0).
+  constexpr int RB = N < 4 ? N : 4;
+  constexpr int HB = N <= 2 ? 2 * NG : 2;
+  static_assert(N % RB == 0 && (2 * NG) % HB == 0, "lane_dots: rows in passes of RB, halves of HB");
   float* out_f = reinterpret_cast<float*>(out);
-  for (int h = 0; h < 2 * NG; ++h) {
-    __m256 acc[N];
-    for (int r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
-    const float* xs = xt + h * 8;
-    for (int64_t d = 0; d < dim; ++d) {
-      const __m256 xd = _mm256_loadu_ps(xs + d * kLaneBlock);
-      for (int r = 0; r < N; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ld + d), xd, acc[r]);
+  for (int h0 = 0; h0 < 2 * NG; h0 += HB) {
+    for (int r0 = 0; r0 < N; r0 += RB) {
+      __m256 acc[RB][HB];
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+        for (int hb = 0; hb < HB; ++hb) acc[r][hb] = _mm256_setzero_ps();
+      const float* xs = xt + h0 * 8;
+      const float* xr = x + r0 * ld;
+      for (int64_t d = 0; d < dim; ++d) {
+        __m256 xd[HB];
+#pragma GCC unroll 4
+        for (int hb = 0; hb < HB; ++hb) {
+          xd[hb] = _mm256_loadu_ps(xs + d * kLaneBlock + hb * 8);
+          asm("" : "+x"(xd[hb]));  // one load into a register, not one folded into each FMA
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) {
+          const __m256 b = _mm256_broadcast_ss(xr + r * ld + d);
+#pragma GCC unroll 4
+          for (int hb = 0; hb < HB; ++hb) acc[r][hb] = _mm256_fmadd_ps(b, xd[hb], acc[r][hb]);
+        }
+      }
+      // out[g * N + r] holds group g = h / 2; half h fills its lanes 8 (h % 2) ...
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+        for (int hb = 0; hb < HB; ++hb) {
+          const int h = h0 + hb;
+          _mm256_storeu_ps(out_f + ((h / 2) * N + r0 + r) * kVec + (h % 2) * 8, acc[r][hb]);
+        }
     }
-    // out[g * N + r] holds group g = h / 2; this pass fills its lanes 8 (h % 2) ...
-    for (int r = 0; r < N; ++r) _mm256_storeu_ps(out_f + ((h / 2) * N + r) * kVec + (h % 2) * 8, acc[r]);
   }
 #else
   vfloat acc[NG][N];
