@@ -24,9 +24,10 @@ error — it is what the comparison is for.
 
 What to expect from plain PyTorch on a CPU: its logits change in the 7th digit with the batch,
 the cache path and the thread count (✗ ~1e-7), but a greedy completion changes only where the
-top two logits are that close, and a small random model is rarely so unsure. So its serving row
-usually still shows one completion per prompt: the divergence the classic experiment shows
-takes a trained model, long generations and a GPU's batch-dependent kernels.
+top two logits are that close, and a small random model is rarely so unsure. So its serving rows
+usually still show one completion per prompt but other log-probabilities (✗): the divergence of
+the text the classic experiment shows takes a trained model, long generations and a GPU's
+batch-dependent kernels.
 
 Without a GPU, the Triton backend can only run under the Triton interpreter, a Python loop over
 every program instance: slow even on the reduced workload it gets here, so it runs only when
@@ -36,8 +37,8 @@ emulation of every fused multiply-add) gets a reduced workload too.
 
 `--hf PATH` checks a local Hugging Face checkpoint instead, converted with fusedtx.convert and
 unconverted (fusedtx/check_hf.py). The properties themselves are in
-fusedtx/check_properties.py, the continuous-batching server of property 6 in fusedtx/serving.py; this module picks the columns, runs the table, prints it
-and is the command line.
+fusedtx/check_properties.py, the continuous-batching engine of property 6 in fusedtx/serving.py;
+this module picks the columns, runs the table, prints it and is the command line.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .serving import Engine, Request, SamplingParams, serve
+from .serving import Engine, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -234,61 +234,11 @@ def check_training(make, work: Workload, seed: int, device: torch.device) -> dic
     return cells
 
 
-def check_serving(make, work: Workload, seed: int) -> Cell:
-    """Serve the same requests `serves` times with fusedtx.serving.serve — first each alone (one
-    slot, in order), then with random arrival times, orders and slot counts — and count the
-    unique completions per prompt."""
-    model = make()
-    rng, vocab = torch.Generator().manual_seed(seed), model.vocab_size
-    low, high = work.serve_new_tokens
-    specs = [(_tokens(rng, vocab, int(torch.randint(2, work.prefill_len + 1, (), generator=rng))),
-              int(torch.randint(low, high + 1, (), generator=rng))) for _ in range(work.requests)]
-    runs, schedules = [], []
-    for serve_no in range(work.serves):
-        requests = [Request(i, prompt, n) for i, (prompt, n) in enumerate(specs)]
-        if serve_no == 0:
-            slots = 1
-        else:
-            slots = int(torch.randint(2, work.max_slots + 1, (), generator=rng))
-            span = int(torch.randint(1, 2 * work.requests, (), generator=rng))
-            order = torch.randperm(len(requests), generator=rng).tolist()
-            requests = [requests[i] for i in order]
-            for r in requests:
-                r.arrival = int(torch.randint(0, span, (), generator=rng))
-        serve(model, requests, slots, garbage=torch.Generator().manual_seed(seed + serve_no))
-        runs.append(sorted(requests, key=lambda r: r.id))
-        schedules.append(dict(slots=slots, arrivals=[r.arrival for r in runs[-1]]))
-    unique = [len({tuple(run[i].tokens) for run in runs}) for i in range(work.requests)]
-    # logits against the first (alone) serve, up to and including the first differing token
-    worst, same = 0.0, True
-    for run in runs[1:]:
-        for alone, r in zip(runs[0], run):
-            for step, (a, b) in enumerate(zip(alone.logits, r.logits)):
-                s, w = compare([(a, b)])
-                same, worst = same and s, max(worst, w)
-                if alone.tokens[step] != r.tokens[step]:
-                    break
-    diverged = sum(u > 1 for u in unique)
-    detail = "1 per prompt" if not diverged else f"up to {max(unique)} per prompt ({diverged}/{work.requests})"
-    return Cell("pass" if same and not diverged else "fail", worst, detail,
-                extra=dict(unique_completions=unique, prompts_with_several=diverged, schedules=schedules))
-
-
-def check_serving_sampled(make, work: Workload, seed: int) -> Cell:
-    """Serve the same requests `serves` times with fusedtx.serving.Engine at temperature 0.8, each
-    with its own seed (some with top-k / top-p) — first each alone, then with random arrival
-    steps, batch sizes and prefill chunks (1, 7, 64 or whole prompts) — and count the unique
-    completions per prompt; the log-probabilities must be the same bits in every serve and equal
-    to a training forward's (model.logprobs) over the finished sequences: KL exactly 0."""
-    model = make()
-    rng, vocab = torch.Generator().manual_seed(seed), model.vocab_size
-    low, high = work.serve_new_tokens
-    specs = []
-    for i in range(work.requests):
-        prompt = _tokens(rng, vocab, int(torch.randint(2, work.prefill_len + 1, (), generator=rng))).tolist()
-        n = int(torch.randint(low, high + 1, (), generator=rng))
-        top_k, top_p = [(None, None), (40, None), (None, 0.9), (40, 0.95)][i % 4]
-        specs.append((prompt, SamplingParams(work.sample_temperature, top_k, top_p, n, seed=seed * 1000 + i)))
+def _engine_serves(model, specs: list, work: Workload, rng: torch.Generator) -> list[list]:
+    """Serve the requests `specs` ((prompt, SamplingParams) pairs) `work.serves` times with
+    fusedtx.serving.Engine: first each alone (max_batch 1), then with random batch sizes, prefill
+    chunks (1, 7, 64 or whole prompts), arrival orders and steps (0-3 new requests a step). Each
+    serve's Completions in the order of `specs`."""
     max_len = max(len(p) + params.max_new_tokens for p, params in specs)
     runs = []
     for serve_no in range(work.serves):
@@ -306,15 +256,56 @@ def check_serving_sampled(make, work: Workload, seed: int) -> Cell:
                     ids[engine.add_request(*specs[i])] = i
             done.update((ids[c.id], c) for c in engine.step())
         runs.append([done[i] for i in range(len(specs))])
-    unique = [len({tuple(run[i].tokens) for run in runs}) for i in range(len(specs))]
-    pairs = [(torch.tensor(a.logprobs), torch.tensor(b.logprobs)) for run in runs[1:] for a, b in zip(runs[0], run)
-             if a.tokens == b.tokens]
-    for (prompt, params), c in zip(specs, runs[0]):  # the trainer's view of what the sampler drew
-        seq = torch.tensor([prompt + c.tokens], device=_device(model))
-        trained = model.logprobs(seq, temperature=params.temperature)[0, len(prompt) - 1:].cpu()
-        pairs.append((torch.tensor(c.logprobs), trained))
+    return runs
+
+
+def _serving_cell(runs: list[list], pairs: list) -> Cell:
+    """The unique completions per prompt over the serves, and the log-probabilities of each serve
+    against the first (alone) one where their tokens agree, plus `pairs` (more (ours, expected)
+    log-probability pairs): pass when every prompt has one completion and every pair is equal."""
+    unique = [len({tuple(run[i].tokens) for run in runs}) for i in range(len(runs[0]))]
+    pairs = pairs + [(torch.tensor(a.logprobs), torch.tensor(b.logprobs)) for run in runs[1:]
+                     for a, b in zip(runs[0], run) if a.tokens == b.tokens]
     same, worst = compare(pairs)
     diverged = sum(u > 1 for u in unique)
-    detail = "1 per prompt" if not diverged else f"up to {max(unique)} per prompt ({diverged}/{len(specs)})"
+    detail = "1 per prompt" if not diverged else f"up to {max(unique)} per prompt ({diverged}/{len(unique)})"
     return Cell("pass" if same and not diverged else "fail", worst, detail,
                 extra=dict(unique_completions=unique, prompts_with_several=diverged))
+
+
+def _prompts(rng: torch.Generator, vocab: int, work: Workload) -> list[tuple[list, int]]:
+    """work.requests (prompt, tokens wanted) pairs: prompts of 2 ... prefill_len tokens."""
+    low, high = work.serve_new_tokens
+    return [(_tokens(rng, vocab, int(torch.randint(2, work.prefill_len + 1, (), generator=rng))).tolist(),
+             int(torch.randint(low, high + 1, (), generator=rng))) for _ in range(work.requests)]
+
+
+def check_serving(make, work: Workload, seed: int) -> Cell:
+    """Serve the same requests greedily (temperature 0) `serves` times with fusedtx.serving.Engine
+    — first each alone, then under random schedules — and count the unique completions per
+    prompt; every serve's log-probabilities must be the alone serve's bits."""
+    model = make()
+    rng = torch.Generator().manual_seed(seed)
+    specs = [(prompt, SamplingParams(0.0, max_new_tokens=n)) for prompt, n in _prompts(rng, model.vocab_size, work)]
+    return _serving_cell(_engine_serves(model, specs, work, rng), [])
+
+
+def check_serving_sampled(make, work: Workload, seed: int) -> Cell:
+    """Serve the same requests `serves` times with fusedtx.serving.Engine at temperature 0.8, each
+    with its own seed (some with top-k / top-p) — first each alone, then with random arrival
+    steps, batch sizes and prefill chunks (1, 7, 64 or whole prompts) — and count the unique
+    completions per prompt; the log-probabilities must be the same bits in every serve and equal
+    to a training forward's (model.logprobs) over the finished sequences: KL exactly 0."""
+    model = make()
+    rng = torch.Generator().manual_seed(seed)
+    specs = []
+    for i, (prompt, n) in enumerate(_prompts(rng, model.vocab_size, work)):
+        top_k, top_p = [(None, None), (40, None), (None, 0.9), (40, 0.95)][i % 4]
+        specs.append((prompt, SamplingParams(work.sample_temperature, top_k, top_p, n, seed=seed * 1000 + i)))
+    runs = _engine_serves(model, specs, work, rng)
+    trained = []
+    for (prompt, params), c in zip(specs, runs[0]):  # the trainer's view of what the sampler drew
+        seq = torch.tensor([prompt + c.tokens], device=_device(model))
+        lp = model.logprobs(seq, temperature=params.temperature)[0, len(prompt) - 1:].cpu()
+        trained.append((torch.tensor(c.logprobs), lp))
+    return _serving_cell(runs, trained)

@@ -4,7 +4,7 @@ The check's property functions (fusedtx/check_properties.py) run in-process on a
 workload: fusedtx passes them on every CPU backend here; a model with batch-dependent noise
 fails them (the negative control: the check can fail, and then the exit code says so); the JSON
 has its schema. The command line (check --help, the demo with a few seconds of training) runs
-end to end in a subprocess. The continuous-batching server itself is tested in test_serving.py.
+end to end in a subprocess. The continuous-batching engine itself is tested in test_serving_engine.py.
 """
 from __future__ import annotations
 
