@@ -64,10 +64,13 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // order, then + bias, then the activation (reference.ACT_*: 0 none, 1 gelu, 2 gelu_tanh, 3 swiglu:
   // y (M, N / 2) from b's gate/up column pairs). a, b and bias share a dtype (float32, bfloat16,
   // float16); y is contiguous in that dtype. The second output is the pre-activation a @ b + bias
-  // when save_preact (the backward's input), else an empty tensor.
+  // when save_preact (the backward's input), else an empty tensor. With b_odd (b's sizes, strides
+  // and dtype) the operand b is b and b_odd interleaved along pair_dim, as
+  // reference.interleave_pair: rows 2i / 2i + 1 = b[i] / b_odd[i] (0) or columns (1) -- SwiGLU's
+  // gate and up weights read where they are, never packed into one tensor.
   m.def(
-      "linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact, int k_block) "
-      "-> (Tensor, Tensor)");
+      "linear_matmul(Tensor a, Tensor b, Tensor? bias, int activation, bool save_preact, int k_block, "
+      "Tensor? b_odd=None, int pair_dim=0) -> (Tensor, Tensor)");
   // The elementwise part of the Linear backward on contiguous (M, N) tensors, as
   // reference.linear_bias_act_backward: grad_preact = grad_y * act'(preact) in grad_y's dtype (an
   // empty tensor when activation is 0: the caller uses grad_y), grad_bias =

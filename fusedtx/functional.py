@@ -132,11 +132,6 @@ def gelu_ffn(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | N
     return linear(hidden, proj_weight, proj_bias, backend=backend)
 
 
-# For nn.SwiGLUFFN: the argument checks and the packing swiglu_ffn applies.
-check_swiglu_weights = _linear.check_swiglu_weights
-pack_gate_up = _linear.pack_gate_up
-
-
 def swiglu_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor, *,
                gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
                down_bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
@@ -145,23 +140,16 @@ def swiglu_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
 
     gate and up are one matmul on their row-interleaved packing, x read once, with
     silu(g) * u fused into its epilogue (g and u have exactly the bits separate gate and up
-    matmuls give); its backward is fused likewise. Biases are optional (those models have none;
-    gate_bias and up_bias go together). Each row's bits depend on that row alone; the weight
-    gradients are summed in a fixed order."""
+    matmuls give); its backward is fused likewise. The native CPU kernel reads gate and up where
+    they are and never makes the packing (Triton and CUDA interleave a copy first). Biases
+    are optional (those models have none; gate_bias and up_bias go together). Each row's bits
+    depend on that row alone; the weight gradients are summed in a fixed order."""
     _linear.check_swiglu_weights(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
     packed_bias = None if gate_bias is None else _linear.pack_gate_up(gate_bias, up_bias)
-    return swiglu_ffn_packed(x, _linear.pack_gate_up(gate_weight, up_weight), packed_bias, down_weight, down_bias,
-                             backend=backend)
-
-
-def swiglu_ffn_packed(x: torch.Tensor, packed_weight: torch.Tensor, packed_bias: torch.Tensor | None,
-                      down_weight: torch.Tensor, down_bias: torch.Tensor | None = None, *,
-                      backend: str | None = None) -> torch.Tensor:
-    """swiglu_ffn on gate and up already packed (fusedtx.ops.linear.pack_gate_up: packed row 2j =
-    gate row j, 2j + 1 = up row j), e.g. a packing cached across decode steps (nn.SwiGLUFFN)."""
     name = _backend(backend, x)
-    grad = _needs_grad(x, packed_weight, packed_bias)
-    hidden = _linear.linear(x, packed_weight, packed_bias, _linear.reference.ACT_SWIGLU, grad, name, grad=grad)[0]
+    grad = _needs_grad(x, gate_weight, up_weight, packed_bias)
+    hidden = _linear.linear(x, gate_weight, packed_bias, _linear.reference.ACT_SWIGLU, grad, name, up_weight,
+                            grad=grad)[0]
     return linear(hidden, down_weight, down_bias, backend=backend)
 
 

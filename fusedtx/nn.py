@@ -194,7 +194,7 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 class PackingCache:
-    """A tensor made from some parameters (gate and up interleaved, q, k and v stacked) for the
+    """A tensor made from some parameters (q, k and v stacked) for the
     inference path, made once and reused as long as the parameters are the same tensors,
     unmodified: the key is each one's identity, storage, `_version`, dtype, device and shape, so
     an in-place update (an optimizer step, load_state_dict) or a new tensor packs again. Usable
@@ -223,20 +223,14 @@ class PackingCache:
         self.key = self.value = None
 
 
-def _pack_gate_up(gate_weight, up_weight, gate_bias, up_bias):
-    bias = None if gate_bias is None else F.pack_gate_up(gate_bias, up_bias)
-    return F.pack_gate_up(gate_weight, up_weight), bias
-
-
 class SwiGLUFFN(torch.nn.Module):
     """The Llama / Qwen / Mistral feed-forward block, down_proj(silu(gate_proj(x)) * up_proj(x)),
     on fusedtx.swiglu_ffn: gate and up as one packed matmul with silu(g) * u in its epilogue.
 
     Children `gate_proj`, `up_proj` (d_model -> d_hidden) and `down_proj` (d_hidden -> d_model)
     are fusedtx.nn.Linear, named as in Hugging Face's LlamaMLP, so its state_dict loads
-    unchanged. The packed gate/up weight is made per forward (torch.stack: the gradients flow
-    back to both); when no gradient flows to them (inference, decode, frozen weights) the packing
-    is cached (PackingCache)."""
+    unchanged. The matmul reads gate and up where they are (no packed copy: no memory beyond
+    the parameters, nothing to go stale when they change)."""
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = False, device=None, dtype=None, *,
                  backend: str | None = None):
@@ -245,22 +239,11 @@ class SwiGLUFFN(torch.nn.Module):
         self.up_proj = Linear(d_model, d_hidden, bias, device, dtype, backend=backend)
         self.down_proj = Linear(d_hidden, d_model, bias, device, dtype, backend=backend)
         self.backend = backend
-        self._packed = PackingCache()  # (packed weight, packed bias) for inference
-
-    def _packing(self):
-        gate, up = self.gate_proj, self.up_proj
-        tensors = (gate.weight, up.weight, gate.bias, up.bias)
-        if not PackingCache.usable(tensors):
-            self._packed.clear()  # a packing made here belongs to this step's autograd graph
-            return _pack_gate_up(*tensors)
-        return self._packed.get(tensors, _pack_gate_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        F.check_swiglu_weights(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-                               self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias)
-        packed_weight, packed_bias = self._packing()
-        return F.swiglu_ffn_packed(x, packed_weight, packed_bias, self.down_proj.weight, self.down_proj.bias,
-                                   backend=self.backend)
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return F.swiglu_ffn(x, gate.weight, up.weight, down.weight, gate_bias=gate.bias, up_bias=up.bias,
+                            down_bias=down.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"

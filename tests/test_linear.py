@@ -148,7 +148,7 @@ def test_bitwise_equal_to_reference(device, backend, dtype, activation):
         dy = make((*shape[:-1], n), dtype, device, seed=4)
         with poisoned_outputs():
             y, h = linear_op.linear.impl(x, weight, bias, act, True, backend)
-            dx, dw, db = torch.ops.fusedtx.linear_backward(dy, x, weight, h, act, True, True, has_bias, backend)
+            dx, dw, db, _ = torch.ops.fusedtx.linear_backward(dy, x, weight, h, act, True, True, has_bias, backend)
         x2, dy2 = x.reshape(-1, shape[-1]).cpu(), dy.reshape(-1, n).cpu()
         w, b = weight.cpu(), None if bias is None else bias.cpu()
         y_ref, h_ref = reference.linear_matmul(x2, w.t(), b, act, True, policy.MATMUL_K_BLOCK)

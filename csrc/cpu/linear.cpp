@@ -208,7 +208,7 @@ template <typename T, int kAct>
 void gemm(const Problem<T>& p) {
   if (p.M == 0 || p.N == 0) return;
 #if defined(FUSEDTX_AVX512) || defined(FUSEDTX_AVX2)
-  if (p.M <= kSmallMMax && (p.sb0 == 1 || p.sb1 == 1)) {
+  if (p.M <= kSmallMMax && (b_columns_contiguous(p) || b_rows_contiguous(p))) {
     std::vector<float> a_rows;
     const float* a = nullptr;
     int64_t lda = p.K;
@@ -265,18 +265,32 @@ void gemm(const Problem<T>& p) {
 
 std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const at::Tensor& b,
                                                      const std::optional<at::Tensor>& bias, int64_t activation,
-                                                     bool save_preact, int64_t k_block) {
+                                                     bool save_preact, int64_t k_block,
+                                                     const std::optional<at::Tensor>& b_odd, int64_t pair_dim) {
   constexpr const char* op = "linear_matmul";
   TORCH_CHECK(k_block == kKBlock, op, ": the CPU kernel sums K in blocks of ", kKBlock, ", asked for ", k_block);
   check_device(a, at::kCPU, op, "a");
   check_device(b, at::kCPU, op, "b");
   TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D (M, K), got sizes ", a.sizes());
   TORCH_CHECK(b.dim() == 2, op, ": b must be 2-D (K, N), got sizes ", b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(0), op, ": a (M, K) and b (K, N) must agree in K, got a ", a.sizes(), " and b ",
-              b.sizes());
+  const bool paired = b_odd.has_value() && b_odd->defined();
+  if (paired) {
+    check_device(*b_odd, at::kCPU, op, "b_odd");
+    TORCH_CHECK(pair_dim == 0 || pair_dim == 1, op, ": pair_dim must be 0 or 1, got ", pair_dim);
+    TORCH_CHECK(b_odd->sizes() == b.sizes() && b_odd->strides() == b.strides(), op,
+                ": b_odd must have b's sizes and strides, got ", b_odd->sizes(), " / ", b_odd->strides(), " and ",
+                b.sizes(), " / ", b.strides());
+    TORCH_CHECK(b_odd->scalar_type() == b.scalar_type(), op, ": b_odd must have b's dtype ", b.scalar_type(),
+                ", got ", b_odd->scalar_type());
+  }
+  // The operand b: (K, N), or b and b_odd interleaved along pair_dim.
+  const int64_t b_rows = b.size(0) * (paired && pair_dim == 0 ? 2 : 1);
+  const int64_t b_cols = b.size(1) * (paired && pair_dim == 1 ? 2 : 1);
+  TORCH_CHECK(a.size(1) == b_rows, op, ": a (M, K) and b (K, N) must agree in K, got a ", a.sizes(), " and b ",
+              b.sizes(), paired ? " (paired)" : "");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": a and b must share a dtype, got ", a.scalar_type(), " and ",
               b.scalar_type());
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t M = a.size(0), K = a.size(1), N = b_cols;
   if (bias.has_value()) {
     check_device(*bias, at::kCPU, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, "), got ", bias->sizes());
@@ -308,6 +322,8 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
                    b.const_data_ptr<T>(),
                    b.stride(0),
                    b.stride(1),
+                   paired ? b_odd->const_data_ptr<T>() : nullptr,
+                   static_cast<int>(pair_dim),
                    bias.has_value() ? bias_f.data() : nullptr,
                    y.mutable_data_ptr<T>(),
                    preact.numel() > 0 ? preact.mutable_data_ptr<T>() : nullptr};

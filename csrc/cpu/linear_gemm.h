@@ -74,10 +74,32 @@ struct Problem {
   int64_t sa0, sa1;
   const T* b;
   int64_t sb0, sb1;
+  // nullptr, or b is two tensors of one shape and strides interleaved along pair_dim: the
+  // operand's row k is b's row k / 2 for even k and b_odd's for odd k (pair_dim 0), or its column
+  // j is b's or b_odd's column j / 2 by j's parity (pair_dim 1). sb0 and sb1 are both halves'.
+  const T* b_odd;
+  int pair_dim;
   const float* bias;  // float32, padded to a multiple of kNR, or nullptr
   T* y;               // (M, N) contiguous; (M, N / 2) for SwiGLU
   T* preact;          // (M, N) contiguous, or nullptr
 };
+
+// The address of the operand b's element (k, j).
+template <typename T>
+inline const T* b_at(const Problem<T>& p, int64_t k, int64_t j) {
+  if (p.b_odd == nullptr) return p.b + k * p.sb0 + j * p.sb1;
+  if (p.pair_dim == 0) return ((k & 1) ? p.b_odd : p.b) + (k >> 1) * p.sb0 + j * p.sb1;
+  return ((j & 1) ? p.b_odd : p.b) + k * p.sb0 + (j >> 1) * p.sb1;
+}
+// Whether each row (k) of the operand b is contiguous in j, or each column (j) in k.
+template <typename T>
+inline bool b_rows_contiguous(const Problem<T>& p) {
+  return p.sb1 == 1 && (p.b_odd == nullptr || p.pair_dim == 0);
+}
+template <typename T>
+inline bool b_columns_contiguous(const Problem<T>& p) {
+  return p.sb0 == 1 && (p.b_odd == nullptr || p.pair_dim == 1);
+}
 
 #if defined(FUSEDTX_AVX512)
 
@@ -124,10 +146,10 @@ constexpr int64_t kPrefetchB = 64;  // elements ahead
 // b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
 template <typename T>
 void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
-  if (p.sb1 == 1) {  // rows of b contiguous: copy, each row of the block in one sweep
+  if (b_rows_contiguous(p)) {  // rows of b contiguous: copy, each row of the block in one sweep
     const int64_t vecs = round_up(nc, kNR) / 16;
     for (int64_t k = 0; k < kc; ++k) {
-      const T* src = p.b + (k0 + k) * p.sb0 + j0;
+      const T* src = b_at(p, k0 + k, j0);
       float* dst = bp + k * kNR;
       for (int64_t v = 0; v < vecs; ++v) {
         const __m512 x = v * 16 + 16 <= nc ? load16(src + v * 16) : load16(src + v * 16, first_lanes(nc - v * 16));
@@ -139,10 +161,11 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
   for (int64_t jr = 0; jr < nc; jr += kNR) {
     const int64_t cols = std::min<int64_t>(kNR, nc - jr);
     float* dst = bp + (jr / kNR) * kc * kNR;
-    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
-    if (p.sb0 == 1) {  // columns of b contiguous (b = weight.t()): 16 x 16 transposes
+    if (b_columns_contiguous(p)) {  // columns of b contiguous (b = weight.t()): 16 x 16 transposes
       for (int v = 0; v < kNV; ++v) {
         const int64_t jn = std::clamp<int64_t>(cols - v * 16, 0, 16);
+        const T* col[16];
+        for (int i = 0; i < jn; ++i) col[i] = b_at(p, k0, j0 + jr + v * 16 + i);
         for (int64_t k = 0; k < kc; k += 16) {
           const int64_t kn = std::min<int64_t>(16, kc - k);
           const mask16 km = first_lanes(kn);
@@ -150,8 +173,8 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
           for (int i = 0; i < 16; ++i) {
             if (i < jn) {
               // 16 row streams at once outrun the hardware prefetcher: fetch a few lines ahead.
-              _mm_prefetch(reinterpret_cast<const char*>(src + (v * 16 + i) * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
-              r[i] = load16(src + (v * 16 + i) * p.sb1 + k, km);
+              _mm_prefetch(reinterpret_cast<const char*>(col[i] + k + kPrefetchB), _MM_HINT_T0);
+              r[i] = load16(col[i] + k, km);
             } else {
               r[i] = _mm512_setzero_ps();
             }
@@ -162,7 +185,7 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
       }
     } else {
       for (int64_t k = 0; k < kc; ++k) {
-        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(src[k * p.sb0 + j * p.sb1]) : 0.0f;
+        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(*b_at(p, k0 + k, j0 + jr + j)) : 0.0f;
       }
     }
   }
@@ -374,16 +397,17 @@ constexpr int64_t kPrefetchRows = 8;  // rows of b ahead
 // b[k0 : k0 + kc, j0 : j0 + nc] -> bp: panels of kNR columns, each kc x kNR, columns past nc zero.
 template <typename T>
 void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* bp) {
-  if (p.sb1 == 1) {  // rows of b contiguous: copy, each row of the block in one sweep
+  if (b_rows_contiguous(p)) {  // rows of b contiguous: copy, each row of the block in one sweep
     const int64_t vecs = round_up(nc, kNR) / kLanes;
     for (int64_t k = 0; k < kc; ++k) {
-      const T* src = p.b + (k0 + k) * p.sb0 + j0;
+      const T* src = b_at(p, k0 + k, j0);
       float* dst = bp + k * kNR;
       // Rows far apart (b = a weight of many columns) defeat the hardware prefetcher: each
       // row's lines are fetched kPrefetchRows rows ahead.
       if (k + kPrefetchRows < kc) {
+        const T* ahead = b_at(p, k0 + k + kPrefetchRows, j0);
         for (int64_t j = 0; j < nc; j += 64 / static_cast<int64_t>(sizeof(T)))
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * p.sb0 + j), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + j), _MM_HINT_T0);
       }
       for (int64_t v = 0; v < vecs; ++v) {
         const int64_t j = v * kLanes;
@@ -396,17 +420,17 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
   for (int64_t jr = 0; jr < nc; jr += kNR) {
     const int64_t cols = std::min<int64_t>(kNR, nc - jr);
     float* dst = bp + (jr / kNR) * kc * kNR;
-    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
-    if (p.sb0 == 1) {  // columns of b contiguous (b = weight.t()): 8 x 8 transposes
+    if (b_columns_contiguous(p)) {  // columns of b contiguous (b = weight.t()): 8 x 8 transposes
       for (int v = 0; v < kNV; ++v) {
         const int64_t jn = std::clamp<int64_t>(cols - v * kLanes, 0, kLanes);
-        const T* col = src + v * kLanes * p.sb1;
+        const T* col[8];
+        for (int i = 0; i < jn; ++i) col[i] = b_at(p, k0, j0 + jr + v * kLanes + i);
         int64_t k = 0;
         if (jn == 8) {
           for (; k + 8 <= kc; k += 8) {
             __m256 r[8];
 #pragma GCC unroll 8
-            for (int i = 0; i < 8; ++i) r[i] = load8(col + i * p.sb1 + k);
+            for (int i = 0; i < 8; ++i) r[i] = load8(col[i] + k);
             transpose8(r);
 #pragma GCC unroll 8
             for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
@@ -415,14 +439,14 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
         for (; k < kc; k += 8) {
           const int64_t kn = std::min<int64_t>(8, kc - k);
           __m256 r[8];
-          for (int i = 0; i < 8; ++i) r[i] = i < jn ? load8(col + i * p.sb1 + k, kn) : _mm256_setzero_ps();
+          for (int i = 0; i < 8; ++i) r[i] = i < jn ? load8(col[i] + k, kn) : _mm256_setzero_ps();
           transpose8(r);
           for (int64_t kk = 0; kk < kn; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
         }
       }
     } else {
       for (int64_t k = 0; k < kc; ++k) {
-        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(src[k * p.sb0 + j * p.sb1]) : 0.0f;
+        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(*b_at(p, k0 + k, j0 + jr + j)) : 0.0f;
       }
     }
   }
@@ -579,9 +603,8 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
   for (int64_t jr = 0; jr < nc; jr += kNR) {
     const int64_t cols = std::min<int64_t>(kNR, nc - jr);
     float* dst = bp + (jr / kNR) * kc * kNR;
-    const T* src = p.b + k0 * p.sb0 + (j0 + jr) * p.sb1;
     for (int64_t k = 0; k < kc; ++k) {
-      for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(src[k * p.sb0 + j * p.sb1]) : 0.0f;
+      for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = j < cols ? to_float(*b_at(p, k0 + k, j0 + jr + j)) : 0.0f;
     }
   }
 }

@@ -16,7 +16,8 @@ namespace {
 
 #if defined(FUSEDTX_AVX512)
 
-// Few rows (decode): packing b would cost more than the multiply, so b is read where it is.
+// Few rows (decode): packing b would cost more than the multiply, so b is read where it is (a
+// pair, b and b_odd, too: through b_at, a column or row pointer at a time).
 // a arrives as float32 rows (lda floats apart). Each call covers columns [j0, j1) for all rows.
 // b = weight.t() (k contiguous): 16 columns at a time, each 16 x 16 block of b transposed in
 // registers and multiplied at once.
@@ -25,7 +26,8 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
   alignas(64) float tile[kMR * kTileLd];
   for (int64_t j = j0; j < j1; j += 16) {
     const int64_t jn = std::min<int64_t>(16, j1 - j);
-    const T* src = p.b + j * p.sb1;
+    const T* col[16];
+    for (int i = 0; i < jn; ++i) col[i] = b_at(p, 0, j + i);
     // The running totals of the kKBlock chains, from +0, in the tile.
     for (int i = 0; i < MR; ++i) _mm512_store_ps(tile + i * kTileLd, _mm512_setzero_ps());
     __m512 acc[MR];
@@ -36,8 +38,8 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         if (i < jn) {
-          _mm_prefetch(reinterpret_cast<const char*>(src + i * p.sb1 + k + kPrefetchB), _MM_HINT_T0);
-          r[i] = kn == 16 ? load16(src + i * p.sb1 + k) : load16(src + i * p.sb1 + k, km);
+          _mm_prefetch(reinterpret_cast<const char*>(col[i] + k + kPrefetchB), _MM_HINT_T0);
+          r[i] = kn == 16 ? load16(col[i] + k) : load16(col[i] + k, km);
         } else {
           r[i] = _mm512_setzero_ps();
         }
@@ -74,7 +76,6 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
   constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
   for (int64_t j = j0; j < j1; j += 16 * NV) {
     const int64_t cols = std::min<int64_t>(16 * NV, j1 - j);
-    const T* src = p.b + j;
     __m512 acc[MR][NV];
     for (int i = 0; i < MR; ++i) {
       for (int v = 0; v < NV; ++v) {
@@ -86,9 +87,10 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
     for (int v = 0; v < NV; ++v) masks[v] = first_lanes(cols - v * 16);
     const bool full = cols == 16 * NV;
     for (int64_t k = 0; k < p.K; ++k) {
-      const T* row = src + k * p.sb0;
+      const T* row = b_at(p, k, j);
+      const T* ahead = b_at(p, k + kAhead, j);  // prefetched only: past the last row is harmless
       for (int v = 0; v < NV * static_cast<int>(sizeof(T)) / 4; ++v) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * p.sb0) + 64 * v, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64 * v, _MM_HINT_T0);
       }
       __m512 bv[NV];
 #pragma GCC unroll 8
@@ -118,7 +120,7 @@ constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
 
 template <typename T, int kAct, int MR>
 void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
-  if (p.sb0 == 1) {
+  if (b_columns_contiguous(p)) {
     small_m_kmajor<T, kAct, MR>(p, a, lda, j0, j1);
   } else {
     small_m_nmajor<T, kAct, MR, (MR <= 2 ? 8 : MR <= 4 ? 4 : 3)>(p, a, lda, j0, j1);
@@ -141,7 +143,8 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
   static_assert(G * 8 <= kTileLd && kKBlock % 16 == 0);
   for (int64_t j = j0; j < j1; j += 8 * G) {
     const int64_t cols = std::min<int64_t>(8 * G, j1 - j);
-    const T* src = p.b + j * p.sb1;
+    const T* col[8 * G];
+    for (int c = 0; c < cols; ++c) col[c] = b_at(p, 0, j + c);
     // The running totals of the kKBlock chains, from +0, in the tile.
     for (int i = 0; i < MR; ++i) {
       for (int g = 0; g < G; ++g) _mm256_store_ps(tile + i * kTileLd + g * 8, _mm256_setzero_ps());
@@ -159,8 +162,7 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
           const int64_t kn = std::min<int64_t>(8, p.K - k);
           __m256 r[8];
           for (int c = 0; c < 8; ++c) {
-            const T* q = src + (g * 8 + c) * p.sb1 + k;
-            r[c] = c >= jn ? _mm256_setzero_ps() : kn == 8 ? load8(q) : load8(q, kn);
+            r[c] = c >= jn ? _mm256_setzero_ps() : kn == 8 ? load8(col[g * 8 + c] + k) : load8(col[g * 8 + c] + k, kn);
           }
           transpose8(r);
           if (kn == 8) {
@@ -200,7 +202,6 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
   constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
   for (int64_t j = j0; j < j1; j += 8 * NV) {
     const int64_t cols = std::min<int64_t>(8 * NV, j1 - j);
-    const T* src = p.b + j;
     __m256 acc[MR][NV];
     for (int i = 0; i < MR; ++i) {
       for (int v = 0; v < NV; ++v) {
@@ -210,9 +211,10 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
     }
     const bool full = cols == 8 * NV;
     for (int64_t k = 0; k < p.K; ++k) {
-      const T* row = src + k * p.sb0;
+      const T* row = b_at(p, k, j);
+      const T* ahead = b_at(p, k + kAhead, j);  // prefetched only: past the last row is harmless
       for (int v = 0; v < (NV * 8 * static_cast<int>(sizeof(T)) + 63) / 64; ++v) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * p.sb0) + 64 * v, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64 * v, _MM_HINT_T0);
       }
       __m256 bv[NV];
 #pragma GCC unroll 8
@@ -240,7 +242,7 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
 // Accumulators per call: at most 12 of the 16 ymm registers, the rest for b and a.
 template <typename T, int kAct, int MR>
 void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
-  if (p.sb0 == 1) {
+  if (b_columns_contiguous(p)) {
     small_m_kmajor<T, kAct, MR, (MR == 1 ? 4 : MR == 2 ? 3 : MR <= 4 ? 2 : 1)>(p, a, lda, j0, j1);
   } else {
     small_m_nmajor<T, kAct, MR, (MR == 1 ? 8 : MR == 2 ? 4 : MR == 3 ? 3 : MR <= 6 ? 2 : 1)>(p, a, lda, j0, j1);

@@ -28,13 +28,32 @@ void check_operand(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got sizes ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const at::Tensor& b,
+std::tuple<at::Tensor, at::Tensor> linear_matmul_cuda(const at::Tensor& a, const at::Tensor& b_arg,
                                                       const std::optional<at::Tensor>& bias, int64_t activation,
-                                                      bool save_preact, int64_t k_block) {
+                                                      bool save_preact, int64_t k_block,
+                                                      const std::optional<at::Tensor>& b_odd, int64_t pair_dim) {
   constexpr const char* op = "linear_matmul";
   TORCH_CHECK(k_block == kLinearKBlock, op, ": the CUDA kernel sums K in blocks of ", kLinearKBlock, ", asked for ", k_block);
   check_operand(a, op, "a");
-  check_operand(b, op, "b");
+  check_operand(b_arg, op, "b");
+  at::Tensor b = b_arg;
+  if (b_odd.has_value() && b_odd->defined()) {
+    // The kernel reads one operand: the pair is interleaved first (a copy of b's size twice,
+    // reference.interleave_pair), rows 2i / 2i + 1 (pair_dim 0) or columns (1), in the layout of
+    // a packed weight: columns contiguous when b's are (b = weight.t()).
+    check_operand(*b_odd, op, "b_odd");
+    TORCH_CHECK(pair_dim == 0 || pair_dim == 1, op, ": pair_dim must be 0 or 1, got ", pair_dim);
+    TORCH_CHECK(b_odd->sizes() == b_arg.sizes() && b_odd->scalar_type() == b_arg.scalar_type() &&
+                    b_odd->device() == b_arg.device(),
+                op, ": b_odd must have b's sizes, dtype and device, got ", b_odd->sizes(), " ", b_odd->scalar_type(),
+                " on ", b_odd->device());
+    if (b_arg.stride(0) == 1 && b_arg.stride(1) != 1) {
+      const int64_t d = 1 - pair_dim;
+      b = at::stack({b_arg.t(), b_odd->t()}, d + 1).flatten(d, d + 1).t();
+    } else {
+      b = at::stack({b_arg, *b_odd}, pair_dim + 1).flatten(pair_dim, pair_dim + 1);
+    }
+  }
   const DType dtype = dtype_of(a, op);
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b must have a's dtype ", a.scalar_type(), ", got ",
               b.scalar_type());

@@ -313,10 +313,16 @@ def _bias_grad_sum(Partial, DB, n_groups, n_cols, BLOCK_N: tl.constexpr):
 
 
 def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool,
-                  k_block: int):
+                  k_block: int, b_odd: torch.Tensor | None = None, pair_dim: int = 0):
     """y = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides, bias (N,) or None, all
     one dtype. Returns (y, preact or None): contiguous (M, N) in a's dtype; preact = a @ b + bias
-    when save_preact and there is an activation."""
+    when save_preact and there is an activation. With b_odd the operand is
+    reference.interleave_pair(b, b_odd, pair_dim), made here (a copy) for the kernel to read, in
+    the layout of a packed weight: columns contiguous when b's are (b = weight.t())."""
+    if b_odd is not None and b.stride(0) == 1 and b.stride(1) != 1:
+        b = reference.interleave_pair(b.t(), b_odd.t(), 1 - pair_dim).t()
+    elif b_odd is not None:
+        b = reference.interleave_pair(b, b_odd, pair_dim)
     m, k = a.shape
     n = b.shape[1]
     assert b.shape[0] == k and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)

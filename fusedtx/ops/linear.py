@@ -1,8 +1,8 @@
 """The `fusedtx::linear` op: y = act(x @ weight.T + bias), batch-invariant, with autograd.
 
-    fusedtx::linear(x, weight, bias, activation, save_preact, backend) -> (y, preact)
+    fusedtx::linear(x, weight, bias, activation, save_preact, backend, weight_odd=None) -> (y, preact)
     fusedtx::linear_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias,
-                             backend) -> (dx, dweight, dbias)
+                             backend, weight_odd=None) -> (dx, dweight, dbias, dweight_odd)
 
 x has any number of leading dims and is viewed as (M, K); weight is (N, K) like torch.nn.Linear.
 Every backend computes reference.linear_matmul: per block of policy.MATMUL_K_BLOCK k's one
@@ -13,7 +13,11 @@ on the weight alone.
 
 activation = reference.ACT_SWIGLU (3) is fusedtx.swiglu_ffn's first half: weight is the gate and
 up projections packed row-interleaved (2H, K) (reference/linear.py), y = silu(h[:, 0::2]) *
-h[:, 1::2] is (..., H), and preact (saved for the backward) is the whole (..., 2H) h.
+h[:, 1::2] is (..., H), and preact (saved for the backward) is the whole (..., 2H) h. The packing
+need not exist: with weight_odd the op's weight is reference.interleave_pair(weight, weight_odd, 0)
+(weight = gate, weight_odd = up, both (H, K)), which the kernels read where the two are — the
+same bits as on the packed weight, without a (2H, K) copy per training step — and the backward
+returns dweight and dweight_odd, the packed gradient's even and odd rows, each its own matmul.
 
 The backward runs three pieces through the same kernels:
     g       = dy * act'(h)              fused elementwise pass, also summing dbias in row groups
@@ -49,7 +53,7 @@ def activation_code(activation) -> int:
     raise ValueError(f"linear: activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
 
 
-def check_args(x, weight, bias, activation, save_preact, backend, name: str = "linear"):
+def check_args(x, weight, bias, activation, save_preact, backend, weight_odd=None, name: str = "linear"):
     """Raise TypeError / ValueError naming the bad argument, with expected vs actual."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -67,13 +71,22 @@ def check_args(x, weight, bias, activation, save_preact, backend, name: str = "l
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{name}: x's last dim ({x.shape[-1]}) must equal weight's in_features "
                          f"(weight.shape[1] = {weight.shape[1]}); weight has shape {list(weight.shape)}")
-    check_like_x(x, (("weight", weight), ("bias", bias)), name)
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{name}: bias must have shape [{weight.shape[0]}] (out_features), got {list(bias.shape)}")
-    if activation == reference.ACT_SWIGLU and weight.shape[0] % 2:
+    check_like_x(x, (("weight", weight), ("weight_odd", weight_odd), ("bias", bias)), name)
+    if weight_odd is not None and weight_odd.shape != weight.shape:
+        raise ValueError(f"{name}: weight_odd must have weight's shape {list(weight.shape)}, got "
+                         f"{list(weight_odd.shape)}")
+    rows = weight_rows(weight, weight_odd)
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise ValueError(f"{name}: bias must have shape [{rows}] (out_features), got {list(bias.shape)}")
+    if activation == reference.ACT_SWIGLU and rows % 2:
         raise ValueError(f"{name}: the SwiGLU epilogue takes a packed gate/up weight of an even number of rows "
-                         f"(2 x hidden), got {weight.shape[0]}")
-    return x, weight, bias, activation, save_preact, backend
+                         f"(2 x hidden), got {rows}")
+    return x, weight, bias, activation, save_preact, backend, weight_odd
+
+
+def weight_rows(weight, weight_odd) -> int:
+    """The op's weight rows: weight's, twice that with weight_odd (the pair interleaved)."""
+    return weight.shape[0] * (1 if weight_odd is None else 2)
 
 
 def out_features(weight_rows, activation):
@@ -133,11 +146,18 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
-def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool):
-    """(y, preact or None) = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides."""
+def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool, b_odd=None, pair_dim: int = 0):
+    """(y, preact or None) = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides; with
+    b_odd, b is reference.interleave_pair(b, b_odd, pair_dim)."""
     if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0 or a.dtype == torch.float64:
         backend = "reference"  # an empty sum is +0 whatever the kernel, and no launch; float64: gradcheck
-    y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK)
+    if b_odd is None:
+        y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK)
+    else:
+        if b_odd.stride() != b.stride():  # the kernels read both halves through one set of strides
+            b, b_odd = b.contiguous(), b_odd.contiguous()
+        y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK,
+                                                b_odd, pair_dim)
     return y.contiguous(), (h.contiguous() if save_preact and activation else None)
 
 
@@ -150,71 +170,90 @@ def _bias_act_backward(backend: str, grad_y, preact, activation: int, need_bias_
     return (g if activation else grad_y), (gb if need_bias_grad else None)
 
 
-def _forward(x, weight, bias, activation, save_preact, backend):
-    lead, k, n = x.shape[:-1], x.shape[-1], weight.shape[0]
-    y, h = _matmul(backend, x.reshape(math.prod(lead), k), weight.t(), bias, activation, save_preact)
+def _forward(x, weight, bias, activation, save_preact, backend, weight_odd=None):
+    lead, k, n = x.shape[:-1], x.shape[-1], weight_rows(weight, weight_odd)
+    x2 = x.reshape(math.prod(lead), k)
+    if weight_odd is None:
+        y, h = _matmul(backend, x2, weight.t(), bias, activation, save_preact)
+    else:  # the operand's columns 2j / 2j + 1: weight's and weight_odd's row j
+        y, h = _matmul(backend, x2, weight.t(), bias, activation, save_preact, weight_odd.t(), 1)
     preact = h.view(*lead, n) if h is not None else _empty(x)
     return y.view(*lead, out_features(n, activation)), preact
 
 
-def _fake(x, weight, bias, activation, save_preact, backend):
-    shape = (*x.shape[:-1], weight.shape[0])
-    y_shape = (*x.shape[:-1], out_features(weight.shape[0], activation))
+def _fake(x, weight, bias, activation, save_preact, backend, weight_odd=None):
+    n = weight_rows(weight, weight_odd)
+    shape, y_shape = (*x.shape[:-1], n), (*x.shape[:-1], out_features(n, activation))
     return x.new_empty(y_shape), (x.new_empty(shape) if save_preact and activation else _empty(x))
 
 
-def _check_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
+def _check_backward(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend,
+                    weight_odd=None):
     return (grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias,
-            check_backend(backend, "linear_backward"))
+            check_backend(backend, "linear_backward"), weight_odd)
 
 
-def _backward_body(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
-    k, n, m = weight.shape[1], weight.shape[0], math.prod(x.shape[:-1])
+def _backward_body(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend,
+                   weight_odd=None):
+    k, n, m = weight.shape[1], weight_rows(weight, weight_odd), math.prod(x.shape[:-1])
     dy = grad_y.to(x.dtype).reshape(m, out_features(n, activation)).contiguous()
     h = preact.reshape(m, n).contiguous() if activation else None
     g, gb = _bias_act_backward(backend, dy, h, activation, need_dbias)
-    dx = _matmul(backend, g, weight, None, 0, False)[0].view(x.shape) if need_dx else _empty(x)
-    dw = _matmul(backend, g.t(), x.reshape(m, k), None, 0, False)[0] if need_dweight else _empty(x)
+    x2 = x.reshape(m, k)
+    dx = _matmul(backend, g, weight, None, 0, False, weight_odd, 0)[0].view(x.shape) if need_dx else _empty(x)
+    dw, dw_odd = _empty(x), _empty(x)  # two tensors: a custom op's outputs may not alias
+    if need_dweight and weight_odd is None:
+        dw = _matmul(backend, g.t(), x2, None, 0, False)[0]
+    elif need_dweight:  # the packed gradient's even and odd rows, each element's sum as in one matmul
+        dw = _matmul(backend, g[:, 0::2].t(), x2, None, 0, False)[0]
+        dw_odd = _matmul(backend, g[:, 1::2].t(), x2, None, 0, False)[0]
     db = gb if need_dbias else _empty(x, reference.compute_dtype(x.dtype))
-    return dx, dw, db
+    return dx, dw, db, dw_odd
 
 
-def _backward_fake(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend):
+def _backward_fake(grad_y, x, weight, preact, activation, need_dx, need_dweight, need_dbias, backend,
+                   weight_odd=None):
     acc = reference.compute_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else _empty(x),
             x.new_empty(weight.shape) if need_dweight else _empty(x),
-            x.new_empty(weight.shape[0], dtype=acc) if need_dbias else _empty(x, acc))
+            x.new_empty(weight_rows(weight, weight_odd), dtype=acc) if need_dbias else _empty(x, acc),
+            x.new_empty(weight.shape) if need_dweight and weight_odd is not None else _empty(x))
 
 
 linear_backward = register(
     "linear_backward",
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor preact, SymInt activation, bool need_dx, bool need_dweight, "
-    "bool need_dbias, str backend) -> (Tensor, Tensor, Tensor)",
+    "bool need_dbias, str backend, Tensor? weight_odd=None) -> (Tensor, Tensor, Tensor, Tensor)",
     check=_check_backward, body=_backward_body, fake=_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, _, backend = inputs
+    x, weight, bias, activation, _, backend = inputs[:6]
+    weight_odd = inputs[6] if len(inputs) > 6 else None  # torch.ops callers may leave the default out
     _, preact = output
-    ctx.save_for_backward(x, weight, preact)
+    ctx.save_for_backward(x, weight, preact, weight_odd)
     ctx.activation, ctx.backend = activation, backend
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(preact)
 
 
 def _backward(ctx, grad_y, _grad_preact):
-    x, weight, preact = ctx.saved_tensors
+    x, weight, preact, weight_odd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_w_odd = len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]
     if ctx.activation and preact.numel() == 0 and grad_y.numel() != 0:
         raise RuntimeError("linear: the forward did not save the pre-activation (save_preact=False) "
                            "but a gradient is needed; call through fusedtx.linear, which decides it")
     run = linear_backward.in_backward(ctx)
-    dx, dw, db = run(grad_y, x, weight, preact, ctx.activation, bool(need_x), bool(need_w), bool(need_b), ctx.backend)
-    return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
-            None, None, None)
+    dx, dw, db, dw_odd = run(grad_y, x, weight, preact, ctx.activation, bool(need_x), bool(need_w or need_w_odd),
+                             bool(need_b), ctx.backend, weight_odd)
+    grads = (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
+             None, None, None, dw_odd if need_w_odd else None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 linear = register(
     "linear",
-    "(Tensor x, Tensor weight, Tensor? bias, SymInt activation, bool save_preact, str backend) -> (Tensor, Tensor)",
+    "(Tensor x, Tensor weight, Tensor? bias, SymInt activation, bool save_preact, str backend, "
+    "Tensor? weight_odd=None) -> (Tensor, Tensor)",
     check=check_args, body=_forward, fake=_fake, setup_context=_setup_context, backward=_backward)

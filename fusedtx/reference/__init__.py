@@ -29,7 +29,8 @@ from .common import (blocked_fma_matmul, compute_dtype, exp_f32, fma_f32, fma_ma
 from .activation import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_SILU, ACT_SWIGLU, ACTIVATIONS, ELEMENTWISE,
                          activation_backward, activation_derivative, activation_forward, erf_f32)
 from .layer_norm import layer_norm_backward, layer_norm_forward
-from .linear import linear_backward, linear_bias_act_backward, linear_matmul, swiglu_forward, swiglu_grad_preact
+from .linear import (interleave_pair, linear_backward, linear_bias_act_backward, linear_matmul, swiglu_forward,
+                     swiglu_grad_preact)
 from .log_softmax import log_softmax_backward, log_softmax_forward
 from .rms_norm import rms_norm_backward, rms_norm_forward
 from .rope import rope_backward, rope_forward, rope_inv_freq, rope_table
@@ -40,7 +41,7 @@ __all__ = [
     "causal_valid_counts", "softmax_forward", "softmax_backward", "log_softmax_forward", "log_softmax_backward",
     "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
     "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_SWIGLU", "ACT_SILU", "ACTIVATIONS", "ELEMENTWISE", "erf_f32",
-    "activation_forward", "activation_derivative", "activation_backward", "swiglu_forward", "swiglu_grad_preact", "linear_matmul", "linear_bias_act_backward",
+    "activation_forward", "activation_derivative", "activation_backward", "swiglu_forward", "swiglu_grad_preact", "interleave_pair", "linear_matmul", "linear_bias_act_backward",
     "linear_backward",
     "causal_attention_forward", "causal_attention_backward",
     "rope_inv_freq", "rope_table", "rope_forward", "rope_backward",

@@ -48,15 +48,24 @@ def swiglu_grad_preact(grad_y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.stack((dg, du), dim=-1).flatten(-2)
 
 
+def interleave_pair(b: torch.Tensor, b_odd: torch.Tensor, pair_dim: int) -> torch.Tensor:
+    """The operand linear_matmul reads for a pair (b, b_odd) of one shape: b and b_odd interleaved
+    along pair_dim, rows 2i / 2i + 1 = b[i] / b_odd[i] (pair_dim 0) or columns 2j / 2j + 1 =
+    b[:, j] / b_odd[:, j] (pair_dim 1). With b = gate.T and b_odd = up.T (pair_dim 1) it is the
+    packed SwiGLU operand; the packed weight's rows are interleave_pair(gate, up, 0)."""
+    return torch.stack((b, b_odd), dim=pair_dim + 1).flatten(pair_dim, pair_dim + 1)
+
+
 def _epilogue(h: torch.Tensor, activation: int) -> torch.Tensor:
     """The activation of the pre-activation h: SwiGLU's halves the width, the others are elementwise."""
     return swiglu_forward(h) if activation == ACT_SWIGLU else activation_forward(h, activation)
 
 
 def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: int, save_preact: bool,
-                  k_block: int):
+                  k_block: int, b_odd: torch.Tensor | None = None, pair_dim: int = 0):
     """y = act(a @ b + bias) for a (M, K) and b (K, N); also the pre-activation h = a @ b + bias
-    when save_preact (what the backward reads), else None.
+    when save_preact (what the backward reads), else None. With b_odd, the operand b is
+    interleave_pair(b, b_odd, pair_dim) (the kernels read the two where they are).
 
     K is cut into blocks of k_block from k = 0. In each block, every element's partial is one
     float32 accumulator from +0 taking a[i, k] * b[k, j] with an FMA for k ascending; the block
@@ -71,6 +80,8 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
     float32). Returns (y, h) in a's dtype. float64 operands (for gradcheck) are multiplied by
     torch in float64.
     """
+    if b_odd is not None:
+        b = interleave_pair(b, b_odd, pair_dim)
     if a.dtype == torch.float64:
         h = a @ b
         if bias is not None:
