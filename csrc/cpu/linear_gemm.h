@@ -91,6 +91,22 @@ inline const T* b_at(const Problem<T>& p, int64_t k, int64_t j) {
   if (p.pair_dim == 0) return ((k & 1) ? p.b_odd : p.b) + (k >> 1) * p.sb0 + j * p.sb1;
   return ((j & 1) ? p.b_odd : p.b) + k * p.sb0 + (j >> 1) * p.sb1;
 }
+// The columns j + i of the operand b from row k on, for an even j: column j + i starts at
+// at(i), one base pointer for the even i's and one for the odd ones, a fixed step apart (b's
+// columns two apart, or, for a pair, b's and b_odd's consecutive ones). With i a compile-time
+// constant, at(i) is one address computation: no array of column pointers for GCC to spill.
+template <typename T>
+struct Columns {
+  const T* even;
+  const T* odd;
+  int64_t step;
+  const T* at(int i) const { return ((i & 1) ? odd : even) + (i >> 1) * step; }
+};
+template <typename T>
+inline Columns<T> columns_at(const Problem<T>& p, int64_t k, int64_t j) {
+  return {b_at(p, k, j), b_at(p, k, j + 1), (p.b_odd != nullptr && p.pair_dim == 1 ? 1 : 2) * p.sb1};
+}
+
 // Whether each row (k) of the operand b is contiguous in j, or each column (j) in k.
 template <typename T>
 inline bool b_rows_contiguous(const Problem<T>& p) {
@@ -164,8 +180,7 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
     if (b_columns_contiguous(p)) {  // columns of b contiguous (b = weight.t()): 16 x 16 transposes
       for (int v = 0; v < kNV; ++v) {
         const int64_t jn = std::clamp<int64_t>(cols - v * 16, 0, 16);
-        const T* col[16];
-        for (int i = 0; i < jn; ++i) col[i] = b_at(p, k0, j0 + jr + v * 16 + i);
+        const Columns<T> col = columns_at(p, k0, j0 + jr + v * 16);
         for (int64_t k = 0; k < kc; k += 16) {
           const int64_t kn = std::min<int64_t>(16, kc - k);
           const mask16 km = first_lanes(kn);
@@ -173,8 +188,8 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
           for (int i = 0; i < 16; ++i) {
             if (i < jn) {
               // 16 row streams at once outrun the hardware prefetcher: fetch a few lines ahead.
-              _mm_prefetch(reinterpret_cast<const char*>(col[i] + k + kPrefetchB), _MM_HINT_T0);
-              r[i] = load16(col[i] + k, km);
+              _mm_prefetch(reinterpret_cast<const char*>(col.at(i) + k + kPrefetchB), _MM_HINT_T0);
+              r[i] = load16(col.at(i) + k, km);
             } else {
               r[i] = _mm512_setzero_ps();
             }
@@ -423,14 +438,13 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
     if (b_columns_contiguous(p)) {  // columns of b contiguous (b = weight.t()): 8 x 8 transposes
       for (int v = 0; v < kNV; ++v) {
         const int64_t jn = std::clamp<int64_t>(cols - v * kLanes, 0, kLanes);
-        const T* col[8];
-        for (int i = 0; i < jn; ++i) col[i] = b_at(p, k0, j0 + jr + v * kLanes + i);
+        const Columns<T> col = columns_at(p, k0, j0 + jr + v * kLanes);
         int64_t k = 0;
         if (jn == 8) {
           for (; k + 8 <= kc; k += 8) {
             __m256 r[8];
 #pragma GCC unroll 8
-            for (int i = 0; i < 8; ++i) r[i] = load8(col[i] + k);
+            for (int i = 0; i < 8; ++i) r[i] = load8(col.at(i) + k);
             transpose8(r);
 #pragma GCC unroll 8
             for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
@@ -439,7 +453,7 @@ void pack_b(const Problem<T>& p, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
         for (; k < kc; k += 8) {
           const int64_t kn = std::min<int64_t>(8, kc - k);
           __m256 r[8];
-          for (int i = 0; i < 8; ++i) r[i] = i < jn ? load8(col[i] + k, kn) : _mm256_setzero_ps();
+          for (int i = 0; i < 8; ++i) r[i] = i < jn ? load8(col.at(i) + k, kn) : _mm256_setzero_ps();
           transpose8(r);
           for (int64_t kk = 0; kk < kn; ++kk) _mm256_store_ps(dst + (k + kk) * kNR + v * kLanes, r[kk]);
         }

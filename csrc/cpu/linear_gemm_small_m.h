@@ -19,51 +19,68 @@ namespace {
 // Few rows (decode): packing b would cost more than the multiply, so b is read where it is (a
 // pair, b and b_odd, too: through b_at, a column or row pointer at a time).
 // a arrives as float32 rows (lda floats apart). Each call covers columns [j0, j1) for all rows.
-// b = weight.t() (k contiguous): 16 columns at a time, each 16 x 16 block of b transposed in
-// registers and multiplied at once.
-template <typename T, int kAct, int MR>
+// b = weight.t() (k contiguous): G groups of 16 columns at a time (independent FMA chains for
+// few rows), each 16 x 16 block of b transposed in registers and multiplied at once.
+template <typename T, int kAct, int MR, int G>
 void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
   alignas(64) float tile[kMR * kTileLd];
-  for (int64_t j = j0; j < j1; j += 16) {
-    const int64_t jn = std::min<int64_t>(16, j1 - j);
-    const T* col[16];
-    for (int i = 0; i < jn; ++i) col[i] = b_at(p, 0, j + i);
+  static_assert(G * 16 <= kTileLd);
+  for (int64_t j = j0; j < j1; j += 16 * G) {
+    const int64_t cols = std::min<int64_t>(16 * G, j1 - j);
+    const Columns<T> col = columns_at(p, 0, j);
     // The running totals of the kKBlock chains, from +0, in the tile.
-    for (int i = 0; i < MR; ++i) _mm512_store_ps(tile + i * kTileLd, _mm512_setzero_ps());
-    __m512 acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      for (int g = 0; g < G; ++g) _mm512_store_ps(tile + i * kTileLd + g * 16, _mm512_setzero_ps());
+    }
+    __m512 acc[MR][G];
+    for (int i = 0; i < MR; ++i) {
+      for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_ps();
+    }
     for (int64_t k = 0; k < p.K; k += 16) {
       const int64_t kn = std::min<int64_t>(16, p.K - k);
       const mask16 km = first_lanes(kn);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        if (i < jn) {
-          _mm_prefetch(reinterpret_cast<const char*>(col[i] + k + kPrefetchB), _MM_HINT_T0);
-          r[i] = kn == 16 ? load16(col[i] + k) : load16(col[i] + k, km);
+#pragma GCC unroll 2
+      for (int g = 0; g < G; ++g) {
+        const int64_t jn = cols - g * 16;
+        if (jn <= 0) break;
+        __m512 r[16];
+        if (jn >= 16 && kn == 16) {  // a whole block: unrolled, so that r lives in registers
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i) {
+            _mm_prefetch(reinterpret_cast<const char*>(col.at(g * 16 + i) + k + kPrefetchB), _MM_HINT_T0);
+            r[i] = load16(col.at(g * 16 + i) + k);
+          }
         } else {
-          r[i] = _mm512_setzero_ps();
+          for (int i = 0; i < 16; ++i) r[i] = i < jn ? load16(col.at(g * 16 + i) + k, km) : _mm512_setzero_ps();
         }
-      }
-      transpose16(r);
-      if (kn == 16) {
+        transpose16(r);
+        if (kn == 16) {
 #pragma GCC unroll 16
-        for (int kk = 0; kk < 16; ++kk) {
+          for (int kk = 0; kk < 16; ++kk) {
 #pragma GCC unroll 16
-          for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i]);
-        }
-      } else {
-        for (int64_t kk = 0; kk < kn; ++kk) {
-          for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i]);
+            for (int i = 0; i < MR; ++i) {
+              acc[i][g] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i][g]);
+            }
+          }
+        } else {
+          for (int64_t kk = 0; kk < kn; ++kk) {
+            for (int i = 0; i < MR; ++i) {
+              acc[i][g] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k + kk]), r[kk], acc[i][g]);
+            }
+          }
         }
       }
       if ((k + kn) % kKBlock == 0 || k + kn == p.K) {  // a chain ends: total = total + acc
         for (int i = 0; i < MR; ++i) {
-          _mm512_store_ps(tile + i * kTileLd, _mm512_add_ps(_mm512_load_ps(tile + i * kTileLd), acc[i]));
-          acc[i] = _mm512_setzero_ps();
+          for (int g = 0; g < G; ++g) {
+            float* t = tile + i * kTileLd + g * 16;
+            _mm512_store_ps(t, _mm512_add_ps(_mm512_load_ps(t), acc[i][g]));
+            acc[i][g] = _mm512_setzero_ps();
+          }
         }
       }
     }
-    epilogue<T, kAct>(tile, MR, jn, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
+    epilogue<T, kAct>(tile, MR, cols, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
   }
 }
 
@@ -121,7 +138,7 @@ constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
 template <typename T, int kAct, int MR>
 void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
   if (b_columns_contiguous(p)) {
-    small_m_kmajor<T, kAct, MR>(p, a, lda, j0, j1);
+    small_m_kmajor<T, kAct, MR, (MR <= 2 ? 2 : 1)>(p, a, lda, j0, j1);
   } else {
     small_m_nmajor<T, kAct, MR, (MR <= 2 ? 8 : MR <= 4 ? 4 : 3)>(p, a, lda, j0, j1);
   }
@@ -143,8 +160,7 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
   static_assert(G * 8 <= kTileLd && kKBlock % 16 == 0);
   for (int64_t j = j0; j < j1; j += 8 * G) {
     const int64_t cols = std::min<int64_t>(8 * G, j1 - j);
-    const T* col[8 * G];
-    for (int c = 0; c < cols; ++c) col[c] = b_at(p, 0, j + c);
+    const Columns<T> col = columns_at(p, 0, j);
     // The running totals of the kKBlock chains, from +0, in the tile.
     for (int i = 0; i < MR; ++i) {
       for (int g = 0; g < G; ++g) _mm256_store_ps(tile + i * kTileLd + g * 8, _mm256_setzero_ps());
@@ -162,7 +178,8 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
           const int64_t kn = std::min<int64_t>(8, p.K - k);
           __m256 r[8];
           for (int c = 0; c < 8; ++c) {
-            r[c] = c >= jn ? _mm256_setzero_ps() : kn == 8 ? load8(col[g * 8 + c] + k) : load8(col[g * 8 + c] + k, kn);
+            const T* q = col.at(g * 8 + c) + k;
+            r[c] = c >= jn ? _mm256_setzero_ps() : kn == 8 ? load8(q) : load8(q, kn);
           }
           transpose8(r);
           if (kn == 8) {
