@@ -245,7 +245,8 @@ def test_unpacked_weights_give_the_packed_bits(device, backend, dtype):
 
 
 def test_paired_operand_errors():
-    """A b_odd that does not match b is refused by the native kernel, naming it."""
+    """A b_odd that does not match b is refused by the native kernel, naming it; one whose
+    strides differ only along a dim of size 1 is taken."""
     require("cpu", "native")
     kernel = linear_op.matmul_kernel("native", torch.device("cpu"))
     a, b = torch.randn(3, 8), torch.randn(8, 4)
@@ -257,6 +258,12 @@ def test_paired_operand_errors():
         kernel(a, b, None, 0, False, policy.MATMUL_K_BLOCK, torch.randn(8, 4), 2)
     with pytest.raises(RuntimeError, match="must agree in K"):
         kernel(a, b, None, 0, False, policy.MATMUL_K_BLOCK, torch.randn(8, 4), 0)  # rows paired: K = 16
+    # A dim of size 1 is never stepped along: its strides may differ (K = 1, found by the
+    # layout property: a (1, 31) view with strides (1, 1) beside a contiguous (31, 1)).
+    x1, g1, u1 = torch.randn(3, 1), torch.randn(31, 1).t(), torch.randn(1, 31)
+    y = kernel(x1, g1, None, SWIGLU, False, policy.MATMUL_K_BLOCK, u1, 1)[0]
+    assert_bitwise_equal(y, kernel(x1, reference.interleave_pair(g1, u1, 1), None, SWIGLU, False,
+                                   policy.MATMUL_K_BLOCK)[0], "size-1 dim with other strides")
     with pytest.raises(ValueError, match="weight_odd must have weight's shape"):
         linear_op.linear(torch.randn(3, 8), torch.randn(4, 8), None, SWIGLU, False, "native", torch.randn(5, 8))
 

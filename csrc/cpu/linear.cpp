@@ -277,9 +277,12 @@ std::tuple<at::Tensor, at::Tensor> linear_matmul_cpu(const at::Tensor& a, const 
   if (paired) {
     check_device(*b_odd, at::kCPU, op, "b_odd");
     TORCH_CHECK(pair_dim == 0 || pair_dim == 1, op, ": pair_dim must be 0 or 1, got ", pair_dim);
-    TORCH_CHECK(b_odd->sizes() == b.sizes() && b_odd->strides() == b.strides(), op,
-                ": b_odd must have b's sizes and strides, got ", b_odd->sizes(), " / ", b_odd->strides(), " and ",
-                b.sizes(), " / ", b.strides());
+    // The kernel steps through both halves with b's strides: they must agree wherever a step is
+    // taken (a dim of size 1 is never stepped along).
+    bool same_layout = b_odd->sizes() == b.sizes();
+    for (int d = 0; same_layout && d < 2; ++d) same_layout = b.size(d) == 1 || b_odd->stride(d) == b.stride(d);
+    TORCH_CHECK(same_layout, op, ": b_odd must have b's sizes and strides, got ", b_odd->sizes(), " / ",
+                b_odd->strides(), " and ", b.sizes(), " / ", b.strides());
     TORCH_CHECK(b_odd->scalar_type() == b.scalar_type(), op, ": b_odd must have b's dtype ", b.scalar_type(),
                 ", got ", b_odd->scalar_type());
   }

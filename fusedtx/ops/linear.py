@@ -146,6 +146,11 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
+def _same_steps(b, b_odd) -> bool:
+    """Whether b_odd's strides are b's along every dim longer than 1 (the only ones stepped)."""
+    return all(n == 1 or s == t for n, s, t in zip(b.shape, b.stride(), b_odd.stride()))
+
+
 def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool, b_odd=None, pair_dim: int = 0):
     """(y, preact or None) = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides; with
     b_odd, b is reference.interleave_pair(b, b_odd, pair_dim)."""
@@ -154,7 +159,7 @@ def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool, b_odd=
     if b_odd is None:
         y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK)
     else:
-        if b_odd.stride() != b.stride():  # the kernels read both halves through one set of strides
+        if not _same_steps(b, b_odd):  # the kernels read both halves through one set of strides
             b, b_odd = b.contiguous(), b_odd.contiguous()
         y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK,
                                                 b_odd, pair_dim)
