@@ -317,11 +317,9 @@ def linear_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, a
     """y = act(a @ b + bias) for 2-D a (M, K), b (K, N) of any strides, bias (N,) or None, all
     one dtype. Returns (y, preact or None): contiguous (M, N) in a's dtype; preact = a @ b + bias
     when save_preact and there is an activation. With b_odd the operand is
-    reference.interleave_pair(b, b_odd, pair_dim), made here (a copy) for the kernel to read, in
-    the layout of a packed weight: columns contiguous when b's are (b = weight.t())."""
-    if b_odd is not None and b.stride(0) == 1 and b.stride(1) != 1:
-        b = reference.interleave_pair(b.t(), b_odd.t(), 1 - pair_dim).t()
-    elif b_odd is not None:
+    reference.interleave_pair(b, b_odd, pair_dim), made here (a copy in b's layout) for the kernel
+    to read."""
+    if b_odd is not None:
         b = reference.interleave_pair(b, b_odd, pair_dim)
     m, k = a.shape
     n = b.shape[1]

@@ -156,13 +156,10 @@ def _matmul(backend: str, a, b, bias, activation: int, save_preact: bool, b_odd=
     b_odd, b is reference.interleave_pair(b, b_odd, pair_dim)."""
     if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0 or a.dtype == torch.float64:
         backend = "reference"  # an empty sum is +0 whatever the kernel, and no launch; float64: gradcheck
-    if b_odd is None:
-        y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK)
-    else:
-        if not _same_steps(b, b_odd):  # the kernels read both halves through one set of strides
-            b, b_odd = b.contiguous(), b_odd.contiguous()
-        y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK,
-                                                b_odd, pair_dim)
+    if b_odd is not None and not _same_steps(b, b_odd):  # the kernels step both halves with b's strides
+        b, b_odd = b.contiguous(), b_odd.contiguous()
+    y, h = matmul_kernel(backend, a.device)(a, b, bias, activation, save_preact, policy.MATMUL_K_BLOCK, b_odd,
+                                            pair_dim)
     return y.contiguous(), (h.contiguous() if save_preact and activation else None)
 
 

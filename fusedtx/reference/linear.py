@@ -52,7 +52,11 @@ def interleave_pair(b: torch.Tensor, b_odd: torch.Tensor, pair_dim: int) -> torc
     """The operand linear_matmul reads for a pair (b, b_odd) of one shape: b and b_odd interleaved
     along pair_dim, rows 2i / 2i + 1 = b[i] / b_odd[i] (pair_dim 0) or columns 2j / 2j + 1 =
     b[:, j] / b_odd[:, j] (pair_dim 1). With b = gate.T and b_odd = up.T (pair_dim 1) it is the
-    packed SwiGLU operand; the packed weight's rows are interleave_pair(gate, up, 0)."""
+    packed SwiGLU operand; the packed weight's rows are interleave_pair(gate, up, 0). The result
+    keeps b's layout: columns contiguous when b's are (b = weight.t(), as a packed weight's .t()),
+    which matters to a kernel whose order follows the layout (Triton's tl.dot)."""
+    if b.stride(0) == 1 and b.stride(1) != 1:
+        return interleave_pair(b.t(), b_odd.t(), 1 - pair_dim).t()
     return torch.stack((b, b_odd), dim=pair_dim + 1).flatten(pair_dim, pair_dim + 1)
 
 
