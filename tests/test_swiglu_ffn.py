@@ -201,6 +201,9 @@ def test_paired_operand_is_the_interleaved_one(device, backend, dtype):
             if backend == "native":
                 y_ref = reference.linear_matmul(a.cpu(), b.cpu(), None, act, False, k_block, b_odd.cpu(), pair_dim)[0]
                 assert_bitwise_equal(y.cpu(), y_ref, f"{what}: vs reference")
+            # Negative control: the halves swapped are another operand, and the comparison sees it.
+            swapped = kernel(a, reference.interleave_pair(b_odd, b, pair_dim), None, act, False, k_block)[0]
+            assert not bitwise_equal(y, swapped), f"{what}: swapped halves gave the same bits"
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
