@@ -379,6 +379,11 @@ def test_bad_input_errors():
         fusedtx.rope(x, positions + 13, cos, sin)
     with pytest.raises(ValueError, match=r"positions must lie in \[0, 15\].*from -1 to 2"):
         fusedtx.rope(x, positions - 1, cos, sin)
+    long_x, long_positions = torch.randn(2, 1, 40, 8), torch.arange(40).expand(2, 40)  # 80 positions: one reduction
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 15\].*from 0 to 39"):
+        fusedtx.rope(long_x, long_positions, cos, sin)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 15\].*from -3 to 2"):
+        fusedtx.rope(long_x, long_positions % 6 - 3, cos, sin)
     with pytest.raises(ValueError, match="backend.*'cuda'"):
         fusedtx.rope(x, positions, cos, sin, backend="cuda")
     with pytest.raises(TypeError, match="triton backend .* float64"):

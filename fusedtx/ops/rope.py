@@ -68,8 +68,11 @@ def check_positions(positions: torch.Tensor, max_positions: int, name: str = "ro
     never read outside it either way: an out-of-range position gives a NaN row."""
     if positions.numel() == 0:
         return
-    if positions.device.type == "cpu":
-        lo, hi = int(positions.min()), int(positions.max())
+    # A decode step's few positions: a list is cheaper than a reduction; else one reduction for
+    # both bounds (read back once from a GPU).
+    if positions.device.type == "cpu" and positions.numel() <= 64:
+        values = positions.reshape(-1).tolist()
+        lo, hi = min(values), max(values)
     else:
         lo, hi = (int(v) for v in torch.aminmax(positions))
     if lo < 0 or hi >= max_positions:
