@@ -18,7 +18,13 @@ working, the state_dict is unchanged):
       or a LayerNorm of its last dim         or fusedtx.nn.LayerNorm
     a module that computes SiLU or GELU   -> fusedtx.nn.SiLU / fusedtx.nn.GELU (HF's SiLUActivation,
       (exact or tanh)                        GELUActivation, NewGELUActivation, GELUTanh, ...)
+    a module of Linear children gate_proj, -> fusedtx.nn.SwiGLUFFN (HF's LlamaMLP, Qwen2MLP,
+      up_proj, down_proj that computes        MistralMLP, ...: one matmul for gate and up with
+      down(silu(gate(x)) * up(x))             silu(g) * u in its epilogue, x read once)
 
+The gated feed-forward is recognised by its children and by behaviour (a probe input); one
+with another activation (Gemma's GELU), a hooked child, or a child that is not a plain
+torch.nn.Linear is left to the layer-by-layer conversion below it.
 The activations are converted because PyTorch's CPU silu and gelu are not batch invariant
 although elementwise: their vector body and scalar tail differ in the last bit, and which
 elements take the tail depends on the tensor's size. The last three kinds are recognised by
@@ -44,7 +50,7 @@ from . import nn as fnn
 
 # Leaf modules without a reduction: nothing to convert, nothing to report.
 _NO_REDUCTION = (torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity, torch.nn.ReLU, torch.nn.Tanh)
-_FUSEDTX_LAYERS = (fnn.Linear, fnn.LayerNorm, fnn.RMSNorm, fnn.Softmax, fnn.Conv1D, fnn.SiLU, fnn.GELU)
+_FUSEDTX_LAYERS = (fnn.Linear, fnn.LayerNorm, fnn.RMSNorm, fnn.Softmax, fnn.Conv1D, fnn.SiLU, fnn.GELU, fnn.SwiGLUFFN)
 # Elementwise layers fusedtx has no kernel for whose PyTorch CPU kernels are not batch invariant
 # (vector body and scalar tail differ): left, and said so.
 _POSITION_DEPENDENT = (torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.Mish, torch.nn.ELU, torch.nn.SELU)
@@ -164,7 +170,7 @@ def _replacement(module: torch.nn.Module, backend) -> tuple[torch.nn.Module | No
         return None, "torch.nn.MultiheadAttention is not converted: use fusedtx.causal_attention in its place"
     params = dict(module.named_parameters(recurse=False))
     if list(module.children()):
-        return None, ""
+        return _gated_ffn_by_behaviour(module, backend), ""  # None: its children are converted one by one
     if not params:
         return (_activation_by_behaviour(module, backend), "") if not list(module.buffers(recurse=False)) else (None, "")
     probed = _by_behaviour(module, params, backend)
@@ -207,14 +213,22 @@ _ACTIVATIONS = (
 )
 
 
+def _activation_probe() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.cat([torch.randn(3, 64, generator=gen) * 3, torch.linspace(-60, 60, 64)[None]])
+
+
 def _activation_by_behaviour(module: torch.nn.Module, backend) -> torch.nn.Module | None:
     """A parameterless leaf module that computes SiLU or GELU (exact or tanh): its fusedtx layer."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(3, 64, generator=gen) * 3, torch.linspace(-60, 60, 64)[None]])
+    x = _activation_probe()
     for function, layer in _ACTIVATIONS:
         if _probe_matches(module, function, x):
             return layer(backend)
     return None
+
+
+def _computes_silu(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.SiLU, fnn.SiLU)) or _probe_matches(module, torch_F.silu, _activation_probe())
 
 
 def _by_behaviour(module: torch.nn.Module, params: dict, backend) -> torch.nn.Module | None:
@@ -243,3 +257,46 @@ def _by_behaviour(module: torch.nn.Module, params: dict, backend) -> torch.nn.Mo
         new = fnn.LayerNorm(n, eps, bias=bias is not None, device="meta", backend=backend)
         return _share(new, module, "weight", "bias")
     return None
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GATED_FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def _gated_ffn_by_behaviour(module: torch.nn.Module, backend) -> torch.nn.Module | None:
+    """A module (HF's LlamaMLP and kin) whose children are plain torch.nn.Linear gate_proj, up_proj
+    and down_proj, at most one parameterless activation beside them, and that computes
+    down(silu(gate(x)) * up(x)): the fusedtx.nn.SwiGLUFFN holding the same Parameters (its
+    children have those names, so the state_dict is unchanged). None for anything else."""
+    if dict(module.named_parameters(recurse=False)) or list(module.buffers(recurse=False)):
+        return None
+    children = dict(module.named_children())
+    if any(type(children.get(name)) is not torch.nn.Linear for name in _GATED_FFN):
+        return None
+    others = [m for name, m in children.items() if name not in _GATED_FFN]
+    if len(others) > 1 or any(list(m.parameters()) or list(m.buffers()) or list(m.children()) for m in others):
+        return None
+    if others and not _computes_silu(others[0]):  # e.g. a dropout: the fused layer would drop it
+        return None
+    gate, up, down = (children[name] for name in _GATED_FFN)
+    if any(getattr(m, hooks) for m in (gate, up, down, *others) for hooks in _HOOKS):
+        return None  # a hook on a child must see that child's call
+    weight = gate.weight
+    if (up.weight.shape != weight.shape or down.in_features != gate.out_features
+            or down.out_features != gate.in_features or len({m.bias is None for m in (gate, up, down)}) != 1
+            or weight.device.type == "meta" or not weight.is_floating_point()):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, gate.in_features, generator=gen) * 2).to(weight.device, weight.dtype)
+
+    def swiglu(t):
+        hidden = torch_F.silu(torch_F.linear(t, gate.weight, gate.bias)) * torch_F.linear(t, up.weight, up.bias)
+        return torch_F.linear(hidden, down.weight, down.bias)
+
+    if not _probe_matches(module, swiglu, x):
+        return None
+    new = fnn.SwiGLUFFN(gate.in_features, gate.out_features, bias=gate.bias is not None, device="meta",
+                        backend=backend)
+    for name, old in zip(_GATED_FFN, (gate, up, down)):
+        _share(getattr(new, name), old, "weight", "bias")
+    return new

@@ -229,7 +229,8 @@ class SwiGLUFFN(torch.nn.Module):
 
     Children `gate_proj`, `up_proj` (d_model -> d_hidden) and `down_proj` (d_hidden -> d_model)
     are fusedtx.nn.Linear, named as in Hugging Face's LlamaMLP, so its state_dict loads
-    unchanged. The matmul reads gate and up where they are (no packed copy: no memory beyond
+    unchanged. A child replaced by another module, or given a forward hook, is called as a
+    module (down(silu(gate(x)) * up(x)) unfused) so that it sees its own call. The matmul reads gate and up where they are (no packed copy: no memory beyond
     the parameters, nothing to go stale when they change)."""
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = False, device=None, dtype=None, *,
@@ -242,6 +243,11 @@ class SwiGLUFFN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if not all(type(p) is Linear and p.activation is None and not p._forward_hooks and not p._forward_pre_hooks
+                   for p in (gate, up, down)):
+            # A child swapped (an adapter) or hooked must see its own call: the three projections
+            # as modules, silu(g) * u between them (elementwise: the same bits in any batch).
+            return down(F.activation(gate(x), "silu", backend=self.backend) * up(x))
         return F.swiglu_ffn(x, gate.weight, up.weight, down.weight, gate_bias=gate.bias, up_bias=up.bias,
                             down_bias=down.bias, backend=self.backend)
 

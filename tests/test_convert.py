@@ -88,9 +88,66 @@ def test_convert_llama_recognises_hf_rmsnorm_by_behaviour():
     kinds = {path: (was, now) for path, was, now in report.converted}
     assert kinds["model.layers.0.input_layernorm"] == ("LlamaRMSNorm", "fusedtx.nn.RMSNorm")
     assert kinds["model.norm"] == ("LlamaRMSNorm", "fusedtx.nn.RMSNorm")
-    assert kinds["model.layers.1.mlp.down_proj"] == ("Linear", "fusedtx.nn.Linear")
-    assert kinds["model.layers.1.mlp.act_fn"] == ("SiLUActivation", "fusedtx.nn.SiLU")
+    assert kinds["model.layers.1.mlp"] == ("LlamaMLP", "fusedtx.nn.SwiGLUFFN")
+    assert kinds["model.layers.1.self_attn.o_proj"] == ("Linear", "fusedtx.nn.Linear")
     assert report.left == [], str(report)
+
+
+def test_convert_fuses_the_gated_ffn_keeping_parameters_and_float32_bits():
+    """HF's LlamaMLP becomes one SwiGLUFFN holding the same Parameters (state_dict unchanged);
+    in float32 the model gives the bits of converting its children one by one."""
+    model, reference = hf_llama(), hf_llama()
+    params = [p for layer in model.model.layers for p in layer.mlp.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fusedtx.convert(model)
+    for layer in reference.model.layers:  # the same weights, converted child by child
+        layer.mlp.gate_proj.register_forward_hook(lambda m, args, out: None)  # (a hooked child is not fused)
+    fusedtx.convert(reference)
+    for layer in reference.model.layers:
+        layer.mlp.gate_proj._forward_hooks.clear()
+    assert all(type(layer.mlp) is fusedtx.nn.SwiGLUFFN for layer in model.model.layers)
+    assert [p for layer in model.model.layers for p in layer.mlp.parameters()] == params
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert type(reference.model.layers[0].mlp).__name__ == "LlamaMLP"
+    ids = tokens((3, SEQ), seed=4)
+    with torch.no_grad():
+        assert_bitwise_equal(model(ids).logits, reference(ids).logits, "fused vs child by child")
+
+
+def test_gated_ffns_it_cannot_fuse_are_converted_child_by_child():
+    """A GELU-gated FFN (Gemma's) fails the probe; a hook on a child keeps that child's call; a
+    dropout beside the projections (identity in eval(), where the probe runs) would be lost."""
+    class DropoutFFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(8, 12), torch.nn.Linear(8, 12)
+            self.down_proj, self.dropout = torch.nn.Linear(12, 8), torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.dropout(self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+    ffn = torch.nn.Sequential(DropoutFFN().eval())
+    report = fusedtx.convert(ffn)
+    assert type(ffn[0]) is DropoutFFN and type(ffn[0].gate_proj) is fusedtx.nn.Linear, str(report)
+    plain = torch.nn.Sequential(DropoutFFN().eval())
+    del plain[0].dropout
+    plain[0].forward = lambda x, m=plain[0]: m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+    fusedtx.convert(plain)  # negative control: the same FFN without the dropout is fused
+    assert type(plain[0]) is fusedtx.nn.SwiGLUFFN
+    model = hf_llama()
+    model.model.layers[0].mlp.act_fn = transformers.activations.GELUTanh()
+    seen = []
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    report = fusedtx.convert(model)
+    kinds = {path: now for path, _, now in report.converted}
+    for i, act in ((0, "fusedtx.nn.GELU"), (1, "fusedtx.nn.SiLU")):
+        assert f"model.layers.{i}.mlp" not in kinds, str(report)
+        assert kinds[f"model.layers.{i}.mlp.act_fn"] == act
+        assert kinds[f"model.layers.{i}.mlp.up_proj"] == "fusedtx.nn.Linear"
+    with torch.no_grad():
+        model(tokens((1, 5), seed=5))
+    assert seen == [torch.Size([1, 5, 160])]
 
 
 def test_convert_reports_what_it_leaves_and_why():
@@ -146,8 +203,11 @@ def test_negative_control_unconverted_hf_model_is_not_batch_invariant():
 def test_negative_control_converted_linears_alone_leave_silu_batch_dependent():
     """Converting every layer but the activation (HF's SiLUActivation put back) is not enough."""
     model, _ = converted(hf_llama(intermediate_size=129))
-    for layer in model.model.layers:
-        layer.mlp.act_fn = transformers.activations.SiLUActivation()
+    for layer in model.model.layers:  # HF's MLP back, around the converted Linears
+        mlp = transformers.models.llama.modeling_llama.LlamaMLP(model.config)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+        mlp.act_fn = transformers.activations.SiLUActivation()
+        layer.mlp = mlp
     with pytest.raises(AssertionError, match="not batch-invariant: row"):
         assert_batch_invariant(model, tokens((2, SEQ), seed=2), extra_tokens=(0, 3, 19))
 

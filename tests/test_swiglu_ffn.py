@@ -413,6 +413,35 @@ def test_module_sees_weight_updates_at_once():
     assert_bitwise_equal(xg.grad, dx_trainable, "dx with frozen weights")
 
 
+def test_module_calls_a_swapped_or_hooked_child():
+    """A child replaced by another module (an adapter) or given a hook after construction is
+    called as a module: its forward and hooks run. Negative control: the plain module's output
+    is not the adapter's."""
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    mod = fusedtx.nn.SwiGLUFFN(16, 24, backend="native")
+    x = make((3, 16), torch.float32, "cpu")
+    with torch.no_grad():
+        plain = mod(x)
+        adapter = Doubled(16, 24, bias=False)
+        adapter.weight.copy_(mod.up_proj.weight)
+        fused_up = mod.up_proj
+        mod.up_proj = adapter
+        want = mod.down_proj(F.silu(mod.gate_proj(x)) * (2 * fused_up(x)))
+        got = mod(x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(got, plain, rtol=1e-3, atol=1e-3)
+        mod.up_proj = fused_up
+        assert_bitwise_equal(mod(x), plain, "the plain children again")
+        seen = []
+        mod.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        assert_bitwise_equal(mod(x), plain, "hooked: the same bits, unfused")
+        assert seen == [torch.Size([3, 16])]
+
+
 # ---------------------------------------------------------------------------------------------
 # errors (point 7), torch.library integration
 # ---------------------------------------------------------------------------------------------
