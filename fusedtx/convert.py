@@ -54,6 +54,9 @@ _FUSEDTX_LAYERS = (fnn.Linear, fnn.LayerNorm, fnn.RMSNorm, fnn.Softmax, fnn.Conv
 # Elementwise layers fusedtx has no kernel for whose PyTorch CPU kernels are not batch invariant
 # (vector body and scalar tail differ): left, and said so.
 _POSITION_DEPENDENT = (torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.Mish, torch.nn.ELU, torch.nn.SELU)
+# A module's forward-hook dicts, which move to its fusedtx layer.
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks_with_kwargs")
 
 
 @dataclass
@@ -122,8 +125,7 @@ def _convert(module: torch.nn.Module, backend, report: ConversionReport, replace
             report.left.append((path, kind, why))
         return None
     new.train(module.training)
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                  "_forward_pre_hooks_with_kwargs"):
+    for hooks in _FORWARD_HOOKS:
         getattr(new, hooks).update(getattr(module, hooks))
     replaced[id(module)] = new
     report.converted.append((path, kind, f"fusedtx.nn.{type(new).__name__}"))
@@ -259,7 +261,6 @@ def _by_behaviour(module: torch.nn.Module, params: dict, backend) -> torch.nn.Mo
     return None
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GATED_FFN = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -279,7 +280,8 @@ def _gated_ffn_by_behaviour(module: torch.nn.Module, backend) -> torch.nn.Module
     if others and not _computes_silu(others[0]):  # e.g. a dropout: the fused layer would drop it
         return None
     gate, up, down = (children[name] for name in _GATED_FFN)
-    if any(getattr(m, hooks) for m in (gate, up, down, *others) for hooks in _HOOKS):
+    if any(getattr(m, hooks) for m in (gate, up, down, *others)
+           for hooks in (*_FORWARD_HOOKS, "_backward_hooks", "_backward_pre_hooks")):
         return None  # a hook on a child must see that child's call
     weight = gate.weight
     if (up.weight.shape != weight.shape or down.in_features != gate.out_features

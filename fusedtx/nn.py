@@ -223,6 +223,14 @@ class PackingCache:
         self.key = self.value = None
 
 
+def is_plain_linear(module: torch.nn.Module) -> bool:
+    """A fusedtx Linear without activation or forward hooks: a caller may read its weight and bias
+    into a fused kernel instead of calling it (a subclass, an adapter swapped in, or a hook must
+    see its own call)."""
+    return (type(module) is Linear and module.activation is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
 class SwiGLUFFN(torch.nn.Module):
     """The Llama / Qwen / Mistral feed-forward block, down_proj(silu(gate_proj(x)) * up_proj(x)),
     on fusedtx.swiglu_ffn: gate and up as one packed matmul with silu(g) * u in its epilogue.
@@ -230,8 +238,9 @@ class SwiGLUFFN(torch.nn.Module):
     Children `gate_proj`, `up_proj` (d_model -> d_hidden) and `down_proj` (d_hidden -> d_model)
     are fusedtx.nn.Linear, named as in Hugging Face's LlamaMLP, so its state_dict loads
     unchanged. A child replaced by another module, or given a forward hook, is called as a
-    module (down(silu(gate(x)) * up(x)) unfused) so that it sees its own call. The matmul reads gate and up where they are (no packed copy: no memory beyond
-    the parameters, nothing to go stale when they change)."""
+    module (down(silu(gate(x)) * up(x)) unfused) so that it sees its own call. The matmul reads
+    gate and up where they are (no packed copy: no memory beyond the parameters, nothing to go
+    stale when they change)."""
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = False, device=None, dtype=None, *,
                  backend: str | None = None):
@@ -243,8 +252,7 @@ class SwiGLUFFN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if not all(type(p) is Linear and p.activation is None and not p._forward_hooks and not p._forward_pre_hooks
-                   for p in (gate, up, down)):
+        if not all(map(is_plain_linear, (gate, up, down))):
             # A child swapped (an adapter) or hooked must see its own call: the three projections
             # as modules, silu(g) * u between them (elementwise: the same bits in any batch).
             return down(F.activation(gate(x), "silu", backend=self.backend) * up(x))

@@ -256,8 +256,7 @@ class LlamaAttention(torch.nn.Module):
         projection a plain fusedtx Linear without hooks (a hook, or a module swapped in, e.g. an
         adapter, must see its own call), and the biases all there or all absent."""
         proj = (self.q_proj, self.k_proj, self.v_proj)
-        if self.q_norm is not None or not all(type(p) is fnn.Linear and p.activation is None and not p._forward_hooks
-                                              and not p._forward_pre_hooks for p in proj):
+        if self.q_norm is not None or not all(map(fnn.is_plain_linear, proj)):
             return None
         biases = tuple(p.bias for p in proj)
         if len({b is None for b in biases}) != 1:
