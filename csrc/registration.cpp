@@ -1,4 +1,4 @@
-// The schemas of every native op, in one place, and the Python module stub of fusedtx._C.
+// The schemas of every native op, in one place (csrc/eager.cpp makes the Python module fusedtx._C).
 //
 // Native kernels live in the `fusedtx_native` namespace, one op per part: <op>_<part>
 // (softmax_forward, linear_bias_act_backward, ...). csrc/cpu/<op>*.cpp registers the CPU
@@ -6,7 +6,6 @@
 // fusedtx::cuda::<op>_<part>_cuda, which call the raw-pointer launchers fusedtx::cuda::<op>_<part>
 // of csrc/cuda/launchers.h. fusedtx/ops/<op>.py wraps them (with the Triton and reference
 // backends) into the public `fusedtx::<op>` ops with autograd.
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
@@ -102,13 +101,4 @@ TORCH_LIBRARY(fusedtx_native, m) {
   // x's dtype (float32, bfloat16, float16 or float64); a position outside [0, P) gives a NaN row.
   m.def("rope_forward(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
   m.def("rope_backward(Tensor grad_y, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
-}
-
-// Lets the ahead-of-time build be imported as `fusedtx._C` (which runs the registrations
-// above); the just-in-time build loads the same library with torch.ops.load_library instead.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {
-      PyModuleDef_HEAD_INIT, "_C", "fusedtx native kernels; the ops are torch.ops.fusedtx_native.*", -1, nullptr,
-  };
-  return PyModule_Create(&module);
 }

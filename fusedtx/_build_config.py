@@ -16,6 +16,7 @@ from pathlib import Path
 # torch glue that calls it.
 CPU_SOURCES = [
     "registration.cpp",
+    "eager.cpp",
     "cpu/activation.cpp",
     "cpu/softmax.cpp",
     "cpu/log_softmax.cpp",

@@ -1,6 +1,7 @@
 """Loading the C++/CUDA extension `fusedtx._C`: built ahead of time, or just in time.
 
-`fusedtx._C` registers the native kernels as `torch.ops.fusedtx_native.*`. If `pip install
+`fusedtx._C` registers the native kernels as `torch.ops.fusedtx_native.*`, and its functions are
+the native backend's eager fast paths (csrc/eager.cpp; `module()`). If `pip install
 --no-build-isolation` built it, it is imported; otherwise it is compiled on first use with
 `torch.utils.cpp_extension.load` (ninja, cached under TORCH_EXTENSIONS_DIR, and guarded by a
 file lock so that two processes building at once wait for each other instead of colliding).
@@ -37,6 +38,7 @@ class ExtensionStatus:
 
 _lock = threading.Lock()
 _status: ExtensionStatus | None = None
+_module = None  # the loaded Python module (fusedtx._C, or the just-in-time build under its name)
 
 
 def _cuda_wanted() -> bool:
@@ -66,14 +68,16 @@ def _jit_name(with_cuda: bool) -> str:
 
 
 def _load() -> ExtensionStatus:
+    global _module
     note = None
     if importlib.util.find_spec(f"{__package__}._C") is not None:
         target = _build_config.read_target(Path(__file__).resolve().parent)
         mismatch = _build_config.target_mismatch(target) if target else None
         if mismatch is None:
             try:
-                from . import _C  # noqa: F401  (ahead-of-time build; registers the ops on import)
+                from . import _C  # ahead-of-time build; registers the ops on import
 
+                _module = _C
                 return ExtensionStatus(True, "ahead-of-time", _has_cuda_kernels(), cpu_isa=_cpu_isa())
             except ImportError as exc:  # e.g. built against another torch
                 note = f"the ahead-of-time fusedtx._C did not import ({exc}): built just in time instead"
@@ -89,7 +93,7 @@ def _load() -> ExtensionStatus:
             extra_cflags=_build_config.cxx_flags(with_cuda),
             extra_ldflags=list(_build_config.LD_FLAGS),
             with_cuda=with_cuda,
-            is_python_module=False,
+            is_python_module=True,  # imported under its own name: csrc/eager.cpp's PyInit
             verbose=False,
         )
         if with_cuda:
@@ -100,9 +104,10 @@ def _load() -> ExtensionStatus:
             if not (build_dir / f"{kwargs['name']}.so").exists():
                 print(f"fusedtx: compiling the C++ extension into {build_dir} (first use only; about a minute)",
                       file=sys.stderr, flush=True)
-            cpp_extension.load(**kwargs)
+            module = cpp_extension.load(**kwargs)
     except Exception as exc:  # a compiler error is reported through status(), not raised at import
         return ExtensionStatus(False, "not loaded", False, f"{type(exc).__name__}: {exc}", note=note)
+    _module = module
     return ExtensionStatus(True, "just-in-time", _has_cuda_kernels(), cpu_isa=_cpu_isa(), note=note)
 
 
@@ -144,6 +149,11 @@ def status() -> ExtensionStatus:
             if _status is None:
                 _status = _load()
     return _status
+
+
+def module():
+    """The loaded extension's Python module (its eager fast paths), or None when it is not loaded."""
+    return _module if status().loaded else None
 
 
 def ops():

@@ -94,6 +94,33 @@ class Kernel:
         return f"Kernel({self.name!r})"
 
 
+class NativeFastPath:
+    """An op body's common case on the native backend in one C++ call: `run(*args)` is
+    fusedtx._C.<name> (csrc/eager.cpp), which returns the body's outputs, or None where its case
+    does not hold (another device, a dtype or shape the body sends elsewhere, a tensor subclass,
+    a value out of range): the body then goes on in Python. Found on the first call (which may
+    build the extension), then called directly: an attribute and a C call per op call. While
+    the extension is not loaded, run returns None and the Python body raises its clear error."""
+
+    __slots__ = ("name", "run")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.run = self._find
+
+    def _find(self, *args):
+        module = _extension.module()
+        self.run = getattr(module, self.name) if module is not None else _not_taken
+        return self.run(*args)
+
+    def __repr__(self) -> str:
+        return f"NativeFastPath({self.name!r})"
+
+
+def _not_taken(*args) -> None:
+    return None
+
+
 class Op:
     """A registered op ("fusedtx::<name>") and the plain-eager paths made from the same pieces."""
 

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..config import _check_split_size, get_split_size
-from ._dispatch import Kernel, check_backend, check_real, register
+from ._dispatch import Kernel, NativeFastPath, check_backend, check_real, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -187,7 +187,15 @@ def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") ->
                          f"got max {hi}")
 
 
+# _kv_cache_forward's common case, native: (q, k_cache, v_cache, seqlens, scale, split_size) -> o
+native_kv_cache_forward = NativeFastPath("attention_with_kv_cache")
+
+
 def _kv_cache_forward(q, k_cache, v_cache, seqlens, scale, split_size, backend):
+    if backend == "native":
+        o = native_kv_cache_forward.run(q, k_cache, v_cache, seqlens, scale, split_size)
+        if o is not None:
+            return o
     check_seqlens(q, k_cache, seqlens)
     if q.numel() == 0:  # no queries: nothing to attend
         return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -34,7 +34,7 @@ import math
 import torch
 
 from .. import policy, reference
-from ._dispatch import Kernel, check_backend, register
+from ._dispatch import Kernel, NativeFastPath, check_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -42,6 +42,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 matmul_kernel = Kernel("linear_matmul", "linear")
 # (grad_y, preact, activation, need_bias_grad, groups) -> (grad_preact, grad_bias)
 bias_act_backward_kernel = Kernel("linear_bias_act_backward", "linear")
+# _forward's common case without save_preact, native: (x, weight, bias, activation, k_block, weight_odd)
+native_forward = NativeFastPath("linear")
 
 
 def activation_code(activation) -> int:
@@ -173,6 +175,10 @@ def _bias_act_backward(backend: str, grad_y, preact, activation: int, need_bias_
 
 
 def _forward(x, weight, bias, activation, save_preact, backend, weight_odd=None):
+    if backend == "native" and not save_preact:
+        out = native_forward.run(x, weight, bias, activation, policy.MATMUL_K_BLOCK, weight_odd)
+        if out is not None:
+            return out
     lead, k, n = x.shape[:-1], x.shape[-1], weight_rows(weight, weight_odd)
     x2 = x.reshape(math.prod(lead), k)
     if weight_odd is None:

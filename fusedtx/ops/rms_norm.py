@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 
 from .. import policy
-from ._dispatch import Kernel, register
+from ._dispatch import Kernel, NativeFastPath, register
 from ._row_norm import as_rows, check_backward, check_norm_args, fake_backward, fake_forward, flat, stats_shape
 
 # (x, weight, eps, lanes) -> (y, rstd)
 forward_kernel = Kernel("rms_norm_forward", "rms_norm")
 # (grad_y, x, rstd, weight, need_param_grads, lanes, groups) -> (dx, dweight)
 backward_kernel = Kernel("rms_norm_backward", "rms_norm")
+# _forward's common case, native: (x, n, len(shape), weight, eps, lanes) -> (y, rstd)
+native_forward = NativeFastPath("rms_norm")
 
 
 def check_args(x, normalized_shape, weight, eps, backend):
@@ -34,6 +36,10 @@ def check_args(x, normalized_shape, weight, eps, backend):
 def _forward(x, shape, weight, eps, backend):
     n = math.prod(shape)
     lanes = policy.row_lanes(backend, n, x.device)
+    if backend == "native":
+        out = native_forward.run(x, n, len(shape), weight, eps, lanes)
+        if out is not None:
+            return out
     y, rstd = forward_kernel(backend, x.device)(as_rows(x, n), flat(weight), eps, lanes)
     if y.shape == x.shape:  # x was (rows, N) already: no views
         return y, rstd

@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 
 from .causal_attention import unit_head_dim
-from ._dispatch import Kernel, check_backend, register
+from ._dispatch import Kernel, NativeFastPath, check_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 forward_kernel = Kernel("rope_forward", "rope")    # (x, positions, cos, sin) -> y
 backward_kernel = Kernel("rope_backward", "rope")  # (grad_y, positions, cos, sin) -> dx
+native_forward = NativeFastPath("rope")  # _forward's common case, native: (x, positions, cos, sin) -> y
 
 
 def check_args(x, positions, cos, sin, backend, name: str = "rope"):
@@ -95,6 +96,10 @@ def _fake(x, positions, cos, sin, backend):
 
 
 def _forward(x, positions, cos, sin, backend):
+    if backend == "native":
+        y = native_forward.run(x, positions, cos, sin)
+        if y is not None:
+            return y
     if x.numel() == 0:  # nothing for a kernel to do, on any backend
         return _fake(x, positions, cos, sin, backend)
     return forward_kernel(backend, x.device)(*_operands(x, positions, cos, sin, backend))
