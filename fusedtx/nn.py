@@ -308,15 +308,16 @@ class KVCache:
         if lengths and max(lengths) + tokens > self.max_len:
             raise ValueError(f"KVCache.append: {tokens} more tokens overflow the cache "
                              f"(lengths up to {max(lengths)}, max_len {self.max_len})")
-        # One slice write per distinct length (one in all for a single sequence or a uniform batch).
-        starts = sorted(set(lengths))
-        for start in starts:
-            new_k, new_v, rows = k, v, slice(None)
-            if len(starts) > 1:
-                rows = torch.tensor([b for b, n in enumerate(lengths) if n == start], device=self.k.device)
-                new_k, new_v = k[rows], v[rows]
-            self.k[rows, :, start:start + tokens] = new_k
-            self.v[rows, :, start:start + tokens] = new_v
+        if len(set(lengths)) == 1:  # a single sequence or a uniform batch: one slice write
+            start = lengths[0]
+            self.k[:, :, start:start + tokens] = k
+            self.v[:, :, start:start + tokens] = v
+        elif lengths:  # ragged: each sequence's tokens at its own positions, one scatter per buffer
+            positions = (self.lengths[:, None] + torch.arange(tokens)).to(self.k.device)   # (B, T)
+            rows = torch.arange(len(lengths), device=self.k.device)[:, None]               # (B, 1)
+            # k[rows, :, positions] indexes (B, T, kv_heads, head_dim): the new tokens' layout.
+            self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         self.lengths = self.lengths + tokens
         return self.lengths
 

@@ -339,6 +339,27 @@ def test_layer_and_cache_errors_name_the_argument():
     assert cache.lengths.tolist() == [2, 3]
 
 
+def test_kv_cache_append_puts_each_sequences_tokens_after_its_own_length():
+    """Ragged lengths (one scatter per buffer) and uniform ones (one slice write): every new token
+    lands at its own sequence's next positions, nothing else in the buffers changes. Negative
+    control: the expected buffers differ from the ones before the append."""
+    from fusedtx.nn import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    for lengths, tokens in (([3, 0, 5], 2), ([4, 4, 4], 3), ([1, 6, 2], 1)):
+        cache = KVCache(3, 2, 9, 4)
+        cache.k.normal_(generator=g), cache.v.normal_(generator=g)
+        cache.lengths = torch.tensor(lengths)
+        before_k, before_v = cache.k.clone(), cache.v.clone()
+        k, v = torch.randn(3, 2, tokens, 4, generator=g), torch.randn(3, 2, tokens, 4, generator=g)
+        expected_k, expected_v = before_k.clone(), before_v.clone()
+        for b, n in enumerate(lengths):
+            expected_k[b, :, n:n + tokens], expected_v[b, :, n:n + tokens] = k[b], v[b]
+        assert not torch.equal(expected_k, before_k)
+        assert cache.append(k, v).tolist() == [n + tokens for n in lengths]
+        assert torch.equal(cache.k, expected_k) and torch.equal(cache.v, expected_v), (lengths, tokens)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. training determinism
 # ---------------------------------------------------------------------------------------------
