@@ -77,6 +77,9 @@ thread_local Workspace tl_pack_a, tl_pack_b, tl_partial;
 // it across them; plan_tasks gives such tasks at most this many floats of a (per thread).
 constexpr int64_t kKeepPackedAMax = int64_t{1} << 21;  // 8 MB
 
+// Up to this many k's a row-major b is not packed either (the few-k path of gemm).
+constexpr int64_t kFewKMax = 32;
+
 // One task: rows [i_begin, i_end) x columns [j_begin, j_end), all of K, in column sub-blocks of
 // at most kNCMax. Per sub-block and K block, the b block is packed once and serves every
 // kMCMax-row block of a. a is packed once: with several sub-blocks, into a buffer of rows_pad x K
@@ -204,27 +207,45 @@ TaskPlan plan_tasks(int64_t M, int64_t N, int64_t K, int64_t threads) {
   return best;
 }
 
+#if defined(FUSEDTX_AVX512) || defined(FUSEDTX_AVX2)
+// a as float32 rows for the unpacked paths: a itself when it is float32 with unit-stride rows,
+// else converted into `storage`. Returns (rows, floats between rows).
+template <typename T>
+std::pair<const float*, int64_t> float_rows(const Problem<T>& p, std::vector<float>& storage) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.sa1 == 1) return {p.a, p.sa0};
+  }
+  storage.resize(static_cast<size_t>(p.M * p.K));
+  for (int64_t i = 0; i < p.M; ++i) {
+    for (int64_t k = 0; k < p.K; ++k) storage[i * p.K + k] = to_float(p.a[i * p.sa0 + k * p.sa1]);
+  }
+  return {storage.data(), p.K};
+}
+
+// Rows [0, p.M) (at most kSmallMMax) of the few-rows kernels, columns [j0, j1).
+template <typename T, int kAct>
+void few_rows(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
+  switch (p.M) {
+    case 1: small_m_columns<T, kAct, 1>(p, a, lda, j0, j1); break;
+    case 2: small_m_columns<T, kAct, 2>(p, a, lda, j0, j1); break;
+    case 3: small_m_columns<T, kAct, 3>(p, a, lda, j0, j1); break;
+    case 4: small_m_columns<T, kAct, 4>(p, a, lda, j0, j1); break;
+    case 5: small_m_columns<T, kAct, 5>(p, a, lda, j0, j1); break;
+    case 6: small_m_columns<T, kAct, 6>(p, a, lda, j0, j1); break;
+    case 7: small_m_columns<T, kAct, 7>(p, a, lda, j0, j1); break;
+    case 8: small_m_columns<T, kAct, 8>(p, a, lda, j0, j1); break;
+    default: TORCH_CHECK(false, "linear_matmul: internal error, no few-rows kernel for ", p.M, " rows");
+  }
+}
+#endif
+
 template <typename T, int kAct>
 void gemm(const Problem<T>& p) {
   if (p.M == 0 || p.N == 0) return;
 #if defined(FUSEDTX_AVX512) || defined(FUSEDTX_AVX2)
   if (p.M <= kSmallMMax && (b_columns_contiguous(p) || b_rows_contiguous(p))) {
-    std::vector<float> a_rows;
-    const float* a = nullptr;
-    int64_t lda = p.K;
-    if constexpr (std::is_same_v<T, float>) {
-      if (p.sa1 == 1) {
-        a = p.a;
-        lda = p.sa0;
-      }
-    }
-    if (!a) {
-      a_rows.resize(static_cast<size_t>(p.M * p.K));
-      for (int64_t i = 0; i < p.M; ++i) {
-        for (int64_t k = 0; k < p.K; ++k) a_rows[i * p.K + k] = to_float(p.a[i * p.sa0 + k * p.sa1]);
-      }
-      a = a_rows.data();
-    }
+    std::vector<float> storage;
+    const auto [a, lda] = float_rows(p, storage);
     // Column chunks of at most kSmallMChunk, as many as a multiple of the thread count and of
     // equal width (a multiple of 32), so that no thread gets one chunk more than another: with
     // 576 columns, chunks of 128 would give two threads 384 and 192. Each column's arithmetic is
@@ -233,17 +254,25 @@ void gemm(const Problem<T>& p) {
     const int64_t n_chunks = round_up(ceil_div(p.N, kSmallMChunk), threads);
     const int64_t chunk = round_up(ceil_div(p.N, n_chunks), 32);
     at::parallel_for(0, ceil_div(p.N, chunk), 1, [&](int64_t begin, int64_t end) {
-      const int64_t j0 = begin * chunk, j1 = std::min(p.N, end * chunk);
-      switch (p.M) {
-        case 1: small_m_columns<T, kAct, 1>(p, a, lda, j0, j1); break;
-        case 2: small_m_columns<T, kAct, 2>(p, a, lda, j0, j1); break;
-        case 3: small_m_columns<T, kAct, 3>(p, a, lda, j0, j1); break;
-        case 4: small_m_columns<T, kAct, 4>(p, a, lda, j0, j1); break;
-        case 5: small_m_columns<T, kAct, 5>(p, a, lda, j0, j1); break;
-        case 6: small_m_columns<T, kAct, 6>(p, a, lda, j0, j1); break;
-        case 7: small_m_columns<T, kAct, 7>(p, a, lda, j0, j1); break;
-        case 8: small_m_columns<T, kAct, 8>(p, a, lda, j0, j1); break;
-        default: TORCH_CHECK(false, "linear_matmul: internal error, no few-rows kernel for ", p.M, " rows");
+      few_rows<T, kAct>(p, a, lda, begin * chunk, std::min(p.N, end * chunk));
+    });
+    return;
+  }
+  if (p.K <= kFewKMax && b_rows_contiguous(p)) {
+    // Few k's (the weight gradient of a few-row batch, K = its rows): packing would cost more
+    // than the multiply. The few-rows kernels run on groups of kSmallMMax rows, b's rows read
+    // where they are; each element's arithmetic is the packed path's, in any group.
+    std::vector<float> storage;
+    const auto [a, lda] = float_rows(p, storage);
+    const int64_t y_ld = kAct == kActSwiglu ? p.N / 2 : p.N;
+    at::parallel_for(0, ceil_div(p.M, kSmallMMax), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t i0 = g * kSmallMMax;
+        Problem<T> rows = p;
+        rows.M = std::min(kSmallMMax, p.M - i0);
+        rows.y = p.y + i0 * y_ld;
+        rows.preact = p.preact ? p.preact + i0 * p.N : nullptr;
+        few_rows<T, kAct>(rows, a + i0 * lda, lda, 0, p.N);
       }
     });
     return;
