@@ -67,9 +67,15 @@ def _step(model, cache, rows: list[int], idx: torch.Tensor, lengths: list[int], 
     """Run tokens idx (len(rows), T) of the requests in these slots through the model against
     their cached keys (none if fresh: new requests); keep each slot's first lengths[i] new tokens
     in the cache (the rest is padding); return the logits after each slot's last kept token
-    (len(rows), vocab)."""
-    index = _slots(rows)
-    view = [_rows(layer, index) for layer in cache]   # only these slots: the batch is theirs alone
+    (len(rows), vocab). Slots that are not consecutive run with the slots between as fillers
+    (_widen) where they can, on views of the cache; else on copies of their rows."""
+    index, picks = _slots(rows), None
+    if not fresh and not isinstance(index, slice):
+        widened = _widen(cache, rows, idx, lengths)
+        if widened is not None:
+            rows, idx, lengths, picks = widened
+            index = _slots(rows)
+    view = [_rows(layer, index) for layer in cache]   # these slots (and fillers) alone make the batch
     if fresh:
         for sub in view:
             sub.truncate(torch.zeros_like(sub.lengths))
@@ -78,8 +84,32 @@ def _step(model, cache, rows: list[int], idx: torch.Tensor, lengths: list[int], 
     for layer, sub in zip(cache, view):
         sub.truncate(before + torch.tensor(lengths))
         _write_back(layer, sub, index)
-    last = (torch.tensor(lengths) - 1).to(hidden.device)
-    return model.lm_head(hidden[torch.arange(len(rows), device=hidden.device), last])
+    last = torch.tensor(lengths) - 1
+    chosen = torch.arange(len(rows)) if picks is None else torch.tensor(picks)
+    if picks is not None:
+        last = last[chosen]
+    return model.lm_head(hidden[chosen.to(hidden.device), last.to(hidden.device)])
+
+
+def _widen(cache, rows: list[int], idx: torch.Tensor, lengths: list[int]):
+    """rows (ascending, not consecutive) widened to every slot from the first to the last, so that
+    the step runs on a view of the cache rather than on copies of its rows. The slots between run
+    as fillers: token 0, nothing kept (length 0 new tokens, so the cache's lengths come back to
+    theirs); what they append lies beyond their lengths, where nothing is read and the next append
+    writes. On a batch-invariant model the fillers change no other row's bits. None when a filler
+    could not take the step's tokens (its length near max_len): the copies then serve.
+    Returns (rows, idx, lengths, picks): picks[i] is the position of the i-th original row."""
+    first, last = rows[0], rows[-1]
+    tokens = idx.shape[1]
+    if int(cache[0].lengths[first:last + 1].max()) + tokens > cache[0].max_len:
+        return None
+    picks = [r - first for r in rows]
+    wide_idx = torch.zeros(last - first + 1, tokens, dtype=idx.dtype)
+    wide_idx[picks] = idx
+    wide_lengths = [0] * (last - first + 1)
+    for pick, n in zip(picks, lengths):
+        wide_lengths[pick] = n
+    return list(range(first, last + 1)), wide_idx, wide_lengths, picks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -314,3 +314,44 @@ def test_the_readme_example_runs():
     model = llama()
     prompt_a, prompt_b = prompts(model)[1:3]
     exec(compile(blocks[0].split("```")[0], "README.md", "exec"), dict(model=model, prompt_a=prompt_a, prompt_b=prompt_b))
+
+
+@pytest.mark.parametrize("widen", ["where it can", "never"])
+def test_slots_that_are_not_consecutive_give_each_request_its_bits(monkeypatch, widen):
+    """A step over slots that are not consecutive runs with the slots between as fillers
+    (serving._widen: token 0, nothing kept) or, where a filler could not take the tokens, on
+    copies of its rows. Either way every request gets the bits it gets alone, in every schedule;
+    the schedules do take the filler path (counted), and the copies serve when it is refused."""
+    from fusedtx import serving
+
+    require("cpu", "native")
+    real, widened = serving._widen, []
+
+    def counting(*args):
+        out = real(*args) if widen == "where it can" else None
+        widened.append(out is not None)
+        return out
+
+    monkeypatch.setattr(serving, "_widen", counting)
+    model = llama()
+    ps = prompts(model)
+    want = [alone(model, p, params, i) for i, (p, params) in enumerate(zip(ps, PARAMS))]
+    for max_batch, chunk, budget, seed in SCHEDULES:
+        got = scheduled(model, ps, max_batch=max_batch, prefill_chunk=chunk, budget=budget, seed=seed)
+        assert mismatches(got, want) == [], f"schedule {(max_batch, chunk, budget, seed)}"
+    assert widened and any(widened) == (widen == "where it can"), widened
+
+
+def test_a_filler_slot_that_would_overflow_is_refused():
+    """_widen fills the slots between only where each can take the step's tokens."""
+    from fusedtx import serving
+    from fusedtx.nn import KVCache
+
+    cache = [KVCache(3, 1, 8, 4) for _ in range(2)]
+    for layer in cache:
+        layer.lengths = torch.tensor([3, 7, 5])
+    idx = torch.tensor([[4, 5], [6, 7]])
+    assert serving._widen(cache, [0, 2], idx, [2, 2]) is None            # slot 1: 7 + 2 > 8
+    rows, wide, lengths, picks = serving._widen(cache, [0, 2], idx[:, :1], [1, 1])  # 7 + 1 fits
+    assert rows == [0, 1, 2] and picks == [0, 2] and lengths == [1, 0, 1]
+    assert wide.tolist() == [[4], [0], [6]]
