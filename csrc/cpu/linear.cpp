@@ -251,7 +251,7 @@ void gemm(const Problem<T>& p) {
     // 576 columns, chunks of 128 would give two threads 384 and 192. Each column's arithmetic is
     // the same in any chunk, so the partition changes no bits.
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t n_chunks = round_up(ceil_div(p.N, kSmallMChunk), threads);
+    const int64_t n_chunks = b_columns_contiguous(p) ? round_up(ceil_div(p.N, kSmallMChunk), threads) : threads;
     const int64_t chunk = round_up(ceil_div(p.N, n_chunks), 32);
     at::parallel_for(0, ceil_div(p.N, chunk), 1, [&](int64_t begin, int64_t end) {
       few_rows<T, kAct>(p, a, lda, begin * chunk, std::min(p.N, end * chunk));

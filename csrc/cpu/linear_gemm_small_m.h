@@ -89,7 +89,8 @@ void small_m_kmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
 template <typename T, int kAct, int MR, int NV>
 void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0, int64_t j1) {
   alignas(64) float tile[kMR * kTileLd];
-  static_assert(NV * 16 <= kTileLd);
+  // A tile row is kTileLd floats; one row may be wider (the epilogue then reads row 0 alone).
+  static_assert(MR == 1 ? NV * 16 <= kMR * kTileLd : NV * 16 <= kTileLd);
   constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
   for (int64_t j = j0; j < j1; j += 16 * NV) {
     const int64_t cols = std::min<int64_t>(16 * NV, j1 - j);
@@ -140,6 +141,14 @@ void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j
   if (b_columns_contiguous(p)) {
     small_m_kmajor<T, kAct, MR, (MR <= 2 ? 2 : 1)>(p, a, lda, j0, j1);
   } else {
+    if constexpr (MR == 1) {
+      if (j1 - j0 <= 18 * 16) {
+        // One row, a thread's share of at most 288 columns (a 576-wide output on two threads):
+        // in one sweep of b's rows. Sweeps of 128 columns read b's rows a few lines at a time.
+        small_m_nmajor<T, kAct, MR, 18>(p, a, lda, j0, j1);
+        return;
+      }
+    }
     small_m_nmajor<T, kAct, MR, (MR <= 2 ? 8 : MR <= 4 ? 4 : 3)>(p, a, lda, j0, j1);
   }
 }
