@@ -154,8 +154,7 @@ PyObject* linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!tensors.ok || !cpu(*x) || x->scalar_type() == at::kDouble || x->dim() < 1) return none();
     const int64_t activation = integer(args[3]), k_block = integer(args[4]);
     if (PyErr_Occurred()) return nullptr;
-    const int64_t k = x->size(-1), rows = weight->size(0) * (odd ? 2 : 1);
-    if (x->numel() == 0 || rows == 0) return none();  // the body's reference path: no kernel
+    if (x->numel() == 0 || weight->size(0) == 0) return none();  // the body's reference path: no kernel
     // The kernel steps both halves of the pair with weight's strides (the body copies otherwise).
     if (odd && (odd->sizes() != weight->sizes() || !steps_match(*weight, *odd))) return none();
     at::Tensor y, preact;
@@ -163,7 +162,7 @@ PyObject* linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       WithoutGil released;
       static const auto matmul = kernel<Matmul>("fusedtx_native::linear_matmul");
       const std::optional<at::Tensor> b_odd = odd ? std::optional<at::Tensor>(odd->t()) : std::nullopt;
-      at::Tensor out = std::get<0>(matmul.call(x->reshape({-1, k}), weight->t(), bias, activation, false, k_block,
+      at::Tensor out = std::get<0>(matmul.call(x->reshape({-1, x->size(-1)}), weight->t(), bias, activation, false, k_block,
                                                b_odd, odd ? 1 : 0));
       std::vector<int64_t> shape(x->sizes().begin(), x->sizes().end());
       shape.back() = out.size(1);  // out_features: the weight's rows, half of them for SwiGLU
@@ -238,9 +237,7 @@ PyObject* rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       WithoutGil released;
       const at::Tensor pos = positions->contiguous();
       const auto [lo, hi] = bounds(pos);
-      if (lo < 0 || hi >= cos->size(0)) {
-        y = at::Tensor();
-      } else {
+      if (lo >= 0 && hi < cos->size(0)) {
         static const auto forward = kernel<Rope>("fusedtx_native::rope_forward");
         y = forward.call(unit_head_dim(*x), pos, cos->contiguous(), sin->contiguous());
       }

@@ -84,10 +84,8 @@ def _step(model, cache, rows: list[int], idx: torch.Tensor, lengths: list[int], 
     for layer, sub in zip(cache, view):
         sub.truncate(before + torch.tensor(lengths))
         _write_back(layer, sub, index)
-    last = torch.tensor(lengths) - 1
-    chosen = torch.arange(len(rows)) if picks is None else torch.tensor(picks)
-    if picks is not None:
-        last = last[chosen]
+    chosen = torch.tensor(list(range(len(rows))) if picks is None else picks)  # the requests' rows, not fillers
+    last = torch.tensor(lengths)[chosen] - 1
     return model.lm_head(hidden[chosen.to(hidden.device), last.to(hidden.device)])
 
 

@@ -246,10 +246,11 @@ void gemm(const Problem<T>& p) {
   if (p.M <= kSmallMMax && (b_columns_contiguous(p) || b_rows_contiguous(p))) {
     std::vector<float> storage;
     const auto [a, lda] = float_rows(p, storage);
-    // Column chunks of at most kSmallMChunk, as many as a multiple of the thread count and of
-    // equal width (a multiple of 32), so that no thread gets one chunk more than another: with
-    // 576 columns, chunks of 128 would give two threads 384 and 192. Each column's arithmetic is
-    // the same in any chunk, so the partition changes no bits.
+    // Column chunks of equal width (a multiple of 32), as many as a multiple of the thread count,
+    // so that no thread gets one chunk more than another (with 576 columns, chunks of 128 would
+    // give two threads 384 and 192): for b = weight.t() chunks of at most kSmallMChunk; for a
+    // row-major b one per thread, which then sweeps b's rows as few times as it can. Each
+    // column's arithmetic is the same in any chunk, so the partition changes no bits.
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t n_chunks = b_columns_contiguous(p) ? round_up(ceil_div(p.N, kSmallMChunk), threads) : threads;
     const int64_t chunk = round_up(ceil_div(p.N, n_chunks), 32);
