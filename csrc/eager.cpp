@@ -13,15 +13,29 @@
 // mode (which must see the body's own calls), a value out of range -- and the body then runs in
 // Python, which also raises the clear errors. The Python body stays the specification of these
 // paths; tests/test_eager_native.py compares the two bit for bit, case by case.
+//
+// The *_call functions go one layer further up: a public call of fusedtx.functional (linear,
+// swiglu_ffn, rms_norm, rope, attention_with_kv_cache) for inference, before the backend is resolved or an argument checked.
+// fusedtx.functional offers them a call only where its backend is native on CPU tensors without
+// resolving and nothing traces (fusedtx.functional._native_lane); each then also returns None
+// where the Python checks would raise (so they raise), where a gradient is to be recorded, under
+// a dispatch mode or a torch.func transform (which must see the registered op fusedtx::<name>),
+// and wherever the op's Python body would not reach its native fast path above.
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <exception>
 #include <optional>
 #include <string>
@@ -86,6 +100,42 @@ bool steps_match(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// The conditions of the *_call functions that C++ sees: no dispatch mode (it must see the
+// registered op), no torch.func transform (functorch's dynamic layer keys are included while
+// one runs), and no gradient to record (grad mode off, or no input requiring one).
+bool untracked(std::initializer_list<const at::Tensor*> inputs) {
+  if (c10::impl::dispatch_mode_enabled()) return false;
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
+    return false;
+  }
+  if (!c10::GradMode::is_enabled()) return true;
+  return std::none_of(inputs.begin(), inputs.end(), [](const at::Tensor* t) { return t != nullptr && t->requires_grad(); });
+}
+
+// fusedtx/ops/linear.py SUPPORTED_DTYPES: the dtypes of the matmul's operands.
+bool matmul_dtype(const at::Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf;
+}
+
+// A CPU tensor of `like`'s dtype (the linear checks' check_like_x), or absent.
+bool like(const std::optional<at::Tensor>& t, const at::Tensor& x) {
+  return !t || (cpu(*t) && t->scalar_type() == x.scalar_type());
+}
+
+// A Python int that is not a bool (the ops' _is_size), as int64; nullopt otherwise.
+std::optional<int64_t> size_value(PyObject* obj) {
+  if (!PyLong_CheckExact(obj)) return std::nullopt;
+  const long long v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  return v;
+}
+
 // Python ints and floats that the caller (fusedtx/ops) passes already checked (anything else
 // leaves a Python error set, which the caller returns).
 int64_t integer(PyObject* obj) { return PyLong_AsLongLong(obj); }
@@ -140,10 +190,22 @@ PyObject* guarded(const char* name, Py_ssize_t nargs, Py_ssize_t expected, Body 
   return nullptr;
 }
 
+// The matmul of fusedtx/ops/linear.py _forward without save_preact: act(x @ weight.T + bias) of
+// shape (..., out_features), a view of the kernel's (M, N) output; the kernel reads weight (and
+// weight_odd, the SwiGLU pair) where it lies, transposed. Called without the GIL.
+at::Tensor matmul_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t activation, int64_t k_block, const std::optional<at::Tensor>& odd) {
+  static const auto matmul = kernel<Matmul>("fusedtx_native::linear_matmul");
+  const std::optional<at::Tensor> b_odd = odd ? std::optional<at::Tensor>(odd->t()) : std::nullopt;
+  at::Tensor out = std::get<0>(matmul.call(x.reshape({-1, x.size(-1)}), weight.t(), bias, activation, false, k_block,
+                                           b_odd, odd ? 1 : 0));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(1);  // out_features: the weight's rows, half of them for SwiGLU
+  return out.contiguous().view(shape);
+}
+
 // fusedtx/ops/linear.py _forward without save_preact (inference):
 //   linear(x, weight, bias, activation, k_block, weight_odd) -> (y, empty preact)
-// y = act(x @ weight.T + bias) of shape (..., out_features), a view of the kernel's (M, N)
-// output; the kernel reads weight (and weight_odd, the SwiGLU pair) where it lies, transposed.
 PyObject* linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return guarded("linear", nargs, 6, [&]() -> PyObject* {
     Tensors tensors;
@@ -160,16 +222,75 @@ PyObject* linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     at::Tensor y, preact;
     {
       WithoutGil released;
-      static const auto matmul = kernel<Matmul>("fusedtx_native::linear_matmul");
-      const std::optional<at::Tensor> b_odd = odd ? std::optional<at::Tensor>(odd->t()) : std::nullopt;
-      at::Tensor out = std::get<0>(matmul.call(x->reshape({-1, x->size(-1)}), weight->t(), bias, activation, false, k_block,
-                                               b_odd, odd ? 1 : 0));
-      std::vector<int64_t> shape(x->sizes().begin(), x->sizes().end());
-      shape.back() = out.size(1);  // out_features: the weight's rows, half of them for SwiGLU
-      y = out.contiguous().view(shape);
+      y = matmul_rows(*x, *weight, bias, activation, k_block, odd);
       preact = at::empty({0}, x->options());
     }
     return pair(y, preact);
+  });
+}
+
+// What fusedtx/ops/linear.py check_args accepts of x (..., K), and the body's native case: a
+// CPU tensor of a matmul dtype with at least one element (an empty one takes the reference).
+bool matmul_rows_ok(const at::Tensor& x) { return cpu(x) && matmul_dtype(x) && x.dim() >= 1 && x.numel() > 0; }
+
+// What check_args accepts of weight (N, K) and bias (N) beside x (..., K) (a CPU tensor of
+// weight's dtype), and the body's native case (N > 0).
+bool weight_ok(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t k) {
+  return like(weight, x) && weight.dim() == 2 && weight.size(1) == k && weight.size(0) > 0 && like(bias, x) &&
+         (!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)));
+}
+
+// fusedtx.functional.linear(x, weight, bias, activation=...) for inference:
+//   linear_call(k_block, x, weight, bias, activation) -> y
+// activation: the code of None, "gelu" or "gelu_tanh" (reference.ACTIVATIONS); -1 for another.
+PyObject* linear_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("linear_call", nargs, 5, [&]() -> PyObject* {
+    Tensors tensors;
+    const at::Tensor* x = tensors.required(args[1]);
+    const at::Tensor* weight = tensors.required(args[2]);
+    const std::optional<at::Tensor> bias = tensors.optional(args[3]);
+    const std::optional<int64_t> k_block = size_value(args[0]), activation = size_value(args[4]);
+    if (!tensors.ok || !k_block || !activation || *activation < 0 || *activation > 2) return none();
+    if (!matmul_rows_ok(*x) || !weight_ok(*weight, bias, *x, x->size(-1)) || !untracked({x, weight, bias ? &*bias : nullptr})) {
+      return none();
+    }
+    at::Tensor y;
+    {
+      WithoutGil released;
+      y = matmul_rows(*x, *weight, bias, *activation, *k_block, std::nullopt);
+    }
+    return THPVariable_Wrap(y);
+  });
+}
+
+// fusedtx.functional.swiglu_ffn(x, gate_weight, up_weight, down_weight, ...) for inference,
+// without gate and up biases (the body packs them in Python):
+//   swiglu_ffn_call(k_block, x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias) -> y
+// The body's two matmuls: gate and up read where they are with silu(g) * u in the epilogue
+// (reference.ACT_SWIGLU), then down.
+PyObject* swiglu_ffn_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("swiglu_ffn_call", nargs, 8, [&]() -> PyObject* {
+    constexpr int64_t kSwiglu = 3;  // reference.ACT_SWIGLU
+    Tensors tensors;
+    const at::Tensor* x = tensors.required(args[1]);
+    const at::Tensor* gate = tensors.required(args[2]);
+    const at::Tensor* up = tensors.required(args[3]);
+    const at::Tensor* down = tensors.required(args[4]);
+    const std::optional<at::Tensor> down_bias = tensors.optional(args[7]);
+    const std::optional<int64_t> k_block = size_value(args[0]);
+    if (!tensors.ok || !k_block || args[5] != Py_None || args[6] != Py_None) return none();
+    if (!matmul_rows_ok(*x) || !weight_ok(*gate, std::nullopt, *x, x->size(-1)) || !like(*up, *x) ||
+        up->sizes() != gate->sizes() || !steps_match(*gate, *up) || !weight_ok(*down, down_bias, *x, gate->size(0)) ||
+        !untracked({x, gate, up, down, down_bias ? &*down_bias : nullptr})) {
+      return none();
+    }
+    at::Tensor y;
+    {
+      WithoutGil released;
+      const at::Tensor hidden = matmul_rows(*x, *gate, std::nullopt, kSwiglu, *k_block, *up);
+      y = matmul_rows(hidden, *down, down_bias, 0, *k_block, std::nullopt);
+    }
+    return THPVariable_Wrap(y);
   });
 }
 
@@ -178,10 +299,24 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n) {
   return t.dim() == 2 && t.size(1) == n && t.is_contiguous() ? t : t.contiguous().view({-1, n});
 }
 
+// The kernel call of fusedtx/ops/rms_norm.py _forward: y like x, rstd of x's leading dims (views
+// of the kernel's (rows, n) and (rows,) outputs unless x is (rows, n) already). Without the GIL.
+std::tuple<at::Tensor, at::Tensor> rms_norm_rows(const at::Tensor& x, int64_t n, int64_t dims,
+                                                 const std::optional<at::Tensor>& weight, double eps, int64_t lanes) {
+  static const auto forward = kernel<RowNorm>("fusedtx_native::rms_norm_forward");
+  std::optional<at::Tensor> flat = weight;
+  if (weight && !(weight->dim() == 1 && weight->is_contiguous())) flat = weight->contiguous().view(-1);
+  auto [y, rstd] = forward.call(as_rows(x, n), flat, eps, lanes);
+  if (y.sizes() != x.sizes()) {
+    y = y.view(x.sizes());
+    rstd = rstd.view(x.sizes().slice(0, x.dim() - dims));
+  }
+  return {y, rstd};
+}
+
 // fusedtx/ops/rms_norm.py _forward:
 //   rms_norm(x, n, normalized_dims, weight, eps, lanes) -> (y, rstd)
-// x normalised over its trailing normalized_dims dims (n elements); y like x, rstd of x's leading
-// dims (views of the kernel's (rows, n) and (rows,) outputs unless x is (rows, n) already).
+// x normalised over its trailing normalized_dims dims (n elements).
 PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return guarded("rms_norm", nargs, 6, [&]() -> PyObject* {
     Tensors tensors;
@@ -194,16 +329,74 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     at::Tensor y, rstd;
     {
       WithoutGil released;
-      static const auto forward = kernel<RowNorm>("fusedtx_native::rms_norm_forward");
-      std::optional<at::Tensor> flat = weight;
-      if (weight && !(weight->dim() == 1 && weight->is_contiguous())) flat = weight->contiguous().view(-1);
-      std::tie(y, rstd) = forward.call(as_rows(*x, n), flat, eps, lanes);
-      if (y.sizes() != x->sizes()) {
-        y = y.view(x->sizes());
-        rstd = rstd.view(x->sizes().slice(0, x->dim() - dims));
-      }
+      std::tie(y, rstd) = rms_norm_rows(*x, n, dims, weight, eps, lanes);
     }
     return pair(y, rstd);
+  });
+}
+
+// What fusedtx/ops/_row_norm.py normalize_shape and check_norm_args accept as normalized_shape
+// for x: an int, or a tuple (torch.Size) or list of ints, non-empty, positive, x's trailing
+// dims. Its element count, or nullopt.
+std::optional<int64_t> normalized_numel(PyObject* shape, const at::Tensor& x, int64_t* dims) {
+  std::vector<int64_t> sizes;
+  if (const std::optional<int64_t> one = size_value(shape)) {
+    sizes.push_back(*one);
+  } else if (PyTuple_Check(shape) || PyList_Check(shape)) {
+    const Py_ssize_t len = PySequence_Fast_GET_SIZE(shape);
+    PyObject** items = PySequence_Fast_ITEMS(shape);
+    for (Py_ssize_t i = 0; i < len; ++i) {
+      const std::optional<int64_t> d = size_value(items[i]);
+      if (!d) return std::nullopt;
+      sizes.push_back(*d);
+    }
+  } else {
+    return std::nullopt;
+  }
+  const int64_t count = static_cast<int64_t>(sizes.size());
+  if (count == 0 || count > x.dim()) return std::nullopt;
+  int64_t n = 1;
+  for (int64_t i = 0; i < count; ++i) {
+    if (sizes[i] < 1 || x.size(x.dim() - count + i) != sizes[i]) return std::nullopt;
+    n *= sizes[i];
+  }
+  *dims = count;
+  return n;
+}
+
+// fusedtx.functional.rms_norm(x, normalized_shape, weight, eps) for inference:
+//   rms_norm_call(lanes, x, normalized_shape, weight, eps) -> y
+// eps None is the machine epsilon of the compute dtype (float64's for float64 x, else float32's).
+PyObject* rms_norm_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("rms_norm_call", nargs, 5, [&]() -> PyObject* {
+    Tensors tensors;
+    const at::Tensor* x = tensors.required(args[1]);
+    const std::optional<at::Tensor> weight = tensors.optional(args[3]);
+    const std::optional<int64_t> lanes = size_value(args[0]);
+    if (!tensors.ok || !lanes || !cpu(*x) || x->numel() == 0) return none();
+    const at::ScalarType dtype = x->scalar_type();
+    const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
+    if (!(low || dtype == at::kFloat || dtype == at::kDouble)) return none();
+    int64_t dims = 0;
+    const std::optional<int64_t> n = normalized_numel(args[2], *x, &dims);
+    if (!n) return none();
+    if (weight && !(cpu(*weight) && weight->sizes() == x->sizes().slice(x->dim() - dims) &&
+                    (weight->scalar_type() == dtype || (low && weight->scalar_type() == at::kFloat)))) {
+      return none();
+    }
+    double eps = dtype == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
+    if (args[4] != Py_None) {
+      if (!PyFloat_CheckExact(args[4])) return none();
+      eps = PyFloat_AS_DOUBLE(args[4]);
+      if (!(std::isfinite(eps) && eps >= 0)) return none();
+    }
+    if (!untracked({x, weight ? &*weight : nullptr})) return none();
+    at::Tensor y;
+    {
+      WithoutGil released;
+      y = std::get<0>(rms_norm_rows(*x, *n, dims, weight, eps, *lanes));
+    }
+    return THPVariable_Wrap(y);
   });
 }
 
@@ -221,9 +414,18 @@ std::pair<int64_t, int64_t> bounds(const at::Tensor& t) {
   return {lo, hi};
 }
 
+// The kernel call of fusedtx/ops/rope.py _forward, or an undefined tensor when a position lies
+// outside the table (the body raises check_positions' error). Without the GIL.
+at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  const at::Tensor pos = positions.contiguous();
+  const auto [lo, hi] = bounds(pos);
+  if (lo < 0 || hi >= cos.size(0)) return {};
+  static const auto forward = kernel<Rope>("fusedtx_native::rope_forward");
+  return forward.call(unit_head_dim(x), pos, cos.contiguous(), sin.contiguous());
+}
+
 // fusedtx/ops/rope.py _forward:
 //   rope(x, positions, cos, sin) -> y
-// None also when a position lies outside the table: the body raises check_positions' error.
 PyObject* rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return guarded("rope", nargs, 4, [&]() -> PyObject* {
     Tensors tensors;
@@ -235,21 +437,60 @@ PyObject* rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     at::Tensor y;
     {
       WithoutGil released;
-      const at::Tensor pos = positions->contiguous();
-      const auto [lo, hi] = bounds(pos);
-      if (lo >= 0 && hi < cos->size(0)) {
-        static const auto forward = kernel<Rope>("fusedtx_native::rope_forward");
-        y = forward.call(unit_head_dim(*x), pos, cos->contiguous(), sin->contiguous());
-      }
+      y = rope_rows(*x, *positions, *cos, *sin);
     }
     return y.defined() ? THPVariable_Wrap(y) : none();
   });
 }
 
+// fusedtx.functional.rope(x, positions, cos, sin) for inference:
+//   rope_call(x, positions, cos, sin) -> y
+// What fusedtx/ops/rope.py check_args accepts, on CPU tensors, x not empty.
+PyObject* rope_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("rope_call", nargs, 4, [&]() -> PyObject* {
+    Tensors tensors;
+    const at::Tensor* x = tensors.required(args[0]);
+    const at::Tensor* positions = tensors.required(args[1]);
+    const at::Tensor* cos = tensors.required(args[2]);
+    const at::Tensor* sin = tensors.required(args[3]);
+    if (!tensors.ok || !cpu(*x) || !cpu(*positions) || x->numel() == 0 || x->dim() != 4) return none();
+    const at::ScalarType dtype = x->scalar_type();
+    if (!(matmul_dtype(*x) || dtype == at::kDouble)) return none();
+    const int64_t dim = x->size(3);
+    if (dim < 2 || dim % 2 || positions->scalar_type() != at::kLong || positions->dim() != 2 ||
+        positions->size(0) != x->size(0) || positions->size(1) != x->size(2)) {
+      return none();
+    }
+    for (const at::Tensor* t : {cos, sin}) {
+      if (!cpu(*t) || t->scalar_type() != at::kFloat || t->dim() != 2 || t->size(1) != dim / 2 || t->size(0) < 1 ||
+          t->requires_grad()) {
+        return none();
+      }
+    }
+    if (cos->sizes() != sin->sizes() || !untracked({x})) return none();
+    at::Tensor y;
+    {
+      WithoutGil released;
+      y = rope_rows(*x, *positions, *cos, *sin);
+    }
+    return y.defined() ? THPVariable_Wrap(y) : none();
+  });
+}
+
+// The kernel call of fusedtx/ops/causal_attention.py _kv_cache_forward, or an undefined tensor
+// when a length cannot hold its queries or exceeds the cache (the body raises check_seqlens'
+// error). Without the GIL.
+at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seqlens,
+                          double scale, int64_t split_size) {
+  const at::Tensor lengths = seqlens.to(at::kLong).contiguous();
+  const auto [lo, hi] = bounds(lengths);
+  if (lo < q.size(2) || hi > k.size(2)) return {};
+  static const auto forward = kernel<Attention>("fusedtx_native::causal_attention_forward");
+  return std::get<0>(forward.call(unit_head_dim(q), unit_head_dim(k), unit_head_dim(v), lengths, scale, split_size));
+}
+
 // fusedtx/ops/causal_attention.py _kv_cache_forward:
 //   attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale, split_size) -> o
-// None also when a length cannot hold its queries or exceeds the cache: the body raises
-// check_seqlens' error.
 PyObject* attention_with_kv_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return guarded("attention_with_kv_cache", nargs, 6, [&]() -> PyObject* {
     Tensors tensors;
@@ -264,13 +505,46 @@ PyObject* attention_with_kv_cache(PyObject*, PyObject* const* args, Py_ssize_t n
     at::Tensor o;
     {
       WithoutGil released;
-      const at::Tensor lengths = seqlens->to(at::kLong).contiguous();
-      const auto [lo, hi] = bounds(lengths);
-      if (lo >= q->size(2) && hi <= k->size(2)) {
-        static const auto forward = kernel<Attention>("fusedtx_native::causal_attention_forward");
-        o = std::get<0>(forward.call(unit_head_dim(*q), unit_head_dim(*k), unit_head_dim(*v), lengths, scale,
-                                     split_size));
-      }
+      o = attention_rows(*q, *k, *v, *seqlens, scale, split_size);
+    }
+    return o.defined() ? THPVariable_Wrap(o) : none();
+  });
+}
+
+// fusedtx.functional.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale=, split_size=):
+//   attention_with_kv_cache_call(q, k_cache, v_cache, seqlens, scale or None, split_size) -> o
+// What fusedtx/ops/causal_attention.py check_kv_cache_args accepts, on CPU tensors, q not empty;
+// scale None is 1 / sqrt(head_dim), as the Python path computes it (both roundings correct).
+PyObject* attention_with_kv_cache_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("attention_with_kv_cache_call", nargs, 6, [&]() -> PyObject* {
+    Tensors tensors;
+    const at::Tensor* q = tensors.required(args[0]);
+    const at::Tensor* k = tensors.required(args[1]);
+    const at::Tensor* v = tensors.required(args[2]);
+    const at::Tensor* seqlens = tensors.required(args[3]);
+    const std::optional<int64_t> split_size = size_value(args[5]);
+    if (!tensors.ok || !split_size || *split_size < 16 || (*split_size & (*split_size - 1))) return none();
+    if (!cpu(*q) || !matmul_dtype(*q) || q->dim() != 4 || q->numel() == 0 || !like(*k, *q) || !like(*v, *q) ||
+        k->dim() != 4 || k->sizes() != v->sizes() || k->size(0) != q->size(0) || k->size(3) != q->size(3) ||
+        k->size(1) < 1 || q->size(1) % k->size(1)) {
+      return none();
+    }
+    const at::ScalarType lengths = seqlens->scalar_type();
+    if (!cpu(*seqlens) || !(lengths == at::kLong || lengths == at::kInt) || seqlens->dim() != 1 ||
+        seqlens->size(0) != q->size(0)) {
+      return none();
+    }
+    double scale = 1.0 / std::sqrt(static_cast<double>(q->size(3)));
+    if (args[4] != Py_None) {
+      if (!PyFloat_CheckExact(args[4])) return none();
+      scale = PyFloat_AS_DOUBLE(args[4]);
+      if (!std::isfinite(scale)) return none();
+    }
+    if (!untracked({q, k, v})) return none();
+    at::Tensor o;
+    {
+      WithoutGil released;
+      o = attention_rows(*q, *k, *v, *seqlens, scale, *split_size);
     }
     return o.defined() ? THPVariable_Wrap(o) : none();
   });
@@ -279,8 +553,19 @@ PyObject* attention_with_kv_cache(PyObject*, PyObject* const* args, Py_ssize_t n
 PyMethodDef methods[] = {
     {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear)), METH_FASTCALL,
      "fusedtx.ops.linear's body on the native backend, its common case (else None)"},
+    {"linear_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear_call)), METH_FASTCALL,
+     "fusedtx.functional.linear's inference call on the native backend, its common case (else None)"},
+    {"swiglu_ffn_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&swiglu_ffn_call)), METH_FASTCALL,
+     "fusedtx.functional.swiglu_ffn's inference call on the native backend, its common case (else None)"},
+    {"rms_norm_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rms_norm_call)), METH_FASTCALL,
+     "fusedtx.functional.rms_norm's inference call on the native backend, its common case (else None)"},
     {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rms_norm)), METH_FASTCALL,
      "fusedtx.ops.rms_norm's body on the native backend, its common case (else None)"},
+    {"rope_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rope_call)), METH_FASTCALL,
+     "fusedtx.functional.rope's inference call on the native backend, its common case (else None)"},
+    {"attention_with_kv_cache_call",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_with_kv_cache_call)), METH_FASTCALL,
+     "fusedtx.functional.attention_with_kv_cache's call on the native backend, its common case (else None)"},
     {"rope", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rope)), METH_FASTCALL,
      "fusedtx.ops.rope's body on the native backend, its common case (else None)"},
     {"attention_with_kv_cache",

@@ -42,6 +42,25 @@ _context_blocks: list[tuple[object, str | None]] = []
 _context_lock = threading.Lock()
 
 
+# The values of an op's backend= argument with which an op on CPU tensors runs the native backend,
+# known without resolving: none until the native backend was found able to run on the CPU, then
+# "native", and None too while nothing else is chosen (use_backend, set_backend, FUSEDTX_BACKEND).
+# fusedtx.functional reads it on every call (its native lanes); it is kept up to date here.
+native_on_cpu: tuple = ()
+
+
+def _refresh_native_on_cpu() -> None:
+    global native_on_cpu
+    if "cpu" not in _NATIVE_RUNS_ON:
+        native_on_cpu = ()
+        return
+    try:
+        chosen = get_backend()
+    except ValueError:  # a bad FUSEDTX_BACKEND: the resolving path raises it
+        chosen = "invalid"
+    native_on_cpu = ("native", None) if chosen in (None, "native") else ("native",)
+
+
 def _check_name(name: str | None, what: str) -> str | None:
     if name is None:
         return None
@@ -54,6 +73,7 @@ def set_backend(name: str | None) -> None:
     """Make `name` the backend for every op from now on (None: back to env var / default)."""
     global _global_backend
     _global_backend = _check_name(name, "set_backend(name)")
+    _refresh_native_on_cpu()
 
 
 def get_backend() -> str | None:
@@ -69,12 +89,14 @@ def use_backend(name: str | None):
     with _context_lock:
         _context_blocks.append((token, _check_name(name, "use_backend(name)")))
         _context_backend = name
+        _refresh_native_on_cpu()
     try:
         yield
     finally:
         with _context_lock:
             _context_blocks[:] = [block for block in _context_blocks if block[0] is not token]
             _context_backend = _context_blocks[-1][1] if _context_blocks else None
+            _refresh_native_on_cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +197,7 @@ def _unavailable_reason(backend: str, device_type: str) -> str | None:
         if device_type not in ("cpu", "cuda"):
             return f"the native backend runs on cpu and cuda tensors, got {device_type}"
         _NATIVE_RUNS_ON.add(device_type)
+        _refresh_native_on_cpu()
         return None
     raise AssertionError(backend)
 

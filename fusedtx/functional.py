@@ -4,14 +4,21 @@ Each function resolves the backend (argument > use_backend / set_backend > FUSED
 per-device default, see fusedtx.backends), fills in defaults and calls the op (fusedtx/ops),
 which checks the arguments and, in plain eager code, skips the registered op's dispatcher round
 trips (fusedtx/ops/_dispatch.py): same code, same bits.
+
+linear, swiglu_ffn, rms_norm, rope and attention_with_kv_cache first offer an inference call whose backend is native on CPU
+tensors to their op's native lane (`_native_lane`): the whole call, checks included, in one C++
+call that returns None wherever anything above would act otherwise, and this path then runs. A
+decode step is a few hundred such calls, each with little work, and these Python layers between a
+module and its kernel run with caches the weights just swept (docs/design.md, "Layering").
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-from . import backends, reference
+from . import backends, config, reference
 from .ops import activation as _activation
 from .ops import causal_attention as _causal_attention
 from .ops import layer_norm as _layer_norm
@@ -24,6 +31,16 @@ from .ops import softmax as _softmax
 
 def _backend(backend: str | None, x) -> str:
     return backends.resolve(backend, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def _native_lane(backend) -> bool:
+    """Whether a call may be offered to its op's native lane (fusedtx._C.<op>_call, which checks
+    the tensors, the gradient, dispatch modes and torch.func transforms itself): its backend is
+    native on CPU tensors without resolving, nothing traces, no forward-mode AD level is open."""
+    return backend in backends.native_on_cpu and not _compiling() and _forward_ad._current_level < 0
 
 
 def _needs_grad(*tensors) -> bool:
@@ -92,6 +109,10 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = No
     output and input gradient depend on that row alone; the weight gradient is summed in a
     fixed order, so it is the same bits run after run.
     """
+    if _native_lane(backend):
+        y = _rms_norm.native_call.run(x, normalized_shape, weight, eps)
+        if y is not None:
+            return y
     if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
         eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     grad = _needs_grad(x, weight)
@@ -107,6 +128,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     on its own row of x and on the weight alone — not on how many rows there are, where the row
     sits, or the thread count; the weight and bias gradients are summed in a fixed order.
     """
+    if _native_lane(backend) and (activation is None or type(activation) is str):
+        y = _linear.native_call.run(x, weight, bias, reference.ACTIVATIONS.get(activation, -1))
+        if y is not None:
+            return y
     name = _backend(backend, x)
     act = _linear.activation_code(activation)
     grad = _needs_grad(x, weight, bias)
@@ -144,6 +169,10 @@ def swiglu_ffn(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     they are and never makes the packing (Triton and CUDA interleave a copy first). Biases
     are optional (those models have none; gate_bias and up_bias go together). Each row's bits
     depend on that row alone; the weight gradients are summed in a fixed order."""
+    if _native_lane(backend):
+        y = _linear.native_swiglu_call.run(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+        if y is not None:
+            return y
     _linear.check_swiglu_weights(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
     packed_bias = None if gate_bias is None else _linear.pack_gate_up(gate_bias, up_bias)
     name = _backend(backend, x)
@@ -174,6 +203,11 @@ def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     causal among themselves. Sequences may have different lengths; nothing beyond seqlens[b] is
     read. Decode is Tq = 1. The same bits as causal_attention over the whole sequence.
     Inference only (no gradient)."""
+    if _native_lane(backend):
+        split = config.get_split_size() if split_size is None else split_size
+        o = _causal_attention.native_kv_cache_call.run(q, k_cache, v_cache, seqlens, scale, split)
+        if o is not None:
+            return o
     name = _backend(backend, q)
     if _needs_grad(q, k_cache, v_cache):
         raise ValueError("attention_with_kv_cache is inference-only and has no gradient; run it under "
@@ -217,4 +251,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     in float32 without fused multiply-add, output contiguous in x's dtype. A token's bits depend
     on its values and position alone: a full pass, a chunked prefill and a decode step agree.
     Differentiable with respect to x."""
+    if _native_lane(backend):
+        y = _rope.native_call.run(x, positions, cos, sin)
+        if y is not None:
+            return y
     return _rope.rope(x, positions, cos, sin, _backend(backend, x), grad=_needs_grad(x))

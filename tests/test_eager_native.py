@@ -7,12 +7,22 @@ refused (the Python body) — and compares every output's bits, shape, strides, 
 it is a view. The cases the fast path must refuse (float64 and empty inputs, tensor subclasses,
 a __torch_function__ mode, values out of range) are checked to be refused, with the body's
 result or error; a kernel's error through it is a Python exception.
+
+fusedtx.functional's linear, swiglu_ffn, rms_norm, rope and attention_with_kv_cache first offer
+a whole inference call to a native lane, fusedtx._C.<op>_call, checks included. The lanes are compared the same way with the
+whole Python path (lanes and fast paths refused), and must refuse every call that the Python
+checks reject (their errors then surface), that records a gradient, or that runs under a dispatch
+mode, a torch.func transform, forward-mode AD or another backend.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedtx
 from fusedtx import _extension
@@ -24,6 +34,9 @@ from helpers import assert_bitwise_equal
 
 PATHS = {"linear": linear_op.native_forward, "rms_norm": rms_norm_op.native_forward,
          "rope": rope_op.native_forward, "attention_with_kv_cache": attention_op.native_kv_cache_forward}
+LANES = {"linear_call": linear_op.native_call, "swiglu_ffn_call": linear_op.native_swiglu_call,
+         "rms_norm_call": rms_norm_op.native_call, "rope_call": rope_op.native_call,
+         "attention_with_kv_cache_call": attention_op.native_kv_cache_call}
 
 
 @pytest.fixture(autouse=True)
@@ -39,13 +52,24 @@ class Taken:
         self.monkeypatch, self.results = monkeypatch, {}
 
     def record(self):
+        """The ops' fast paths recorded; the lanes refuse every call (the bodies then run)."""
         module = _extension.module()
         for name, path in PATHS.items():
             self.results[name] = []
             self.monkeypatch.setattr(path, "run", self._recorder(getattr(module, name), self.results[name]))
+        for path in LANES.values():
+            self.monkeypatch.setattr(path, "run", lambda *args: None)
+
+    def record_lanes(self):
+        """The lanes recorded (with their leading policy constants), the fast paths as they are."""
+        module = _extension.module()
+        for name, path in LANES.items():
+            self.results[name] = []
+            fn = functools.partial(getattr(module, name), *path.leading)
+            self.monkeypatch.setattr(path, "run", self._recorder(fn, self.results[name]))
 
     def refuse(self):
-        for path in PATHS.values():
+        for path in (*PATHS.values(), *LANES.values()):
             self.monkeypatch.setattr(path, "run", lambda *args: None)
 
     @staticmethod
@@ -83,8 +107,9 @@ def _assert_same(fast, slow, what):
 
 def _both_ways(taken, name, call, *, expect_taken=True, offer=-1):
     """call() with the fast path offered, then refused; the outputs compared. offer: which of the
-    calls' offers to the fast path must have been taken (or refused)."""
-    taken.record()
+    calls' offers to the fast path must have been taken (or refused). A name ending in _call is
+    a lane's, compared with the whole Python path."""
+    taken.record_lanes() if name in LANES else taken.record()
     with torch.no_grad():
         fast = call()
     offered = taken.results[name]
@@ -315,15 +340,14 @@ def test_the_profiler_still_sees_the_kernel(taken):
     assert "fusedtx_native::linear_matmul" in {e.name for e in prof.events()}
 
 
-def test_a_llama_decode_step_takes_the_fast_paths(taken):
-    """One decode step of a small Llama takes every fast path, and gives the bits of the Python
-    bodies."""
+def _llama_decode_step(backend):
+    """A small Llama's prefill of two 5-token prompts and one decode step: its logits."""
     from fusedtx.models import Llama, LlamaConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = Llama(config, backend="native").eval()
+    model = Llama(config, backend=backend).eval()
     idx = torch.randint(0, 64, (2, 5), generator=_gen(0))
 
     def step():
@@ -331,6 +355,13 @@ def test_a_llama_decode_step_takes_the_fast_paths(taken):
         model(idx, kv_cache=cache)
         return model(idx[:, :1], kv_cache=cache)[0]
 
+    return step
+
+
+def test_a_llama_decode_step_takes_the_fast_paths(taken):
+    """One decode step of a small Llama takes every fast path, and gives the bits of the Python
+    bodies."""
+    step = _llama_decode_step("native")
     _both_ways(taken, "linear", step)
     taken.record()
     with torch.no_grad():
@@ -359,3 +390,252 @@ def test_the_comparison_catches_a_defective_fast_path(taken, monkeypatch, defect
     x, w = _randn((3, 40)), _randn((24, 40), seed=1)
     with pytest.raises(AssertionError, match="not bitwise equal" if defect == "one bit" else "output 0"):
         _both_ways(taken, "linear", lambda: fusedtx.linear(x, w))
+
+
+# ------------------------------------------------------------------------------------------------
+# fusedtx.functional's native lanes: the whole inference call in one C++ call
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("activation", [None, "none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("x_shape", [(40,), (1, 1, 40), (3, 5, 40), (40, 6)])
+def test_linear_lane(taken, dtype, activation, x_shape):
+    x = _randn(x_shape, dtype) if x_shape[-1] == 40 else _randn(x_shape, dtype).t()  # also a strided x
+    w, b = _randn((24, 40), dtype, 1), _randn((24,), dtype, 2)
+    _both_ways(taken, "linear_call", lambda: fusedtx.linear(x, w, b, activation=activation))
+    _both_ways(taken, "linear_call", lambda: fusedtx.linear(x, w.t().contiguous().t(), activation=activation))
+    layer = fusedtx.nn.Linear(40, 24, dtype=dtype)  # Parameters that require grad, under no_grad
+    _both_ways(taken, "linear_call", lambda: layer(x))
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("down_bias", [False, True])
+def test_swiglu_ffn_lane(taken, dtype, down_bias):
+    x = _randn((2, 3, 40), dtype)
+    gate, up, down = _randn((32, 40), dtype, 1), _randn((32, 40), dtype, 2), _randn((40, 32), dtype, 3)
+    bias = _randn((40,), dtype, 6) if down_bias else None
+    _both_ways(taken, "swiglu_ffn_call", lambda: fusedtx.swiglu_ffn(x, gate, up, down, down_bias=bias))
+    ffn = fusedtx.nn.SwiGLUFFN(40, 32, dtype=dtype)
+    _both_ways(taken, "swiglu_ffn_call", lambda: ffn(x[0, :1]))
+    # gate and up biases are packed by the Python body: refused, with its result
+    _both_ways(taken, "swiglu_ffn_call", lambda: fusedtx.swiglu_ffn(
+        x, gate, up, down, gate_bias=_randn((32,), dtype, 4), up_bias=_randn((32,), dtype, 5)), expect_taken=False)
+    # a gate/up pair stepped unlike each other is copied by the body first: refused
+    _both_ways(taken, "swiglu_ffn_call", lambda: fusedtx.swiglu_ffn(x, gate, up.t().contiguous().t(), down),
+               expect_taken=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("x_shape, normalized", [((6, 48), 48), ((2, 3, 48), (48,)), ((2, 3, 16), [3, 16]),
+                                                 ((48,), torch.Size([48])), ((2, 3, 16), (2, 3, 16))])
+def test_rms_norm_lane(taken, dtype, x_shape, normalized):
+    x = _randn(x_shape, dtype)
+    shape = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    w = _randn(shape, dtype, 1)
+    _both_ways(taken, "rms_norm_call", lambda: fusedtx.rms_norm(x, normalized, w, 1e-5))
+    _both_ways(taken, "rms_norm_call", lambda: fusedtx.rms_norm(x, normalized))
+    _both_ways(taken, "rms_norm_call", lambda: fusedtx.rms_norm(x, normalized, w, 0.0))
+    if dtype in (torch.bfloat16, torch.float16):  # a float32 weight beside low-precision x, as HF keeps it
+        _both_ways(taken, "rms_norm_call", lambda: fusedtx.rms_norm(x, normalized, w.float()))
+    norm = fusedtx.nn.RMSNorm(shape, eps=1e-6, dtype=dtype)
+    _both_ways(taken, "rms_norm_call", lambda: norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_rope_lane(taken, dtype):
+    cos, sin = fusedtx.rope_table(16, 64)
+    x = _randn((2, 3, 5, 16), dtype)
+    positions = torch.randint(0, 64, (2, 5), generator=_gen(1))
+    _both_ways(taken, "rope_call", lambda: fusedtx.rope(x, positions, cos, sin))
+    h = _randn((2, 4, 6, 16), dtype)  # (B, T, heads, D): q heads of one projection, transposed
+    _both_ways(taken, "rope_call", lambda: fusedtx.rope(h[:, :, :5].transpose(1, 2), positions[:, :4], cos, sin))
+    _both_ways(taken, "rope_call", lambda: fusedtx.rope(x[..., ::2], positions, *fusedtx.rope_table(8, 64)))
+    _both_ways(taken, "rope_call", lambda: fusedtx.rope(x, torch.arange(59, 64).expand(2, 5), cos, sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("queries", [1, 3])
+@pytest.mark.parametrize("lengths_dtype", [torch.int64, torch.int32])
+def test_attention_with_kv_cache_lane(taken, dtype, queries, lengths_dtype):
+    q = _randn((2, 4, queries, 16), dtype)
+    k, v = _randn((2, 2, 40, 16), dtype, 1), _randn((2, 2, 40, 16), dtype, 2)
+    seqlens = torch.tensor([queries + 3, 40], dtype=lengths_dtype)
+    name = "attention_with_kv_cache_call"
+    _both_ways(taken, name, lambda: fusedtx.attention_with_kv_cache(q, k, v, seqlens))
+    _both_ways(taken, name, lambda: fusedtx.attention_with_kv_cache(q, k, v, seqlens, scale=0.3, split_size=16))
+    qt = _randn((2, queries, 4, 16), dtype).transpose(1, 2)  # the decode step's query: a transposed view
+    _both_ways(taken, name, lambda: fusedtx.attention_with_kv_cache(qt, k, v, seqlens, split_size=32))
+    fusedtx.set_split_size(16)  # the library-wide split size reaches the lane
+    try:
+        _both_ways(taken, name, lambda: fusedtx.attention_with_kv_cache(q, k, v, seqlens))
+    finally:
+        fusedtx.set_split_size(None)
+
+
+def _lane_refuses(taken, name, call, error=None):
+    """call() offers its lane a call that the lane refuses; the Python path then raises `error`
+    (an exception type) or returns its result."""
+    taken.record_lanes()
+    if error is None:
+        call()
+    else:
+        with pytest.raises(error):
+            call()
+    assert taken.results[name] == [None], f"{name} took {taken.results[name]}"
+
+
+def test_lanes_refuse_what_the_checks_reject(taken):
+    """Every bad argument the Python checks name is refused by the lane, so their errors surface."""
+    x, w, b = _randn((3, 40)), _randn((24, 40), seed=1), _randn((24,), seed=2)
+    gate, up, down = _randn((32, 40), seed=1), _randn((32, 40), seed=2), _randn((40, 32), seed=3)
+    with torch.no_grad():
+        for call, error in [
+            (lambda: fusedtx.linear(x.long(), w.long()), TypeError),              # dtype
+            (lambda: fusedtx.linear(x, w.half()), TypeError),                     # weight's dtype
+            (lambda: fusedtx.linear(x, w[None]), ValueError),                     # weight 3-D
+            (lambda: fusedtx.linear(x, w[:, :39]), ValueError),                   # in_features
+            (lambda: fusedtx.linear(x, w, b[:23]), ValueError),                   # bias shape
+            (lambda: fusedtx.linear(x, w, b.double()), TypeError),                # bias dtype
+            (lambda: fusedtx.linear(x, w, b[None]), ValueError),                  # bias 2-D
+            (lambda: fusedtx.linear(x, w, activation="relu"), ValueError),        # activation
+            (lambda: fusedtx.linear(x[0, 0], w), ValueError),                     # 0-d x
+            (lambda: fusedtx.linear(x, w, "bias"), TypeError),                    # not a tensor
+        ]:
+            _lane_refuses(taken, "linear_call", call, error)
+        for call, error in [
+            (lambda: fusedtx.swiglu_ffn(x, gate, up[:31], down), ValueError),     # gate / up shapes
+            (lambda: fusedtx.swiglu_ffn(x, gate, up, down[:, :31]), ValueError),  # down's hidden
+            (lambda: fusedtx.swiglu_ffn(x, gate, up, down, down_bias=b), ValueError),
+            (lambda: fusedtx.swiglu_ffn(x, gate[:, :39], up[:, :39], down), ValueError),  # d_model
+            (lambda: fusedtx.swiglu_ffn(x, gate, up.half(), down), TypeError),
+            (lambda: fusedtx.swiglu_ffn(x.half(), gate.half(), up.half(), down), TypeError),
+        ]:
+            _lane_refuses(taken, "swiglu_ffn_call", call, error)
+        n = _randn((2, 3, 48))
+        for call, error in [
+            (lambda: fusedtx.rms_norm(n, 47), ValueError),                        # trailing dims
+            (lambda: fusedtx.rms_norm(n, (2, 3, 48, 1)), ValueError),             # longer than x
+            (lambda: fusedtx.rms_norm(n, ()), ValueError),                        # empty
+            (lambda: fusedtx.rms_norm(n, 48.0), TypeError),                       # not ints
+            (lambda: fusedtx.rms_norm(n, (True,)), TypeError),
+            (lambda: fusedtx.rms_norm(n, 48, _randn((47,))), ValueError),         # weight shape
+            (lambda: fusedtx.rms_norm(n, 48, _randn((48,)).double()), TypeError),  # weight dtype
+            (lambda: fusedtx.rms_norm(n.half(), 48, _randn((48,)).double()), TypeError),
+            (lambda: fusedtx.rms_norm(n, 48, None, -1e-5), ValueError),           # eps
+            (lambda: fusedtx.rms_norm(n, 48, None, float("nan")), ValueError),
+            (lambda: fusedtx.rms_norm(n, 48, None, "1e-5"), TypeError),
+            (lambda: fusedtx.rms_norm(n.long(), 48), TypeError),
+        ]:
+            _lane_refuses(taken, "rms_norm_call", call, error)
+        cos, sin = fusedtx.rope_table(8, 32)
+        r, positions = _randn((1, 2, 3, 8)), torch.tensor([[0, 1, 2]])
+        for call, error in [
+            (lambda: fusedtx.rope(r[0], positions, cos, sin), ValueError),          # x 3-D
+            (lambda: fusedtx.rope(r[..., :7], positions, cos, sin), ValueError),    # odd head_dim
+            (lambda: fusedtx.rope(r.long(), positions, cos, sin), TypeError),
+            (lambda: fusedtx.rope(r, positions.int(), cos, sin), TypeError),        # positions' dtype
+            (lambda: fusedtx.rope(r, positions[:, :2], cos, sin), ValueError),     # positions' shape
+            (lambda: fusedtx.rope(r, positions, cos.double(), sin), TypeError),     # table dtype
+            (lambda: fusedtx.rope(r, positions, cos[:, :3], sin[:, :3]), ValueError),
+            (lambda: fusedtx.rope(r, positions, cos, sin[:16]), ValueError),        # cos / sin shapes
+            (lambda: fusedtx.rope(r, positions, cos.requires_grad_(), sin), ValueError),
+            (lambda: fusedtx.rope(r, positions + 30, cos.detach(), sin), ValueError),  # outside the table
+            (lambda: fusedtx.rope(r, positions - 1, cos.detach(), sin), ValueError),
+        ]:
+            _lane_refuses(taken, "rope_call", call, error)
+        q, kv = _randn((2, 4, 1, 16)), _randn((2, 2, 24, 16), seed=1)
+        lengths = torch.tensor([5, 24])
+        name = "attention_with_kv_cache_call"
+        for call, error in [
+            (lambda: fusedtx.attention_with_kv_cache(q, kv.half(), kv, lengths), TypeError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv[0], kv, lengths), ValueError),      # k 3-D
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv[:, :, :20], lengths), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv[:, :1].expand(2, 3, 24, 16), kv[:, :1].expand(2, 3, 24, 16),
+                                                     lengths), ValueError),                  # heads
+            (lambda: fusedtx.attention_with_kv_cache(q, kv[..., :8], kv[..., :8], lengths), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, lengths.float()), TypeError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, lengths[:1]), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, torch.tensor([0, 5])), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, torch.tensor([5, 25])), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, lengths, split_size=24), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, lengths, split_size=True), TypeError),
+            (lambda: fusedtx.attention_with_kv_cache(q, kv, kv, lengths, scale=float("nan")), ValueError),
+            (lambda: fusedtx.attention_with_kv_cache(q.long(), kv.long(), kv.long(), lengths), TypeError),
+        ]:
+            _lane_refuses(taken, name, call, error)
+        # accepted by the checks, refused by the lane: the Python path's result
+        _lane_refuses(taken, "rms_norm_call", lambda: fusedtx.rms_norm(n, 48, None, 1))  # an int eps
+        _lane_refuses(taken, "linear_call", lambda: fusedtx.linear(x[:0], w))            # empty: the reference
+        _lane_refuses(taken, "rms_norm_call", lambda: fusedtx.rms_norm(n[:0], 48))
+
+
+def test_lanes_refuse_what_must_see_the_registered_op(taken):
+    """A gradient to record, a dispatch mode, a torch.func transform: refused by the lane (and
+    the Python path takes the eager Function or the registered op). Forward-mode AD and another
+    backend: not offered at all. Negative control: the same call plain is taken."""
+    x, w = _randn((3, 40)), _randn((24, 40), seed=1)
+    n = _randn((2, 48))
+    taken.record_lanes()
+    with torch.no_grad():
+        fusedtx.linear(x, w), fusedtx.rms_norm(n, 48)
+    assert taken.results["linear_call"][0] is not None and taken.results["rms_norm_call"][0] is not None
+
+    _lane_refuses(taken, "linear_call", lambda: fusedtx.linear(x.requires_grad_(), w).sum().backward())
+    assert x.grad is not None
+    x = x.detach()
+    _lane_refuses(taken, "rms_norm_call", lambda: fusedtx.rms_norm(n, 48, torch.ones(48, requires_grad=True)))
+    cos, sin = fusedtx.rope_table(8, 16)
+    _lane_refuses(taken, "rope_call", lambda: fusedtx.rope(_randn((1, 2, 3, 8)).requires_grad_(),
+                                                           torch.tensor([[0, 1, 2]]), cos, sin))
+    kv = _randn((1, 2, 8, 16))
+    _lane_refuses(taken, "attention_with_kv_cache_call", lambda: fusedtx.attention_with_kv_cache(
+        _randn((1, 2, 1, 16)).requires_grad_(), kv, kv, torch.tensor([8])), ValueError)  # inference only
+
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with Mode():
+            _lane_refuses(taken, "linear_call", lambda: fusedtx.linear(x, w))
+        assert "fusedtx.linear.default" in seen, seen
+        _lane_refuses(taken, "linear_call", lambda: torch.func.vmap(lambda r: fusedtx.linear(r, w))(x))
+        _lane_refuses(taken, "rms_norm_call", lambda: torch.func.grad(lambda r: fusedtx.rms_norm(r, 48).sum())(n))
+
+        taken.record_lanes()
+        with fwAD.dual_level():
+            fusedtx.linear(x, w)
+        with fusedtx.use_backend("reference"):
+            fusedtx.linear(x, w), fusedtx.rms_norm(n, 48)
+        fusedtx.linear(x, w, backend="reference")
+        assert taken.results["linear_call"] == [] and taken.results["rms_norm_call"] == []
+        fusedtx.linear(x, w, backend="native")  # named: offered, taken
+        assert taken.results["linear_call"][0] is not None
+
+
+def test_a_llama_decode_step_takes_the_lanes(taken):
+    """A small Llama's decode step sends every linear, SwiGLU and RMSNorm through the lanes, with
+    the bits of the whole Python path."""
+    _both_ways(taken, "linear_call", _llama_decode_step(None))
+    for name in LANES:
+        results = taken.results[name]
+        assert results and all(r is not None for r in results), f"{name}: {len(results)} calls, some refused"
+
+
+def test_the_comparison_catches_a_defective_lane(taken, monkeypatch):
+    """Negative control: a lane whose output is one bit off fails the comparison."""
+    real = _extension.module()
+
+    def linear_call(*args):
+        y = real.linear_call(*args)
+        y.view(-1)[0] = torch.nextafter(y.view(-1)[0], torch.tensor(float("inf")))
+        return y
+
+    fake = type("FastPaths", (), {name: staticmethod(getattr(real, name)) for name in (*PATHS, *LANES)})
+    fake.linear_call = staticmethod(linear_call)
+    monkeypatch.setattr(_extension, "module", lambda: fake)
+    x, w = _randn((3, 40)), _randn((24, 40), seed=1)
+    with pytest.raises(AssertionError, match="not bitwise equal"):
+        _both_ways(taken, "linear_call", lambda: fusedtx.linear(x, w))

@@ -20,6 +20,7 @@ everywhere else (torch.compile, dispatch modes, tensor subclasses, torch.func).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from numbers import Real
@@ -95,22 +96,27 @@ class Kernel:
 
 
 class NativeFastPath:
-    """An op body's common case on the native backend in one C++ call: `run(*args)` is
-    fusedtx._C.<name> (csrc/eager.cpp), which returns the body's outputs, or None where its case
-    does not hold (another device, a dtype or shape the body sends elsewhere, a tensor subclass,
-    a value out of range): the body then goes on in Python. Found on the first call (which may
-    build the extension), then called directly: an attribute and a C call per op call. While
-    the extension is not loaded, run returns None and the Python body raises its clear error."""
+    """An op's common case on the native backend in one C++ call: `run(*args)` is
+    fusedtx._C.<name> (csrc/eager.cpp), which returns the outputs, or None where its case does
+    not hold (another device, a dtype or shape the body sends elsewhere, a tensor subclass, a
+    value out of range): the Python path then goes on. `leading`: constants (policy values) put
+    before the caller's arguments. Found on the first call (which may build the extension), then
+    called directly: an attribute and a C call per op call. While the extension is not loaded,
+    run returns None and the Python path raises its clear error."""
 
-    __slots__ = ("name", "run")
+    __slots__ = ("name", "leading", "run")
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, *leading):
+        self.name, self.leading = name, leading
         self.run = self._find
 
     def _find(self, *args):
         module = _extension.module()
-        self.run = getattr(module, self.name) if module is not None else _not_taken
+        if module is None:
+            self.run = _not_taken
+        else:
+            fn = getattr(module, self.name)
+            self.run = functools.partial(fn, *self.leading) if self.leading else fn
         return self.run(*args)
 
     def __repr__(self) -> str:

@@ -189,6 +189,10 @@ def check_seqlens(q, k_cache, seqlens, name: str = "attention_with_kv_cache") ->
 
 # _kv_cache_forward's common case, native: (q, k_cache, v_cache, seqlens, scale, split_size) -> o
 native_kv_cache_forward = NativeFastPath("attention_with_kv_cache")
+# fusedtx.functional.attention_with_kv_cache's whole call, native on CPU, checks included (None
+# where a check would fail: the Python path raises):
+# (q, k_cache, v_cache, seqlens, scale or None, split_size) -> o
+native_kv_cache_call = NativeFastPath("attention_with_kv_cache_call")
 
 
 def _kv_cache_forward(q, k_cache, v_cache, seqlens, scale, split_size, backend):

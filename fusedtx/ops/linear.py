@@ -44,6 +44,11 @@ matmul_kernel = Kernel("linear_matmul", "linear")
 bias_act_backward_kernel = Kernel("linear_bias_act_backward", "linear")
 # _forward's common case without save_preact, native: (x, weight, bias, activation, k_block, weight_odd)
 native_forward = NativeFastPath("linear")
+# fusedtx.functional's whole inference calls, native on CPU, checks included (None where a check
+# would fail: the Python path raises): (x, weight, bias, activation code) -> y and
+# (x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias) -> y
+native_call = NativeFastPath("linear_call", policy.MATMUL_K_BLOCK)
+native_swiglu_call = NativeFastPath("swiglu_ffn_call", policy.MATMUL_K_BLOCK)
 
 
 def activation_code(activation) -> int:

@@ -24,6 +24,9 @@ forward_kernel = Kernel("rms_norm_forward", "rms_norm")
 backward_kernel = Kernel("rms_norm_backward", "rms_norm")
 # _forward's common case, native: (x, n, len(shape), weight, eps, lanes) -> (y, rstd)
 native_forward = NativeFastPath("rms_norm")
+# fusedtx.functional.rms_norm's whole inference call, native on CPU, checks included (None where
+# a check would fail: the Python path raises): (x, normalized_shape, weight, eps or None) -> y
+native_call = NativeFastPath("rms_norm_call", policy.CPU_LANES)
 
 
 def check_args(x, normalized_shape, weight, eps, backend):

@@ -22,6 +22,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 forward_kernel = Kernel("rope_forward", "rope")    # (x, positions, cos, sin) -> y
 backward_kernel = Kernel("rope_backward", "rope")  # (grad_y, positions, cos, sin) -> dx
 native_forward = NativeFastPath("rope")  # _forward's common case, native: (x, positions, cos, sin) -> y
+# fusedtx.functional.rope's whole inference call, native on CPU, checks included (None where a
+# check would fail: the Python path raises): (x, positions, cos, sin) -> y
+native_call = NativeFastPath("rope_call")
 
 
 def check_args(x, positions, cos, sin, backend, name: str = "rope"):
