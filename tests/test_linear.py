@@ -262,6 +262,39 @@ def test_native_task_plans_equal_reference(m, k, n):
         assert_bitwise_equal(h[rows], h_ref, f"preact {m}x{k}x{n} vs reference")
 
 
+# (K, N) of the native one-row kernel with a row-major b (a Conv1D weight; the backward's dx):
+# K with tail rows past the 4-row steps and several chains; N with a masked tail and, at 1
+# thread, several 1536-column passes.
+ONE_ROW_CASES = [(300, 3100), (517, 40), (3, 1000), (1, 17)]
+
+
+@pytest.mark.parametrize("k,n", ONE_ROW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_native_one_row_with_row_major_weight_equals_reference(k, n, dtype):
+    """One row times b (K, N) row-major, every epilogue (bias, GELU with the pre-activation, the
+    SwiGLU pair), b as one tensor and as a pair of row-interleaved halves: the reference's bits at
+    1 and 3 threads."""
+    require("cpu", "native")
+    kernel = linear_op.matmul_kernel("native", torch.device("cpu"))
+    k_block = policy.MATMUL_K_BLOCK
+    x = make((1, k), dtype, "cpu", seed=k)
+    b, bias = make((k, n), dtype, "cpu", seed=1, scale=0.1), make((n,), dtype, "cpu", seed=2)
+    even, odd = make((k, n), dtype, "cpu", seed=3, scale=0.1), make((k, n), dtype, "cpu", seed=4, scale=0.1)
+    x2 = make((1, 2 * k), dtype, "cpu", seed=5)
+    swiglu = reference.ACT_SWIGLU
+    cases = [(x, b, None, 0, None), (x, b, bias, reference.ACT_GELU_TANH, None),
+             (x2, even, None, 0, odd)] + ([(x, b, bias, swiglu, None)] if n % 2 == 0 else [])
+    for a, operand, bias_, act, b_odd in cases:
+        extra = (b_odd, 0) if b_odd is not None else ()
+        want = reference.linear_matmul(a, operand, bias_, act, True, k_block, *extra)
+        for y, h in under_each_thread_count(lambda: kernel(a, operand, bias_, act, True, k_block, *extra),
+                                            counts=(1, 3)):
+            what = f"1x{a.shape[1]} @ {k}x{n} {dtype} act={act} pair={b_odd is not None}"
+            assert_bitwise_equal(y, want[0], f"{what}: y")
+            if act:
+                assert_bitwise_equal(h, want[1], f"{what}: preact")
+
+
 def split_k_linear(x, weight):
     """x @ weight.T with K cut into one slice per thread and the partial products added: the
     shape of a GEMM parallelised over its reduction axis (F.linear itself was thread-invariant

@@ -133,6 +133,91 @@ void small_m_nmajor(const Problem<T>& p, const float* a, int64_t lda, int64_t j0
   }
 }
 
+// One row with b row-major (a GPT-2 Conv1D weight, or the backward's weight for dx): the
+// columns [j0, j1) in passes of up to kOneRowCols, each sweeping b's rows kOneRowStep at a time
+// across the whole pass, so that every row is read in one run of up to 6 KB (what the hardware
+// prefetchers follow; sweeps of a few vectors read each row from DRAM a few lines at a time). A
+// column's chain runs in a vector accumulator kept in L1 between row blocks (acc), k ascending
+// within each kKBlock block from +0, the chain totals added in order in the tile: the same
+// arithmetic as small_m_nmajor's.
+constexpr int64_t kOneRowCols = 96 * 16;
+constexpr int kOneRowStep = 4;
+constexpr int64_t kOneRowAhead = 8;  // rows prefetched ahead
+
+template <typename T, int kAct>
+void one_row_nmajor(const Problem<T>& p, const float* a, int64_t j0, int64_t j1) {
+  static_assert(kKBlock % kOneRowStep == 0 && kOneRowCols <= kMR * kTileLd);
+  alignas(64) float tile[kMR * kTileLd];  // the chain totals (one row, as wide as the pass)
+  alignas(64) float acc[kOneRowCols];
+  for (int64_t j = j0; j < j1; j += kOneRowCols) {
+    const int64_t cols = std::min(kOneRowCols, j1 - j);
+    const int64_t whole = cols / 16;  // full vectors; a masked one after them if cols % 16
+    const int64_t vecs = ceil_div(cols, 16);
+    const mask16 tail = first_lanes(cols - whole * 16);
+    for (int64_t v = 0; v < vecs; ++v) {
+      _mm512_store_ps(tile + v * 16, _mm512_setzero_ps());
+      _mm512_store_ps(acc + v * 16, _mm512_setzero_ps());
+    }
+    for (int64_t k = 0; k < p.K;) {
+      // kOneRowStep rows at a time (never across a chain's end: kKBlock is a multiple of it),
+      // one at a time at the end of K.
+      if (k + kOneRowStep <= p.K) {
+        const T* r0 = b_at(p, k, j);
+        const T* r1 = b_at(p, k + 1, j);
+        const T* r2 = b_at(p, k + 2, j);
+        const T* r3 = b_at(p, k + 3, j);
+        const __m512 a0 = _mm512_set1_ps(a[k]), a1 = _mm512_set1_ps(a[k + 1]);
+        const __m512 a2 = _mm512_set1_ps(a[k + 2]), a3 = _mm512_set1_ps(a[k + 3]);
+        // The rows kOneRowAhead on, line by line as these are read: short runs (a few hundred
+        // columns a thread) end before the hardware prefetchers get going.
+        const int64_t ahead = std::min<int64_t>(k + kOneRowAhead, p.K - kOneRowStep);
+        const char* q0 = reinterpret_cast<const char*>(b_at(p, ahead, j));
+        const char* q1 = reinterpret_cast<const char*>(b_at(p, ahead + 1, j));
+        const char* q2 = reinterpret_cast<const char*>(b_at(p, ahead + 2, j));
+        const char* q3 = reinterpret_cast<const char*>(b_at(p, ahead + 3, j));
+        for (int64_t v = 0; v < whole; ++v) {
+          const int64_t line = v * 16 * static_cast<int64_t>(sizeof(T));
+          _mm_prefetch(q0 + line, _MM_HINT_T0);
+          _mm_prefetch(q1 + line, _MM_HINT_T0);
+          _mm_prefetch(q2 + line, _MM_HINT_T0);
+          _mm_prefetch(q3 + line, _MM_HINT_T0);
+          __m512 s = _mm512_load_ps(acc + v * 16);
+          s = _mm512_fmadd_ps(a0, load16(r0 + v * 16), s);
+          s = _mm512_fmadd_ps(a1, load16(r1 + v * 16), s);
+          s = _mm512_fmadd_ps(a2, load16(r2 + v * 16), s);
+          s = _mm512_fmadd_ps(a3, load16(r3 + v * 16), s);
+          _mm512_store_ps(acc + v * 16, s);
+        }
+        if (whole < vecs) {
+          const int64_t o = whole * 16;
+          __m512 s = _mm512_load_ps(acc + o);
+          s = _mm512_fmadd_ps(a0, load16(r0 + o, tail), s);
+          s = _mm512_fmadd_ps(a1, load16(r1 + o, tail), s);
+          s = _mm512_fmadd_ps(a2, load16(r2 + o, tail), s);
+          s = _mm512_fmadd_ps(a3, load16(r3 + o, tail), s);
+          _mm512_store_ps(acc + o, s);
+        }
+        k += kOneRowStep;
+      } else {
+        const T* r0 = b_at(p, k, j);
+        const __m512 a0 = _mm512_set1_ps(a[k]);
+        for (int64_t v = 0; v < vecs; ++v) {
+          const __m512 bv = v < whole ? load16(r0 + v * 16) : load16(r0 + v * 16, tail);
+          _mm512_store_ps(acc + v * 16, _mm512_fmadd_ps(a0, bv, _mm512_load_ps(acc + v * 16)));
+        }
+        k += 1;
+      }
+      if (k % kKBlock == 0 || k == p.K) {  // a chain ends: total = total + acc
+        for (int64_t v = 0; v < vecs; ++v) {
+          _mm512_store_ps(tile + v * 16, _mm512_add_ps(_mm512_load_ps(tile + v * 16), _mm512_load_ps(acc + v * 16)));
+          _mm512_store_ps(acc + v * 16, _mm512_setzero_ps());
+        }
+      }
+    }
+    epilogue<T, kAct>(tile, 1, cols, p.bias ? p.bias + j : nullptr, p.y + out_offset<kAct>(j), p.preact ? p.preact + j : nullptr, p.N);
+  }
+}
+
 constexpr int64_t kSmallMChunk = 128;  // columns per parallel task of the few-rows path
 constexpr int64_t kSmallMMax = 8;      // rows up to which b is not packed
 
@@ -142,12 +227,8 @@ void small_m_columns(const Problem<T>& p, const float* a, int64_t lda, int64_t j
     small_m_kmajor<T, kAct, MR, (MR <= 2 ? 2 : 1)>(p, a, lda, j0, j1);
   } else {
     if constexpr (MR == 1) {
-      if (j1 - j0 <= 18 * 16) {
-        // One row, a thread's share of at most 288 columns (a 576-wide output on two threads):
-        // in one sweep of b's rows. Sweeps of 128 columns read b's rows a few lines at a time.
-        small_m_nmajor<T, kAct, MR, 18>(p, a, lda, j0, j1);
-        return;
-      }
+      one_row_nmajor<T, kAct>(p, a, j0, j1);
+      return;
     }
     small_m_nmajor<T, kAct, MR, (MR <= 2 ? 8 : MR <= 4 ? 4 : 3)>(p, a, lda, j0, j1);
   }
