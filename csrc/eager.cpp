@@ -15,7 +15,7 @@
 // paths; tests/test_eager_native.py compares the two bit for bit, case by case.
 //
 // The *_call functions go one layer further up: a public call of fusedtx.functional (linear,
-// swiglu_ffn, rms_norm, rope, attention_with_kv_cache) for inference, before the backend is resolved or an argument checked.
+// swiglu_ffn, layer_norm, rms_norm, activation, rope, attention_with_kv_cache) for inference, before the backend is resolved or an argument checked.
 // fusedtx.functional offers them a call only where its backend is native on CPU tensors without
 // resolving and nothing traces (fusedtx.functional._native_lane); each then also returns None
 // where the Python checks would raise (so they raise), where a gradient is to be recorded, under
@@ -52,6 +52,9 @@ namespace {
 using Matmul = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                   int64_t, bool, int64_t, const std::optional<at::Tensor>&, int64_t);
 using RowNorm = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, double, int64_t);
+using LayerNorm = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 const std::optional<at::Tensor>&, double, int64_t);
+using Activation = at::Tensor(const at::Tensor&, int64_t);
 using Rope = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using Attention = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, double, int64_t);
@@ -299,14 +302,18 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n) {
   return t.dim() == 2 && t.size(1) == n && t.is_contiguous() ? t : t.contiguous().view({-1, n});
 }
 
+// fusedtx/ops/_row_norm.py flat: a parameter as a contiguous 1-D tensor.
+std::optional<at::Tensor> flat(const std::optional<at::Tensor>& p) {
+  if (!p || (p->dim() == 1 && p->is_contiguous())) return p;
+  return p->contiguous().view({-1});
+}
+
 // The kernel call of fusedtx/ops/rms_norm.py _forward: y like x, rstd of x's leading dims (views
 // of the kernel's (rows, n) and (rows,) outputs unless x is (rows, n) already). Without the GIL.
 std::tuple<at::Tensor, at::Tensor> rms_norm_rows(const at::Tensor& x, int64_t n, int64_t dims,
                                                  const std::optional<at::Tensor>& weight, double eps, int64_t lanes) {
   static const auto forward = kernel<RowNorm>("fusedtx_native::rms_norm_forward");
-  std::optional<at::Tensor> flat = weight;
-  if (weight && !(weight->dim() == 1 && weight->is_contiguous())) flat = weight->contiguous().view(-1);
-  auto [y, rstd] = forward.call(as_rows(x, n), flat, eps, lanes);
+  auto [y, rstd] = forward.call(as_rows(x, n), flat(weight), eps, lanes);
   if (y.sizes() != x.sizes()) {
     y = y.view(x.sizes());
     rstd = rstd.view(x.sizes().slice(0, x.dim() - dims));
@@ -364,6 +371,29 @@ std::optional<int64_t> normalized_numel(PyObject* shape, const at::Tensor& x, in
   return n;
 }
 
+// What fusedtx/ops/_row_norm.py check_norm_args accepts of x's dtype.
+bool norm_dtype_ok(const at::Tensor& x) { return matmul_dtype(x) || x.scalar_type() == at::kDouble; }
+
+// What check_norm_args accepts of a weight or bias beside x normalised over its last `dims`
+// dims: absent, or a CPU tensor of that shape with x's dtype (or float32 beside a float16 /
+// bfloat16 x).
+bool norm_param_ok(const std::optional<at::Tensor>& param, const at::Tensor& x, int64_t dims) {
+  if (!param) return true;
+  const at::ScalarType dtype = x.scalar_type();
+  const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
+  return cpu(*param) && param->sizes() == x.sizes().slice(x.dim() - dims) &&
+         (param->scalar_type() == dtype || (low && param->scalar_type() == at::kFloat));
+}
+
+// An eps the checks accept (check_real with least=0) and the lane takes: a Python float,
+// finite and >= 0, or None for `if_none`; nullopt otherwise (an int eps takes the Python path).
+std::optional<double> eps_value(PyObject* obj, std::optional<double> if_none) {
+  if (obj == Py_None) return if_none;
+  if (!PyFloat_CheckExact(obj)) return std::nullopt;
+  const double eps = PyFloat_AS_DOUBLE(obj);
+  return std::isfinite(eps) && eps >= 0 ? std::optional<double>(eps) : std::nullopt;
+}
+
 // fusedtx.functional.rms_norm(x, normalized_shape, weight, eps) for inference:
 //   rms_norm_call(lanes, x, normalized_shape, weight, eps) -> y
 // eps None is the machine epsilon of the compute dtype (float64's for float64 x, else float32's).
@@ -373,28 +403,67 @@ PyObject* rms_norm_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     const at::Tensor* x = tensors.required(args[1]);
     const std::optional<at::Tensor> weight = tensors.optional(args[3]);
     const std::optional<int64_t> lanes = size_value(args[0]);
-    if (!tensors.ok || !lanes || !cpu(*x) || x->numel() == 0) return none();
-    const at::ScalarType dtype = x->scalar_type();
-    const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
-    if (!(low || dtype == at::kFloat || dtype == at::kDouble)) return none();
+    if (!tensors.ok || !lanes || !cpu(*x) || x->numel() == 0 || !norm_dtype_ok(*x)) return none();
     int64_t dims = 0;
     const std::optional<int64_t> n = normalized_numel(args[2], *x, &dims);
-    if (!n) return none();
-    if (weight && !(cpu(*weight) && weight->sizes() == x->sizes().slice(x->dim() - dims) &&
-                    (weight->scalar_type() == dtype || (low && weight->scalar_type() == at::kFloat)))) {
-      return none();
-    }
-    double eps = dtype == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
-    if (args[4] != Py_None) {
-      if (!PyFloat_CheckExact(args[4])) return none();
-      eps = PyFloat_AS_DOUBLE(args[4]);
-      if (!(std::isfinite(eps) && eps >= 0)) return none();
-    }
-    if (!untracked({x, weight ? &*weight : nullptr})) return none();
+    const std::optional<double> eps = eps_value(args[4], x->scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON);
+    if (!n || !eps || !norm_param_ok(weight, *x, dims) || !untracked({x, weight ? &*weight : nullptr})) return none();
     at::Tensor y;
     {
       WithoutGil released;
-      y = std::get<0>(rms_norm_rows(*x, *n, dims, weight, eps, *lanes));
+      y = std::get<0>(rms_norm_rows(*x, *n, dims, weight, *eps, *lanes));
+    }
+    return THPVariable_Wrap(y);
+  });
+}
+
+// fusedtx.functional.layer_norm(x, normalized_shape, weight, bias, eps) for inference:
+//   layer_norm_call(lanes, x, normalized_shape, weight, bias, eps) -> y
+// fusedtx/ops/layer_norm.py _forward: the kernel on x as (rows, n), y viewed back as x.
+PyObject* layer_norm_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("layer_norm_call", nargs, 6, [&]() -> PyObject* {
+    Tensors tensors;
+    const at::Tensor* x = tensors.required(args[1]);
+    const std::optional<at::Tensor> weight = tensors.optional(args[3]);
+    const std::optional<at::Tensor> bias = tensors.optional(args[4]);
+    const std::optional<int64_t> lanes = size_value(args[0]);
+    if (!tensors.ok || !lanes || !cpu(*x) || x->numel() == 0 || !norm_dtype_ok(*x)) return none();
+    int64_t dims = 0;
+    const std::optional<int64_t> n = normalized_numel(args[2], *x, &dims);
+    const std::optional<double> eps = eps_value(args[5], std::nullopt);
+    if (!n || !eps || !norm_param_ok(weight, *x, dims) || !norm_param_ok(bias, *x, dims) ||
+        (weight && bias && weight->scalar_type() != bias->scalar_type()) ||
+        !untracked({x, weight ? &*weight : nullptr, bias ? &*bias : nullptr})) {
+      return none();
+    }
+    at::Tensor y;
+    {
+      WithoutGil released;
+      static const auto forward = kernel<LayerNorm>("fusedtx_native::layer_norm_forward");
+      y = std::get<0>(forward.call(as_rows(*x, *n), flat(weight), flat(bias), *eps, *lanes));
+      if (y.sizes() != x->sizes()) y = y.view(x->sizes());
+    }
+    return THPVariable_Wrap(y);
+  });
+}
+
+// fusedtx.functional.activation(x, activation) for inference:
+//   activation_call(x, activation code) -> y
+// activation: the code of "gelu", "gelu_tanh" or "silu" (reference.ELEMENTWISE); -1 for another.
+// fusedtx/ops/activation.py _forward: the kernel on x as one contiguous row, y viewed back as x.
+PyObject* activation_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded("activation_call", nargs, 2, [&]() -> PyObject* {
+    Tensors tensors;
+    const at::Tensor* x = tensors.required(args[0]);
+    const std::optional<int64_t> code = size_value(args[1]);
+    if (!tensors.ok || !code || *code < 0 || !cpu(*x) || x->numel() == 0 || !matmul_dtype(*x) || !untracked({x})) {
+      return none();
+    }
+    at::Tensor y;
+    {
+      WithoutGil released;
+      static const auto forward = kernel<Activation>("fusedtx_native::activation_forward");
+      y = forward.call(x->is_contiguous() ? x->reshape({-1}) : x->contiguous().view({-1}), *code).view(x->sizes());
     }
     return THPVariable_Wrap(y);
   });
@@ -559,6 +628,10 @@ PyMethodDef methods[] = {
      "fusedtx.functional.swiglu_ffn's inference call on the native backend, its common case (else None)"},
     {"rms_norm_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rms_norm_call)), METH_FASTCALL,
      "fusedtx.functional.rms_norm's inference call on the native backend, its common case (else None)"},
+    {"layer_norm_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_norm_call)), METH_FASTCALL,
+     "fusedtx.functional.layer_norm's inference call on the native backend, its common case (else None)"},
+    {"activation_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&activation_call)), METH_FASTCALL,
+     "fusedtx.functional.activation's inference call on the native backend, its common case (else None)"},
     {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rms_norm)), METH_FASTCALL,
      "fusedtx.ops.rms_norm's body on the native backend, its common case (else None)"},
     {"rope_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rope_call)), METH_FASTCALL,

@@ -5,7 +5,8 @@ per-device default, see fusedtx.backends), fills in defaults and calls the op (f
 which checks the arguments and, in plain eager code, skips the registered op's dispatcher round
 trips (fusedtx/ops/_dispatch.py): same code, same bits.
 
-linear, swiglu_ffn, rms_norm, rope and attention_with_kv_cache first offer an inference call whose backend is native on CPU
+linear, swiglu_ffn, layer_norm, rms_norm, activation, rope and attention_with_kv_cache first
+offer an inference call whose backend is native on CPU
 tensors to their op's native lane (`_native_lane`): the whole call, checks included, in one C++
 call that returns None wherever anything above would act otherwise, and this path then runs. A
 decode step is a few hundred such calls, each with little work, and these Python layers between a
@@ -67,6 +68,10 @@ def activation(x: torch.Tensor, activation: str, *, backend: str | None = None) 
     Each element's bits depend on its value alone. PyTorch's CPU silu / gelu do not promise
     that: their vector body and scalar tail differ in the last bit, and which elements take the
     tail depends on the tensor's size -- on the batch (docs/design.md, "exp, log and erf")."""
+    if _native_lane(backend) and type(activation) is str:
+        y = _activation.native_call.run(x, reference.ELEMENTWISE.get(activation, -1))
+        if y is not None:
+            return y
     code = _activation.activation_code(activation)
     return _activation.activation(x, code, _backend(backend, x), grad=_needs_grad(x))
 
@@ -93,6 +98,10 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     has x's dtype. Each row's output and input gradient depend on that row alone; the weight and
     bias gradients are summed in a fixed order, so they are the same bits run after run.
     """
+    if _native_lane(backend):
+        y = _layer_norm.native_call.run(x, normalized_shape, weight, bias, eps)
+        if y is not None:
+            return y
     grad = _needs_grad(x, weight, bias)
     return _layer_norm.layer_norm(x, normalized_shape, weight, bias, eps, _backend(backend, x), grad=grad)[0]
 

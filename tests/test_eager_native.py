@@ -8,8 +8,8 @@ it is a view. The cases the fast path must refuse (float64 and empty inputs, ten
 a __torch_function__ mode, values out of range) are checked to be refused, with the body's
 result or error; a kernel's error through it is a Python exception.
 
-fusedtx.functional's linear, swiglu_ffn, rms_norm, rope and attention_with_kv_cache first offer
-a whole inference call to a native lane, fusedtx._C.<op>_call, checks included. The lanes are compared the same way with the
+fusedtx.functional's linear, swiglu_ffn, layer_norm, rms_norm, activation, rope and
+attention_with_kv_cache first offer a whole inference call to a native lane, fusedtx._C.<op>_call, checks included. The lanes are compared the same way with the
 whole Python path (lanes and fast paths refused), and must refuse every call that the Python
 checks reject (their errors then surface), that records a gradient, or that runs under a dispatch
 mode, a torch.func transform, forward-mode AD or another backend.
@@ -26,7 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedtx
 from fusedtx import _extension
+from fusedtx.ops import activation as activation_op
 from fusedtx.ops import causal_attention as attention_op
+from fusedtx.ops import layer_norm as layer_norm_op
 from fusedtx.ops import linear as linear_op
 from fusedtx.ops import rms_norm as rms_norm_op
 from fusedtx.ops import rope as rope_op
@@ -36,7 +38,8 @@ PATHS = {"linear": linear_op.native_forward, "rms_norm": rms_norm_op.native_forw
          "rope": rope_op.native_forward, "attention_with_kv_cache": attention_op.native_kv_cache_forward}
 LANES = {"linear_call": linear_op.native_call, "swiglu_ffn_call": linear_op.native_swiglu_call,
          "rms_norm_call": rms_norm_op.native_call, "rope_call": rope_op.native_call,
-         "attention_with_kv_cache_call": attention_op.native_kv_cache_call}
+         "attention_with_kv_cache_call": attention_op.native_kv_cache_call,
+         "layer_norm_call": layer_norm_op.native_call, "activation_call": activation_op.native_call}
 
 
 @pytest.fixture(autouse=True)
@@ -441,6 +444,33 @@ def test_rms_norm_lane(taken, dtype, x_shape, normalized):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("x_shape, normalized", [((6, 48), 48), ((2, 3, 48), (48,)), ((2, 3, 16), [3, 16]),
+                                                 ((48,), torch.Size([48]))])
+def test_layer_norm_lane(taken, dtype, x_shape, normalized):
+    x = _randn(x_shape, dtype)
+    shape = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    w, b = _randn(shape, dtype, 1), _randn(shape, dtype, 2)
+    _both_ways(taken, "layer_norm_call", lambda: fusedtx.layer_norm(x, normalized, w, b))
+    _both_ways(taken, "layer_norm_call", lambda: fusedtx.layer_norm(x, normalized, w, None, 1e-3))
+    _both_ways(taken, "layer_norm_call", lambda: fusedtx.layer_norm(x, normalized))
+    _both_ways(taken, "layer_norm_call", lambda: fusedtx.layer_norm(x.t() if x.dim() == 2 else x, x.shape[-1:]
+                                                                    if x.dim() != 2 else x.shape[0]))
+    if dtype in (torch.bfloat16, torch.float16):  # float32 parameters beside low-precision x
+        _both_ways(taken, "layer_norm_call", lambda: fusedtx.layer_norm(x, normalized, w.float(), b.float()))
+    norm = fusedtx.nn.LayerNorm(shape, dtype=dtype)
+    _both_ways(taken, "layer_norm_call", lambda: norm(x))
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_activation_lane(taken, dtype, activation):
+    x = _randn((3, 5, 40), dtype)
+    _both_ways(taken, "activation_call", lambda: fusedtx.activation(x, activation))
+    _both_ways(taken, "activation_call", lambda: fusedtx.activation(x.transpose(0, 2), activation))  # strided
+    _both_ways(taken, "activation_call", lambda: fusedtx.activation(x[0, 0, 0], activation))  # 0-d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_rope_lane(taken, dtype):
     cos, sin = fusedtx.rope_table(16, 64)
     x = _randn((2, 3, 5, 16), dtype)
@@ -562,6 +592,22 @@ def test_lanes_refuse_what_the_checks_reject(taken):
             (lambda: fusedtx.attention_with_kv_cache(q.long(), kv.long(), kv.long(), lengths), TypeError),
         ]:
             _lane_refuses(taken, name, call, error)
+        for call, error in [
+            (lambda: fusedtx.layer_norm(n, 47), ValueError),
+            (lambda: fusedtx.layer_norm(n, 48, _randn((48,)), _randn((47,))), ValueError),        # bias shape
+            (lambda: fusedtx.layer_norm(n.half(), 48, _randn((48,)), _randn((48,)).half()), TypeError),  # mixed
+            (lambda: fusedtx.layer_norm(n, 48, None, _randn((48,)).double()), TypeError),
+            (lambda: fusedtx.layer_norm(n, 48, None, None, -1.0), ValueError),
+            (lambda: fusedtx.layer_norm(n, (48.0,)), TypeError),
+            (lambda: fusedtx.layer_norm(n.int(), 48), TypeError),
+        ]:
+            _lane_refuses(taken, "layer_norm_call", call, error)
+        for call, error in [
+            (lambda: fusedtx.activation(n, "relu"), ValueError),
+            (lambda: fusedtx.activation(n.double(), "silu"), TypeError),
+            (lambda: fusedtx.activation(n.long(), "gelu"), TypeError),
+        ]:
+            _lane_refuses(taken, "activation_call", call, error)
         # accepted by the checks, refused by the lane: the Python path's result
         _lane_refuses(taken, "rms_norm_call", lambda: fusedtx.rms_norm(n, 48, None, 1))  # an int eps
         _lane_refuses(taken, "linear_call", lambda: fusedtx.linear(x[:0], w))            # empty: the reference
@@ -583,6 +629,8 @@ def test_lanes_refuse_what_must_see_the_registered_op(taken):
     assert x.grad is not None
     x = x.detach()
     _lane_refuses(taken, "rms_norm_call", lambda: fusedtx.rms_norm(n, 48, torch.ones(48, requires_grad=True)))
+    _lane_refuses(taken, "layer_norm_call", lambda: fusedtx.layer_norm(n, 48, torch.ones(48, requires_grad=True)))
+    _lane_refuses(taken, "activation_call", lambda: fusedtx.activation(n.clone().requires_grad_(), "silu"))
     cos, sin = fusedtx.rope_table(8, 16)
     _lane_refuses(taken, "rope_call", lambda: fusedtx.rope(_randn((1, 2, 3, 8)).requires_grad_(),
                                                            torch.tensor([[0, 1, 2]]), cos, sin))
@@ -615,13 +663,33 @@ def test_lanes_refuse_what_must_see_the_registered_op(taken):
         assert taken.results["linear_call"][0] is not None
 
 
-def test_a_llama_decode_step_takes_the_lanes(taken):
-    """A small Llama's decode step sends every linear, SwiGLU and RMSNorm through the lanes, with
-    the bits of the whole Python path."""
+def test_decode_steps_take_the_lanes(taken):
+    """A small Llama's and a small GPT's decode steps send every linear, SwiGLU, norm, rotation
+    and attention through the lanes, with the bits of the whole Python path; GELU as a module of
+    its own (a converted HF GPT-2) too."""
+    from fusedtx.models import GPT, GPTConfig
+
     _both_ways(taken, "linear_call", _llama_decode_step(None))
-    for name in LANES:
+    llama = ("linear_call", "swiglu_ffn_call", "rms_norm_call", "rope_call", "attention_with_kv_cache_call")
+    for name in llama:
         results = taken.results[name]
         assert results and all(r is not None for r in results), f"{name}: {len(results)} calls, some refused"
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 64, (2, 5), generator=_gen(0))
+
+    def step():
+        cache = gpt.new_kv_cache(2, 16)
+        gpt(idx, kv_cache=cache)
+        return gpt(idx[:, :1], kv_cache=cache)[0]
+
+    _both_ways(taken, "layer_norm_call", step)
+    for name in ("linear_call", "layer_norm_call", "attention_with_kv_cache_call"):
+        results = taken.results[name]
+        assert results and all(r is not None for r in results), f"{name}: {len(results)} calls, some refused"
+    gelu = fusedtx.nn.GELU(approximate="tanh")
+    _both_ways(taken, "activation_call", lambda: gelu(_randn((2, 1, 128))))
 
 
 def test_the_comparison_catches_a_defective_lane(taken, monkeypatch):

@@ -13,13 +13,16 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._dispatch import Kernel, check_backend, register
+from ._dispatch import Kernel, NativeFastPath, check_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMES = {code: name for name, code in reference.ELEMENTWISE.items()}
 
 forward_kernel = Kernel("activation_forward", "activation")    # (x, activation) -> y
 backward_kernel = Kernel("activation_backward", "activation")  # (grad_y, x, activation) -> dx
+# fusedtx.functional.activation's whole inference call, native on CPU, checks included (None
+# where a check would fail: the Python path raises): (x, activation code or -1) -> y
+native_call = NativeFastPath("activation_call")
 
 
 def activation_code(activation, name: str = "activation") -> int:

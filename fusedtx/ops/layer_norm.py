@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from .. import policy
-from ._dispatch import Kernel, register
+from ._dispatch import Kernel, NativeFastPath, register
 from ._row_norm import as_rows as _as_rows, check_backward, check_norm_args, fake_backward, fake_forward
 from ._row_norm import flat as _flat, stats_shape as _stats_shape
 
@@ -22,6 +22,9 @@ from ._row_norm import flat as _flat, stats_shape as _stats_shape
 forward_kernel = Kernel("layer_norm_forward", "layer_norm")
 # (grad_y, x, mean, rstd, weight, need_param_grads, lanes, groups) -> (dx, dweight, dbias)
 backward_kernel = Kernel("layer_norm_backward", "layer_norm")
+# fusedtx.functional.layer_norm's whole inference call, native on CPU, checks included (None
+# where a check would fail: the Python path raises): (x, normalized_shape, weight, bias, eps) -> y
+native_call = NativeFastPath("layer_norm_call", policy.CPU_LANES)
 
 
 def check_args(x, normalized_shape, weight, bias, eps, backend):
